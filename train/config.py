@@ -1,0 +1,50 @@
+"""Defaults of the training stage (sections ``train`` and ``heads`` of pipeline.yaml)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from extract.settings import register_section, section
+
+
+@section("train")
+@dataclasses.dataclass
+class TrainConfig:
+    """How a head is trained and evaluated. ``null`` optimiser fields take the head's own
+    defaults (the paper's schedule), see ``Head.train_defaults``."""
+
+    #: "avel" (event localization), "cml" (cross-modality localization), "sol" (sounding objects)
+    task: str = "avel"
+    #: head name(s) from the registry (`avel-train --list-heads`)
+    head: str = "dmrn"
+    #: "supervised" (segment labels) or "weak" (video labels only, evaluated per segment)
+    setting: Literal["supervised", "weak"] = "supervised"
+    #: split names from data.splits
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    #: which split picks the epoch whose weights are evaluated; "test" only to compare with papers
+    select_on: Literal["val", "test", "last"] = "val"
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    #: null = head default
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    #: multiply lr by lr_gamma every lr_step epochs (null = head default / no decay)
+    lr_step: int | None = None
+    lr_gamma: float | None = None
+    #: evaluate on the selection split every N epochs
+    eval_every: int = 1
+    #: weak-supervision MIL pooling over time: "mean" (paper eq. 7) or "max" (reference code)
+    weak_pool: Literal["mean", "max"] = "mean"
+    device: str = "auto"
+    #: run directories go to runs_root/<task>-<head>-<setting>/seed<k>-<time>
+    runs_root: str = "data/runs"
+    #: number of test videos drawn in the timeline plot
+    timeline_videos: int = 6
+
+
+#: per-head overrides of each head's own ``Config`` dataclass: ``heads: {dmrn: {hidden: 64}}``;
+#: validated against that dataclass when the head is built
+HEAD_OVERRIDES = register_section("heads", dict[str, dict[str, Any]])

@@ -1,0 +1,1 @@
+"""Localization heads. Every module here is imported by :func:`train.registry.discover`."""

@@ -1,0 +1,99 @@
+"""The one interface every event-localization head implements.
+
+A head maps per-segment features to per-segment class scores::
+
+    audio  [B, T, 128]          VGGish embedding per 1-s segment
+    visual [B, T, 7, 7, 512]    VGG-19 pool5 map per segment (mean of its frames)
+    ->  HeadOutput.scores [B, T, C]   C = event classes + background (AVE: 29), logits
+        HeadOutput.extras {name: tensor}   attention maps and other by-products
+
+``loss`` turns an output and a batch into the training loss for a setting; the default is the
+AVEL recipe (see ``segment_loss`` / ``weak_loss``), heads with their own objective override it.
+Heads of other tasks (cross-modality matching, sounding-object maps) subclass Head with their own
+``task`` and document their own forward signature.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from extract.settings import merge, to_dict
+
+
+@dataclasses.dataclass
+class NoConfig:
+    """A head without options."""
+
+
+@dataclasses.dataclass
+class HeadOutput:
+    #: [B, T, C] per-segment logits
+    scores: torch.Tensor
+    #: attention maps etc., each documented by its head
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Head(nn.Module):
+    """Base class. Subclasses set ``Config`` (a dataclass of their options), ``train_defaults``
+    (the paper's optimiser schedule: lr, batch_size, epochs, lr_step, lr_gamma, weight_decay)
+    and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    task: ClassVar[str] = "avel"
+    settings: ClassVar[tuple[str, ...]] = ("supervised", "weak")
+    Config: ClassVar[type] = NoConfig
+    train_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "batch_size": 64, "epochs": 300}
+
+    def __init__(self, num_classes: int, setting: str = "supervised", config: Any = None):
+        super().__init__()
+        if setting not in self.settings:
+            raise ValueError(f"head {self.name!r} supports settings {self.settings}, not {setting!r}")
+        self.num_classes = num_classes
+        self.setting = setting
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def make_config(cls, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The head's Config with ``overrides`` applied strictly (unknown keys are errors)."""
+        return merge(cls.Config(), overrides or {}, f"heads.{cls.name}")
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.config)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
+        """Training loss. ``batch['labels']`` [B, T] segment classes; ``batch['video_label']`` [B]."""
+        if self.setting == "weak":
+            return weak_loss(out.scores, batch["video_label"], weak_pool)
+        return segment_loss(out.scores, batch["labels"])
+
+    def predict(self, out: HeadOutput) -> torch.Tensor:
+        """[B, T] predicted class per segment."""
+        return out.scores.argmax(dim=-1)
+
+
+def segment_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over all segments: scores [B, T, C], labels [B, T]."""
+    return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1))
+
+
+def pool_over_time(probs: torch.Tensor, how: str) -> torch.Tensor:
+    """MIL pooling [B, T, C] -> [B, C]: "mean" (Tian et al. eq. 7) or "max" (reference code)."""
+    if how == "mean":
+        return probs.mean(dim=1)
+    if how == "max":
+        return probs.max(dim=1).values
+    raise ValueError(f"weak_pool must be 'mean' or 'max', got {how!r}")
+
+
+def weak_loss(scores: torch.Tensor, video_label: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Video-level loss for weak supervision: softmax per segment, MIL-pool over time, NLL of the
+    video's class. scores [B, T, C], video_label [B]."""
+    pooled = pool_over_time(scores.softmax(dim=-1), how)
+    return F.nll_loss(torch.log(pooled.clamp_min(1e-8)), video_label)
