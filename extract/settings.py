@@ -163,6 +163,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         out = [coerce(v, etp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple or tp is tuple else out
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)

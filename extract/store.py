@@ -108,7 +108,7 @@ class FeatureStore:
     @property
     def ids(self) -> np.ndarray:
         if self._ids is None:
-            self._ids = np.asarray(self.group["ids"][:]).astype(str)
+            self._ids = np.array(self.group["ids"][:].tolist(), dtype=str)
         return self._ids
 
     def __len__(self) -> int:
@@ -153,7 +153,7 @@ class FeatureStore:
         return np.asarray(self.group["status"][:], dtype=np.int8)
 
     def reasons(self) -> np.ndarray:
-        return np.asarray(self.group["reason"][:]).astype(str)
+        return np.array(self.group["reason"][:].tolist(), dtype=str)
 
     def summary(self) -> dict[str, int]:
         status = self.status()
@@ -185,12 +185,17 @@ class FeatureStore:
             if value.shape != (len(rows),) + tuple(arr.shape[1:]):
                 raise StoreError(f"{self.path}/{name}: shard {shard} expects {(len(rows),) + tuple(arr.shape[1:])}, got {value.shape}")
             arr[sl] = value.astype(arr.dtype, copy=False)
-        self.group["reason"][sl] = np.asarray(list(reason), dtype=str)
+        self.group["reason"][sl] = _strings(reason)
         self.group["status"][sl] = np.asarray(status, dtype=np.int8)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (the creator/driver only)."""
         self.group.attrs.update(_jsonable(attrs))
+
+
+def _strings(values: Iterable[str]) -> np.ndarray:
+    """Variable-length string array (Zarr v3 ``string`` data type)."""
+    return np.asarray([str(v) for v in values], dtype=np.dtypes.StringDType())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -225,7 +230,9 @@ def create_store(
     S = max(1, int(rows_per_shard))
     comp = _compressors(compression_level)
     n_alloc = max(n, 1)
-    group.create_array("ids", data=np.asarray(ids, dtype=str), chunks=(max(1, n),))
+    ids_array = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(1, n),), fill_value="")
+    if n:
+        ids_array[:] = _strings(ids)
     for spec in specs:
         shape = (n_alloc,) + tuple(spec.row_shape)
         group.create_array(

@@ -43,6 +43,9 @@ class TrainConfig:
     runs_root: str = "data/runs"
     #: number of test videos drawn in the timeline plot
     timeline_videos: int = 6
+    #: samples whose store row is not "done" (missing/failed): false = refuse to train (the error
+    #: lists them), true = leave them out with a warning that counts them
+    skip_incomplete: bool = False
 
 
 #: per-head overrides of each head's own ``Config`` dataclass: ``heads: {dmrn: {hidden: 64}}``;

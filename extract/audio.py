@@ -1,0 +1,213 @@
+"""The VGGish audio front end, as tensorflow/models research/audioset/vggish computes it.
+
+Reference: ``mel_features.py``, ``vggish_input.py`` and ``vggish_params.py`` of the AudioSet VGGish
+release (also shipped by the torchvggish port). The numbers are:
+
+- mono: the channels are averaged (``vggish_input.waveform_to_examples``: ``np.mean(data, axis=1)``);
+- 16 kHz: the reference resamples with ``resampy.resample`` (``kaiser_best``). We use
+  ``torchaudio.functional.resample`` with the Kaiser-windowed sinc parameters torchaudio documents
+  as the equivalent of resampy's ``kaiser_best`` (filter width 64, rolloff 0.9475937167399596,
+  beta 14.769656459379492), so resampy is not a dependency (:func:`resample`);
+- STFT: 25 ms periodic Hann window (400 samples), hop 10 ms (160 samples), no centring/padding,
+  FFT length 512 (next power of two), magnitude ``|rfft|`` -> 257 bins;
+- mel: 64 bands, 125-7500 Hz, HTK mel scale ``1127 ln(1 + f/700)``, triangles linear in *mel*,
+  the DC bin zeroed (:func:`mel_matrix`); no area normalisation;
+- ``log(mel + 0.01)``;
+- examples: 96 frames (0.96 s) x 64 bands, hop 96 frames.
+
+AVE (Tian et al. 2018) extracts one VGGish example per 1-s segment. :func:`segment_patches`
+therefore takes, for segment ``t``, the 96 log-mel frames whose windows start at samples
+``16000 t + 160 k`` (k = 0..95), i.e. the frames covering samples ``[16000 t, 16000 t + 15600)``
+(the first 0.975 s of the second; frame k spans 25 ms from ``t + k/100`` s). Because 16000 is a
+multiple of the 160-sample hop, this is exactly the first example of ``waveform_to_examples``
+applied to second ``t`` alone; patches of different seconds share no samples.
+
+This module needs numpy; :func:`resample` imports torch/torchaudio when called.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SAMPLE_RATE",
+    "to_mono",
+    "resample",
+    "hertz_to_mel",
+    "periodic_hann",
+    "frame_signal",
+    "stft_magnitude",
+    "mel_matrix",
+    "log_mel_spectrogram",
+    "segment_patches",
+    "patch_sample_span",
+]
+
+# vggish_params.py
+SAMPLE_RATE = 16000
+STFT_WINDOW_SECONDS = 0.025
+STFT_HOP_SECONDS = 0.010
+NUM_MEL_BINS = 64
+MEL_MIN_HZ = 125.0
+MEL_MAX_HZ = 7500.0
+LOG_OFFSET = 0.01
+EXAMPLE_WINDOW_SECONDS = 0.96
+
+WINDOW_SAMPLES = int(round(SAMPLE_RATE * STFT_WINDOW_SECONDS))  # 400
+HOP_SAMPLES = int(round(SAMPLE_RATE * STFT_HOP_SECONDS))  # 160
+FFT_LENGTH = 2 ** int(math.ceil(math.log2(WINDOW_SAMPLES)))  # 512
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES  # 100
+PATCH_FRAMES = int(round(EXAMPLE_WINDOW_SECONDS * FRAMES_PER_SECOND))  # 96
+
+#: resampy "kaiser_best" expressed as torchaudio sinc-interpolation parameters
+RESAMPLER = {
+    "name": "torchaudio.functional.resample",
+    "resampling_method": "sinc_interp_kaiser",
+    "lowpass_filter_width": 64,
+    "rolloff": 0.9475937167399596,
+    "beta": 14.769656459379492,
+}
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Average the channels: [C, S] (channels first, as PyAV decodes planar audio) or [S] -> [S] float32."""
+    samples = np.asarray(samples)
+    if samples.ndim == 1:
+        return samples.astype(np.float32, copy=False)
+    if samples.ndim != 2:
+        raise ValueError(f"to_mono expects [C, S] or [S] samples, got shape {samples.shape}")
+    return samples.astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono waveform [S] from ``sr_in`` to ``sr_out`` Hz -> [S'] float32.
+
+    Uses ``torchaudio.functional.resample`` with :data:`RESAMPLER` (resampy ``kaiser_best``
+    equivalent). Output length is ``ceil(S * sr_out / sr_in)``.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    sr_in, sr_out = int(sr_in), int(sr_out)
+    if sr_in <= 0 or sr_out <= 0:
+        raise ValueError(f"resample: sample rates must be positive, got {sr_in} -> {sr_out}")
+    if sr_in == sr_out or x.size == 0:
+        return x.copy()
+    import torch
+    import torchaudio.functional as AF
+
+    y = AF.resample(
+        torch.from_numpy(x.astype(np.float64)),
+        sr_in,
+        sr_out,
+        lowpass_filter_width=RESAMPLER["lowpass_filter_width"],
+        rolloff=RESAMPLER["rolloff"],
+        resampling_method=RESAMPLER["resampling_method"],
+        beta=RESAMPLER["beta"],
+    )
+    return y.numpy().astype(np.float32)
+
+
+def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    """HTK mel scale: ``1127 ln(1 + f / 700)``."""
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def periodic_hann(length: int) -> np.ndarray:
+    """Periodic Hann window ``0.5 - 0.5 cos(2 pi n / length)``, n = 0..length-1 (not symmetric)."""
+    n = np.arange(length, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)
+
+
+def frame_signal(x: np.ndarray, window: int, hop: int) -> np.ndarray:
+    """[S] -> [1 + (S - window) // hop, window] overlapping frames (no padding; [0, window] if S < window)."""
+    x = np.ascontiguousarray(x)
+    count = 1 + (x.shape[0] - window) // hop if x.shape[0] >= window else 0
+    if count == 0:
+        return np.zeros((0, window), dtype=x.dtype)
+    view = np.lib.stride_tricks.sliding_window_view(x, window)
+    return view[: (count - 1) * hop + 1 : hop]
+
+
+def stft_magnitude(x: np.ndarray) -> np.ndarray:
+    """[S] float -> [frames, 257] float64 ``|rfft(frame * periodic_hann(400), 512)|``, hop 160."""
+    frames = frame_signal(np.asarray(x, dtype=np.float64), WINDOW_SAMPLES, HOP_SAMPLES)
+    return np.abs(np.fft.rfft(frames * periodic_hann(WINDOW_SAMPLES), FFT_LENGTH))
+
+
+def mel_matrix(
+    num_mel_bins: int = NUM_MEL_BINS,
+    num_spectrogram_bins: int = FFT_LENGTH // 2 + 1,
+    sample_rate: int = SAMPLE_RATE,
+    lower_hz: float = MEL_MIN_HZ,
+    upper_hz: float = MEL_MAX_HZ,
+) -> np.ndarray:
+    """[257, 64] float64 matrix that post-multiplies a magnitude spectrogram (VGGish mel weights).
+
+    Band i is a triangle over ``band_edges[i], band_edges[i+1], band_edges[i+2]`` where the
+    ``num_mel_bins + 2`` edges are equally spaced in HTK mel between ``lower_hz`` and ``upper_hz``;
+    each FFT bin's weight is ``max(0, min(rising, falling))`` evaluated on the bin's mel value.
+    Row 0 (DC) is zero. Differs from librosa's ``mel(htk=True)``, which builds the triangles in
+    hertz and area-normalises them.
+    """
+    nyquist = sample_rate / 2.0
+    if not 0.0 <= lower_hz < upper_hz <= nyquist:
+        raise ValueError(f"mel_matrix: need 0 <= lower_hz < upper_hz <= {nyquist}, got {lower_hz}, {upper_hz}")
+    bins_mel = hertz_to_mel(np.linspace(0.0, nyquist, num_spectrogram_bins))[:, None]
+    edges = np.linspace(hertz_to_mel(lower_hz), hertz_to_mel(upper_hz), num_mel_bins + 2)
+    lower, centre, upper = edges[:-2][None, :], edges[1:-1][None, :], edges[2:][None, :]
+    rising = (bins_mel - lower) / (centre - lower)
+    falling = (upper - bins_mel) / (upper - centre)
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights[0, :] = 0.0
+    return weights
+
+
+_MEL = None
+
+
+def _mel() -> np.ndarray:
+    global _MEL
+    if _MEL is None:
+        _MEL = mel_matrix()
+    return _MEL
+
+
+def log_mel_spectrogram(wave16k: np.ndarray) -> np.ndarray:
+    """16 kHz mono waveform [S] -> [frames, 64] float64 ``log(mel(|STFT|) + 0.01)``.
+
+    ``frames = 1 + (S - 400) // 160`` (0 when S < 400); frame k covers samples ``[160 k, 160 k + 400)``.
+    """
+    return np.log(stft_magnitude(wave16k) @ _mel() + LOG_OFFSET)
+
+
+def patch_sample_span(t: int) -> tuple[int, int]:
+    """Samples ``[begin, end)`` of a 16 kHz window that patch ``t`` is computed from (15600 samples)."""
+    begin = t * SAMPLE_RATE
+    return begin, begin + (PATCH_FRAMES - 1) * HOP_SAMPLES + WINDOW_SAMPLES
+
+
+def segment_patches(wave16k: np.ndarray, segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """One VGGish example per 1-s segment: ([T, 96, 64] float32 log-mel patches, [T] bool valid).
+
+    Patch ``t`` = log-mel frames ``100 t ... 100 t + 95`` of the window, computed from samples
+    ``[16000 t, 16000 t + 15600)`` (:func:`patch_sample_span`). Where the waveform ends before a
+    patch's last sample, the missing samples are zeros and the patch is marked invalid
+    (``valid[t] = len(wave16k) >= 16000 t + 15600``). Samples beyond the last patch are ignored.
+    """
+    wave = np.asarray(wave16k, dtype=np.float64).reshape(-1)
+    if segments <= 0:
+        return np.zeros((0, PATCH_FRAMES, NUM_MEL_BINS), np.float32), np.zeros(0, bool)
+    ends = np.array([patch_sample_span(t)[1] for t in range(segments)])
+    valid = wave.size >= ends
+    needed = int(ends[-1])
+    if wave.size < needed:
+        wave = np.concatenate([wave, np.zeros(needed - wave.size)])
+    else:
+        wave = wave[:needed]
+    logmel = log_mel_spectrogram(wave)  # [(segments-1)*100 + 96, 64]
+    starts = np.arange(segments) * FRAMES_PER_SECOND
+    idx = starts[:, None] + np.arange(PATCH_FRAMES)[None, :]
+    return logmel[idx].astype(np.float32), valid

@@ -1,0 +1,360 @@
+"""Training data: a checked feature store plus one manifest per split, held in memory.
+
+The store's feature arrays are read ONCE into a :class:`FeatureBank` (one row per video window):
+
+    audio  [R, T, 128]          float32
+    visual [R, T, 7, 7, 512]    float16 (the store's dtype; cast to float32 per batch)
+    valid  [R, T]               bool
+
+and every split is a :class:`SplitData` that points into the bank (``rows`` [N]), so samples of
+the same video share one feature row (AVE has 45 videos with 2-3 events) and nothing is copied.
+With a GPU the whole bank sits on the device and a batch is an index_select there.
+
+Errors are raised before any training starts: wrong schema/shape (:class:`extract.store.StoreError`
+naming the store), manifest samples without a store row (:class:`DataError` listing them) and
+samples whose row is not extracted yet (error, or skipped with a warning when
+``train.skip_incomplete`` is true).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from extract.manifest import Manifest, read_manifest
+from extract.store import STATUS_DONE, STATUS_NAMES, FeatureStore, StoreError, check_arrays, core_specs, open_store
+
+log = logging.getLogger(__name__)
+
+#: rows read from the store per block while loading (bounds the extra memory of a read)
+LOAD_BLOCK_ROWS = 256
+#: how many offending keys an error message lists
+LIST_LIMIT = 10
+
+
+class DataError(ValueError):
+    """A manifest and a store do not fit together; the message names both files."""
+
+
+@dataclasses.dataclass
+class FeatureBank:
+    """Feature rows of one store in memory. ``keys[i]`` is the store id of row ``i``."""
+
+    audio: torch.Tensor  # [R, T, 128] float32
+    visual: torch.Tensor  # [R, T, 7, 7, 512] float16
+    valid: torch.Tensor  # [R, T] bool
+    keys: list[str]
+    store_path: Path
+    fingerprint: str
+    attrs: dict
+
+    @property
+    def segments(self) -> int:
+        return int(self.audio.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.audio.device
+
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.audio, self.visual, self.valid))
+
+    def to(self, device: torch.device | str) -> "FeatureBank":
+        return dataclasses.replace(
+            self, audio=self.audio.to(device), visual=self.visual.to(device), valid=self.valid.to(device)
+        )
+
+
+@dataclasses.dataclass
+class SplitData:
+    """One split: per-sample labels and the bank row of each sample.
+
+    ``rows`` [N] int64 (bank rows), ``labels`` [N, T] int64 (segment classes, background = C-1),
+    ``video_labels`` [N] int64, ``valid`` [N, T] bool (segment has real features).
+    """
+
+    name: str
+    manifest: Manifest
+    sample_ids: list[str]
+    rows: torch.Tensor
+    labels: torch.Tensor
+    video_labels: torch.Tensor
+    valid: torch.Tensor
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to(self, device: torch.device | str) -> "SplitData":
+        return dataclasses.replace(
+            self,
+            rows=self.rows.to(device),
+            labels=self.labels.to(device),
+            video_labels=self.video_labels.to(device),
+            valid=self.valid.to(device),
+        )
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A bank plus its splits by name, and the class list (background last)."""
+
+    bank: FeatureBank
+    splits: dict[str, SplitData]
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Event classes + background (AVE: 29)."""
+        return len(self.classes) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes) + ["background"]
+
+
+# ---------------------------------------------------------------------------------------------
+# store + manifest -> rows
+
+
+def open_checked_store(path: str | Path, segments: int | None = None) -> FeatureStore:
+    """Open a store and refuse it unless its core arrays match the contract (:func:`core_specs`).
+
+    ``segments`` = the T the caller expects (None: the store's own). Raises StoreError naming the
+    file and every mismatch.
+    """
+    store = open_store(path)
+    T = store.segments
+    if segments is not None and T != segments:
+        raise StoreError(f"{store.path}: store has T={T} segments per video, expected {segments}")
+    check_arrays(store, core_specs(T))
+    for name in ("ids", "status"):
+        if name not in store.array_names():
+            raise StoreError(f"{store.path}: array {name!r} is missing (not written by avel-extract?)")
+    return store
+
+
+def _listing(items: Sequence[str]) -> str:
+    head = ", ".join(items[:LIST_LIMIT])
+    more = f" and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+    return head + more
+
+
+def match_rows(store: FeatureStore, manifest: Manifest, skip_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Store row of each manifest sample (by ``Sample.key``).
+
+    Returns ``(keep, rows)``: indices of the samples kept and their store rows (int64). Samples
+    without a row are always an error; samples whose row status is not done are an error unless
+    ``skip_incomplete`` (then they are dropped and counted in a warning).
+    """
+    status = store.status()
+    reasons = None
+    missing, incomplete, keep, rows = [], [], [], []
+    for i, sample in enumerate(manifest.samples):
+        try:
+            row = store.row_of(sample.key)
+        except KeyError:
+            missing.append(sample.key)
+            continue
+        if status[row] != STATUS_DONE:
+            if reasons is None:
+                reasons = store.reasons()
+            why = STATUS_NAMES.get(int(status[row]), str(status[row]))
+            detail = f": {reasons[row]}" if reasons[row] else ""
+            incomplete.append(f"{sample.key} ({why}{detail})")
+            continue
+        keep.append(i)
+        rows.append(row)
+    if missing:
+        raise DataError(
+            f"{manifest.path}: {len(missing)} of {len(manifest)} samples have no row in the store "
+            f"{store.path}: {_listing(missing)}. Extract them (avel-extract) or use the store made "
+            "for this manifest."
+        )
+    if incomplete:
+        if not skip_incomplete:
+            raise DataError(
+                f"{manifest.path}: {len(incomplete)} samples are not extracted in {store.path} "
+                f"(status not done): {_listing(incomplete)}. Run avel-extract again to finish them, "
+                "or train without them with --set train.skip_incomplete=true."
+            )
+        log.warning(
+            "%s: skipping %d of %d samples whose store rows are not done: %s",
+            manifest.path, len(incomplete), len(manifest), _listing(incomplete),
+        )
+    return np.asarray(keep, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+
+
+def read_rows(store: FeatureStore, name: str, rows: np.ndarray, block: int = LOAD_BLOCK_ROWS) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of array ``name``, read in contiguous blocks of ``block``
+    store rows so that a subset never costs a full extra copy of the array."""
+    arr = store.array(name)
+    out = np.empty((len(rows),) + tuple(arr.shape[1:]), dtype=arr.dtype)
+    if len(rows) == 0:
+        return out
+    start_pos = 0
+    while start_pos < len(rows):
+        lo = int(rows[start_pos])
+        end_pos = int(np.searchsorted(rows, lo + block, side="left"))
+        chunk = np.asarray(arr[lo : int(rows[end_pos - 1]) + 1])
+        out[start_pos:end_pos] = chunk[rows[start_pos:end_pos] - lo]
+        start_pos = end_pos
+    return out
+
+
+def load_bank(store: FeatureStore, rows: np.ndarray) -> FeatureBank:
+    """Read ``rows`` (sorted unique store rows) of audio/visual/valid into memory, once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    visual = torch.from_numpy(read_rows(store, "visual", rows))
+    audio = torch.from_numpy(read_rows(store, "audio", rows).astype(np.float32, copy=False))
+    valid = torch.from_numpy(read_rows(store, "valid", rows).astype(bool, copy=False))
+    keys = store.ids[rows].tolist() if len(rows) else []
+    return FeatureBank(audio, visual, valid, keys, Path(store.path), store.fingerprint, store.attrs)
+
+
+def load_task_data(
+    store_path: str | Path,
+    manifests: dict[str, str | Path],
+    *,
+    skip_incomplete: bool = False,
+    device: torch.device | str = "cpu",
+) -> TaskData:
+    """Check the store, match every split's manifest to it and load the rows they use.
+
+    ``manifests`` = {split name: manifest CSV}. All manifests must share one class list.
+    """
+    store = open_checked_store(store_path)
+    T = store.segments
+    read = {name: read_manifest(path) for name, path in manifests.items()}
+    classes = None
+    for name, manifest in read.items():
+        if classes is None:
+            classes = manifest.classes
+        elif manifest.classes != classes:
+            raise DataError(f"{manifest.path}: its class list differs from the other splits' ({name})")
+    matched = {name: match_rows(store, m, skip_incomplete) for name, m in read.items()}
+    used = np.unique(np.concatenate([rows for _, rows in matched.values()] + [np.zeros(0, np.int64)]))
+    log.info("loading %d feature rows of %s into memory", len(used), store.path)
+    bank = load_bank(store, used)
+    bank_row = {int(r): i for i, r in enumerate(used)}
+    splits = {}
+    for name, manifest in read.items():
+        keep, rows = matched[name]
+        splits[name] = make_split(name, manifest, keep, np.asarray([bank_row[int(r)] for r in rows], np.int64), bank, T)
+    device = torch.device(device)
+    log.info("features in memory: %.2f GB on %s", bank.nbytes() / 1e9, device)
+    if device.type != "cpu":
+        bank = bank.to(device)
+        splits = {k: v.to(device) for k, v in splits.items()}
+    return TaskData(bank, splits, list(classes or []))
+
+
+def make_split(name: str, manifest: Manifest, keep: np.ndarray, bank_rows: np.ndarray, bank: FeatureBank, T: int) -> SplitData:
+    """Labels of the kept samples of ``manifest`` and their bank rows."""
+    labels = manifest.segment_labels(T)[keep]
+    video_labels = manifest.video_labels()[keep]
+    rows = torch.from_numpy(bank_rows)
+    kept = set(keep.tolist())
+    skipped = [s.sample_id for i, s in enumerate(manifest.samples) if i not in kept]
+    return SplitData(
+        name=name,
+        manifest=manifest,
+        sample_ids=[manifest.samples[i].sample_id for i in keep],
+        rows=rows,
+        labels=torch.from_numpy(labels),
+        video_labels=torch.from_numpy(video_labels),
+        valid=bank.valid[rows],
+        skipped=skipped,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def make_batch(bank: FeatureBank, split: SplitData, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch of samples ``index`` (positions in ``split``), on the bank's device.
+
+    Keys: ``audio`` [B, T, 128] f32, ``visual`` [B, T, 7, 7, 512] f32, ``labels`` [B, T],
+    ``video_label`` [B], ``valid`` [B, T], ``index`` [B].
+    """
+    index = index.to(split.rows.device)
+    rows = split.rows[index]
+    return {
+        "audio": bank.audio.index_select(0, rows),
+        "visual": bank.visual.index_select(0, rows).float(),
+        "labels": split.labels[index],
+        "video_label": split.video_labels[index],
+        "valid": split.valid[index],
+        "index": index,
+    }
+
+
+def iterate_batches(
+    bank: FeatureBank,
+    split: SplitData,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over a split in order, or in a random order drawn from ``generator``."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield make_batch(bank, split, order[start : start + batch_size])
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# from the pipeline
+
+_CACHE: dict[tuple, TaskData] = {}
+
+
+def split_manifest(pipeline, split_name: str) -> Path:
+    """Manifest path of split ``split_name`` from pipeline.yaml's data.splits."""
+    cfg = pipeline.split(split_name)
+    if not cfg.manifest:
+        raise DataError(f"data.splits.{split_name}.manifest is empty in {pipeline.source or 'the configuration'}")
+    return pipeline.path(cfg.manifest)
+
+
+def load_from_pipeline(pipeline, split_names: Sequence[str], device: torch.device | str = "cpu") -> TaskData:
+    """:func:`load_task_data` for the store and splits of a pipeline; the last result is cached,
+    so running several seeds reads the store once."""
+    store_path = pipeline.path(pipeline.store.path)
+    manifests = {name: split_manifest(pipeline, name) for name in dict.fromkeys(split_names)}
+    key = (
+        str(store_path.resolve()),
+        _mtime(store_path / "zarr.json"),
+        _mtime(store_path / "status" / "zarr.json"),
+        tuple((n, str(p.resolve()), _mtime(p)) for n, p in manifests.items()),
+        bool(pipeline.train.skip_incomplete),
+        str(device),
+    )
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_task_data(store_path, manifests, skip_incomplete=pipeline.train.skip_incomplete, device=device)
+    return _CACHE[key]
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
