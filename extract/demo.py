@@ -1,0 +1,616 @@
+"""The offline demo dataset: a small, deterministic, AVE-like set of real encoded clips.
+
+``avel-extract demo`` writes, with no network and no downloads:
+
+- ``videos/demoNNN.mp4``: 10-s clips (H.264 video, AAC audio, see :func:`extract.media.write_clip`)
+  of ``FRAME_SIZE`` pixels at ``FPS`` frames/s with ``SAMPLE_RATE`` Hz mono audio;
+- ``manifests/{train,val,test}.csv`` + ``classes.txt`` (the manifest format of
+  :mod:`extract.manifest`), one sample per video;
+- ``segments.csv``: per second of every video, which class cue each modality carries;
+- ``pipeline.yaml``: the overrides that point avel at the demo (splits, store, random weights,
+  fewer frames per segment, a short training schedule);
+- ``README.txt`` and ``demo.json`` (the generation parameters; written last = generation done).
+
+Each of the :data:`CLASSES` is a visual object (a saturated shape with its own colour and motion,
+drawn over a muted, noisy, slowly panning texture) and a sound with its own spectral band. As in AVE,
+an **event** second is one where the video's class object is visible AND its sound audible (seconds
+``onset <= t < offset``); every other second is background, including seconds where only one
+modality carries the class cue (object visible but silent, or sound without object) and seconds
+with a class-neutral distractor (a grey ellipse and/or a two-tone chime outside every class band).
+A per-segment classifier therefore has to combine both modalities.
+
+The cues are coarse on purpose: the demo extracts features with RANDOM VGG-19 / VGGish weights
+(pretrained weights cannot be downloaded offline), so the classes differ in colour over large areas
+and in where their sound energy lies, which survive random convolutions.
+
+Everything is a function of ``(videos, seed)``: the plan comes from ``numpy`` generators seeded
+with ``(seed, video index)``, so the same arguments give byte-identical manifests and identical
+decoded media. This module needs numpy; rendering imports cv2 and writing imports PyAV.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .manifest import Sample, write_manifest
+
+log = logging.getLogger(__name__)
+
+#: seconds per clip = segments per video (AVE: T = 10)
+SECONDS = 10
+FPS = 10
+#: (height, width) of the frames; VGG-19 sees them resized to 224 x 224
+FRAME_SIZE = (128, 128)
+SAMPLE_RATE = 16000
+DEFAULT_VIDEOS = 50
+DEFAULT_SEED = 0
+#: VGG-19 frames per 1-s segment in the demo config (AVE features: 16; VGG-19 on a CPU is slow)
+DEMO_FRAMES_PER_SEGMENT = 1
+#: training epochs in the demo config
+DEMO_EPOCHS = 60
+#: split -> share of each class's videos
+SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+#: per-second cue of a modality that belongs to no class
+DISTRACTOR = "distractor"
+#: event length range in seconds (inclusive)
+EVENT_SECONDS = (3, 6)
+#: how the non-event seconds are filled beyond the first visual-only and audio-only second
+BACKGROUND_ROLES = ("visual_only", "audio_only", "distractor", "empty")
+BACKGROUND_WEIGHTS = (0.25, 0.25, 0.3, 0.2)
+#: RMS of a class sound, of the distractor chime, and of the ever-present noise floor
+SOUND_RMS = (0.08, 0.14)
+DISTRACTOR_RMS = 0.08
+NOISE_RMS = 0.004
+EDGE_RAMP_SECONDS = 0.01
+GENERATOR_VERSION = 1
+#: x264 quality of the demo clips (the noisy texture makes lower values slow and large)
+CRF = 23
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoClass:
+    """One event class: what is seen and what is heard.
+
+    ``band`` is the frequency range (Hz) holding the sound's energy; the bands of different classes
+    do not overlap and the distractor chime lies outside all of them.
+    """
+
+    name: str
+    shape: str
+    colour: tuple[int, int, int]
+    motion: str
+    sound: str
+    band: tuple[float, float]
+
+
+CLASSES: tuple[DemoClass, ...] = (
+    DemoClass("bell", "disc", (225, 35, 35), "bounces left-right", "chord 500/630/750 Hz struck twice a second", (450.0, 800.0)),
+    DemoClass("siren", "square", (30, 205, 60), "circles the centre", "tone sweeping 1250-1750 Hz once a second", (1150.0, 1850.0)),
+    DemoClass("drum", "triangle", (40, 70, 235), "bobs up and down", "noise band 120-300 Hz beating 4 times a second", (100.0, 320.0)),
+    DemoClass("rain", "ring", (245, 220, 30), "pulses in size", "steady noise band 3600-4900 Hz", (3400.0, 5100.0)),
+    DemoClass("buzzer", "cross", (220, 40, 220), "spins", "tones 2350/2550/2750 Hz buzzing at 8 Hz", (2200.0, 2900.0)),
+)
+#: the distractor: a grey ellipse drifting across, and a chime of 950 + 3150 Hz
+DISTRACTOR_COLOUR = (185, 185, 185)
+DISTRACTOR_TONES = (950.0, 3150.0)
+
+
+class DemoError(RuntimeError):
+    """The demo cannot be generated (bad arguments, or the output folder holds something else)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan: which cue each modality carries in each second
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoVideo:
+    """The plan of one clip. ``visual[t]`` / ``audio[t]``: class name, :data:`DISTRACTOR` or ""."""
+
+    index: int
+    video_id: str
+    split: str
+    category: str
+    onset: int
+    offset: int
+    visual: tuple[str, ...]
+    audio: tuple[str, ...]
+
+    @property
+    def path(self) -> str:
+        return f"{self.video_id}.mp4"
+
+    def label(self, t: int) -> str:
+        """The class of second ``t`` ("" = background)."""
+        return self.category if self.onset <= t < self.offset else ""
+
+    def sample(self) -> Sample:
+        return Sample(
+            sample_id=self.video_id, video_id=self.video_id, path=self.path, category=self.category,
+            onset=self.onset, offset=self.offset, split=self.split,
+        )
+
+
+def class_by_name(name: str) -> DemoClass:
+    for cls in CLASSES:
+        if cls.name == name:
+            return cls
+    raise KeyError(f"{name!r} is not a demo class ({', '.join(c.name for c in CLASSES)})")
+
+
+def split_counts(videos: int, num_classes: int = len(CLASSES)) -> dict[str, list[int]]:
+    """Videos per split per class: each class gets ``videos // K`` (+1 for the first remainder
+    classes), divided 60/20/20 with at least one video per class in val and test."""
+    minimum = 3 * num_classes
+    if videos < minimum:
+        raise DemoError(f"--videos must be at least {minimum} (3 per class for train/val/test), got {videos}")
+    out: dict[str, list[int]] = {name: [] for name, _ in SPLIT_SHARES}
+    for c in range(num_classes):
+        n = videos // num_classes + (1 if c < videos % num_classes else 0)
+        val = max(1, int(round(n * SPLIT_SHARES[1][1])))
+        test = max(1, int(round(n * SPLIT_SHARES[2][1])))
+        out["train"].append(n - val - test)
+        out["val"].append(val)
+        out["test"].append(test)
+    return out
+
+
+def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    """Independent generator per (seed, video, purpose): 0 = plan, 1 = pixels, 2 = samples."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+
+
+def plan_timeline(category: str, rng: np.random.Generator) -> tuple[int, int, tuple[str, ...], tuple[str, ...]]:
+    """Draw ``(onset, offset, visual, audio)`` for one clip of ``category``.
+
+    The event lasts :data:`EVENT_SECONDS`; of the remaining seconds one (if any) shows the object
+    without its sound, one plays the sound without the object, and the others are drawn from
+    :data:`BACKGROUND_ROLES`. A distractor second carries the neutral ellipse, chime, or both.
+    """
+    length = int(rng.integers(EVENT_SECONDS[0], EVENT_SECONDS[1] + 1))
+    onset = int(rng.integers(0, SECONDS - length + 1))
+    offset = onset + length
+    visual = [""] * SECONDS
+    audio = [""] * SECONDS
+    for t in range(onset, offset):
+        visual[t] = audio[t] = category
+    rest = [t for t in range(SECONDS) if not onset <= t < offset]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    roles = ["visual_only", "audio_only"][: len(rest)]
+    roles += list(rng.choice(BACKGROUND_ROLES, size=len(rest) - len(roles), p=BACKGROUND_WEIGHTS))
+    for t, role in zip(rest, roles):
+        if role == "visual_only":
+            visual[t] = category
+        elif role == "audio_only":
+            audio[t] = category
+        elif role == "distractor":
+            which = int(rng.integers(0, 3))  # 0 ellipse, 1 chime, 2 both
+            if which in (0, 2):
+                visual[t] = DISTRACTOR
+            if which in (1, 2):
+                audio[t] = DISTRACTOR
+    return onset, offset, tuple(visual), tuple(audio)
+
+
+def plan_demo(videos: int = DEFAULT_VIDEOS, seed: int = DEFAULT_SEED) -> list[DemoVideo]:
+    """The whole dataset's plan: videos ordered train, val, test; classes interleaved in each split."""
+    counts = split_counts(videos)
+    plan: list[DemoVideo] = []
+    for split, _ in SPLIT_SHARES:
+        remaining = list(counts[split])
+        while any(remaining):
+            for c, cls in enumerate(CLASSES):
+                if remaining[c] == 0:
+                    continue
+                remaining[c] -= 1
+                index = len(plan)
+                onset, offset, visual, audio = plan_timeline(cls.name, _rng(seed, index, 0))
+                plan.append(DemoVideo(index, f"demo{index:03d}", split, cls.name, onset, offset, visual, audio))
+    return plan
+
+
+def majority_baseline(plan: Sequence[DemoVideo], split: str = "test") -> tuple[str, float]:
+    """Most frequent per-second label of ``split`` ("" = background) and its share of seconds."""
+    labels = [v.label(t) for v in plan if v.split == split for t in range(SECONDS)]
+    if not labels:
+        raise DemoError(f"no {split} videos in the plan")
+    names, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
+    best = int(np.argmax(counts))
+    return str(names[best]), float(counts[best]) / len(labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# pixels
+
+
+def _texture(rng: np.random.Generator, height: int, width: int, margin: int) -> np.ndarray:
+    """A muted, low-saturation texture [height + 2 margin, width + 2 margin, 3] float32."""
+    import cv2
+
+    base = rng.uniform(80, 140)
+    tint = rng.uniform(-12, 12, size=3)
+    coarse = rng.normal(0.0, 22.0, size=(9, 9, 1)) + rng.normal(0.0, 6.0, size=(9, 9, 3))
+    big = cv2.resize(coarse.astype(np.float32), (width + 2 * margin, height + 2 * margin), interpolation=cv2.INTER_CUBIC)
+    fine = rng.normal(0.0, 8.0, size=(height + 2 * margin, width + 2 * margin, 3))
+    return (base + tint + big + fine).astype(np.float32)
+
+
+def _shape_mask(cls: DemoClass, yy: np.ndarray, xx: np.ndarray, t: float, phase: float, size: int) -> np.ndarray:
+    """Boolean [H, W] mask of ``cls``'s object at time ``t`` seconds (``size`` = min(H, W))."""
+    h, w = yy.shape
+    cy, cx = h / 2.0, w / 2.0
+    if cls.shape == "disc":  # bounces left-right
+        cx += 0.2 * w * math.sin(2 * math.pi * 0.5 * t + phase)
+        r = 0.27 * size
+        return (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    if cls.shape == "square":  # circles the centre
+        a = 2 * math.pi * 0.25 * t + phase
+        cy += 0.14 * h * math.sin(a)
+        cx += 0.14 * w * math.cos(a)
+        s = 0.24 * size
+        return (np.abs(yy - cy) < s) & (np.abs(xx - cx) < s)
+    if cls.shape == "triangle":  # bobs up and down, apex up
+        cy += 0.13 * h * math.sin(2 * math.pi * 1.0 * t + phase)
+        half = 0.33 * size
+        top, bottom = cy - half, cy + 0.8 * half
+        inside_y = (yy >= top) & (yy <= bottom)
+        half_width = (yy - top) / (bottom - top) * half * 1.1
+        return inside_y & (np.abs(xx - cx) <= half_width)
+    if cls.shape == "ring":  # pulses
+        r = 0.3 * size * (1.0 + 0.12 * math.sin(2 * math.pi * 1.0 * t + phase))
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        return (d2 < r * r) & (d2 > (0.5 * r) ** 2)
+    if cls.shape == "cross":  # spins
+        a = 2 * math.pi * 0.25 * t + phase
+        u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)
+        v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
+        arm, width = 0.36 * size, 0.11 * size
+        return ((np.abs(u) < arm) & (np.abs(v) < width)) | ((np.abs(v) < arm) & (np.abs(u) < width))
+    raise ValueError(f"unknown demo shape {cls.shape!r}")
+
+
+def _distractor_mask(yy: np.ndarray, xx: np.ndarray, t: float, phase: float, size: int) -> np.ndarray:
+    """A wide grey ellipse drifting diagonally (no class looks like it)."""
+    h, w = yy.shape
+    cy = h / 2.0 + 0.18 * h * math.sin(2 * math.pi * 0.2 * t + phase)
+    cx = w / 2.0 + 0.18 * w * math.cos(2 * math.pi * 0.2 * t + phase)
+    ry, rx = 0.16 * size, 0.3 * size
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+
+
+def render_frames(video: DemoVideo, seed: int, fps: int = FPS, frame_size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
+    """The clip's frames, uint8 RGB [SECONDS * fps, H, W, 3].
+
+    Frame ``k`` shows second ``k // fps``'s visual cue: the class object, the distractor, or
+    nothing, over the background texture panning slowly, plus per-frame pixel noise.
+    """
+    rng = _rng(seed, video.index, 1)
+    height, width = frame_size
+    margin = 16
+    texture = _texture(rng, height, width, margin)
+    colour_jitter = rng.uniform(-12, 12, size=3)
+    phase, distractor_phase = rng.uniform(0, 2 * math.pi, size=2)
+    pan = rng.uniform(-1, 1, size=2)
+    pan = pan / (np.linalg.norm(pan) + 1e-9) * margin / (SECONDS * fps)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    size = min(height, width)
+    frames = np.empty((SECONDS * fps, height, width, 3), dtype=np.uint8)
+    for k in range(SECONDS * fps):
+        t = k / fps
+        oy = int(round(margin + pan[0] * k))
+        ox = int(round(margin + pan[1] * k))
+        image = texture[oy : oy + height, ox : ox + width].copy()
+        cue = video.visual[k // fps]
+        if cue == DISTRACTOR:
+            image[_distractor_mask(yy, xx, t, distractor_phase, size)] = DISTRACTOR_COLOUR
+        elif cue:
+            cls = class_by_name(cue)
+            image[_shape_mask(cls, yy, xx, t, phase, size)] = np.asarray(cls.colour, np.float32) + colour_jitter
+        image += rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
+        frames[k] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return frames
+
+
+# ------------------------------------------------------------------------------------------------
+# samples
+
+
+def band_noise(rng: np.random.Generator, n: int, low: float, high: float, sample_rate: int) -> np.ndarray:
+    """White noise band-limited to [low, high] Hz by zeroing FFT bins; unit RMS, [n] float64."""
+    spectrum = np.fft.rfft(rng.normal(size=n))
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    spectrum[(freqs < low) | (freqs > high)] = 0.0
+    x = np.fft.irfft(spectrum, n)
+    return x / (np.sqrt(np.mean(x * x)) + 1e-12)
+
+
+def class_sound(cls: DemoClass, rng: np.random.Generator, n: int, sample_rate: int) -> np.ndarray:
+    """``cls``'s sound for ``n`` samples, unit RMS, energy inside ``cls.band``."""
+    t = np.arange(n) / sample_rate
+    phase = rng.uniform(0, 2 * np.pi)
+    if cls.name == "bell":  # chord struck at 2 Hz, each strike decaying
+        since_strike = np.mod(t + phase / (4 * np.pi), 0.5)
+        envelope = 0.35 + np.exp(-since_strike / 0.15)
+        x = sum(np.sin(2 * np.pi * f * t + k) for k, f in enumerate((500.0, 630.0, 750.0))) * envelope
+    elif cls.name == "siren":  # frequency sweeping 1250..1750 Hz at 1 Hz
+        inst = 1500.0 + 250.0 * np.sin(2 * np.pi * 1.0 * t + phase)
+        x = np.sin(2 * np.pi * np.cumsum(inst) / sample_rate)
+    elif cls.name == "drum":  # low noise band, beating 4 times a second
+        envelope = 0.3 + np.sin(2 * np.pi * 2.0 * t + phase) ** 2
+        x = band_noise(rng, n, 120.0, 300.0, sample_rate) * envelope
+    elif cls.name == "rain":  # steady high noise band
+        x = band_noise(rng, n, 3600.0, 4900.0, sample_rate)
+    elif cls.name == "buzzer":  # three tones, amplitude-modulated at 8 Hz
+        envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 8.0 * t + phase)
+        x = sum(np.sin(2 * np.pi * f * t) for f in (2350.0, 2550.0, 2750.0)) * envelope
+    else:
+        raise ValueError(f"no sound for demo class {cls.name!r}")
+    return x / (np.sqrt(np.mean(x * x)) + 1e-12)
+
+
+def distractor_sound(rng: np.random.Generator, n: int, sample_rate: int) -> np.ndarray:
+    """Two-tone chime (950 + 3150 Hz, outside every class band) with slow tremolo; unit RMS."""
+    t = np.arange(n) / sample_rate
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * 1.5 * t + rng.uniform(0, 2 * np.pi))
+    x = sum(np.sin(2 * np.pi * f * t) for f in DISTRACTOR_TONES) * envelope
+    return x / (np.sqrt(np.mean(x * x)) + 1e-12)
+
+
+def active_runs(active: Sequence[bool]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of consecutive true entries."""
+    runs: list[tuple[int, int]] = []
+    for t, on in enumerate(active):
+        if on and runs and runs[-1][1] == t:
+            runs[-1] = (runs[-1][0], t + 1)
+        elif on:
+            runs.append((t, t + 1))
+    return runs
+
+
+def second_gate(active: Sequence[bool], sample_rate: int) -> np.ndarray:
+    """[len(active) * sample_rate] gain: 1 in active seconds, 0 elsewhere, with 10-ms linear ramps
+    at both ends of each run of active seconds (inside the run, so silent seconds stay silent)."""
+    gate = np.zeros(len(active) * sample_rate)
+    ramp = max(1, int(EDGE_RAMP_SECONDS * sample_rate))
+    for start, end in active_runs(active):
+        lo, hi = start * sample_rate, end * sample_rate
+        gate[lo:hi] = 1.0
+        gate[lo : lo + ramp] = np.arange(ramp) / ramp
+        gate[hi - ramp : hi] = np.arange(ramp, 0, -1) / ramp
+    return gate
+
+
+def render_audio(video: DemoVideo, seed: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The clip's mono track, float32 [SECONDS * sample_rate] in [-1, 1]: a faint noise floor, the
+    class sound in the seconds whose audio cue is the class, the chime in distractor seconds."""
+    rng = _rng(seed, video.index, 2)
+    n = SECONDS * sample_rate
+    cls = class_by_name(video.category)
+    level = rng.uniform(*SOUND_RMS)
+    wave = NOISE_RMS * rng.normal(size=n)
+    wave += level * class_sound(cls, rng, n, sample_rate) * second_gate([a == cls.name for a in video.audio], sample_rate)
+    wave += DISTRACTOR_RMS * distractor_sound(rng, n, sample_rate) * second_gate([a == DISTRACTOR for a in video.audio], sample_rate)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def _params(videos: int, seed: int) -> dict:
+    return {
+        "generator": "avel-extract demo",
+        "generator_version": GENERATOR_VERSION,
+        "videos": videos,
+        "seed": seed,
+        "seconds": SECONDS,
+        "fps": FPS,
+        "frame_size": list(FRAME_SIZE),
+        "sample_rate": SAMPLE_RATE,
+        "classes": [c.name for c in CLASSES],
+    }
+
+
+def pipeline_yaml(epochs: int = DEMO_EPOCHS, frames_per_segment: int = DEMO_FRAMES_PER_SEGMENT) -> str:
+    """The demo's pipeline.yaml: only what differs from avel's defaults; paths relative to it."""
+    splits = "\n".join(
+        f"    {name}: {{manifest: manifests/{name}.csv, video_root: videos}}" for name, _ in SPLIT_SHARES
+    )
+    return f"""\
+# avel demo pipeline, written by `avel-extract demo`. It overrides only what the demo needs; every
+# other key keeps avel's default (see them all with: avel-extract --config THIS_FILE config).
+# Relative paths resolve against this file's folder.
+
+data:
+  splits:
+{splits}
+
+store:
+  path: store.zarr
+
+extract:
+  # RANDOM network weights: pretrained VGG-19 / VGGish cannot be downloaded offline. This choice is
+  # recorded in the store's identity, so these features are never mistaken for real AVE features.
+  visual_weights: random
+  audio_weights: random
+  # DEMO ONLY: {frames_per_segment} VGG-19 frame(s) per 1-s segment instead of AVE's 16, because VGG-19 on a
+  # CPU runs at a few frames per second. Real AVE features use 16.
+  frames_per_segment: {frames_per_segment}
+
+train:
+  runs_root: runs
+  # a short schedule for the small demo (the heads' paper schedules are longer)
+  epochs: {epochs}
+"""
+
+
+def readme_text(plan: Sequence[DemoVideo], videos: int, seed: int) -> str:
+    counts = {name: sum(v.split == name for v in plan) for name, _ in SPLIT_SHARES}
+    label, share = majority_baseline(plan, "test")
+    classes = "\n".join(
+        f"  {i}  {c.name:7s} {c.shape} {c.colour} that {c.motion}; sound: {c.sound}" for i, c in enumerate(CLASSES)
+    )
+    return f"""\
+avel demo dataset (generated offline by `avel-extract demo --videos {videos} --seed {seed}`)
+
+{len(plan)} clips of {SECONDS} s: H.264 video {FRAME_SIZE[1]}x{FRAME_SIZE[0]} at {FPS} fps, AAC mono audio at
+{SAMPLE_RATE} Hz. Splits: {counts['train']} train / {counts['val']} val / {counts['test']} test videos, one event class per video.
+
+Classes (index = line of manifests/classes.txt; background = {len(CLASSES)}):
+{classes}
+
+An EVENT second (onset <= t < offset in the manifest) shows the video's class object AND plays its
+sound. Every other second is background: some show the object but are silent, some play the sound
+with no object, some hold a neutral distractor (a grey ellipse and/or a {DISTRACTOR_TONES[0]:g} + {DISTRACTOR_TONES[1]:g} Hz
+chime), some only the textured background and a faint noise floor. A model must combine both
+modalities to find the events. segments.csv lists, per second, the cue each modality carries.
+
+Majority-class baseline on the test seconds: {share:.3f} ({label or 'background'}).
+
+Files: videos/ (the clips), manifests/ (train/val/test.csv + classes.txt), segments.csv,
+pipeline.yaml (random VGG-19/VGGish weights, {DEMO_FRAMES_PER_SEGMENT} frame per segment instead of 16, short
+training), demo.json (generation parameters). Feature store and runs appear here once made:
+  avel-extract --config {{this folder}}/pipeline.yaml --split all
+  avel-train --config {{this folder}}/pipeline.yaml --head dmrn
+"""
+
+
+def segments_csv(plan: Sequence[DemoVideo]) -> str:
+    """``video_id,second,visual,audio,label`` for every second of every video."""
+    lines = ["video_id,second,visual,audio,label"]
+    for v in plan:
+        for t in range(SECONDS):
+            lines.append(f"{v.video_id},{t},{v.visual[t]},{v.audio[t]},{v.label(t)}")
+    return "\n".join(lines) + "\n"
+
+
+def read_segments(path: str | Path) -> dict[str, list[dict[str, str]]]:
+    """``segments.csv`` as ``{video_id: [row per second]}`` (rows: second, visual, audio, label)."""
+    import csv
+
+    out: dict[str, list[dict[str, str]]] = {}
+    with Path(path).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["video_id"], []).append(row)
+    return out
+
+
+def write_video(video: DemoVideo, folder: Path, seed: int) -> Path:
+    """Render and encode one clip to ``folder/<video_id>.mp4`` (via a temporary file, so an
+    interrupted run never leaves a truncated clip under the final name)."""
+    from .media import write_clip
+
+    final = folder / video.path
+    partial = folder / f".{video.video_id}.partial.mp4"
+    write_clip(
+        partial, render_frames(video, seed), fps=FPS, audio=render_audio(video, seed), sample_rate=SAMPLE_RATE, crf=CRF
+    )
+    os.replace(partial, final)
+    return final
+
+
+@dataclasses.dataclass
+class DemoSummary:
+    """What :func:`generate_demo` made (or found already made)."""
+
+    out: Path
+    plan: list[DemoVideo]
+    reused: bool
+    seconds: float
+    baseline_label: str
+    baseline_accuracy: float
+
+    @property
+    def pipeline(self) -> Path:
+        return self.out / "pipeline.yaml"
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: sum(v.split == name for v in self.plan) for name, _ in SPLIT_SHARES}
+
+
+def _check_out_folder(out: Path, params: dict, force: bool) -> bool:
+    """True when ``out`` already holds this exact demo. Raise when it holds something else."""
+    marker = out / "demo.json"
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = None
+        if old == params and not force:
+            return True
+        if old != params:
+            store = out / "store.zarr"
+            if store.exists():
+                log.info("%s was made from another demo; removing it", store)
+                shutil.rmtree(store)
+        return False
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DemoError(
+            f"{out} exists and is not an avel demo folder (no demo.json); choose another --out, "
+            f"empty it, or pass --force to write the demo files into it anyway"
+        )
+    return False
+
+
+def generate_demo(
+    out: str | Path = "data/demo",
+    videos: int = DEFAULT_VIDEOS,
+    seed: int = DEFAULT_SEED,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> DemoSummary:
+    """Generate the demo dataset into ``out`` (see the module docstring for the files).
+
+    Idempotent: when ``out/demo.json`` records the same parameters the files are kept (``force``
+    regenerates them). A demo made with other parameters is replaced, its feature store removed.
+    """
+    out = Path(out)
+    params = _params(videos, seed)
+    plan = plan_demo(videos, seed)
+    label, share = majority_baseline(plan, "test")
+    started = time.perf_counter()
+    if _check_out_folder(out, params, force):
+        log.info("%s already holds this demo (demo.json matches); reusing it", out)
+        return DemoSummary(out, plan, True, 0.0, label, share)
+    video_dir = out / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").unlink(missing_ok=True)
+    wanted = {v.path for v in plan}
+    for stale in video_dir.glob("demo*.mp4"):
+        if stale.name not in wanted:
+            stale.unlink()
+    items = plan
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(plan, desc="demo videos", unit="video")
+    for video in items:
+        write_video(video, video_dir, seed)
+    classes = [c.name for c in CLASSES]
+    for split, _ in SPLIT_SHARES:
+        write_manifest(out / "manifests" / f"{split}.csv", [v.sample() for v in plan if v.split == split], classes)
+    (out / "segments.csv").write_text(segments_csv(plan))
+    (out / "pipeline.yaml").write_text(pipeline_yaml())
+    (out / "README.txt").write_text(readme_text(plan, videos, seed))
+    (out / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
+    elapsed = time.perf_counter() - started
+    log.info("wrote %d demo videos to %s in %.1f s", len(plan), out, elapsed)
+    return DemoSummary(out, plan, False, elapsed, label, share)
+
+
+def next_commands(pipeline: str | Path) -> list[str]:
+    """The commands that extract the demo's features and train/evaluate a head on them."""
+    return [
+        f"avel-extract --config {pipeline} --split all",
+        f"avel-train --config {pipeline} --head dmrn",
+    ]

@@ -1,0 +1,282 @@
+"""`avel-train`: train and evaluate localization heads on a feature store.
+
+Subcommands: ``import-h5`` (public AVE feature files -> store), ``bench`` (speed benchmark).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from extract.clitools import config_option, resolve, set_option, setup_logging, verbose_option
+
+log = logging.getLogger("avel")
+
+
+class RegistryChoice(click.Choice):
+    """A click.Choice whose choices are read from a registry when used (so heads registered
+    after import, e.g. by plugins or tests, are accepted)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__([], case_sensitive=True)
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+def _head_names():
+    from .registry import head_names
+
+    return head_names()
+
+
+def _task_names():
+    from .registry import TASKS, discover
+
+    discover()
+    return sorted(TASKS)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from extract.manifest import ManifestError
+    from extract.settings import ConfigError
+    from extract.store import StoreError
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    return (StoreError, DataError, ManifestError, ConfigError, CheckpointError)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--head", type=RegistryChoice(_head_names), default=None, help="Head to train (default: train.head). See --list-heads.")
+@click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
+@click.option("--setting", type=click.Choice(["supervised", "weak"]), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment.")
+@click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4; several seeds report mean ± std (default: train.seeds).")
+@click.option("--select-on", type=click.Choice(["val", "test", "last"]), default=None, help="Split that picks the evaluated epoch (default val). 'test' only to compare with papers; outputs are labelled optimistic.")
+@click.option("--store", default=None, help="Feature store to read (default: store.path).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the head's paper schedule).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (default: the head's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (default: the head's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: train.device).")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
+@click.option("--list-heads", is_flag=True, help="List the registered heads and exit.")
+@config_option
+@set_option
+@verbose_option
+@click.pass_context
+def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device, print_config, list_heads, config, sets, verbose):
+    """Train a localization head on a feature store and report segment accuracy.
+
+    Accuracy = correct 1-s segments / all segments of the split, background included (AVE test:
+    402 x 10 = 4020). The epoch is selected on the validation split; test is evaluated once.
+    Every run writes runs_root/<task>-<head>-<setting>/seed<k>-<time>/ (config.yaml,
+    metrics.json, epochs.csv, checkpoint.safetensors, PNG plots).
+
+    \b
+    Examples:
+      avel-train --head dmrn
+      avel-train --head dmrn --seeds 0-4 --store data/stores/ave.zarr
+      avel-train --head avga --setting weak --set train.weak_pool=max
+      avel-train import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
+                 --annotations Annotations.txt --store data/stores/ave-public.zarr
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"config": config, "sets": sets, "verbose": verbose}
+        return
+    setup_logging(verbose)
+    if list_heads:
+        click.echo(heads_table())
+        return
+    extra = cli_overrides(head=head, task=task, setting=setting, seeds=seeds, select_on=select_on, store=store,
+                          epochs=epochs, lr=lr, batch_size=batch_size, device=device)
+    pipeline = resolve(config, sets, extra)
+    click.echo(pipeline.dump(), err=True)
+    if print_config:
+        return
+    try:
+        results = run_seeds(pipeline, verbose)
+    except _user_errors() as exc:
+        if verbose > 1:
+            raise
+        raise click.ClickException(str(exc)) from None
+    click.echo(results_table(results))
+    click.echo(accuracy_line(results))
+
+
+def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device) -> dict:
+    """The options given on the command line as pipeline overrides."""
+    train = {"head": head, "task": task, "setting": setting, "select_on": select_on, "epochs": epochs,
+             "lr": lr, "batch_size": batch_size, "device": device}
+    train = {k: v for k, v in train.items() if v is not None}
+    if seeds is not None:
+        from .runs import parse_seeds
+
+        try:
+            train["seeds"] = parse_seeds(seeds)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    extra: dict = {"train": train}
+    if store:
+        extra["store"] = {"path": store}
+    return extra
+
+
+def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
+    """Run the configured task/head once per seed; write summary.json/.md for several seeds."""
+    from . import loop
+    from .registry import get_head, get_task
+    from .runs import group_dir, make_run_dir, summarize, write_summary
+
+    cfg = pipeline.train
+    try:
+        head_cls = get_head(cfg.head)
+        task_fn = get_task(cfg.task)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
+    if head_cls.task != cfg.task:
+        raise click.UsageError(f"head {cfg.head!r} is a {head_cls.task!r} head; use --task {head_cls.task} or pick another head")
+    if cfg.setting not in head_cls.settings:
+        raise click.UsageError(f"head {cfg.head!r} supports --setting {'/'.join(head_cls.settings)}, not {cfg.setting!r}")
+    loop.SHOW_PROGRESS = sys.stderr.isatty() or verbose > 0
+    runs_root = pipeline.path(cfg.runs_root)
+    results = []
+    for seed in cfg.seeds:
+        run_dir = make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed)
+        click.echo(f"seed {seed}: {run_dir}", err=True)
+        try:
+            metrics = task_fn(pipeline, cfg.head, seed, run_dir)
+        except BaseException:
+            _remove_if_empty(run_dir)
+            raise
+        results.append({**metrics, "seed": seed, "run_dir": str(run_dir)})
+    if len(results) > 1:
+        directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting)
+        js, md = write_summary(directory, summarize(results))
+        click.echo(f"summary: {js} and {md}", err=True)
+    return results
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def results_table(results: list[dict]) -> str:
+    """Plain-text table: seed, selected epoch, val and test accuracy, run dir; mean ± std row."""
+    from .runs import mean_std
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [f"{'seed':>6}  {'epoch':>5}  {'val acc':>8}  {'test acc':>8}  run"]
+    for r in results:
+        lines.append(f"{r['seed']:>6}  {r.get('selected_epoch', '-'):>5}  {fmt(r.get('val_accuracy')):>8}  {fmt(r.get('test_accuracy')):>8}  {r['run_dir']}")
+    if len(results) > 1:
+        cells = []
+        for key in ("val_accuracy", "test_accuracy"):
+            vals = [r[key] for r in results if r.get(key) is not None]
+            mean, std = mean_std(vals) if vals else (None, None)
+            cells.append("-" if mean is None else f"{mean:.4f}±{std:.4f}")
+        lines.append(f"{'mean':>6}  {'':>5}  {cells[0]:>8}  {cells[1]:>8}")
+    selection = results[0].get("selection") if results else None
+    if selection:
+        lines.append(f"epoch selected on: {selection}")
+    return "\n".join(lines)
+
+
+def accuracy_line(results: list[dict]) -> str:
+    """``test accuracy: 0.xxxx`` (one seed) or ``test accuracy: 0.xxxx ± 0.xxxx (n seeds)``."""
+    from .runs import mean_std
+
+    values = [r["test_accuracy"] for r in results if r.get("test_accuracy") is not None]
+    if not values:
+        return "test accuracy: n/a"
+    if len(values) == 1:
+        return f"test accuracy: {values[0]:.4f}"
+    mean, std = mean_std(values)
+    return f"test accuracy: {mean:.4f} ± {std:.4f} ({len(values)} seeds)"
+
+
+def heads_table() -> str:
+    """One line per registered head: name, task, settings, default schedule, summary."""
+    from .registry import HEADS, discover
+
+    discover()
+    if not HEADS:
+        return "no heads registered"
+    lines = [f"{'head':<22} {'task':<5} {'settings':<18} {'lr':>7} {'batch':>5} {'epochs':>6}  description"]
+    for name in sorted(HEADS):
+        cls = HEADS[name]
+        d = dict(getattr(cls, "train_defaults", {}) or {})
+        doc = (cls.__doc__ or "").strip().splitlines()
+        lines.append(
+            f"{name:<22} {cls.task:<5} {','.join(cls.settings):<18} {d.get('lr', '-')!s:>7} {d.get('batch_size', '-')!s:>5} "
+            f"{d.get('epochs', '-')!s:>6}  {doc[0] if doc else ''}"
+        )
+    return "\n".join(lines)
+
+
+@main.command("import-h5")
+@click.option("--visual", required=True, type=click.Path(exists=True, dir_okay=False), help="visual_feature.h5 (key avadataset, [N, 10, 7, 7, 512]).")
+@click.option("--audio", required=True, type=click.Path(exists=True, dir_okay=False), help="audio_feature.h5 (key avadataset, [N, 10, 128]).")
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="The AVE Annotations.txt whose rows the h5 rows follow.")
+@click.option("--store", required=True, type=click.Path(), help="Zarr store to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --store.")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=None, help="Videos per shard (default: store.rows_per_shard).")
+@click.pass_obj
+def import_h5_command(obj, visual, audio, annotations, store, overwrite, rows_per_shard):
+    """Import the public AVE feature files into a feature store (one row per video).
+
+    Rows of the h5 files follow Annotations.txt; a video with several annotation lines gets the
+    features of its first line. Features are stored as the store contract says (visual float16).
+    """
+    from .import_h5 import import_ave_h5
+
+    setup_logging(obj["verbose"])
+    pipeline = resolve(obj["config"], obj["sets"])
+    try:
+        result = import_ave_h5(
+            visual, audio, annotations, store, overwrite=overwrite,
+            rows_per_shard=rows_per_shard or pipeline.store.rows_per_shard,
+            compression_level=pipeline.store.compression_level,
+        )
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"imported {len(result)} videos into {result.path} (fingerprint {result.fingerprint})")
+
+
+@main.command("bench")
+@click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-bench", show_default=True, help="Where the synthetic store and h5 files are made (once) and reused.")
+@click.option("--head", "head_name", default=None, help="Head to time (default: dmrn when registered, else the first registered head).")
+@click.option("--rows", type=click.IntRange(min=8), default=4143, show_default=True, help="Videos in the synthetic store (AVE: 4143).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Timed epochs per trainer.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size (AVEL reference: 64).")
+@click.option("--schedule-epochs", type=click.IntRange(min=1), default=300, show_default=True, help="Epochs of the extrapolated full schedule (AVEL reference: 300).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON here.")
+@click.pass_obj
+def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_epochs, device, threads, json_out):
+    """Seconds per epoch and for the full schedule: this trainer vs a reference-style loop that
+    copies each batch out of h5-loaded arrays, on the same synthetic AVE-sized data and head."""
+    from .bench import run_benchmark
+
+    setup_logging(obj["verbose"])
+    report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
+                           schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
+    click.echo(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,512 @@
+"""The AVEL heads of Tian et al., ECCV 2018 ("Audio-Visual Event Localization in Unconstrained
+Videos"), matched to the public reference code YapengTian/AVE-ECCV18.
+
+Inputs and outputs of every head here (T = segments, C = classes incl. background, AVE: 29)::
+
+    audio  [B, T, 128]        VGGish per segment
+    visual [B, T, 7, 7, 512]  VGG-19 pool5 per segment, channels last (as the public h5 files)
+    -> HeadOutput.scores [B, T, C] logits (softmax gives the reference model's output)
+       HeadOutput.extras["attention"] [B, T, 7, 7]  AGVA weights (heads that attend)
+
+Building blocks
+---------------
+* :class:`AGVA`, audio-guided visual attention, eq. 2-4, layer by layer as ``att_Net`` in
+  ``models.py``: ``U_a = ReLU(Linear(128, 512))``, ``U_v = ReLU(Linear(512, 512))`` applied to each of
+  the k = 49 region vectors (``video.view(B*T, -1, 512)``: regions in row-major (h, w) order),
+  ``W_v = Linear(512, 49, bias=False)``, ``W_a = Linear(512, 49, bias=False)``,
+  ``W_f = Linear(49, 1, bias=False)``, softmax over the 49 regions, and the context vector is the
+  weighted sum of the RAW pool5 region vectors (not of ``U_v``). One detail differs between paper and
+  code: eq. 4 adds ``W_a U_a(a)`` along the axis that ``W_f`` sums over, the reference adds it along
+  the region axis (``affine_g(a_t).unsqueeze(2)``). ``audio_term_axis="region"`` (default) follows
+  the code, ``"hidden"`` the paper.
+* Temporal modelling: one-layer BiLSTM per stream, hidden 128 (output 256), zero initial state,
+  batch_first (``lstm_audio``: 128 -> 2x128, ``lstm_video``: 512 -> 2x128).
+* Classifier of ``att_Net``: ``L2(ReLU(L1(ReLU(h))))`` with ``L1 = Linear(in, 64)``,
+  ``L2 = Linear(64, C)``; the reference applies softmax at the end, we return the logits.
+
+Heads (``avel-train --list-heads``)
+-----------------------------------
+* Model variants of Table 1: ``a``, ``v`` (global average pooled visual map), ``v-att``, ``a+v``,
+  ``a+v-att`` (the reference ``att_Net``; ``concat-late`` is the same model: Table 1 says its A+V
+  models fuse by concatenating the LSTM outputs, Table 2's Concat/late = Table 1's A+V-att = 72.7).
+* Fusion methods of Table 2 (:mod:`train.heads.fusion`), named ``<method>-<position>`` with method
+  in additive, maxpool, gated, mb, gmu, gmb, concat, mrn, dmrn and position in early, late,
+  decision; the late DMRN is called ``dmrn`` (the reference ``TBMRF_Net(128, 128, 512, 29, 1)``), and
+  ``dmrfe`` is the late-only ensemble variant. All fusion heads attend (AGVA) first, as the paper's
+  Table 2 methods "all use same audio and visual features".
+
+  - early: ``fuse(audio, v_att)`` [fusion_dim] -> one BiLSTM -> ``L2 = Linear(2*hidden, C)``
+  - late: ``fuse(BiLSTM_a(audio), BiLSTM_v(v_att))`` [fusion_dim] -> ``L2 = Linear(fusion_dim, C)``
+    (the reference DMRN exactly: its ``L2`` is ``Linear(256, 29)``)
+  - decision: ``fuse(m_a, m_v)`` [C] -> ``L2 = Linear(C, C)``, where ``m_a``, ``m_v`` are the
+    pre-softmax outputs of the A and V-att models (BiLSTM + att_Net classifier per stream)
+
+Losses and weak supervision (what the reference trains with)
+------------------------------------------------------------
+``supervised_main.py``: the model ends in softmax and is trained with
+``nn.MultiLabelSoftMarginLoss()(probs, one_hot_labels)`` on [B, 10, 29] (a sigmoid BCE on the
+softmax probabilities, averaged over all entries). ``weak_supervised_main.py`` + ``models_weakly.py``:
+``score = L2(...)`` [B, 10, 29] logits, MIL pooling = ``MaxPool1d`` over time of the LOGITS, then
+softmax, then the same MultiLabelSoftMarginLoss against the one-hot video label (``mil_labels.h5``:
+exactly one 1 per video, background 28 for the added background-only videos); at test time the
+per-segment ``score`` is argmaxed. Paper eq. 7 instead averages the last-FC outputs m_t over time,
+then softmax. Our heads reproduce this: ``loss="reference"`` (default) is the MultiLabelSoftMargin
+on softmax probabilities, ``loss="ce"`` is cross-entropy on the logits; in the weak setting the
+logits are pooled over time (``weak_pool`` "mean" = eq. 7, "max" = reference code), then either
+loss is applied to the pooled [B, C] scores. Segments with ``valid`` False are left out of the loss
+and of the pooling. (The base class's default weak loss pools softmax probabilities, which matches
+neither the paper nor the reference; these heads override it.)
+
+Schedule (``train_defaults``): Adam lr 1e-3, batch 64, 300 epochs, no weight decay; the reference's
+``StepLR(step_size=15000, gamma=0.1)`` steps per ITERATION: with 3339 training videos and the last
+partial batch dropped that is 52 batches/epoch, so the decay lands after epoch 288 (``lr_step=288``).
+Weak setting (``weak_train_defaults``): 250 epochs (``--nb_epoch`` default of
+``weak_supervised_main.py``); its 15000-iteration decay falls after the last epoch, so no decay.
+The reference DMRN checkpoint was trained by fine-tuning the A+V-att model (``supervised_main.py``
+comment); we train it from scratch with the same schedule.
+
+Parameter counts at the defaults with C = 29 (checked against the reference layer sizes in
+tests/test_avel_parity.py and tests/test_heads_avel.py):
+``a`` 282,525; ``v`` 675,741; ``v-att`` 1,054,670; ``a+v`` 956,317; ``a+v-att`` 1,335,246 (= att_Net);
+``dmrn`` 1,571,150 (= TBMRF_Net with nb_block=1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, ClassVar, Literal, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..registry import register_head
+from .base import Head, HeadOutput
+from .fusion import DMRN, FUSIONS, make_fusion
+
+log = logging.getLogger(__name__)
+
+AUDIO_DIM = 128
+VISUAL_DIM = 512
+
+#: supervised schedule of supervised_main.py (see the module docstring for lr_step)
+SUPERVISED_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": 288, "lr_gamma": 0.1, "weight_decay": 0.0}
+#: weak schedule of weak_supervised_main.py
+WEAK_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 250, "lr_step": None, "lr_gamma": 0.1, "weight_decay": 0.0}
+
+POSITIONS = ("early", "late", "decision")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclasses.dataclass
+class AvelConfig:
+    """Options of the Tian et al. heads (defaults = the reference ``att_Net(128, 128, 512, 29)``)."""
+
+    #: BiLSTM hidden size per direction (reference ``hidden_dim``)
+    hidden: int = 128
+    #: width d of U_a / U_v in the attention (reference ``hidden_size``)
+    att_dim: int = 512
+    #: the visual map is grid x grid regions (k = grid**2 = 49)
+    grid: int = 7
+    #: width of the classifier's hidden layer L1 (reference 64)
+    classifier_hidden: int = 64
+    #: where eq. 4's audio term is broadcast: "region" (reference code) or "hidden" (paper)
+    audio_term_axis: Literal["region", "hidden"] = "region"
+    #: "reference": MultiLabelSoftMarginLoss on softmax probabilities; "ce": cross-entropy
+    loss: Literal["reference", "ce"] = "reference"
+
+
+@dataclasses.dataclass
+class FusionConfig(AvelConfig):
+    """Options of the Table 2 fusion heads."""
+
+    #: width of the fused vector at early / late positions (decision fuses at C); DMRN's late
+    #: fusion is residual over the BiLSTM outputs, so the reference has fusion_dim = 2 * hidden
+    fusion_dim: int = 256
+    #: residual blocks of MRN / DMRN (the paper uses one)
+    blocks: int = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+class AGVA(nn.Module):
+    """Audio-guided visual attention (eq. 2-4; reference ``att_Net.forward`` first half).
+
+    audio [B, T, 128], visual [B, T, g, g, 512] -> (v_att [B, T, 512], weights [B, T, g*g]).
+    Layer names are the reference's. Parameters at the defaults: 66,048 + 262,656 + 2 * 25,088 + 49
+    = 378,929."""
+
+    def __init__(self, audio_dim: int = AUDIO_DIM, visual_dim: int = VISUAL_DIM, att_dim: int = 512,
+                 regions: int = 49, audio_term_axis: str = "region"):
+        super().__init__()
+        if audio_term_axis not in ("region", "hidden"):
+            raise ValueError(f"audio_term_axis must be 'region' or 'hidden', got {audio_term_axis!r}")
+        self.audio_term_axis = audio_term_axis
+        self.affine_audio = nn.Linear(audio_dim, att_dim)  # U_a
+        self.affine_video = nn.Linear(visual_dim, att_dim)  # U_v
+        self.affine_v = nn.Linear(att_dim, regions, bias=False)  # W_v
+        self.affine_g = nn.Linear(att_dim, regions, bias=False)  # W_a
+        self.affine_h = nn.Linear(regions, 1, bias=False)  # W_f
+
+    def xavier_init(self) -> None:
+        """``att_Net.init_weights``: Xavier-uniform weights of every affine layer."""
+        for layer in (self.affine_v, self.affine_g, self.affine_h, self.affine_audio, self.affine_video):
+            nn.init.xavier_uniform_(layer.weight)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        regions = visual.flatten(2, 3)  # [B, T, k, 512], row-major (h, w) as view(B*T, -1, 512)
+        u_v = F.relu(self.affine_video(regions))  # [B, T, k, d]
+        u_a = F.relu(self.affine_audio(audio))  # [B, T, d]
+        content = self.affine_v(u_v)  # [B, T, k regions, k]
+        audio_term = self.affine_g(u_a)  # [B, T, k]
+        if self.audio_term_axis == "region":
+            content = content + audio_term.unsqueeze(-1)  # reference: indexed by region
+        else:
+            content = content + audio_term.unsqueeze(-2)  # eq. 4: indexed by W_f's axis
+        logits = self.affine_h(torch.tanh(content)).squeeze(-1)  # [B, T, k]
+        weights = logits.softmax(dim=-1)
+        attended = torch.einsum("btk,btkc->btc", weights, regions)
+        return attended, weights
+
+
+def bilstm(input_size: int, hidden: int) -> nn.LSTM:
+    """One-layer bidirectional batch-first LSTM (output 2 * hidden), as in the reference."""
+    return nn.LSTM(input_size, hidden, 1, batch_first=True, bidirectional=True)
+
+
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+    """[B, T, in] -> [B, T, 2 * hidden] with zero initial state."""
+    return lstm(x)[0]
+
+
+class MLPClassifier(nn.Module):
+    """``att_Net``'s classifier: [..., in] -> ``L2(ReLU(L1(ReLU(x))))`` [..., C]."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.L1 = nn.Linear(in_dim, hidden)
+        self.L2 = nn.Linear(hidden, num_classes)
+
+    def xavier_init(self) -> None:
+        nn.init.xavier_uniform_(self.L1.weight)
+        nn.init.xavier_uniform_(self.L2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.L2(F.relu(self.L1(F.relu(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the entries where ``mask`` is True (all when mask is None)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def pool_scores(scores: torch.Tensor, valid: torch.Tensor | None, how: str) -> torch.Tensor:
+    """MIL pooling of per-segment logits [B, T, C] -> [B, C] over the valid segments:
+    "mean" (eq. 7) or "max" (reference ``MaxPool1d``)."""
+    if valid is None:
+        valid = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)
+    keep = valid.unsqueeze(-1)
+    if how == "mean":
+        return (scores * keep).sum(1) / keep.sum(1).clamp_min(1)
+    if how == "max":
+        pooled = scores.masked_fill(~keep, float("-inf")).max(dim=1).values
+        return torch.where(valid.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+    raise ValueError(f"weak_pool must be 'mean' or 'max', got {how!r}")
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss: logits [..., C], target [...] class indices -> [...].
+
+    "reference": MultiLabelSoftMarginLoss of the softmax probabilities against the one-hot target
+    (what both reference training scripts minimise), "ce": cross-entropy on the logits."""
+    if kind == "reference":
+        probs = logits.softmax(dim=-1)
+        onehot = F.one_hot(target, logits.shape[-1]).to(probs.dtype)
+        return F.binary_cross_entropy_with_logits(probs, onehot, reduction="none").mean(dim=-1)
+    if kind == "ce":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").reshape(target.shape)
+    raise ValueError(f"loss must be 'reference' or 'ce', got {kind!r}")
+
+
+def avel_loss(scores: torch.Tensor, batch: Mapping[str, torch.Tensor], setting: str, weak_pool: str, kind: str) -> torch.Tensor:
+    """Training loss of the Tian et al. heads; see the module docstring.
+
+    scores [B, T, C]; batch: ``labels`` [B, T], ``video_label`` [B], optional ``valid`` [B, T]."""
+    valid = batch.get("valid")
+    if setting == "weak":
+        pooled = pool_scores(scores, valid, weak_pool)
+        per_video = classification_loss(pooled, batch["video_label"], kind)
+        return masked_mean(per_video, None if valid is None else valid.any(1))
+    labels = batch["labels"]
+    if valid is not None:
+        labels = labels.masked_fill(~valid, 0)  # padded segments may carry any label
+    return masked_mean(classification_loss(scores, labels, kind), valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# heads
+
+
+class AvelHead(Head):
+    """Common parts of the Tian et al. heads: input checks, the reference losses, schedules."""
+
+    Config: ClassVar[type] = AvelConfig
+    train_defaults: ClassVar[dict[str, Any]] = SUPERVISED_SCHEDULE
+    #: schedule of the weak setting (weak_supervised_main.py)
+    weak_train_defaults: ClassVar[dict[str, Any]] = WEAK_SCHEDULE
+    #: "paper:..." and "reference:..." pointers, shown in docs
+    follows: ClassVar[str] = ""
+
+    def check_inputs(self, audio: torch.Tensor, visual: torch.Tensor) -> None:
+        grid = self.config.grid
+        if audio.dim() != 3 or audio.shape[-1] != AUDIO_DIM:
+            raise ValueError(f"head {self.name!r}: audio must be [B, T, {AUDIO_DIM}], got {list(audio.shape)}")
+        if visual.dim() != 5 or tuple(visual.shape[2:]) != (grid, grid, VISUAL_DIM) or visual.shape[:2] != audio.shape[:2]:
+            raise ValueError(f"head {self.name!r}: visual must be [B, T, {grid}, {grid}, {VISUAL_DIM}] with the audio's "
+                             f"B, T = {list(audio.shape[:2])}, got {list(visual.shape)}")
+
+    def make_attention(self) -> AGVA:
+        cfg = self.config
+        return AGVA(AUDIO_DIM, VISUAL_DIM, cfg.att_dim, cfg.grid * cfg.grid, cfg.audio_term_axis)
+
+    def attention_extras(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid = self.config.grid
+        return {"attention": weights.reshape(*weights.shape[:2], grid, grid)}
+
+    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
+        return avel_loss(out.scores, batch, self.setting, weak_pool, self.config.loss)
+
+
+class VariantHead(AvelHead):
+    """Table 1 model variants: BiLSTM(s) of hidden 128 + ``att_Net``'s classifier.
+
+    ``uses_audio`` / ``uses_visual`` pick the streams; ``attend`` pools the visual map with AGVA
+    (else global average pooling, the paper's V and A+V). Streams are concatenated audio first.
+    Initialisation as ``att_Net.init_weights`` (Xavier weights of every Linear, LSTMs default)."""
+
+    uses_audio: ClassVar[bool] = True
+    uses_visual: ClassVar[bool] = True
+    attend: ClassVar[bool] = True
+
+    def __init__(self, num_classes: int, setting: str = "supervised", config: AvelConfig | None = None):
+        super().__init__(num_classes, setting, config)
+        cfg = self.config
+        if self.attend:
+            self.attention = self.make_attention()
+        if self.uses_audio:
+            self.lstm_audio = bilstm(AUDIO_DIM, cfg.hidden)
+        if self.uses_visual:
+            self.lstm_video = bilstm(VISUAL_DIM, cfg.hidden)
+        streams = int(self.uses_audio) + int(self.uses_visual)
+        self.classifier = MLPClassifier(2 * cfg.hidden * streams, cfg.classifier_hidden, num_classes)
+        if self.attend:
+            self.attention.xavier_init()
+        self.classifier.xavier_init()
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
+        self.check_inputs(audio, visual)
+        streams, extras = [], {}
+        if self.uses_audio:
+            streams.append(run_lstm(self.lstm_audio, audio))
+        if self.uses_visual:
+            if self.attend:
+                pooled, weights = self.attention(audio, visual)
+                extras = self.attention_extras(weights)
+            else:
+                pooled = visual.mean(dim=(2, 3))
+            streams.append(run_lstm(self.lstm_video, pooled))
+        hidden = streams[0] if len(streams) == 1 else torch.cat(streams, dim=-1)
+        return HeadOutput(self.classifier(hidden), extras)
+
+
+@register_head("a")
+class AudioOnly(VariantHead):
+    """A (Table 1): audio [B, T, 128] -> BiLSTM [B, T, 256] -> classifier -> scores [B, T, C].
+    The visual input is ignored. 282,525 parameters at C = 29."""
+
+    uses_visual = False
+    attend = False
+
+
+@register_head("v")
+class VisualOnly(VariantHead):
+    """V (Table 1): visual [B, T, 7, 7, 512] -> global average pooling [B, T, 512] -> BiLSTM
+    [B, T, 256] -> classifier -> [B, T, C]. The audio input is ignored. 675,741 parameters at C = 29."""
+
+    uses_audio = False
+    attend = False
+
+
+@register_head("v-att")
+class VisualAttended(VariantHead):
+    """V-att (Table 1): AGVA(audio, visual) [B, T, 512] -> BiLSTM [B, T, 256] -> classifier ->
+    [B, T, C]; audio only guides the attention. extras["attention"] [B, T, 7, 7].
+    1,054,670 parameters at C = 29."""
+
+    uses_audio = False
+
+
+@register_head("a+v")
+class AudioVisual(VariantHead):
+    """A+V (Table 1): [BiLSTM_a(audio); BiLSTM_v(GAP(visual))] [B, T, 512] -> classifier -> [B, T, C].
+    956,317 parameters at C = 29."""
+
+    attend = False
+
+
+@register_head("a+v-att")
+class AudioVisualAttended(VariantHead):
+    """A+V-att (Table 1), the reference ``att_Net(128, 128, 512, 29)`` of ``models.py`` /
+    ``models_weakly.py``: [BiLSTM_a(audio); BiLSTM_v(AGVA(audio, visual))] [B, T, 512] ->
+    ReLU -> L1 (512 -> 64) -> ReLU -> L2 (64 -> C) -> [B, T, C] logits (reference: softmax of these).
+    extras["attention"] [B, T, 7, 7]. 1,335,246 parameters at C = 29, as att_Net."""
+
+
+@register_head("concat-late")
+class ConcatLate(AudioVisualAttended):
+    """Concat fusion, late position (Table 2, 72.7): the same model as ``a+v-att`` (Table 1's A+V
+    models fuse by concatenating the BiLSTM outputs; same accuracy in both tables). 1,335,246
+    parameters at C = 29."""
+
+
+class FusionHead(AvelHead):
+    """A Table 2 fusion method (``method``) at ``position``, on AGVA-attended visual features.
+
+    Initialisation as the reference ``TBMRF_Net``: PyTorch defaults, Xavier weights for ``L2``."""
+
+    Config: ClassVar[type] = FusionConfig
+    method: ClassVar[str] = "dmrn"
+    position: ClassVar[str] = "late"
+
+    def __init__(self, num_classes: int, setting: str = "supervised", config: FusionConfig | None = None):
+        super().__init__(num_classes, setting, config)
+        cfg = self.config
+        streams = 2 * cfg.hidden
+        self.attention = self.make_attention()
+        if self.position == "early":
+            self.fusion = make_fusion(self.method, AUDIO_DIM, VISUAL_DIM, cfg.fusion_dim, cfg.blocks)
+            self.lstm = bilstm(cfg.fusion_dim, cfg.hidden)
+            self.L2 = nn.Linear(streams, num_classes)
+        else:
+            self.lstm_audio = bilstm(AUDIO_DIM, cfg.hidden)
+            self.lstm_video = bilstm(VISUAL_DIM, cfg.hidden)
+            if self.position == "late":
+                self.fusion = make_fusion(self.method, streams, streams, cfg.fusion_dim, cfg.blocks)
+                self.L2 = nn.Linear(cfg.fusion_dim, num_classes)
+            elif self.position == "decision":
+                self.classifier_audio = MLPClassifier(streams, cfg.classifier_hidden, num_classes)
+                self.classifier_video = MLPClassifier(streams, cfg.classifier_hidden, num_classes)
+                self.fusion = make_fusion(self.method, num_classes, num_classes, num_classes, cfg.blocks)
+                self.L2 = nn.Linear(num_classes, num_classes)
+            else:
+                raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        nn.init.xavier_uniform_(self.L2.weight)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
+        self.check_inputs(audio, visual)
+        attended, weights = self.attention(audio, visual)
+        if self.position == "early":
+            fused = run_lstm(self.lstm, self.fusion(audio, attended))
+        else:
+            h_a = run_lstm(self.lstm_audio, audio)
+            h_v = run_lstm(self.lstm_video, attended)
+            if self.position == "decision":
+                h_a, h_v = self.classifier_audio(h_a), self.classifier_video(h_v)
+            fused = self.fusion(h_a, h_v)
+        return HeadOutput(self.L2(fused), self.attention_extras(weights))
+
+
+def _fusion_docstring(method: str, position: str, paper_name: str) -> str:
+    shapes = {
+        "early": "fuse(audio [B,T,128], AGVA v_att [B,T,512]) [B,T,fusion_dim] -> BiLSTM [B,T,256] -> L2 -> [B,T,C]",
+        "late": "fuse(BiLSTM_a(audio) [B,T,256], BiLSTM_v(v_att) [B,T,256]) [B,T,fusion_dim] -> L2 -> [B,T,C]",
+        "decision": "fuse(m_a [B,T,C], m_v [B,T,C]) [B,T,C] -> L2 -> [B,T,C], m_* = A / V-att model logits",
+    }[position]
+    return (f"{paper_name} fusion, {position} position (Tian et al. Table 2; formula in "
+            f"train.heads.fusion.{FUSIONS[method][0].__name__}): {shapes}. extras['attention'] [B,T,7,7].")
+
+
+def _register_fusion_heads() -> None:
+    """Register ``<method>-<position>`` for every Table 2 cell (late DMRN is ``dmrn``; late Concat
+    is :class:`ConcatLate`)."""
+    for method, (_, paper_name) in FUSIONS.items():
+        for position in POSITIONS:
+            if (method, position) in (("dmrn", "late"), ("concat", "late")):
+                continue
+            name = f"{method}-{position}"
+            cls_name = "Fusion_" + name.replace("-", "_")
+            cls = type(cls_name, (FusionHead,), {"method": method, "position": position,
+                                                 "__doc__": _fusion_docstring(method, position, paper_name),
+                                                 "__module__": __name__})
+            globals()[cls_name] = register_head(name)(cls)
+
+
+@register_head("dmrn")
+class DMRNHead(FusionHead):
+    """DMRN, late fusion (Tian et al. Sec. 4.3, eq. 5-6, Table 2: 73.1), built exactly as the
+    reference ``TBMRF_Net(128, 128, 512, 29, nb_block=1)`` of ``models_fusion.py``:
+    AGVA(audio [B,T,128], visual [B,T,7,7,512]) -> v_att [B,T,512];
+    lstm_audio(audio), lstm_video(v_att) [B,T,256] each; DMRN block (U_a, U_v: Linear(256,256)-Tanh-
+    Linear(256,256)) -> [B,T,256]; L2 = Linear(256, C) -> [B,T,C] logits (reference: their softmax).
+    extras["attention"] [B,T,7,7]. 1,571,150 parameters at C = 29, as TBMRF_Net."""
+
+    method = "dmrn"
+    position = "late"
+
+
+@register_head("dmrfe")
+class DMRFEHead(FusionHead):
+    """DMRFE, dual multimodal residual fusion ensemble (Tian et al. Sec. 6.2, Table 2: 73.3), late.
+
+    The paper: "feeds audio and visual features into two separated blocks and then use average
+    ensemble to combine the two predicted probabilities"; no reference code. Our reading: two
+    residual blocks with their own U_a, U_v (eq. 5 and eq. 6 with separate parameters),
+    ``h_a' = tanh(h_a + (U_a(h_a) + U_v(h_v)) / 2)`` and
+    ``h_v' = tanh(h_v + (U_a'(h_a) + U_v'(h_v)) / 2)``, each classified by its own Linear(256, C);
+    ``scores = log((softmax(L2_a(h_a')) + softmax(L2_v(h_v'))) / 2)`` [B,T,C] (so softmax(scores) is
+    the averaged probability). extras["attention"] [B,T,7,7]."""
+
+    method = "dmrn"
+    position = "late"
+
+    def __init__(self, num_classes: int, setting: str = "supervised", config: FusionConfig | None = None):
+        super().__init__(num_classes, setting, config)
+        cfg = self.config
+        streams = 2 * cfg.hidden
+        del self.fusion, self.L2
+        self.block_audio = DMRN(streams, streams, streams, blocks=1)
+        self.block_video = DMRN(streams, streams, streams, blocks=1)
+        self.L2_audio = nn.Linear(streams, num_classes)
+        self.L2_video = nn.Linear(streams, num_classes)
+        nn.init.xavier_uniform_(self.L2_audio.weight)
+        nn.init.xavier_uniform_(self.L2_video.weight)
+
+    @staticmethod
+    def residual_update(block: DMRN, own: torch.Tensor, h_a: torch.Tensor, h_v: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(own + 0.5 * (block.U_a(h_a) + block.U_v(h_v)))
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
+        self.check_inputs(audio, visual)
+        attended, weights = self.attention(audio, visual)
+        h_a = run_lstm(self.lstm_audio, audio)
+        h_v = run_lstm(self.lstm_video, attended)
+        logp_a = self.L2_audio(self.residual_update(self.block_audio, h_a, h_a, h_v)).log_softmax(-1)
+        logp_v = self.L2_video(self.residual_update(self.block_video, h_v, h_a, h_v)).log_softmax(-1)
+        scores = torch.logaddexp(logp_a, logp_v) - math.log(2.0)
+        return HeadOutput(scores, self.attention_extras(weights))
+
+
+_register_fusion_heads()

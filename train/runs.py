@@ -1,0 +1,214 @@
+"""Run directories and what every run writes (shared by all tasks: avel, cml, sol).
+
+Layout::
+
+    runs_root/<task>-<head>-<setting>/
+        seed<k>-<YYYYmmdd-HHMMSS>/
+            config.yaml              resolved pipeline (pipeline.dump())
+            metrics.json             the task's metrics dict (+ run identity)
+            epochs.csv               one row per epoch
+            checkpoint.safetensors   weights, metadata = JSON (head, head config, pipeline, ...)
+            *.png                    plots written by the task (train.plots)
+        summary.json, summary.md     mean +- std over the seeds of the last multi-seed call
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .checkpoint import save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    """``"0,1,2"``, ``"0-4"``, ``"0-2,7"`` -> list of ints (order kept, duplicates dropped)."""
+    if not isinstance(text, str):
+        return list(dict.fromkeys(int(s) for s in text))
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise ValueError(f"seed range {part!r}: end before start")
+            seeds.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            seeds.append(int(part))
+        else:
+            raise ValueError(f"seeds {text!r}: expected e.g. 0,1,2 or 0-4, got {part!r}")
+    if not seeds:
+        raise ValueError(f"seeds {text!r}: no seed given")
+    return list(dict.fromkeys(seeds))
+
+
+def group_dir(runs_root: str | Path, task: str, head: str, setting: str) -> Path:
+    return Path(runs_root) / f"{task}-{head}-{setting}"
+
+
+def make_run_dir(runs_root: str | Path, task: str, head: str, setting: str, seed: int, now: _dt.datetime | None = None) -> Path:
+    """Create and return ``runs_root/<task>-<head>-<setting>/seed<k>-<timestamp>`` (a suffix
+    -1, -2 ... is added if that directory exists)."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = group_dir(runs_root, task, head, setting) / f"seed{seed}-{stamp}"
+    path, n = base, 0
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_epochs_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Per-epoch rows as CSV; columns = union of the rows' keys in first-seen order."""
+    path = Path(path)
+    columns: list[str] = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return path
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def read_epochs_csv(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf -> None, numpy scalars/arrays -> python, Paths -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_run(
+    run_dir: str | Path,
+    pipeline,
+    metrics: Mapping[str, Any],
+    epochs_rows: Sequence[Mapping[str, Any]],
+    state: Mapping[str, Any] | None = None,
+    checkpoint_meta: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write config.yaml, metrics.json, epochs.csv and (if ``state``) checkpoint.safetensors.
+
+    ``state`` = the weights to save (a state dict, or a module whose state dict is saved);
+    ``checkpoint_meta`` = what rebuilds the model (``head``, ``head_config``, ``num_classes``,
+    ``setting``, ``task``); the resolved pipeline and ``metrics`` are embedded as well.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = {
+        "config": _write_text(run_dir / "config.yaml", pipeline.dump()),
+        "metrics": write_json(run_dir / "metrics.json", metrics),
+        "epochs": write_epochs_csv(run_dir / "epochs.csv", epochs_rows),
+    }
+    if state is not None:
+        if hasattr(state, "state_dict"):
+            state = state.state_dict()
+        meta = {**dict(checkpoint_meta or {}), "pipeline": pipeline.to_dict(), "metrics": _jsonable(_summary_of(metrics))}
+        written["checkpoint"] = save_checkpoint(run_dir / "checkpoint.safetensors", state, _jsonable(meta))
+    log.info("run written to %s", run_dir)
+    return written
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar entries of metrics (what goes into the checkpoint's metadata)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+# ---------------------------------------------------------------------------------------------
+# several seeds
+
+SUMMARY_KEYS = ("val_accuracy", "test_accuracy")
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, Any]:
+    """Mean +- std of ``keys`` over runs (each a metrics dict with ``seed`` and ``run_dir``)."""
+    out: dict[str, Any] = {"seeds": [r.get("seed") for r in runs], "runs": [str(r.get("run_dir", "")) for r in runs]}
+    for key in ("task", "head", "setting", "selection"):
+        values = {str(r.get(key)) for r in runs if key in r}
+        if values:
+            out[key] = values.pop() if len(values) == 1 else sorted(values)
+    for key in keys:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            mean, std = mean_std(values)
+            out[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
+    return out
+
+
+def summary_markdown(summary: Mapping[str, Any], keys: Sequence[str] = SUMMARY_KEYS) -> str:
+    """A small Markdown table: one row per seed, then mean +- std."""
+    present = [k for k in keys if k in summary]
+    lines = [
+        f"# {summary.get('task', '?')} / {summary.get('head', '?')} / {summary.get('setting', '?')}",
+        "",
+        f"selection: {summary.get('selection', '?')}; std = sample standard deviation over seeds",
+        "",
+        "| seed | " + " | ".join(present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for i, seed in enumerate(summary.get("seeds", [])):
+        cells = []
+        for k in present:
+            vals = summary[k]["values"]
+            cells.append(f"{vals[i]:.4f}" if i < len(vals) else "")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines.append("| mean ± std | " + " | ".join(f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in present) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(directory: str | Path, summary: Mapping[str, Any]) -> tuple[Path, Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    js = write_json(directory / "summary.json", summary)
+    md = directory / "summary.md"
+    md.write_text(summary_markdown(summary))
+    return js, md
