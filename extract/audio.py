@@ -87,9 +87,9 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     """Resample a mono waveform [S] from ``sr_in`` to ``sr_out`` Hz -> [S'] float32.
 
     Uses ``torchaudio.functional.resample`` with :data:`RESAMPLER` (resampy ``kaiser_best``
-    equivalent). Output length is ``ceil(S * sr_out / sr_in)``.
+    equivalent), in float32. Output length is ``ceil(S * sr_out / sr_in)``.
     """
-    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
     sr_in, sr_out = int(sr_in), int(sr_out)
     if sr_in <= 0 or sr_out <= 0:
         raise ValueError(f"resample: sample rates must be positive, got {sr_in} -> {sr_out}")
@@ -99,7 +99,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     import torchaudio.functional as AF
 
     y = AF.resample(
-        torch.from_numpy(x.astype(np.float64)),
+        torch.from_numpy(x),
         sr_in,
         sr_out,
         lowpass_filter_width=RESAMPLER["lowpass_filter_width"],
@@ -107,7 +107,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
         resampling_method=RESAMPLER["resampling_method"],
         beta=RESAMPLER["beta"],
     )
-    return y.numpy().astype(np.float32)
+    return y.numpy()
 
 
 def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:

@@ -40,5 +40,9 @@ class ExtractConfig:
     decode_workers: int | None = None
     #: seconds a single video may take to decode before it is killed and marked failed
     decode_timeout_s: float = 120.0
+    #: (fp) frames per 1-s segment of the sounding-object maps (``resnet152_maps``; STM paper: 4)
+    sol_frames_per_segment: int = 4
+    #: (fp) ResNet-152 weights of ``resnet152_maps``: "imagenet" (torchvision IMAGENET1K_V1), a file, or "random"
+    sol_visual_weights: str = "imagenet"
     #: extractors to run: names from the extractor registry
     extractors: list[str] = dataclasses.field(default_factory=lambda: ["vgg19", "vggish"])

@@ -55,8 +55,9 @@ DEFAULT_VIDEOS = 50
 DEFAULT_SEED = 0
 #: VGG-19 frames per 1-s segment in the demo config (AVE features: 16; VGG-19 on a CPU is slow)
 DEMO_FRAMES_PER_SEGMENT = 1
-#: training epochs in the demo config
-DEMO_EPOCHS = 60
+#: training epochs and batch size in the demo config
+DEMO_EPOCHS = 40
+DEMO_BATCH_SIZE = 8
 #: split -> share of each class's videos
 SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 #: per-second cue of a modality that belongs to no class
@@ -74,6 +75,8 @@ EDGE_RAMP_SECONDS = 0.01
 GENERATOR_VERSION = 1
 #: x264 quality of the demo clips (the noisy texture makes lower values slow and large)
 CRF = 23
+#: encoder delay of FFmpeg's AAC encoder (samples before the signal in the decoded stream)
+AAC_PRIMING_SAMPLES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +318,7 @@ def render_frames(video: DemoVideo, seed: int, fps: int = FPS, frame_size: tuple
         elif cue:
             cls = class_by_name(cue)
             image[_shape_mask(cls, yy, xx, t, phase, size)] = np.asarray(cls.colour, np.float32) + colour_jitter
-        image += rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
+        image += 5.0 * rng.standard_normal(size=image.shape, dtype=np.float32)
         frames[k] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return frames
 
@@ -420,7 +423,9 @@ def _params(videos: int, seed: int) -> dict:
     }
 
 
-def pipeline_yaml(epochs: int = DEMO_EPOCHS, frames_per_segment: int = DEMO_FRAMES_PER_SEGMENT) -> str:
+def pipeline_yaml(
+    epochs: int = DEMO_EPOCHS, batch_size: int = DEMO_BATCH_SIZE, frames_per_segment: int = DEMO_FRAMES_PER_SEGMENT
+) -> str:
     """The demo's pipeline.yaml: only what differs from avel's defaults; paths relative to it."""
     splits = "\n".join(
         f"    {name}: {{manifest: manifests/{name}.csv, video_root: videos}}" for name, _ in SPLIT_SHARES
@@ -448,8 +453,11 @@ extract:
 
 train:
   runs_root: runs
-  # a short schedule for the small demo (the heads' paper schedules are longer)
+  # a short schedule for the small demo (the heads' paper schedules: 300 epochs of batch 64 on 3339
+  # AVE videos); small batches give the few
+  # demo videos several steps per epoch
   epochs: {epochs}
+  batch_size: {batch_size}
 """
 
 
@@ -504,6 +512,19 @@ def read_segments(path: str | Path) -> dict[str, list[dict[str, str]]]:
     return out
 
 
+def compensate_priming(audio: np.ndarray, priming: int = AAC_PRIMING_SAMPLES) -> np.ndarray:
+    """Shift a track so that, once encoded, its DECODED samples line up with the seconds.
+
+    The AAC encoder puts ``priming`` samples of encoder delay before the signal and the MP4 that
+    :func:`extract.media.write_clip` writes carries no edit list, so decoders (decord, PyAV) return
+    them as the first samples of the stream. Feeding ``audio[priming:]`` (plus ``priming`` zeros at
+    the end, so the stream still covers every second) makes decoded sample k = ``audio[k]`` for
+    ``k >= priming``; the first ``priming`` samples (64 ms at 16 kHz) are the encoder's near-silence.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    return np.concatenate([audio[priming:], np.zeros(priming, dtype=np.float32)])
+
+
 def write_video(video: DemoVideo, folder: Path, seed: int) -> Path:
     """Render and encode one clip to ``folder/<video_id>.mp4`` (via a temporary file, so an
     interrupted run never leaves a truncated clip under the final name)."""
@@ -511,11 +532,20 @@ def write_video(video: DemoVideo, folder: Path, seed: int) -> Path:
 
     final = folder / video.path
     partial = folder / f".{video.video_id}.partial.mp4"
-    write_clip(
-        partial, render_frames(video, seed), fps=FPS, audio=render_audio(video, seed), sample_rate=SAMPLE_RATE, crf=CRF
-    )
+    audio = compensate_priming(render_audio(video, seed))
+    write_clip(partial, render_frames(video, seed), fps=FPS, audio=audio, sample_rate=SAMPLE_RATE, crf=CRF)
     os.replace(partial, final)
     return final
+
+
+def write_metadata(out: Path, plan: Sequence[DemoVideo], videos: int, seed: int) -> None:
+    """Write everything but the clips: manifests + classes.txt, segments.csv, pipeline.yaml, README.txt."""
+    classes = [c.name for c in CLASSES]
+    for split, _ in SPLIT_SHARES:
+        write_manifest(out / "manifests" / f"{split}.csv", [v.sample() for v in plan if v.split == split], classes)
+    (out / "segments.csv").write_text(segments_csv(plan))
+    (out / "pipeline.yaml").write_text(pipeline_yaml())
+    (out / "README.txt").write_text(readme_text(plan, videos, seed))
 
 
 @dataclasses.dataclass
@@ -596,12 +626,7 @@ def generate_demo(
         items = tqdm(plan, desc="demo videos", unit="video")
     for video in items:
         write_video(video, video_dir, seed)
-    classes = [c.name for c in CLASSES]
-    for split, _ in SPLIT_SHARES:
-        write_manifest(out / "manifests" / f"{split}.csv", [v.sample() for v in plan if v.split == split], classes)
-    (out / "segments.csv").write_text(segments_csv(plan))
-    (out / "pipeline.yaml").write_text(pipeline_yaml())
-    (out / "README.txt").write_text(readme_text(plan, videos, seed))
+    write_metadata(out, plan, videos, seed)
     (out / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
     elapsed = time.perf_counter() - started
     log.info("wrote %d demo videos to %s in %.1f s", len(plan), out, elapsed)

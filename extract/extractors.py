@@ -150,10 +150,20 @@ class Extractor:
     @property
     def frame_grid(self) -> FrameGrid | None:
         """The frames this extractor needs, or None (audio only)."""
+        return self.grid_for(self.cfg)
+
+    @classmethod
+    def grid_for(cls, cfg: ExtractConfig) -> FrameGrid | None:
+        """The frame grid of an extractor of this class under ``cfg`` (no weights needed)."""
         return None
 
     def arrays(self) -> list[ArraySpec]:
         """The store arrays it writes (row shapes exclude the leading N axis)."""
+        return self.specs_for(self.cfg)
+
+    @classmethod
+    def specs_for(cls, cfg: ExtractConfig) -> list[ArraySpec]:
+        """The arrays an extractor of this class writes under ``cfg`` (no weights needed)."""
         raise NotImplementedError
 
     @classmethod
@@ -210,9 +220,9 @@ class VGG19Extractor(Extractor):
         self.model = model.to(self.device)
         log.info("vgg19 on %s, %s, weights %s", self.device, self.precision, self.weights.name)
 
-    @staticmethod
-    def grid_for(cfg: ExtractConfig) -> FrameGrid:
-        from .nets import prepare_frames
+    @classmethod
+    def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
+        from .frames import prepare_frames
 
         return FrameGrid(
             per_segment=cfg.frames_per_segment,
@@ -221,16 +231,13 @@ class VGG19Extractor(Extractor):
         )
 
     @property
-    def frame_grid(self) -> FrameGrid:
-        return self.grid_for(self.cfg)
-
-    @property
     def spatial(self) -> int:
         return self.cfg.image_size // 32
 
-    def arrays(self) -> list[ArraySpec]:
-        s = self.spatial
-        return [ArraySpec("visual", (self.cfg.segments, s, s, 512), "float16")]
+    @classmethod
+    def specs_for(cls, cfg: ExtractConfig) -> list[ArraySpec]:
+        s = cfg.image_size // 32  # five 2x2 max-pools
+        return [ArraySpec("visual", (cfg.segments, s, s, 512), "float16")]
 
     @classmethod
     def describe(cls, cfg: ExtractConfig, weights: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -357,8 +364,9 @@ class VGGishExtractor(Extractor):
             pca = resolve_weights(pca_spec, "vggish_pca", seed=cfg.random_seed)
         return weights, pca
 
-    def arrays(self) -> list[ArraySpec]:
-        return [ArraySpec("audio", (self.cfg.segments, 128), "float32")]
+    @classmethod
+    def specs_for(cls, cfg: ExtractConfig) -> list[ArraySpec]:
+        return [ArraySpec("audio", (cfg.segments, 128), "float32")]
 
     @classmethod
     def describe(cls, cfg: ExtractConfig, weights: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -425,3 +433,7 @@ def build_extractors(cfg: ExtractConfig, device: str | None = None) -> list[Extr
 def extractor_identity(cfg: ExtractConfig) -> dict[str, Any]:
     """``{extractor name: identity}`` for ``cfg.extractors`` without building networks (weights files are hashed)."""
     return {name: get_extractor(name).describe(cfg) for name in cfg.extractors}
+
+
+# extractors defined in other modules register themselves when imported
+from . import sol_extractors  # noqa: E402,F401  (resnet152_maps, vggish_maps)

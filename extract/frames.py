@@ -17,13 +17,16 @@ before the first frame (``time >= first_pts - frame_duration``). Times outside t
 the nearest frame's index (the first or last frame) so arrays stay rectangular, but are marked
 invalid so the extractor leaves them out of its segment average.
 
-This module needs numpy only.
+It also holds :func:`prepare_frames`, the resizing that decode workers apply to the chosen frames.
+This module needs numpy (and cv2 inside :func:`prepare_frames`), never torch.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
-__all__ = ["segment_frame_times", "nearest_frame_indices", "default_frame_duration"]
+__all__ = ["prepare_frames", "segment_frame_times", "nearest_frame_indices", "default_frame_duration"]
 
 
 def segment_frame_times(
@@ -100,3 +103,42 @@ def nearest_frame_indices(
     index = order[chosen].reshape(times.shape).astype(np.int64)
     valid = (times >= sorted_pts[0] - frame_duration) & (times < sorted_pts[-1] + frame_duration)
     return index, valid
+
+
+def prepare_frames(
+    frames: np.ndarray,
+    image_size: int = 224,
+    resize: Literal["squash", "crop"] = "squash",
+) -> np.ndarray:
+    """uint8 RGB frames [N, H, W, 3] -> uint8 [N, image_size, image_size, 3].
+
+    ``"squash"``: the whole frame resized to image_size x image_size (aspect ratio not kept, as
+    the AVE reference fed whole frames to VGG-19). ``"crop"``: the short side resized to
+    image_size (long side ``round(long * image_size / short)``), then the centre square cut.
+    Interpolation: ``cv2.INTER_AREA`` when the frame shrinks in both directions (anti-aliased),
+    else ``cv2.INTER_LINEAR``. Pure numpy + cv2 (picklable, runs in decode worker processes).
+    """
+    import cv2
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"prepare_frames expects uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+    n, h, w, _ = frames.shape
+    out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    if n == 0:
+        return out
+    if resize == "squash":
+        size = (image_size, image_size)  # (width, height) for cv2
+    elif resize == "crop":
+        scale = image_size / min(h, w)
+        size = (max(image_size, int(round(w * scale))), max(image_size, int(round(h * scale))))
+    else:
+        raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
+    shrink = size[0] <= w and size[1] <= h
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    top = (size[1] - image_size) // 2
+    left = (size[0] - image_size) // 2
+    for k in range(n):
+        resized = cv2.resize(np.ascontiguousarray(frames[k]), size, interpolation=interpolation)
+        out[k] = resized[top: top + image_size, left: left + image_size]
+    return out

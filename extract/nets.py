@@ -8,8 +8,8 @@
   strictly; [N, 1, 96, 64] log-mel patches -> [N, 128] embeddings (72,141,184 parameters).
 - :class:`VGGishPCA`: the AudioSet post-processing (PCA with whitening, clip to [-2, 2], 8-bit
   quantisation to 0..255) from the torchvggish ``pca_params`` file.
-- :func:`prepare_frames` (numpy + cv2, runs in decode workers) and :func:`normalize_frames`
-  (torch, ImageNet mean/std).
+- :func:`prepare_frames` (numpy + cv2, defined in :mod:`extract.frames` so decode workers do not
+  import torch) and :func:`normalize_frames` (torch, ImageNet mean/std).
 
 torch is imported at module level: import this module only where networks run.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .frames import prepare_frames  # noqa: F401 - re-exported: lives in the torch-free module
 from .weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -245,45 +246,6 @@ def build_vggish_pca(weights: str | WeightsSource, seed: int = 0) -> VGGishPCA:
 
 # ------------------------------------------------------------------------------------------
 # frame preparation
-
-
-def prepare_frames(
-    frames: np.ndarray,
-    image_size: int = 224,
-    resize: Literal["squash", "crop"] = "squash",
-) -> np.ndarray:
-    """uint8 RGB frames [N, H, W, 3] -> uint8 [N, image_size, image_size, 3].
-
-    ``"squash"``: the whole frame resized to image_size x image_size (aspect ratio not kept, as
-    the AVE reference fed whole frames to VGG-19). ``"crop"``: the short side resized to
-    image_size (long side ``round(long * image_size / short)``), then the centre square cut.
-    Interpolation: ``cv2.INTER_AREA`` when the frame shrinks in both directions (anti-aliased),
-    else ``cv2.INTER_LINEAR``. Pure numpy + cv2 (picklable, runs in decode worker processes).
-    """
-    import cv2
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"prepare_frames expects uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
-    n, h, w, _ = frames.shape
-    out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    if n == 0:
-        return out
-    if resize == "squash":
-        size = (image_size, image_size)  # (width, height) for cv2
-    elif resize == "crop":
-        scale = image_size / min(h, w)
-        size = (max(image_size, int(round(w * scale))), max(image_size, int(round(h * scale))))
-    else:
-        raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
-    shrink = size[0] <= w and size[1] <= h
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    top = (size[1] - image_size) // 2
-    left = (size[0] - image_size) // 2
-    for k in range(n):
-        resized = cv2.resize(np.ascontiguousarray(frames[k]), size, interpolation=interpolation)
-        out[k] = resized[top: top + image_size, left: left + image_size]
-    return out
 
 
 def normalize_frames(frames: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -9,15 +9,9 @@ from extract.frames import default_frame_duration, nearest_frame_indices, segmen
 
 def brute_force_nearest(pts: np.ndarray, times: np.ndarray) -> np.ndarray:
     """For each time: among frames at minimal |pts - t|, the earliest pts, then the first in decoder order."""
-    out = np.empty(times.size, dtype=np.int64)
-    for j, t in enumerate(times.reshape(-1)):
-        best = None
-        for k, p in enumerate(pts):
-            key = (abs(t - p), p, k)
-            if best is None or key < best:
-                best = key
-        out[j] = best[2]
-    return out.reshape(times.shape)
+    order = np.arange(pts.size)
+    out = [np.lexsort((order, pts, np.abs(t - pts)))[0] for t in times.reshape(-1)]
+    return np.array(out, dtype=np.int64).reshape(times.shape)
 
 
 def test_segment_frame_times_hand_values():

@@ -222,9 +222,13 @@ def heads_table() -> str:
         doc = (cls.__doc__ or "").strip().splitlines()
         lines.append(
             f"{name:<22} {cls.task:<5} {','.join(cls.settings):<18} {d.get('lr', '-')!s:>7} {d.get('batch_size', '-')!s:>5} "
-            f"{d.get('epochs', '-')!s:>6}  {doc[0] if doc else ''}"
+            f"{d.get('epochs', '-')!s:>6}  {_clip(doc[0] if doc else '', 90)}"
         )
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @main.command("import-h5")

@@ -75,16 +75,17 @@ def resolve_schedule(train_cfg, head_cls) -> Schedule:
     )
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch (CPU and CUDA), ask for deterministic kernels; return a CPU
-    generator for the batch order."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Seed python, numpy and torch (CPU and CUDA); on CUDA also ask for deterministic kernels
+    (CPU kernels are deterministic already). Returns a CPU generator for the batch order."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.Generator().manual_seed(seed)
 
 
@@ -152,7 +153,7 @@ def fit(
     Splits used: ``train_cfg.train_split``, ``test_split`` and ``val_split`` when present in
     ``data.splits``. ``select_on`` = "val" needs the val split.
     """
-    generator = seed_everything(seed)
+    generator = seed_everything(seed, data.bank.device)
     bank, C, pool = data.bank, data.num_classes, train_cfg.weak_pool
     train_split = data.splits[train_cfg.train_split]
     select_on = train_cfg.select_on

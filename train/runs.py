@@ -158,7 +158,11 @@ def _summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # several seeds
 
-SUMMARY_KEYS = ("val_accuracy", "test_accuracy")
+SUMMARY_KEYS = (
+    "val_accuracy", "test_accuracy",
+    # task cml (absent from other tasks' metrics, then skipped): A2V / V2A and the chance level
+    "test_a2v_accuracy", "test_v2a_accuracy", "test_chance_accuracy",
+)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

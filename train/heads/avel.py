@@ -378,8 +378,8 @@ class AudioVisualAttended(VariantHead):
 @register_head("concat-late")
 class ConcatLate(AudioVisualAttended):
     """Concat fusion, late position (Table 2, 72.7): the same model as ``a+v-att`` (Table 1's A+V
-    models fuse by concatenating the BiLSTM outputs; same accuracy in both tables). 1,335,246
-    parameters at C = 29."""
+    models fuse by concatenating the BiLSTM outputs; same accuracy in both tables):
+    audio [B, T, 128], visual [B, T, 7, 7, 512] -> scores [B, T, C]. 1,335,246 parameters at C = 29."""
 
 
 class FusionHead(AvelHead):

@@ -19,7 +19,8 @@ layers of PTRF; Adam lr 1e-3, batch 128.
 
 Choices where the paper is silent (all in :class:`AVLTCConfig`):
 
-* AGVA keeps the sizes of AVEL's reference code (d = 512, W_v / W_a / W_f without bias). The temporal
+* AGVA keeps the sizes of AVEL's reference code (d = 512, W_v / W_a / W_f without bias) and, like the
+  project's avel head, its way of adding the audio term (``agva_audio_term_axis``). The temporal
   selection's hidden size d is the same d = 512 (the paper uses the letter d for both). W_vt, W_at map d to
   T (= ``segments``, 10 on AVE): the head only accepts inputs with exactly ``segments`` segments.
 * S_map is AGVA's pre-softmax map x_t (eq. 6 applies its own softmax after mixing with T_m); T_m's softmax
@@ -29,8 +30,11 @@ Choices where the paper is silent (all in :class:`AVLTCConfig`):
   theta_t = softmax(C_at C_vh^T) over its last axis, [T, T] per video; eq. 11 is V_paf = W_vp V_in + theta_t
   (W_ap A_in) and eq. 12 A_paf = W_ap A_in + theta_t^T V_paf (W_vp, W_ap linear, no activation).
 * Weak threshold: epsilon = the mean of the entries of C_vt C_at^T of each video (detached), as written.
-  Set ``threshold_weak`` to a number to use a fixed threshold instead; ``threshold_supervised: null`` uses
-  the mean rule in the supervised setting (Table III's "mean" column).
+  Caution: theta_t is a softmax (rows sum to 1) while C_vt C_at^T is an unnormalised product of ReLU
+  features, so once those features grow the rule removes every correlation (PTRF then reduces to
+  W_vp V_in + W_ap A_in and W_at / W_vt / W_ft receive no gradient). ``mean_threshold_of: theta`` averages
+  theta_t instead (1/T); ``threshold_weak`` set to a number uses a fixed threshold;
+  ``threshold_supervised: null`` uses the mean rule in the supervised setting (Table III's "mean" column).
 * Dropout (0.2) after W_at, W_vt, W_vp, W_ap.
 * The classifier is Linear(256, 128) + ReLU + Linear(128, C) (``classifier_hidden``).
 * Weak loss: the segment logits are averaged over valid segments, then BCE-with-logits against the one-hot
@@ -72,6 +76,8 @@ class AVLTCConfig:
     segments: int = 10
     #: AGVA hidden size d (AVEL reference code) and the temporal selection's hidden size d
     agva_hidden: int = 512
+    #: AGVA's audio term: "region" (reference code, like the avel head) or "hidden" (eq. 4 as written)
+    agva_audio_term_axis: Literal["region", "hidden"] = "region"
     tsga_hidden: int = 512
     #: S_map fed to eq. 6: AGVA's pre-softmax "logits" or its softmax "weights"
     smap: Literal["logits", "weights"] = "logits"
@@ -81,6 +87,9 @@ class AVLTCConfig:
     #: epsilon; null = mean(C_vt C_at) of each video
     threshold_supervised: float | None = 0.0599
     threshold_weak: float | None = None
+    #: what the mean rule averages: "product" = the entries of C_vt C_at^T (as written), "theta" = the
+    #: entries of theta_t itself (on theta's scale: 1/T, since its rows sum to 1)
+    mean_threshold_of: Literal["product", "theta"] = "product"
     ptrf_dropout: float = 0.2
     classifier_hidden: int = 128
     #: Table II ablations
@@ -96,7 +105,8 @@ class TimeSpatialGuidedAttention(nn.Module):
     def __init__(self, cfg: AVLTCConfig):
         super().__init__()
         self.cfg = cfg
-        self.agva = AudioGuidedVisualAttention(cfg.audio_dim, cfg.visual_dim, cfg.agva_hidden, cfg.regions)
+        self.agva = AudioGuidedVisualAttention(cfg.audio_dim, cfg.visual_dim, cfg.agva_hidden, cfg.regions,
+                                               cfg.agva_audio_term_axis)
         self.use_tsga = cfg.spatial_attention == "tsga"
         if self.use_tsga:
             self.visual_select = MLP([cfg.visual_dim, cfg.tsga_hidden, cfg.segments], "relu", act_last=True)
@@ -134,8 +144,9 @@ def threshold_correlation(theta: torch.Tensor, epsilon: torch.Tensor | float) ->
 class PositiveTimeResidualFusion(nn.Module):
     """PTRF (eq. 7-13). forward(V_in [B,T,d], A_in [B,T,d], threshold) -> (F_paf [B,T,d], theta [B,T,T])."""
 
-    def __init__(self, d_in: int, c: int, dropout: float):
+    def __init__(self, d_in: int, c: int, dropout: float, mean_of: str = "product"):
         super().__init__()
+        self.mean_of = mean_of
         self.w_at = nn.Linear(d_in, c)
         self.w_vt = nn.Linear(d_in, c)
         self.w_ft = nn.Linear(c, c)
@@ -155,8 +166,10 @@ class PositiveTimeResidualFusion(nn.Module):
     def forward(self, v_in: torch.Tensor, a_in: torch.Tensor, threshold: float | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         theta, product = self.correlation(v_in, a_in)
-        epsilon = product.detach().mean(dim=(1, 2), keepdim=True) if threshold is None else threshold
-        theta = threshold_correlation(theta, epsilon)
+        if threshold is None:  # the mean rule, per video, outside the graph (delta has no gradient)
+            source = product if self.mean_of == "product" else theta
+            threshold = source.detach().mean(dim=(1, 2), keepdim=True)
+        theta = threshold_correlation(theta, threshold)
         a_p = self.drop(self.w_ap(a_in))
         v_paf = self.drop(self.w_vp(v_in)) + theta @ a_p  # eq. 11
         a_paf = a_p + theta.transpose(1, 2) @ v_paf  # eq. 12
@@ -184,7 +197,8 @@ class AVLTCHead(Head):
         self.lstm_visual = BiLSTM(cfg.visual_dim, cfg.lstm_hidden)
         d_in = 2 * cfg.lstm_hidden
         if cfg.ptrf:
-            self.ptrf = PositiveTimeResidualFusion(d_in, self.correlation_dim(), cfg.ptrf_dropout)
+            self.ptrf = PositiveTimeResidualFusion(d_in, self.correlation_dim(), cfg.ptrf_dropout,
+                                                   cfg.mean_threshold_of)
         self.classifier = MLP([d_in, cfg.classifier_hidden, num_classes], "relu")
 
     def correlation_dim(self) -> int:

@@ -23,14 +23,17 @@ Heads:
 - ``dcca`` (Andrew et al. ICML 2013, the baseline of Tian et al. Table 3): the same two MLPs
   trained to maximise the total canonical correlation of matched pairs; after training a linear
   CCA is fitted on the training pairs' embeddings and distances are Euclidean in that CCA space.
-- ``coattention-cml`` (Xue et al. TMM 2021, sec. III-D): defined in
-  :mod:`train.heads.coattention_cml` on top of the co-attention blocks of
-  :mod:`train.heads.coattention`.
+- ``coattention-cml`` (Xue et al. TMM 2021, sec. III-D): the CSPA and CSEA blocks of
+  :mod:`train.heads.coattention` (reused, not copied), BLSTMs, per stream and modality an MLP
+  256 -> 128 -> 64; contrastive loss (tau = 2.0) per stream, lambda_c = 0.6; the distance is the
+  mean of the two streams' distances. Optionally initialised from a supervised ``coattention``
+  checkpoint (``heads.coattention-cml.init_from``).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -38,6 +41,8 @@ from torch import nn
 
 from ..registry import register_head
 from .base import Head
+from .coattention import CoAttentionConfig, CoSemanticAttention, CoSpatialAttention
+from .layers import MLP, BiLSTM
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +148,10 @@ class CmlHead(Head):
         """[B, T] 1 where audio t and visual t are predicted to match (distance below margin / 2)."""
         return (self.pair_distances(out).mean(dim=1) < self.config.margin / 2).long()
 
-    def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor) -> None:
-        """Hook run before evaluation with the training pairs (audio [N, 128], visual
-        [N, 7, 7, 512] or pooled [N, 1, 1, 512], match [N]). Nothing for most heads."""
+    def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor, valid: torch.Tensor) -> None:
+        """Hook the cml task runs before each evaluation of a segment-wise head, with the training
+        pairs: audio [N, T, 128], visual [N, T, H, W, 512], match [N, T], valid [N, T]. Nothing
+        for most heads (DCCA fits its linear CCA here)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +319,138 @@ class DCCA(CmlHead):
         return s[: c.components].float()
 
     @torch.no_grad()
-    def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor) -> None:
-        """Fit the linear CCA on the matched training pairs (audio [N, 128], visual [N, H, W, 512])."""
-        keep = match > 0.5
-        a, v = self.embed(audio[keep], visual[keep])
-        corr = self.fit_cca(a, v)
+    def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor, valid: torch.Tensor) -> None:
+        """Fit the linear CCA on the matched, valid training pairs (shapes: :meth:`CmlHead.prepare_eval`)."""
+        keep = (match > 0.5) & valid.bool()
+        a, v = self.embed(audio, visual)
+        corr = self.fit_cca(a[keep], v[keep])
         log.info("dcca: linear CCA on %d training pairs, mean canonical correlation %.3f", int(keep.sum()), float(corr.mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# co-attention matching (Xue et al. TMM 2021, sec. III-D)
+
+
+@dataclasses.dataclass
+class CoAttentionCmlConfig:
+    """Xue et al. sec. III-D: the co-attention model of the event head, then per stream and
+    modality an MLP 256 -> 128 -> 64 into the matching space."""
+
+    #: the CSPA / CSEA blocks and BLSTMs (:class:`train.heads.coattention.CoAttentionConfig`;
+    #: its classifier and lambda_s / lambda_w fields are not used here)
+    attention: CoAttentionConfig = dataclasses.field(default_factory=CoAttentionConfig)
+    #: the matching MLP "two fully connected layers with output sizes 128 and 64"
+    match_hidden: int = 128
+    embed: int = 64
+    #: activation between the two matching layers (the paper is silent)
+    match_activation: str = "relu"
+    #: contrastive threshold tau and the CSPA stream's weight lambda_c
+    margin: float = 2.0
+    lambda_c: float = 0.6
+    #: a checkpoint of the supervised ``coattention`` head (safetensors, avel-train output) whose
+    #: CSPA/CSEA blocks and BLSTMs initialise this head ("" = random init). Relative paths are
+    #: resolved against the pipeline's folder by the cml task.
+    init_from: str = ""
+
+
+class MatchingStream(nn.Module):
+    """One stream after its attention block: BLSTMs (eq. 4, named like the event head's
+    ``Stream`` so its weights load) and the matching MLPs (Fig. 2(b)).
+    forward(audio [B,T,Ca], visual [B,T,Cv]) -> (m^a [B,T,D], m^v [B,T,D])."""
+
+    def __init__(self, cfg: CoAttentionCmlConfig):
+        super().__init__()
+        att = cfg.attention
+        self.lstm_a = BiLSTM(att.audio_dim, att.lstm_hidden)
+        self.lstm_v = BiLSTM(att.visual_dim, att.lstm_hidden)
+        sizes = [2 * att.lstm_hidden, cfg.match_hidden, cfg.embed]
+        self.match_a = MLP(sizes, cfg.match_activation)
+        self.match_v = MLP(sizes, cfg.match_activation)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.match_a(self.lstm_a(audio)), self.match_v(self.lstm_v(visual))
+
+
+#: state-dict prefixes taken from a supervised co-attention checkpoint (its classifiers are not)
+INIT_PREFIXES = ("cspa.", "csea.", "stream_cspa.lstm_", "stream_csea.lstm_")
+
+
+@register_head("coattention-cml")
+class CoAttentionMatching(CmlHead):
+    """Co-attention matching: CSPA and CSEA streams (blocks of :mod:`train.heads.coattention`),
+    BLSTMs, matching MLPs; loss lambda_c L^C1 + (1 - lambda_c) L^C2 (contrastive, tau = 2.0);
+    inference distance = mean of the two streams' distances.
+
+    forward(audio [B,T,128], visual [B,T,7,7,512]) -> CmlOutput(audio, visual [B, S, T, 64]) with
+    S = 2 streams (CSPA first, CSEA second; 1 for the ``attention.streams`` ablations), extras:
+    ``spatial_attention`` [B,T,49] (CSPA). The whole video goes through the model: the BLSTMs see
+    all T segments and the co-attention of segment t uses both modalities of segment t.
+    """
+
+    Config = CoAttentionCmlConfig
+    #: Xue et al. sec. IV-A: Adam lr 1e-3, 30 epochs, batch 32 (videos) for the CML task
+    train_defaults = {"lr": 1e-3, "batch_size": 32, "epochs": 30, "weight_decay": 0.0}
+
+    def __init__(self, num_classes: int = 0, setting: str = "supervised", config: CoAttentionCmlConfig | None = None):
+        super().__init__(num_classes, setting, config)
+        cfg = self.config
+        if not 0.0 <= cfg.lambda_c <= 1.0:
+            raise ValueError(f"heads.{self.name}.lambda_c must lie in [0, 1], got {cfg.lambda_c}")
+        self.use_cspa = cfg.attention.streams in ("both", "cspa")
+        self.use_csea = cfg.attention.streams in ("both", "csea")
+        if self.use_cspa:
+            self.cspa = CoSpatialAttention(cfg.attention)
+            self.stream_cspa = MatchingStream(cfg)
+        if self.use_csea:
+            self.csea = CoSemanticAttention(cfg.attention)
+            self.stream_csea = MatchingStream(cfg)
+
+    def stream_weights(self) -> list[float]:
+        if self.use_cspa and self.use_csea:
+            return [self.config.lambda_c, 1.0 - self.config.lambda_c]
+        return [1.0]
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> CmlOutput:
+        visual = visual.flatten(2, 3)  # [B,T,H*W,C]
+        audios, visuals, extras = [], [], {}
+        if self.use_cspa:
+            spa = self.cspa(audio, visual)
+            ma, mv = self.stream_cspa(spa["audio"], spa["visual"])
+            audios.append(ma)
+            visuals.append(mv)
+            extras["spatial_attention"] = spa["spatial"]
+        if self.use_csea:
+            sem = self.csea(audio, visual)
+            ma, mv = self.stream_csea(sem["audio"], sem["visual"])
+            audios.append(ma)
+            visuals.append(mv)
+        return CmlOutput(audio=torch.stack(audios, dim=1), visual=torch.stack(visuals, dim=1), extras=extras)
+
+    def init_from_checkpoint(self, path: str | Path) -> list[str]:
+        """Copy the CSPA/CSEA blocks and BLSTMs of a supervised ``coattention`` checkpoint into
+        this head (Xue et al.: "we initialize the co-attention model and the LSTM network with
+        parameters learned from the MMEL task"). Returns the loaded keys. Raises
+        :class:`train.checkpoint.CheckpointError` naming the file when the checkpoint is of
+        another head or lacks / misfits one of these tensors."""
+        from ..checkpoint import CheckpointError, load_checkpoint
+
+        state, meta = load_checkpoint(path)
+        if meta.get("head") != "coattention":
+            raise CheckpointError(
+                f"{path}: heads.{self.name}.init_from needs a checkpoint of the 'coattention' head, "
+                f"this one is of {meta.get('head')!r}"
+            )
+        own = self.state_dict()
+        wanted = [k for k in own if k.startswith(INIT_PREFIXES)]
+        missing = [k for k in wanted if k not in state]
+        misfit = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wanted
+                  if k in state and state[k].shape != own[k].shape]
+        if missing or misfit:
+            raise CheckpointError(
+                f"{path}: does not fit heads.{self.name} (train the coattention head with the same "
+                f"attention options): missing {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                f"shape mismatch {misfit[:5]}"
+            )
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        log.info("%s: initialised %d tensors from %s", self.name, len(wanted), path)
+        return wanted

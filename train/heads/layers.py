@@ -65,11 +65,19 @@ class AudioGuidedVisualAttention(nn.Module):
     ``v_t^att = sum_i w_t^i v_t^i``. U_v, U_a: Linear + ReLU to ``hidden``; W_v, W_a: hidden -> regions;
     W_f: regions -> 1 (no bias, as in the reference code).
 
+    ``audio_term_axis``: in eq. 4 the audio term W_a U_a(a_t) 1^T is indexed by the axis that W_f
+    contracts ("hidden"); the reference code (YapengTian/AVE-ECCV18) adds it along the region axis
+    ("region", the default, as in :class:`train.heads.avel.AGVA`).
+
     forward(audio [B, T, Da], visual [B, T, R, Dv]) -> (attended [B, T, Dv], logits x [B, T, R]).
     """
 
-    def __init__(self, audio_dim: int = 128, visual_dim: int = 512, hidden: int = 512, regions: int = 49):
+    def __init__(self, audio_dim: int = 128, visual_dim: int = 512, hidden: int = 512, regions: int = 49,
+                 audio_term_axis: str = "region"):
         super().__init__()
+        if audio_term_axis not in ("region", "hidden"):
+            raise ValueError(f"audio_term_axis must be 'region' or 'hidden', got {audio_term_axis!r}")
+        self.audio_term_axis = audio_term_axis
         self.u_audio = nn.Sequential(nn.Linear(audio_dim, hidden), nn.ReLU())
         self.u_visual = nn.Sequential(nn.Linear(visual_dim, hidden), nn.ReLU())
         self.w_visual = nn.Linear(hidden, regions, bias=False)
@@ -78,9 +86,10 @@ class AudioGuidedVisualAttention(nn.Module):
 
     def logits(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """x_t of eq. 4: [B, T, R] (before the softmax of eq. 3)."""
-        v = self.w_visual(self.u_visual(visual))  # [B, T, R, regions]
-        a = self.w_audio(self.u_audio(audio)).unsqueeze(-2)  # [B, T, 1, regions]
-        return self.w_f(torch.tanh(v + a)).squeeze(-1)
+        content = self.w_visual(self.u_visual(visual))  # [B, T, R regions, k]
+        audio_term = self.w_audio(self.u_audio(audio))  # [B, T, k]
+        axis = -1 if self.audio_term_axis == "region" else -2
+        return self.w_f(torch.tanh(content + audio_term.unsqueeze(axis))).squeeze(-1)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.logits(audio, visual)

@@ -51,10 +51,10 @@ def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
     cfg = pipeline.train
     device = resolve_device(cfg.device)
     data = load_from_pipeline(pipeline, splits_to_load(pipeline), device)
-    seed_everything(seed)
+    seed_everything(seed, device)
     model = build_head(pipeline, head_name, data.num_classes, device)
     schedule = resolve_schedule(cfg, type(model))
-    log.info("head %s: %d parameters, %s", head_name, count_parameters(model), schedule.describe())
+    log.info("head %s: %d parameters", head_name, count_parameters(model))
     result = fit(model, data, cfg, schedule, seed)
     metrics = build_metrics(pipeline, head_name, seed, model, data, result, device, Path(run_dir))
     metrics["wall_seconds"] = time.perf_counter() - started

@@ -1,0 +1,154 @@
+"""The VGGish front end (extract/audio.py) against an independent float64 implementation of the
+reference formulas (tensorflow/models research/audioset/vggish mel_features.py / vggish_input.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from extract import audio
+
+SR = 16000
+
+
+# ---- independent reference, written from the formulas (loops, explicit DFT) -----------------
+
+
+def ref_hz_to_mel(f: float) -> float:
+    return 1127.0 * math.log(1.0 + f / 700.0)
+
+
+def ref_mel_matrix() -> np.ndarray:
+    """[257, 64]: for FFT bin k (frequency k * 8000 / 256) and band b, the triangle value in mel."""
+    lo, hi = ref_hz_to_mel(125.0), ref_hz_to_mel(7500.0)
+    edges = [lo + (hi - lo) * j / 65 for j in range(66)]
+    out = np.zeros((257, 64))
+    for k in range(1, 257):  # DC bin stays zero
+        m = ref_hz_to_mel(k * 8000.0 / 256)
+        for b in range(64):
+            left, centre, right = edges[b], edges[b + 1], edges[b + 2]
+            if left < m <= centre:
+                out[k, b] = (m - left) / (centre - left)
+            elif centre < m < right:
+                out[k, b] = (right - m) / (right - centre)
+    return out
+
+
+def ref_log_mel(wave: np.ndarray) -> np.ndarray:
+    """Frames of 400 samples every 160, periodic Hann (np.hanning(401)[:-1]), |DFT_512|, mel, log(+0.01)."""
+    window = np.hanning(401)[:-1]
+    n = np.arange(400)
+    k = np.arange(257)[:, None]
+    dft = np.exp(-2j * np.pi * k * n / 512)  # zero-padding to 512 = summing over the 400 samples
+    count = 1 + (len(wave) - 400) // 160
+    spectra = np.array([np.abs(dft @ (wave[160 * i: 160 * i + 400] * window)) for i in range(count)])
+    return np.log(spectra @ ref_mel_matrix() + 0.01)
+
+
+def tone(freq: float, seconds: float, sr: int = SR, amplitude: float = 0.5) -> np.ndarray:
+    return amplitude * np.sin(2 * np.pi * freq * np.arange(int(round(seconds * sr))) / sr)
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+
+def test_mel_matrix_matches_reference_formula():
+    ours = audio.mel_matrix()
+    assert ours.shape == (257, 64)
+    np.testing.assert_allclose(ours, ref_mel_matrix(), rtol=0, atol=1e-12)
+    assert np.all(ours[0] == 0)
+
+
+@pytest.mark.slow  # librosa.filters pulls in numba (~10 s on 2 cores)
+def test_librosa_htk_filterbank_differs():
+    """librosa's htk=True filterbank interpolates the triangles in hertz, VGGish in mel: they differ
+    (by up to ~0.004 per weight), which is why extract.audio builds its own matrix."""
+    librosa = pytest.importorskip("librosa")
+    theirs = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=125.0, fmax=7500.0, htk=True, norm=None).T
+    ours = audio.mel_matrix()
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() > 1e-3
+    # same band edges, so the supports agree: the difference is the interpolation, not a bug
+    np.testing.assert_array_equal(theirs[1:] > 0, ours[1:] > 0)
+
+
+def test_log_mel_matches_reference():
+    rng = np.random.default_rng(0)
+    wave = rng.standard_normal(4000) * 0.1 + tone(440.0, 0.25)
+    ours = audio.log_mel_spectrogram(wave)
+    assert ours.shape == (1 + (4000 - 400) // 160, 64)
+    np.testing.assert_allclose(ours, ref_log_mel(wave), rtol=1e-9, atol=1e-9)
+    assert audio.log_mel_spectrogram(np.zeros(399)).shape == (0, 64)
+
+
+def test_one_khz_tone_peaks_in_the_band_centred_nearest_1khz():
+    lo, hi = ref_hz_to_mel(125.0), ref_hz_to_mel(7500.0)
+    centres = np.array([lo + (hi - lo) * j / 65 for j in range(1, 65)])
+    expected = int(np.argmin(np.abs(centres - ref_hz_to_mel(1000.0))))
+    logmel = audio.log_mel_spectrogram(tone(1000.0, 0.5))
+    assert np.all(logmel.argmax(axis=1) == expected)
+
+
+def test_patch_is_the_first_096_s_of_each_second():
+    rng = np.random.default_rng(1)
+    wave = rng.standard_normal(3 * SR) * 0.1
+    patches, valid = audio.segment_patches(wave, 3)
+    assert patches.shape == (3, 96, 64) and patches.dtype == np.float32
+    assert valid.all()
+    for t in range(3):
+        # the reference's waveform_to_examples on second t alone: its first 96-frame example
+        alone = ref_log_mel(wave[t * SR: (t + 1) * SR])[:96] if t == 1 else audio.log_mel_spectrogram(wave[t * SR: (t + 1) * SR])[:96]
+        np.testing.assert_allclose(patches[t], alone, rtol=1e-5, atol=1e-5)
+    assert audio.patch_sample_span(2) == (32000, 47600)
+
+
+def test_patch_t_changes_only_when_second_t_changes():
+    rng = np.random.default_rng(2)
+    wave = rng.standard_normal(3 * SR) * 0.1
+    base, _ = audio.segment_patches(wave, 3)
+
+    def changed(sample: int) -> list[bool]:
+        other = wave.copy()
+        other[sample] += 1.0
+        patches, _ = audio.segment_patches(other, 3)
+        return [not np.array_equal(patches[t], base[t]) for t in range(3)]
+
+    assert changed(SR) == [False, False, False]  # periodic Hann is exactly 0 at a frame's first sample
+    assert changed(SR + 1) == [False, True, False]
+    assert changed(SR + 15599) == [False, True, False]  # last sample of patch 1
+    assert changed(SR + 15600) == [False, False, False]  # after patch 1, before second 2
+    assert changed(2 * SR - 1) == [False, False, False]
+    assert changed(1) == [True, False, False]
+
+
+def test_short_audio_is_zero_padded_and_marked_invalid():
+    rng = np.random.default_rng(3)
+    wave = rng.standard_normal(2 * SR + 15600) * 0.1
+    _, valid = audio.segment_patches(wave, 4)
+    np.testing.assert_array_equal(valid, [True, True, True, False])
+    patches, valid = audio.segment_patches(wave[:-1], 4)
+    np.testing.assert_array_equal(valid, [True, True, False, False])
+    padded = np.concatenate([wave[2 * SR: -1], [0.0]])
+    np.testing.assert_allclose(patches[2], audio.log_mel_spectrogram(padded)[:96], rtol=1e-6, atol=1e-6)
+    silent = np.log(0.01)
+    np.testing.assert_allclose(patches[3], silent, rtol=1e-6)  # no audio at all: log of the offset
+
+
+def test_to_mono_averages_channels():
+    stereo = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, -3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(audio.to_mono(stereo), [2.0, 2.0, 0.0])
+    np.testing.assert_array_equal(audio.to_mono(stereo[0]), stereo[0])
+    with pytest.raises(ValueError, match=r"\[C, S\]"):
+        audio.to_mono(np.zeros((1, 2, 3)))
+
+
+@pytest.mark.parametrize("sr_in", [44100, 8000, 48000])
+def test_resample_preserves_a_tone(sr_in):
+    seconds = 0.5
+    out = audio.resample(tone(440.0, seconds, sr_in), sr_in, SR)
+    assert out.dtype == np.float32
+    assert out.shape == (math.ceil(int(round(seconds * sr_in)) * SR / sr_in),)
+    expected = tone(440.0, seconds, SR)
+    interior = slice(400, len(expected) - 400)  # away from the filter's edge transients
+    np.testing.assert_allclose(out[interior], expected[interior], atol=2e-3)

@@ -1,0 +1,266 @@
+"""The offline demo dataset (`avel-extract demo`): determinism, decodable media, labels that are
+really in the media (colour in the frames, energy in the class band of the audio), and a pipeline.yaml
+that resolves against its own folder.
+
+One small demo (15 clips, the minimum) is generated once per module through the CLI."""
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from extract import demo
+from extract.cli import main
+from extract.manifest import read_manifest
+
+VIDEOS = 15
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--videos", str(VIDEOS), "--seed", str(SEED)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def plan() -> list[demo.DemoVideo]:
+    return demo.plan_demo(VIDEOS, SEED)
+
+
+@pytest.fixture(scope="module")
+def decoded(demo_dir, plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """video_id -> (frames uint8 [N, H, W, 3], mono 16-kHz samples [S]) decoded with decord."""
+    decord = pytest.importorskip("decord")
+    out = {}
+    for v in plan:
+        path = str(demo_dir / "videos" / v.path)
+        frames = decord.VideoReader(path).get_batch(list(range(demo.SECONDS * demo.FPS))).asnumpy()
+        audio = decord.AudioReader(path, sample_rate=demo.SAMPLE_RATE, mono=True)[:].asnumpy().reshape(-1)
+        out[v.video_id] = (frames, audio)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# plan, files, determinism
+
+
+def test_split_counts_keep_every_class_in_every_split():
+    counts = demo.split_counts(50)
+    assert counts == {"train": [6] * 5, "val": [2] * 5, "test": [2] * 5}
+    counts = demo.split_counts(17)  # 4, 4, 3, 3, 3 videos per class
+    assert [sum(x) for x in zip(*counts.values())] == [4, 4, 3, 3, 3]
+    assert min(counts["val"]) == min(counts["test"]) == 1
+    with pytest.raises(demo.DemoError, match="at least 15"):
+        demo.split_counts(14)
+
+
+def test_same_seed_gives_byte_identical_files(demo_dir, plan, tmp_path):
+    again = tmp_path / "again"
+    demo.write_metadata(again, demo.plan_demo(VIDEOS, SEED), VIDEOS, SEED)
+    names = ["manifests/train.csv", "manifests/val.csv", "manifests/test.csv", "manifests/classes.txt",
+             "segments.csv", "pipeline.yaml", "README.txt"]
+    for name in names:
+        assert (again / name).read_bytes() == (demo_dir / name).read_bytes(), name
+    # the encoded clip itself is reproducible too (x264/AAC are deterministic for equal input)
+    demo.write_video(plan[1], tmp_path, SEED)
+    assert filecmp.cmp(tmp_path / plan[1].path, demo_dir / "videos" / plan[1].path, shallow=False)
+    # ...and the seed matters
+    other = tmp_path / "other"
+    demo.write_metadata(other, demo.plan_demo(VIDEOS, SEED + 1), VIDEOS, SEED + 1)
+    assert (other / "segments.csv").read_bytes() != (demo_dir / "segments.csv").read_bytes()
+
+
+def test_manifest_labels_agree_with_the_per_second_cues(demo_dir):
+    segments = demo.read_segments(demo_dir / "segments.csv")
+    classes = (demo_dir / "manifests" / "classes.txt").read_text().split()
+    assert classes == [c.name for c in demo.CLASSES]
+    seen_splits = {}
+    for split in ("train", "val", "test"):
+        manifest = read_manifest(demo_dir / "manifests" / f"{split}.csv")
+        assert manifest.classes == classes
+        labels = manifest.segment_labels(demo.SECONDS)
+        seen_splits[split] = {s.category for s in manifest.samples}
+        for sample, row_labels in zip(manifest.samples, labels):
+            assert sample.split == split and sample.path == f"{sample.video_id}.mp4"
+            assert (demo_dir / "videos" / sample.path).is_file()
+            rows = segments[sample.video_id]
+            assert [int(r["second"]) for r in rows] == list(range(demo.SECONDS))
+            assert demo.EVENT_SECONDS[0] <= sample.offset - sample.onset <= demo.EVENT_SECONDS[1]
+            for t, r in enumerate(rows):
+                both = r["visual"] == r["audio"] == sample.category
+                # an event second is exactly one where the object is seen AND its sound heard
+                assert both == (sample.onset <= t < sample.offset)
+                assert r["label"] == (sample.category if both else "")
+                assert row_labels[t] == (classes.index(sample.category) if both else len(classes))
+                # only the video's own class or the neutral distractor ever appears
+                assert {r["visual"], r["audio"]} <= {"", demo.DISTRACTOR, sample.category}
+            # one-modality background seconds exist in every clip (the event is at most 6 s long)
+            assert any(r["visual"] == sample.category and r["audio"] != sample.category for r in rows)
+            assert any(r["audio"] == sample.category and r["visual"] != sample.category for r in rows)
+    assert all(cats == set(classes) for cats in seen_splits.values())
+
+
+def test_pipeline_yaml_resolves_against_its_folder(demo_dir):
+    from extract.settings import load_pipeline
+
+    pipeline = load_pipeline(demo_dir / "pipeline.yaml")
+    for split in ("train", "val", "test"):
+        cfg = pipeline.split(split)
+        assert pipeline.path(cfg.manifest) == (demo_dir / "manifests" / f"{split}.csv").resolve()
+        assert pipeline.path(cfg.video_root) == (demo_dir / "videos").resolve()
+    assert pipeline.path(pipeline.store.path) == (demo_dir / "store.zarr").resolve()
+    assert pipeline.path(pipeline.train.runs_root) == (demo_dir / "runs").resolve()
+    assert pipeline.extract.visual_weights == pipeline.extract.audio_weights == "random"
+    assert pipeline.extract.frames_per_segment == demo.DEMO_FRAMES_PER_SEGMENT < 16
+    assert pipeline.train.epochs == demo.DEMO_EPOCHS
+    assert "instead of AVE's 16" in (demo_dir / "pipeline.yaml").read_text()
+
+
+def test_cli_reuses_the_demo_and_prints_the_next_commands(demo_dir, plan):
+    before = {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(main, ["demo", "--out", str(demo_dir), "--videos", str(VIDEOS), "--seed", str(SEED)])
+    assert result.exit_code == 0, result.output
+    assert "already present" in result.output
+    assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*") if p.is_file()} == before
+    assert f"avel-extract --config {demo_dir / 'pipeline.yaml'} --split all" in result.output
+    assert f"avel-train --config {demo_dir / 'pipeline.yaml'} --head dmrn" in result.output
+    assert "RANDOM" in result.output and "instead of AVE's 16" in result.output
+    test_labels = [v.label(t) for v in plan if v.split == "test" for t in range(demo.SECONDS)]
+    share = max(test_labels.count(x) for x in set(test_labels)) / len(test_labels)
+    assert f"majority-class baseline on the test seconds: {share:.3f}" in result.output
+
+
+def test_cli_refuses_a_foreign_folder_and_too_few_videos(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--videos", "15"])
+    assert result.exit_code == 2 and "not an avel demo folder" in result.output
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "x"), "--videos", "10"])
+    assert result.exit_code == 2 and "10" in result.output
+    assert not (tmp_path / "x").exists()
+    assert demo.DEFAULT_VIDEOS == 50 and "[default: 50" in CliRunner().invoke(main, ["demo", "--help"]).output
+
+
+# -------------------------------------------------------------------------------------------------
+# the media
+
+
+def test_clips_decode_to_ten_seconds_at_the_planned_rate(demo_dir, plan, decoded):
+    decord = pytest.importorskip("decord")
+    for v in plan:
+        frames, audio = decoded[v.video_id]
+        reader = decord.VideoReader(str(demo_dir / "videos" / v.path))
+        assert len(reader) == demo.SECONDS * demo.FPS
+        assert reader.get_avg_fps() == pytest.approx(demo.FPS)
+        stamps = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]
+        np.testing.assert_allclose(stamps, np.arange(len(reader)) / demo.FPS, atol=1e-3)
+        assert frames.shape == (demo.SECONDS * demo.FPS, *demo.FRAME_SIZE, 3)
+        # audio covers all 10 s (the encoder pads at most two AAC frames)
+        assert demo.SECONDS * demo.SAMPLE_RATE <= audio.size <= demo.SECONDS * demo.SAMPLE_RATE + 2048
+    # decoded audio is aligned with the rendered track: best lag 0 and near-identical waveform
+    v = plan[0]
+    audio = decoded[v.video_id][1]
+    ref = demo.render_audio(v, SEED)
+    lo, n = 8000, 64000
+    lags = np.arange(-1500, 1501)
+    scores = [float(np.dot(audio[lo + k : lo + k + n], ref[lo : lo + n])) for k in lags]
+    assert lags[int(np.argmax(scores))] == 0
+    assert np.corrcoef(audio[lo : lo + n], ref[lo : lo + n])[0, 1] > 0.99
+
+
+def band_powers(x: np.ndarray, sample_rate: int, bands) -> np.ndarray:
+    """Mean |FFT|^2 per Hz inside each (low, high) band and the total power, via numpy's rfft."""
+    spec = np.abs(np.fft.rfft(x * np.hanning(x.size))) ** 2
+    freqs = np.fft.rfftfreq(x.size, 1.0 / sample_rate)
+    return np.array([spec[(freqs >= lo) & (freqs <= hi)].sum() for lo, hi in bands]), spec.sum()
+
+
+def test_audio_energy_is_in_the_class_band_exactly_when_audible(plan, decoded):
+    sr = demo.SAMPLE_RATE
+    bands = [c.band for c in demo.CLASSES] + [(f - 40, f + 40) for f in demo.DISTRACTOR_TONES]
+    margin = int(0.03 * sr)  # ramps are 10 ms; AAC smears transients over ~2 frames of 1024
+    power = {}  # (video, second) -> (band powers, total)
+    for v in plan:
+        audio = decoded[v.video_id][1]
+        for t in range(demo.SECONDS):
+            lo = t * sr + max(margin, demo.AAC_PRIMING_SAMPLES + margin if t == 0 else 0)
+            power[v.video_id, t] = band_powers(audio[lo : (t + 1) * sr - margin], sr, bands)
+    for c, cls in enumerate(demo.CLASSES):
+        audible = [power[v.video_id, t][0][c] for v in plan for t in range(demo.SECONDS) if v.audio[t] == cls.name]
+        quiet = [power[v.video_id, t][0][c] for v in plan for t in range(demo.SECONDS) if v.audio[t] != cls.name]
+        assert len(audible) >= 6 and len(quiet) >= 60
+        # >= 30 dB between the quietest audible second and the loudest inaudible one (the noise
+        # floor sits ~40 dB below the class sounds)
+        assert max(quiet) < 1e-3 * min(audible), cls.name
+    for v in plan:
+        c = [x.name for x in demo.CLASSES].index(v.category)
+        for t in range(demo.SECONDS):
+            bp, total = power[v.video_id, t]
+            if v.audio[t] == v.category:
+                assert bp[c] > 0.95 * total, (v.video_id, t)  # the class band holds the energy
+            if v.audio[t] == demo.DISTRACTOR:
+                assert bp[-2:].sum() > 0.9 * total, (v.video_id, t)  # the chime, outside all bands
+            if not v.audio[t]:  # only the noise floor, >= 26 dB below any class sound in total
+                assert total < 1e-2 * power[v.video_id, next(s for s in range(10) if v.audio[s] == v.category)][1]
+
+
+def colour_share(frames: np.ndarray, colour) -> np.ndarray:
+    """[N] share of pixels within 60 (max-abs RGB) of ``colour``."""
+    diff = np.abs(frames.astype(np.int16) - np.asarray(colour, np.int16)).max(axis=-1)
+    return (diff < 60).mean(axis=(1, 2))
+
+
+def test_object_is_visible_exactly_in_the_planned_seconds(plan, decoded):
+    for v in plan:
+        cls = demo.class_by_name(v.category)
+        share = colour_share(decoded[v.video_id][0], cls.colour).reshape(demo.SECONDS, demo.FPS)
+        for t in range(demo.SECONDS):
+            if v.visual[t] == v.category:
+                assert share[t].min() > 0.08, (v.video_id, t, share[t])
+            else:
+                assert share[t].max() < 0.01, (v.video_id, t, share[t])
+
+
+# -------------------------------------------------------------------------------------------------
+# learnability from cheap hand features
+
+
+def hand_features(frames: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    """[T, 3 + 1 + 7] per second: mean RGB, mean saturation (max - min channel), log band energies."""
+    sr = demo.SAMPLE_RATE
+    f = frames.reshape(demo.SECONDS, demo.FPS, *frames.shape[1:]).astype(np.float32)
+    rgb = f.mean(axis=(1, 2, 3)) / 255.0
+    sat = (f.max(axis=-1) - f.min(axis=-1)).mean(axis=(1, 2, 3))[:, None] / 255.0
+    bands = [c.band for c in demo.CLASSES] + [(f0 - 40, f0 + 40) for f0 in demo.DISTRACTOR_TONES]
+    energy = np.stack([np.log(band_powers(audio[t * sr : (t + 1) * sr], sr, bands)[0] + 1e-6) for t in range(demo.SECONDS)])
+    return np.concatenate([rgb, sat, energy / 10.0], axis=1)
+
+
+def test_cheap_hand_features_beat_the_majority_baseline(demo_dir, plan, decoded):
+    """k-NN on per-second colour means + band energies, trained on train+val, scored on test."""
+    def split_xy(splits):
+        x, y = [], []
+        for split in splits:
+            m = read_manifest(demo_dir / "manifests" / f"{split}.csv")
+            for sample, labels in zip(m.samples, m.segment_labels(demo.SECONDS)):
+                x.append(hand_features(*decoded[sample.video_id]))
+                y.append(labels)
+        return np.concatenate(x), np.concatenate(y)
+
+    x_train, y_train = split_xy(["train", "val"])
+    x_test, y_test = split_xy(["test"])
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mu) / sd, (x_test - mu) / sd
+    dist = ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+    nearest = np.argsort(dist, axis=1)[:, :3]
+    votes = y_train[nearest]
+    pred = np.array([np.bincount(row, minlength=len(demo.CLASSES) + 1).argmax() for row in votes])
+    accuracy = float((pred == y_test).mean())
+    majority = np.bincount(y_test).max() / y_test.size
+    assert majority == pytest.approx(demo.majority_baseline(plan, "test")[1])
+    assert accuracy > majority + 0.2, (accuracy, majority)

@@ -1,0 +1,144 @@
+"""`avel-train` end to end on a tiny store: outputs of a run, seeds summary, checkpoints, errors."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from click.testing import CliRunner
+
+from extract.settings import load_pipeline
+from train.checkpoint import CheckpointError, build_head, load_checkpoint, save_checkpoint
+from train.cli import main
+from train.data import load_from_pipeline
+from train.evaluate import evaluate_split
+from train.loop import TEST_SELECTION_LABEL
+from train.runs import parse_seeds, read_epochs_csv
+from train_testutils import TEST_HEAD, make_dataset, registered_test_head
+
+torch.set_num_threads(1)
+RUN_FILES = {"config.yaml", "metrics.json", "epochs.csv", "checkpoint.safetensors",
+             "learning_curves.png", "confusion_test.png", "timeline_test.png"}
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cli"), T=10, sizes=(12, 6, 6))
+
+
+@pytest.fixture(autouse=True)
+def test_head():
+    with registered_test_head() as cls:
+        yield cls
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_dirs(ds, setting="supervised"):
+    group = ds["pipeline"].parent / "runs" / f"avel-{TEST_HEAD}-{setting}"
+    return sorted(p for p in group.glob("seed*") if p.is_dir()) if group.exists() else []
+
+
+def test_parse_seeds():
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("3, 0-1,3") == [3, 0, 1]
+    for bad in ("", "a", "4-2"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_list_heads_and_print_config(ds):
+    res = invoke("--list-heads")
+    assert res.exit_code == 0 and TEST_HEAD in res.output
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--epochs", 2, "--lr", 0.01, "--seeds", "0-2", "--print-config")
+    assert res.exit_code == 0
+    resolved = yaml.safe_load(res.output.split("\n", 1)[1])
+    assert resolved["train"]["epochs"] == 2 and resolved["train"]["lr"] == 0.01
+    assert resolved["train"]["seeds"] == [0, 1, 2] and resolved["train"]["head"] == TEST_HEAD
+    assert not run_dirs(ds)
+
+
+def test_unknown_head_is_a_usage_error(ds):
+    res = invoke("--config", ds["pipeline"], "--head", "no-such-head")
+    assert res.exit_code == 2 and "no-such-head" in res.output
+
+
+def test_two_seeds_write_runs_summary_and_loadable_checkpoints(ds):
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--epochs", 3, "--seeds", "0,1")
+    assert res.exit_code == 0, res.output
+    dirs = run_dirs(ds)
+    assert [d.name.split("-")[0] for d in dirs] == ["seed0", "seed1"]
+    tests = []
+    for d in dirs:
+        assert RUN_FILES <= {p.name for p in d.iterdir()}
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["head"] == TEST_HEAD and m["selection"] == "val" and m["setting"] == "supervised"
+        assert m["param_count"] == 4 * (128 + 512) + 4 and m["store_fingerprint"] == "test"
+        assert m["test"]["segments"] == 60 and set(m["test"]["per_class_accuracy"]) == {"dog", "car", "bell", "background"}
+        rows = read_epochs_csv(d / "epochs.csv")
+        assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+        # metrics' val accuracy = the selected epoch's val accuracy in epochs.csv
+        assert float(rows[m["selected_epoch"] - 1]["val_accuracy"]) == pytest.approx(m["val_accuracy"], abs=1e-5)
+        assert yaml.safe_load((d / "config.yaml").read_text().split("\n", 1)[1])["train"]["epochs"] == 3
+        # the checkpoint rebuilds the head without unpickling and reproduces the test accuracy
+        head, meta = build_head(d / "checkpoint.safetensors")
+        assert meta["head"] == TEST_HEAD and meta["pipeline"]["train"]["epochs"] == 3 and meta["seed"] == m["seed"]
+        data = load_from_pipeline(load_pipeline(ds["pipeline"]), ["test"])
+        assert evaluate_split(head, data.bank, data.splits["test"], 4).accuracy == pytest.approx(m["test_accuracy"])
+        tests.append(m["test_accuracy"])
+    summary = json.loads((dirs[0].parent / "summary.json").read_text())
+    assert summary["test_accuracy"]["mean"] == pytest.approx(np.mean(tests))
+    assert summary["test_accuracy"]["std"] == pytest.approx(np.std(tests, ddof=1))
+    assert f"test accuracy: {np.mean(tests):.4f} ± {np.std(tests, ddof=1):.4f} (2 seeds)" in res.output
+    assert "mean ± std" in (dirs[0].parent / "summary.md").read_text()
+
+
+def test_select_on_test_is_labelled(ds):
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--epochs", 1, "--select-on", "test", "--setting", "weak")
+    assert res.exit_code == 0, res.output
+    (d,) = run_dirs(ds, "weak")
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["selection"] == TEST_SELECTION_LABEL and m["weak_pool"] == "mean"
+    assert TEST_SELECTION_LABEL in res.output
+    assert f"test accuracy: {m['test_accuracy']:.4f}" in res.output.splitlines()[-1]
+
+
+def test_bad_store_fails_before_training(ds, tmp_path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(ds["store"], bad)
+    zarr.open_group(str(bad), mode="r+").attrs["schema_version"] = 7
+    before = run_dirs(ds)
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--store", bad)
+    assert res.exit_code == 1
+    assert str(bad) in res.output and "schema version 7" in res.output
+    assert run_dirs(ds) == before  # the empty run directory was removed
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    plain = save_checkpoint(tmp_path / "plain.safetensors", {"w": torch.ones(2)}, {"head": "x"})
+    state, meta = load_checkpoint(plain)
+    assert torch.equal(state["w"], torch.ones(2)) and meta["head"] == "x" and meta["format"] == "avel-checkpoint"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not written by avel-train"):
+        load_checkpoint(tmp_path / "foreign.safetensors")

@@ -1,0 +1,261 @@
+"""Speed benchmark: this trainer vs a reference-style per-batch loop, same head, same data.
+
+One synthetic AVE-sized store (``rows`` videos x 10 x 7x7x512 float16 + 10 x 128 audio, random,
+made once under ``workdir``) and the same features written as the reference code's h5 files
+(``visual_feature.h5`` float32, ``audio_feature.h5``, ``labels.h5`` one-hot [N, 10, 29],
+``train_order.h5`` / ``test_order.h5``). Timed, on the same machine in one process:
+
+- **this trainer**: load the store once into memory (:func:`train.data.load_task_data`), then
+  :func:`train.loop.train_one_epoch` (+ one validation pass per epoch, as ``fit`` does);
+- **reference-style loop** (YapengTian/AVE-ECCV18 ``dataloader.AVEDataset`` + ``supervised_main``):
+  read the h5 arrays, then for every batch copy its samples one by one into a float32 numpy batch,
+  wrap it as tensors, move it to the device, forward/backward/step; evaluate the 402 test videos in
+  one batch every 5 epochs.
+
+Both use the same head (default ``dmrn``), Adam 1e-3, batch 64, the head's own loss. Reported:
+seconds per epoch, load time, and the extrapolated full schedule (``schedule_epochs``, AVEL: 300).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.manifest import Sample, write_manifest
+from extract.store import STATUS_DONE, core_specs, create_store, open_store
+
+log = logging.getLogger(__name__)
+
+T = 10
+NUM_EVENTS = 28
+SPLIT_SIZES = {"train": 3339, "val": 402, "test": 402}  # AVE
+REF_EVAL_EVERY = 5
+
+
+def _split_sizes(rows: int) -> dict[str, int]:
+    """AVE's split proportions scaled to ``rows`` (exactly AVE's for 4143)."""
+    total = sum(SPLIT_SIZES.values())
+    val = max(1, round(rows * SPLIT_SIZES["val"] / total))
+    test = max(1, round(rows * SPLIT_SIZES["test"] / total))
+    return {"train": rows - val - test, "val": val, "test": test}
+
+
+def make_synthetic(workdir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
+    """Create (once) the synthetic store, manifests and reference h5 files under ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_path = workdir / f"ave-synthetic-{rows}.zarr"
+    done = workdir / f"ave-synthetic-{rows}.done"
+    rng = np.random.default_rng(seed)
+    classes = [f"event{k:02d}" for k in range(NUM_EVENTS)]
+    ids = [f"vid{i:05d}" for i in range(rows)]
+    cats = rng.integers(0, NUM_EVENTS, rows)
+    onsets = rng.integers(0, T // 2, rows)
+    offsets = np.minimum(T, onsets + rng.integers(1, T + 1, rows))
+    sizes = _split_sizes(rows)
+    bounds = np.cumsum([0] + list(sizes.values()))
+    manifests = {}
+    for (split, _), lo, hi in zip(sizes.items(), bounds[:-1], bounds[1:]):
+        samples = [Sample(f"s{i:05d}", ids[i], f"{ids[i]}.mp4", classes[cats[i]], int(onsets[i]), int(offsets[i]), split) for i in range(lo, hi)]
+        manifests[split] = write_manifest(workdir / "manifests" / f"{split}.csv", samples, classes)
+    h5 = {name: workdir / f"{name}.h5" for name in ("visual_feature", "audio_feature", "labels", "train_order", "val_order", "test_order")}
+    if not done.exists():
+        log.info("creating the synthetic store %s and h5 files (once)", store_path)
+        _write_synthetic(store_path, h5, ids, cats, onsets, offsets, bounds, rng)
+        done.write_text("ok\n")
+    return {"store": store_path, "manifests": manifests, "h5": h5, "sizes": sizes}
+
+
+def _write_synthetic(store_path: Path, h5: dict[str, Path], ids, cats, onsets, offsets, bounds, rng) -> None:
+    import h5py
+
+    rows = len(ids)
+    store = create_store(store_path, ids, T, core_specs(T), {"fingerprint": "synthetic-bench", "extractor": {"name": "synthetic random"}},
+                         rows_per_shard=64, compression_level=1, overwrite=True)
+    labels = np.zeros((rows, T, NUM_EVENTS + 1), np.float32)
+    labels[:, :, NUM_EVENTS] = 1
+    for i in range(rows):
+        labels[i, onsets[i] : offsets[i], NUM_EVENTS] = 0
+        labels[i, onsets[i] : offsets[i], cats[i]] = 1
+    with h5py.File(h5["visual_feature"], "w") as fv, h5py.File(h5["audio_feature"], "w") as fa:
+        dv = fv.create_dataset("avadataset", (rows, T, 7, 7, 512), dtype="float32")
+        da = fa.create_dataset("avadataset", (rows, T, 128), dtype="float32")
+        for shard in range(store.num_shards):
+            r = store.shard_rows(shard)
+            n = len(r)
+            visual = rng.random((n, T, 7, 7, 512), dtype=np.float32).astype(np.float16)
+            audio = rng.random((n, T, 128), dtype=np.float32)
+            store.write_shard(shard, {"visual": visual, "audio": audio, "valid": np.ones((n, T), bool)},
+                              np.full(n, STATUS_DONE, np.int8), [""] * n)
+            dv[r.start : r.stop] = visual.astype(np.float32)
+            da[r.start : r.stop] = audio
+    with h5py.File(h5["labels"], "w") as f:
+        f.create_dataset("avadataset", data=labels)
+    for split, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
+        with h5py.File(h5[f"{split}_order"], "w") as f:
+            f.create_dataset("order", data=np.arange(lo, hi))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(head_name: str, device: torch.device, seed: int = 0):
+    from .registry import get_head
+
+    torch.manual_seed(seed)
+    cls = get_head(head_name)
+    model = cls(num_classes=NUM_EVENTS + 1, setting="supervised").to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
+    from .data import load_task_data
+    from .evaluate import evaluate_split
+    from .loop import train_one_epoch
+
+    t0 = time.perf_counter()
+    data = load_task_data(paths["store"], {k: paths["manifests"][k] for k in ("train", "val")}, device=device)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    model, optimizer = _build(head_name, device)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        train_one_epoch(model, optimizer, data.bank, data.splits["train"], batch_size, gen)
+    _sync(device)
+    epoch_s = (time.perf_counter() - t0) / epochs
+    t0 = time.perf_counter()
+    evaluate_split(model, data.bank, data.splits["val"], data.num_classes)
+    _sync(device)
+    eval_s = time.perf_counter() - t0
+    del data
+    return {"load_s": load_s, "epoch_s": epoch_s, "eval_s": eval_s}
+
+
+def time_reference_loop(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
+    """The reference's data path: whole h5 arrays in numpy, per-sample copies into a batch."""
+    import h5py
+
+    h5 = paths["h5"]
+    t0 = time.perf_counter()
+    with h5py.File(h5["train_order"], "r") as f:
+        order = f["order"][:]
+    with h5py.File(h5["test_order"], "r") as f:
+        test_order = f["order"][:]
+    with h5py.File(h5["audio_feature"], "r") as f:
+        audio_all = f["avadataset"][:]
+    with h5py.File(h5["labels"], "r") as f:
+        labels_all = f["avadataset"][:]
+    with h5py.File(h5["visual_feature"], "r") as f:
+        visual_all = f["avadataset"][:]
+    load_s = time.perf_counter() - t0
+    model, optimizer = _build(head_name, device)
+
+    def batch_of(lis, b, size, vb, ab, lb):
+        for i in range(size):
+            idx = lis[b * size + i]
+            vb[i] = visual_all[idx]
+            ab[i] = audio_all[idx]
+            lb[i] = labels_all[idx]
+        one_hot = torch.from_numpy(lb).float().to(device)
+        return {"audio": torch.from_numpy(ab).float().to(device), "visual": torch.from_numpy(vb).float().to(device),
+                "labels": one_hot.argmax(-1), "video_label": one_hot[:, :, :NUM_EVENTS].amax(1).argmax(-1)}
+
+    vb = np.zeros((batch_size, T, 7, 7, 512), np.float32)
+    ab = np.zeros((batch_size, T, 128), np.float32)
+    lb = np.zeros((batch_size, T, NUM_EVENTS + 1), np.float32)
+    nb_batch = len(order) // batch_size
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for b in range(nb_batch):
+            batch = batch_of(order, b, batch_size, vb, ab, lb)
+            optimizer.zero_grad()
+            loss = model.loss(model(batch["audio"], batch["visual"]), batch)
+            loss.backward()
+            optimizer.step()
+            float(loss.detach())
+    _sync(device)
+    epoch_s = (time.perf_counter() - t0) / epochs
+    n_test = len(test_order)
+    tv = np.zeros((n_test, T, 7, 7, 512), np.float32)
+    ta = np.zeros((n_test, T, 128), np.float32)
+    tl = np.zeros((n_test, T, NUM_EVENTS + 1), np.float32)
+    t0 = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        batch = batch_of(test_order, 0, n_test, tv, ta, tl)
+        model(batch["audio"], batch["visual"]).scores.cpu().numpy()
+    eval_s = time.perf_counter() - t0
+    del visual_all
+    return {"load_s": load_s, "epoch_s": epoch_s, "eval_s": eval_s}
+
+
+def _default_head() -> str:
+    from .registry import head_names
+
+    names = head_names("avel")
+    if not names:
+        raise RuntimeError("no avel head is registered")
+    return "dmrn" if "dmrn" in names else names[0]
+
+
+def run_benchmark(workdir: Path, *, head_name: str | None = None, rows: int = 4143, epochs: int = 1, batch_size: int = 64,
+                  schedule_epochs: int = 300, device: str = "auto", threads: int | None = None, json_out: str | None = None) -> str:
+    """Run both timings and return the report (also as JSON at ``json_out``)."""
+    from .data import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    head_name = head_name or _default_head()
+    paths = make_synthetic(Path(workdir), rows)
+    ours = time_this_trainer(paths, head_name, dev, epochs, batch_size)
+    ref = time_reference_loop(paths, head_name, dev, epochs, batch_size)
+    ours["schedule_s"] = ours["load_s"] + schedule_epochs * (ours["epoch_s"] + ours["eval_s"])
+    ref["schedule_s"] = ref["load_s"] + schedule_epochs * ref["epoch_s"] + (schedule_epochs / REF_EVAL_EVERY) * ref["eval_s"]
+    result = {
+        "head": head_name, "rows": rows, "train_samples": paths["sizes"]["train"], "batch_size": batch_size,
+        "timed_epochs": epochs, "schedule_epochs": schedule_epochs, "device": str(dev), "torch_threads": torch.get_num_threads(),
+        "machine": machine_description(dev), "this_trainer": ours, "reference_loop": ref,
+        "epoch_speedup": ref["epoch_s"] / ours["epoch_s"], "schedule_speedup": ref["schedule_s"] / ours["schedule_s"],
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return format_report(result)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (CPU)"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    o, f = r["this_trainer"], r["reference_loop"]
+    schedule_head = f"{r['schedule_epochs']} epochs s"
+    lines = [
+        f"benchmark: head {r['head']}, {r['rows']} videos ({r['train_samples']} train), batch {r['batch_size']}, "
+        f"{r['device']} ({r['machine']}, torch threads {r['torch_threads']}), {r['timed_epochs']} timed epoch(s)",
+        f"{'':<22}{'load s':>9}{'s/epoch':>10}{'eval s':>9}{schedule_head:>16}",
+    ]
+    for name, v in (("this trainer", o), ("reference-style loop", f)):
+        lines.append(f"{name:<22}{v['load_s']:>9.1f}{v['epoch_s']:>10.2f}{v['eval_s']:>9.2f}{v['schedule_s']:>16.0f}")
+    lines.append(f"speed-up: {r['epoch_speedup']:.2f}x per epoch, {r['schedule_speedup']:.2f}x for the full schedule")
+    return "\n".join(lines)

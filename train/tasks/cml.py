@@ -1,0 +1,439 @@
+"""Task "cml": cross-modality localization (Tian et al. ECCV 2018 sec. 5 / Table 3; Xue et al.
+TMM 2021 sec. III-D) on a feature store.
+
+``run(pipeline, head_name, seed, run_dir)``:
+
+1. loads the store and the train / val / test manifests (:func:`train.data.load_from_pipeline`,
+   shared with the avel task);
+2. builds training pairs: every valid segment of every training video, label 1 inside an event
+   of that video (:func:`train.cml.match_labels`). Segment-wise heads (AVDLN, DCCA) train on
+   shuffled single segments as the reference ``cmm_train.py`` does; sequence heads (co-attention)
+   on whole videos;
+3. evaluates A2V / V2A exact-match accuracy on the queries of a split (samples with an event of
+   length 0 < l < T whose T segments all have features), selecting the epoch on the mean of the
+   two on the val split (``train.select_on``);
+4. writes the run directory like the avel task (config.yaml, metrics.json, epochs.csv,
+   checkpoint.safetensors, learning_curves.png) plus ``predictions_<split>.csv`` (one row per
+   query: true and predicted starts) and ``distances_test.png``.
+
+Accuracies in metrics.json and epochs.csv are fractions (as the avel task's); the ``val`` / ``test``
+sections also give them in percent next to the chance level of the same queries.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .. import cml
+from ..data import SplitData, TaskData, load_from_pipeline, resolve_device
+from ..loop import count_parameters, make_optimizer, resolve_schedule, seed_everything, selection_label, state_copy
+from ..registry import get_head, register_task
+from ..runs import write_run
+
+log = logging.getLogger(__name__)
+
+TASK = "cml"
+#: videos per forward pass when computing distance matrices
+EVAL_BATCH = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclasses.dataclass
+class CmlSplit:
+    """The videos of one split and their CML queries.
+
+    ``audio`` [V, T, 128] f32, ``visual`` [V, T, H, W, 512] (f16 maps, or f32 [V, T, 1, 1, 512]
+    pre-pooled for heads without spatial input), ``match`` [V, T] f32 pair labels, ``valid``
+    [V, T] bool, ``keys`` [V]; ``queries`` index videos by ``query_video`` [Q].
+    """
+
+    name: str
+    keys: list[str]
+    audio: torch.Tensor
+    visual: torch.Tensor
+    match: torch.Tensor
+    valid: torch.Tensor
+    queries: list[cml.CmlQuery]
+    query_video: np.ndarray
+    skipped_queries: list[str]
+
+    @property
+    def segments(self) -> int:
+        return int(self.audio.shape[1])
+
+    def flat_segments(self) -> dict[str, torch.Tensor]:
+        """Every valid segment as its own T = 1 sequence: audio [N, 1, 128], visual [N, 1, H, W, C],
+        match [N, 1], valid [N, 1]."""
+        keep = self.valid.reshape(-1)
+        return {
+            "audio": self.audio.reshape(-1, 1, *self.audio.shape[2:])[keep],
+            "visual": self.visual.reshape(-1, 1, *self.visual.shape[2:])[keep],
+            "match": self.match.reshape(-1, 1)[keep],
+            "valid": self.valid.reshape(-1, 1)[keep],
+        }
+
+
+def split_keys(split: SplitData, bank_keys: list[str]) -> list[str]:
+    """Feature key of each kept sample of ``split`` (via its bank row)."""
+    return [bank_keys[int(r)] for r in split.rows.cpu().tolist()]
+
+
+def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlSplit:
+    """The videos of split ``split_name`` (one per distinct bank row), their pair labels and the
+    evaluable queries (events 0 < l < T whose video has features for every segment)."""
+    split, bank = data.splits[split_name], data.bank
+    T = bank.segments
+    by_id = {s.sample_id: s for s in split.manifest.samples}
+    samples = [by_id[sid] for sid in split.sample_ids]
+    rows = split.rows.cpu().numpy()
+    video_rows = list(dict.fromkeys(int(r) for r in rows))
+    position = {r: i for i, r in enumerate(video_rows)}
+    keys = [bank.keys[r] for r in video_rows]
+    # pair labels per video: union of the events of its samples (grouped by bank row, which is
+    # the feature key; Sample.key gives the same grouping)
+    labels_by_key = cml.match_labels(samples, T)
+    match = torch.from_numpy(np.stack([labels_by_key[k] for k in keys]) if keys else np.zeros((0, T), np.float32))
+    index = torch.as_tensor(video_rows, dtype=torch.long, device=bank.device)
+    audio = bank.audio.index_select(0, index).float()
+    visual = bank.visual.index_select(0, index)
+    if pooled_visual:
+        visual = visual.float().mean(dim=(2, 3), keepdim=True)
+    valid = bank.valid.index_select(0, index).bool()
+    queries, query_video, skipped = [], [], []
+    row_of_sample = {s.sample_id: int(r) for s, r in zip(samples, rows)}
+    valid_np = valid.cpu().numpy()
+    for q in cml.cml_queries(samples, T):
+        v = position[row_of_sample[q.sample_id]]
+        if not valid_np[v].all():
+            skipped.append(q.sample_id)
+            continue
+        queries.append(q)
+        query_video.append(v)
+    if skipped:
+        log.warning("%s: %d CML queries skipped (their video lacks features for some segments)", split_name, len(skipped))
+    return CmlSplit(split_name, keys, audio, visual, match.to(bank.device), valid, queries,
+                    np.asarray(query_video, dtype=np.int64), skipped)
+
+
+def splits_to_load(pipeline) -> list[str]:
+    """train + test, and val when configured (required when selecting on val)."""
+    cfg = pipeline.train
+    names = [cfg.train_split, cfg.test_split]
+    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
+        names.append(cfg.val_split)
+    return list(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def build_head(pipeline, head_name: str, num_classes: int, device: torch.device):
+    """The registered CML head with its ``heads.<name>`` overrides; a co-attention head with
+    ``init_from`` is initialised from that supervised checkpoint (path relative to the pipeline)."""
+    head_cls = get_head(head_name)
+    if head_cls.task != TASK:
+        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {TASK!r}")
+    config = head_cls.make_config((pipeline.heads or {}).get(head_name))
+    head = head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
+    init_from = getattr(config, "init_from", "")
+    if init_from:
+        head.init_from_checkpoint(pipeline.path(init_from))
+    return head.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def training_batches(model, train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
+                     generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos."""
+    if flat is not None:
+        n = flat["audio"].shape[0]
+        order = torch.randperm(n, generator=generator).to(flat["audio"].device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield {k: v[idx] for k, v in flat.items()}
+        return
+    n = len(train.keys)
+    order = torch.randperm(n, generator=generator).to(train.audio.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        yield {"audio": train.audio[idx], "visual": train.visual[idx].float(), "match": train.match[idx], "valid": train.valid[idx]}
+
+
+def train_one_epoch(model, optimizer, train: CmlSplit, flat, batch_size: int, generator: torch.Generator) -> float:
+    """One pass; mean training loss per batch element."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in training_batches(model, train, flat, batch_size, generator):
+        out = model(batch["audio"], batch["visual"])
+        loss = model.loss(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = int(batch["audio"].shape[0])
+        total += float(loss.detach()) * n
+        count += n
+    return total / max(count, 1)
+
+
+@dataclasses.dataclass
+class CmlResult:
+    """Metrics of one split (accuracies in %), the predictions per query and the distance
+    matrices of the query videos."""
+
+    metrics: dict[str, float]
+    predictions: dict[str, np.ndarray]
+    distances: np.ndarray  # [Q, T, T] audio i vs visual j
+    loss: float
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "a2v_percent": m["a2v_acc"], "v2a_percent": m["v2a_acc"], "mean_percent": m["mean_acc"],
+            "chance_percent": m["chance_acc"], "queries": int(m["num_samples"]), "loss": self.loss,
+        }
+
+
+@torch.no_grad()
+def evaluate(model, split: CmlSplit) -> CmlResult:
+    """Distance matrices of the split's videos, the window search for every query, the metric,
+    and the mean loss of the split's pairs."""
+    model.eval()
+    if not split.queries:
+        raise ValueError(
+            f"split {split.name!r} has no CML query (no event shorter than the video with features for "
+            "every segment); cross-modality localization cannot be evaluated on it"
+        )
+    dists, loss_sum, n_sum = [], 0.0, 0
+    for start in range(0, len(split.keys), EVAL_BATCH):
+        sl = slice(start, start + EVAL_BATCH)
+        out = model(split.audio[sl], split.visual[sl].float())
+        dists.append(model.distance_matrix(out).float().cpu())
+        n = int(split.audio[sl].shape[0])
+        loss_sum += float(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]})) * n
+        n_sum += n
+    dist = torch.cat(dists).numpy()[split.query_video]
+    onsets = [q.onset for q in split.queries]
+    lengths = [q.length for q in split.queries]
+    metrics = cml.cml_metrics(dist, onsets, lengths)
+    preds = cml.predict_starts(dist, onsets, lengths)
+    return CmlResult(metrics, preds, dist, loss_sum / max(n_sum, 1))
+
+
+def prepare_eval(model, flat: dict[str, torch.Tensor] | None) -> None:
+    """Run the head's pre-evaluation hook (DCCA: fit its linear CCA) on the training pairs."""
+    if flat is not None:
+        model.prepare_eval(flat["audio"], flat["visual"], flat["match"], flat["valid"])
+
+
+@dataclasses.dataclass
+class CmlFit:
+    schedule: Any
+    selection: str
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    epochs: list[dict[str, Any]]
+    results: dict[str, CmlResult]
+    train_seconds: float
+
+
+def fit(model, splits: dict[str, CmlSplit], train_cfg, schedule, seed: int) -> CmlFit:
+    """Train on the train split; select the epoch with the best mean of A2V and V2A accuracy on the
+    selection split (earliest on ties); evaluate val and test once with the selected weights."""
+    generator = seed_everything(seed)
+    train = splits[train_cfg.train_split]
+    flat = train.flat_segments() if model.segment_wise else None
+    select_on = train_cfg.select_on
+    select_name = {"val": train_cfg.val_split, "test": train_cfg.test_split}.get(select_on)
+    if select_name is not None and select_name not in splits:
+        raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not loaded")
+    optimizer, scheduler = make_optimizer(model, schedule)
+    log.info("%s; selection on %s", schedule.describe(), selection_label(select_on))
+    best_acc, best_epoch, best_state, rows = -1.0, 0, state_copy(model), []
+    started = time.perf_counter()
+    for epoch in range(1, schedule.epochs + 1):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row["train_loss"] = train_one_epoch(model, optimizer, train, flat, schedule.batch_size, generator)
+        if scheduler is not None:
+            scheduler.step()
+        if select_name is not None and (epoch % train_cfg.eval_every == 0 or epoch == schedule.epochs):
+            prepare_eval(model, flat)
+            res = evaluate(model, splits[select_name])
+            m = res.metrics
+            row.update({
+                f"{select_name}_loss": res.loss,
+                f"{select_name}_a2v_accuracy": m["a2v_acc"] / 100,
+                f"{select_name}_v2a_accuracy": m["v2a_acc"] / 100,
+                f"{select_name}_chance_accuracy": m["chance_acc"] / 100,
+            })
+            if m["mean_acc"] > best_acc:
+                best_acc, best_epoch, best_state = m["mean_acc"], epoch, state_copy(model)
+        if select_on == "last":
+            best_epoch = epoch
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    if select_on == "last":
+        prepare_eval(model, flat)
+        best_state = state_copy(model)
+    else:
+        model.load_state_dict(best_state)
+    train_seconds = time.perf_counter() - started
+    results = {}
+    for role in ("val", "test"):
+        name = getattr(train_cfg, f"{role}_split")
+        if name in splits:
+            results[role] = evaluate(model, splits[name])
+    return CmlFit(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# the task
+
+
+@register_task(TASK)
+def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one CML head with one seed; write ``run_dir``; return the metrics."""
+    started = time.perf_counter()
+    cfg = pipeline.train
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    data = load_from_pipeline(pipeline, splits_to_load(pipeline), device)
+    seed_everything(seed)
+    model = build_head(pipeline, head_name, data.num_classes, device)
+    pooled = not model.uses_spatial
+    splits = {name: make_cml_split(data, name, pooled) for name in data.splits}
+    schedule = resolve_schedule(cfg, type(model))
+    log.info("head %s: %d parameters, %s", head_name, count_parameters(model), schedule.describe())
+    result = fit(model, splits, cfg, schedule, seed)
+    metrics = build_metrics(pipeline, head_name, seed, model, data, splits, result, device, run_dir)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    checkpoint_meta = {
+        "task": TASK, "head": head_name, "head_config": model.config_dict(), "num_classes": data.num_classes,
+        "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch,
+    }
+    write_run(run_dir, pipeline, metrics, result.epochs, result.best_state, checkpoint_meta)
+    for role, res in result.results.items():
+        write_predictions(run_dir / f"predictions_{role}.csv", splits[getattr(cfg, f"{role}_split")], res)
+    write_plots(run_dir, pipeline, head_name, splits, result)
+    return metrics
+
+
+def build_metrics(pipeline, head_name, seed, model, data: TaskData, splits: dict[str, CmlSplit], result: CmlFit,
+                  device, run_dir: Path) -> dict[str, Any]:
+    """metrics.json: run identity, selection, and per split A2V / V2A / chance.
+
+    ``<role>_accuracy`` = mean of A2V and V2A (fraction, what the CLI table shows);
+    ``<role>_a2v_accuracy``, ``<role>_v2a_accuracy``, ``<role>_chance_accuracy`` (fractions)."""
+    cfg, s = pipeline.train, result.schedule
+    metrics: dict[str, Any] = {
+        "task": TASK,
+        "head": head_name,
+        "head_config": model.config_dict(),
+        "param_count": count_parameters(model),
+        "setting": cfg.setting,
+        "seed": seed,
+        "selection": result.selection,
+        "selection_metric": "mean of A2V and V2A exact-match accuracy",
+        "selected_epoch": result.best_epoch,
+        "epochs": s.epochs,
+        "schedule": {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
+                     "lr_gamma": s.lr_gamma, "weight_decay": s.weight_decay, "source": s.source,
+                     "batch_unit": "segments" if model.segment_wise else "videos"},
+        "store": str(data.bank.store_path),
+        "store_fingerprint": data.bank.fingerprint,
+        "videos": {name: len(sp.keys) for name, sp in splits.items()},
+        "training_pairs": int(splits[cfg.train_split].valid.sum()),
+        "queries": {name: len(sp.queries) for name, sp in splits.items()},
+        "skipped_queries": {name: len(sp.skipped_queries) for name, sp in splits.items()},
+        "skipped_samples": {name: len(split.skipped) for name, split in data.splits.items()},
+        "device": str(device),
+        "train_seconds": result.train_seconds,
+        "run_dir": str(run_dir),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    for role in ("val", "test"):
+        res = result.results.get(role)
+        for key in ("accuracy", "a2v_accuracy", "v2a_accuracy", "chance_accuracy"):
+            metrics[f"{role}_{key}"] = None
+        if res is None:
+            continue
+        m = res.metrics
+        metrics[f"{role}_accuracy"] = m["mean_acc"] / 100
+        metrics[f"{role}_a2v_accuracy"] = m["a2v_acc"] / 100
+        metrics[f"{role}_v2a_accuracy"] = m["v2a_acc"] / 100
+        metrics[f"{role}_chance_accuracy"] = m["chance_acc"] / 100
+        metrics[role] = res.to_json()
+    return metrics
+
+
+def write_predictions(path: Path, split: CmlSplit, res: CmlResult) -> Path:
+    """One row per query: sample, video key, event onset and length, predicted A2V / V2A starts."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["sample_id", "key", "onset", "length", "a2v_start", "v2a_start", "a2v_correct", "v2a_correct"])
+        for q, a2v, v2a in zip(split.queries, res.predictions["a2v"], res.predictions["v2a"]):
+            writer.writerow([q.sample_id, q.key, q.onset, q.length, int(a2v), int(v2a), int(a2v == q.onset), int(v2a == q.onset)])
+    return path
+
+
+def write_plots(run_dir: Path, pipeline, head_name: str, splits: dict[str, CmlSplit], result: CmlFit) -> None:
+    """learning_curves.png (train.plots) and distances_test.png."""
+    from .. import plots
+
+    cfg = pipeline.train
+    title = f"{TASK} / {head_name} — selection: {result.selection}"
+    plots.plot_learning_curves(result.epochs, run_dir / "learning_curves.png", title, result.best_epoch)
+    test = result.results.get("test")
+    if test is not None:
+        plot_distances(test, splits[cfg.test_split], run_dir / "distances_test.png", title, cfg.timeline_videos)
+
+
+def plot_distances(res: CmlResult, split: CmlSplit, path: Path, title: str, count: int) -> Path | None:
+    """Audio x visual distance matrices of the first ``count`` test queries: the true event
+    (green square on the diagonal) and the A2V (red) / V2A (blue) predicted windows."""
+    from ..plots import _pyplot
+
+    n = min(count, len(split.queries))
+    if n == 0:
+        return None
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for i, ax in enumerate(axes.ravel()[:n]):
+        q = split.queries[i]
+        ax.imshow(res.distances[i], cmap="viridis")
+        lo, l = q.onset - 0.5, q.length
+        a2v, v2a = int(res.predictions["a2v"][i]), int(res.predictions["v2a"][i])
+        ax.add_patch(Rectangle((lo, lo), l, l, fill=False, edgecolor="lime", linewidth=2, label="event"))
+        ax.add_patch(Rectangle((a2v - 0.5, lo), l, l, fill=False, edgecolor="red", linestyle="--", label=f"A2V {a2v}"))
+        ax.add_patch(Rectangle((lo, v2a - 0.5), l, l, fill=False, edgecolor="deepskyblue", linestyle=":", label=f"V2A {v2a}"))
+        ax.set_title(f"{q.sample_id}: onset {q.onset}, l={q.length}", fontsize=8)
+        ax.set_xlabel("visual segment")
+        ax.set_ylabel("audio segment")
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"{title}\nA2V {res.metrics['a2v_acc']:.1f}%  V2A {res.metrics['v2a_acc']:.1f}%  chance {res.metrics['chance_acc']:.1f}%", fontsize=9)
+    fig.tight_layout()
+    from ..plots import _save
+
+    return _save(fig, path, plt)
