@@ -3,11 +3,13 @@
 Reference: ``mel_features.py``, ``vggish_input.py`` and ``vggish_params.py`` of the AudioSet VGGish
 release (also shipped by the torchvggish port). The numbers are:
 
-- mono: the channels are averaged (``vggish_input.waveform_to_examples``: ``np.mean(data, axis=1)``);
-- 16 kHz: the reference resamples with ``resampy.resample`` (``kaiser_best``). We use
-  ``torchaudio.functional.resample`` with the Kaiser-windowed sinc parameters torchaudio documents
-  as the equivalent of resampy's ``kaiser_best`` (filter width 64, rolloff 0.9475937167399596,
-  beta 14.769656459379492), so resampy is not a dependency (:func:`resample`);
+- mono: the channels are averaged (``vggish_input.waveform_to_examples``: ``np.mean(data, axis=1)``
+  on [samples, channels]; :func:`to_mono` takes channels first, as PyAV/decord decode);
+- 16 kHz: the reference resamples with ``resampy.resample`` (filter ``kaiser_best``: Kaiser
+  windowed sinc, beta 12.9846, rolloff 0.917347, 50 zero crossings, 2^13-entry table). We compute
+  the same filter with ``torchaudio.functional.resample`` (:func:`resample`), so resampy (and numba)
+  is not a dependency; the output differs from resampy 0.4.3 by < 2e-4 (absolute, for full-scale
+  signals);
 - STFT: 25 ms periodic Hann window (400 samples), hop 10 ms (160 samples), no centring/padding,
   FFT length 512 (next power of two), magnitude ``|rfft|`` -> 257 bins;
 - mel: 64 bands, 125-7500 Hz, HTK mel scale ``1127 ln(1 + f/700)``, triangles linear in *mel*,
@@ -15,12 +17,16 @@ release (also shipped by the torchvggish port). The numbers are:
 - ``log(mel + 0.01)``;
 - examples: 96 frames (0.96 s) x 64 bands, hop 96 frames.
 
-AVE (Tian et al. 2018) extracts one VGGish example per 1-s segment. :func:`segment_patches`
-therefore takes, for segment ``t``, the 96 log-mel frames whose windows start at samples
-``16000 t + 160 k`` (k = 0..95), i.e. the frames covering samples ``[16000 t, 16000 t + 15600)``
-(the first 0.975 s of the second; frame k spans 25 ms from ``t + k/100`` s). Because 16000 is a
-multiple of the 160-sample hop, this is exactly the first example of ``waveform_to_examples``
-applied to second ``t`` alone; patches of different seconds share no samples.
+AVE (Tian et al. 2018) extracts one VGGish example per 1-s segment: YapengTian/AVE-ECCV18
+``vggish_input.wavfile_to_examples`` slices ``wav[i * sr:(i + 1) * sr]`` for i = 0..9 and keeps the
+single example ``waveform_to_examples`` makes of each slice. :func:`segment_patches` therefore
+takes, for segment ``t``, the 96 log-mel frames whose windows start at samples ``16000 t + 160 k``
+(k = 0..95), i.e. the frames covering samples ``[16000 t, 16000 t + 15600)`` (the first 0.975 s
+of the second; frame k spans 25 ms from ``t + k/100`` s). Because 16000 is a multiple of the
+160-sample hop, this is exactly the first example of ``waveform_to_examples`` applied to second
+``t`` alone; patches of different seconds share no samples. One difference from
+the AVE script: it resampled each 1-s slice on its own, we resample the whole window once (the
+two differ only within the resampling filter's reach of a slice edge).
 
 This module needs numpy; :func:`resample` imports torch/torchaudio when called.
 """
@@ -63,13 +69,15 @@ FFT_LENGTH = 2 ** int(math.ceil(math.log2(WINDOW_SAMPLES)))  # 512
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES  # 100
 PATCH_FRAMES = int(round(EXAMPLE_WINDOW_SECONDS * FRAMES_PER_SECOND))  # 96
 
-#: resampy "kaiser_best" expressed as torchaudio sinc-interpolation parameters
+#: resampy's "kaiser_best" filter (resampy/filters.py: beta 12.9846, roll 0.917347, 50 zeros,
+#: precision 13), evaluated by torchaudio's Kaiser-windowed sinc interpolation
 RESAMPLER = {
-    "name": "torchaudio.functional.resample",
+    "name": "torchaudio.functional.resample (resampy kaiser_best filter)",
     "resampling_method": "sinc_interp_kaiser",
-    "lowpass_filter_width": 64,
-    "rolloff": 0.9475937167399596,
-    "beta": 14.769656459379492,
+    "beta": 12.9846,
+    "rolloff": 0.917347,
+    "zero_crossings": 50,
+    "table_bits": 13,
 }
 
 
@@ -84,10 +92,14 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
-    """Resample a mono waveform [S] from ``sr_in`` to ``sr_out`` Hz -> [S'] float32.
+    """Resample a mono waveform [S] from ``sr_in`` to ``sr_out`` Hz -> [floor(S * sr_out / sr_in)] float32.
 
-    Uses ``torchaudio.functional.resample`` with :data:`RESAMPLER` (resampy ``kaiser_best``
-    equivalent), in float32. Output length is ``ceil(S * sr_out / sr_in)``.
+    The filter is resampy's ``kaiser_best`` (the VGGish reference's resampler, :data:`RESAMPLER`):
+    ``h(d) = roll * sinc(roll * d) * kaiser(d / 50)`` over +-50 input-rate zero crossings, stretched by
+    ``sr_out / sr_in`` when downsampling. torchaudio spans its window in zero crossings of the
+    rolled-off sinc, hence ``lowpass_filter_width = 50 * roll``. resampy steps through its table
+    with the integer stride ``int(scale * 2^13)``; the rolloff and gain are corrected for that
+    truncation so the two agree to ~1e-4. Output length as resampy: ``int(S * sr_out / sr_in)``.
     """
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
     sr_in, sr_out = int(sr_in), int(sr_out)
@@ -98,16 +110,29 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     import torch
     import torchaudio.functional as AF
 
+    rolloff, gain = _resampy_rolloff_and_gain(sr_in, sr_out)
     y = AF.resample(
         torch.from_numpy(x),
         sr_in,
         sr_out,
-        lowpass_filter_width=RESAMPLER["lowpass_filter_width"],
-        rolloff=RESAMPLER["rolloff"],
+        lowpass_filter_width=RESAMPLER["zero_crossings"] * RESAMPLER["rolloff"],
+        rolloff=rolloff,
         resampling_method=RESAMPLER["resampling_method"],
         beta=RESAMPLER["beta"],
     )
-    return y.numpy()
+    length = int(x.size * sr_out / sr_in)
+    out = y.numpy()[:length]
+    return out * np.float32(gain) if gain != 1.0 else out
+
+
+def _resampy_rolloff_and_gain(sr_in: int, sr_out: int) -> tuple[float, float]:
+    """Rolloff and gain that reproduce resampy's truncated table stride when downsampling."""
+    ratio = sr_out / sr_in
+    if ratio >= 1.0:
+        return RESAMPLER["rolloff"], 1.0
+    table = 2 ** RESAMPLER["table_bits"]
+    stride_scale = int(ratio * table) / table
+    return RESAMPLER["rolloff"] * stride_scale / ratio, ratio / stride_scale
 
 
 def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:

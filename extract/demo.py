@@ -447,15 +447,14 @@ extract:
   # recorded in the store's identity, so these features are never mistaken for real AVE features.
   visual_weights: random
   audio_weights: random
-  # DEMO ONLY: {frames_per_segment} VGG-19 frame(s) per 1-s segment instead of AVE's 16, because VGG-19 on a
-  # CPU runs at a few frames per second. Real AVE features use 16.
+  # DEMO ONLY: {frames_per_segment} VGG-19 frame(s) per 1-s segment instead of AVE's 16, because VGG-19
+  # on a CPU runs at a few frames per second. Real AVE features use 16.
   frames_per_segment: {frames_per_segment}
 
 train:
   runs_root: runs
-  # a short schedule for the small demo (the heads' paper schedules: 300 epochs of batch 64 on 3339
-  # AVE videos); small batches give the few
-  # demo videos several steps per epoch
+  # DEMO ONLY: a short schedule with small batches for the few demo videos (the heads' paper
+  # schedules run e.g. 300 epochs of batch 64 over AVE's 3339 training videos)
   epochs: {epochs}
   batch_size: {batch_size}
 """

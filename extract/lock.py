@@ -1,6 +1,8 @@
 """An exclusive, crash-safe lock on a feature store: one ``avel-extract`` per store at a time.
 
-The lock is ``fcntl.flock`` on the file :data:`LOCK_NAME` inside the store directory. The operating
+The lock is ``fcntl.flock`` on the file ``logs/extract.lock`` inside the store directory (``logs``
+is an empty Zarr group, so Zarr readers never trip over the plain files kept there, such as the
+runner's ``failures.jsonl``). The operating
 system releases it when the holder exits, however it exits (crash, ``kill -9``), so a stale lock
 file never blocks a later run. The file also records who holds the lock (pid, host, start time,
 command) so that a refused run can say so. POSIX only (Linux, macOS).
@@ -17,7 +19,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".avel-extract.lock"
+LOG_GROUP = "logs"
+LOCK_NAME = "extract.lock"
+
+
+def log_dir(store_dir: str | os.PathLike) -> Path:
+    """``<store>/logs``, created as an (empty) Zarr group if absent; lock and failure logs live there."""
+    import zarr
+
+    path = Path(store_dir) / LOG_GROUP
+    if not (path / "zarr.json").is_file():
+        zarr.open_group(str(path), mode="a")
+    return path
 
 
 class StoreLocked(RuntimeError):
@@ -28,7 +41,8 @@ class StoreLock:
     """``with StoreLock(store_dir): ...`` holds the store's exclusive lock (raises :class:`StoreLocked`)."""
 
     def __init__(self, store_dir: str | os.PathLike):
-        self.path = Path(store_dir) / LOCK_NAME
+        self.store_dir = Path(store_dir)
+        self.path = self.store_dir / LOG_GROUP / LOCK_NAME
         self._fh = None
 
     def holder(self) -> dict:
@@ -41,7 +55,7 @@ class StoreLock:
     def acquire(self) -> "StoreLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        log_dir(self.store_dir)
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,7 +64,7 @@ class StoreLock:
             who = self.holder()
             desc = ", ".join(f"{k} {who[k]}" for k in ("pid", "host", "started") if k in who) or "unknown process"
             raise StoreLocked(
-                f"{self.path.parent}: another avel-extract is writing this store ({desc}); "
+                f"{self.store_dir}: another avel-extract is writing this store ({desc}); "
                 f"wait for it to finish or stop it, then run again (lock file {self.path})"
             ) from None
         fh.seek(0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch

@@ -24,8 +24,8 @@ How a run goes:
    ``extract.decode_timeout_s`` is killed and its video marked failed. The main process runs the
    extractors on all decoded videos of a shard at once (frames batched across videos).
 5. Failures (missing/corrupt/unreadable files, timeouts, compute errors) never stop the run: the
-   row gets status ``failed``, the reason goes to the ``reason`` array and to ``failures.jsonl`` in
-   the store. A progress bar shows videos/s and the ETA; the run ends with a summary, and the exit
+   row gets status ``failed``, the reason goes to the ``reason`` array and to
+   ``<store>/logs/failures.jsonl``. A progress bar shows videos/s and the ETA; the run ends with a summary, and the exit
    code is non-zero only when some requested video is failed.
 
 **The ``valid`` flags.** ``valid[t]`` is true when segment t has both modalities: the video covers
@@ -85,6 +85,7 @@ __all__ = [
     "FAILURES_FILE",
 ]
 
+#: failure log, one JSON object per line, under ``<store>/logs/``
 FAILURES_FILE = "failures.jsonl"
 #: packages whose versions are recorded in the store (distribution name -> label)
 VERSIONED = {"torch": "torch", "torchvision": "torchvision", "decord2": "decord", "zarr": "zarr",
@@ -295,7 +296,7 @@ class RunSummary:
             f"  {self.videos_per_s:.2f} videos/s, wall time {self.seconds:.1f} s",
         ]
         if self.failed_total:
-            lines.append(f"  {self.failed_total} requested videos are failed; reasons in {self.store / FAILURES_FILE}"
+            lines.append(f"  {self.failed_total} requested videos are failed; reasons in {self.store / 'logs' / FAILURES_FILE}"
                          " and the store's 'reason' array")
         return "\n".join(lines)
 
@@ -383,8 +384,10 @@ class _Prefetch:
 
 
 def _append_failures(path: Path, records: list[dict]) -> None:
+    from .lock import log_dir
+
     if records:
-        with open(path / FAILURES_FILE, "a") as fh:
+        with open(log_dir(path) / FAILURES_FILE, "a") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
 

@@ -18,7 +18,7 @@ from train import cml
 from train.registry import get_head, get_task
 from train_testutils import write_store
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 T = 10
 LATENT = 8
@@ -26,7 +26,7 @@ SIZES = {"train": 96, "val": 24, "test": 32}
 #: small co-attention sizes keep the CPU test fast (the paper sizes are tested in test_cml.py)
 SMALL_COATTENTION = {"attention": {"fc12_hidden": 32, "fc4_hidden": 32, "lstm_hidden": 16}, "match_hidden": 32}
 #: epochs per head in these tests (the heads' paper schedules are far longer)
-EPOCHS = {"avdln": 4, "dcca": 15, "coattention-cml": 12}
+EPOCHS = {"avdln": 2, "dcca": 8, "coattention-cml": 8}
 
 
 def latent_features(spans: list[tuple[int, int]], rng: np.random.Generator):
@@ -47,8 +47,11 @@ def latent_features(spans: list[tuple[int, int]], rng: np.random.Generator):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("cml"))
+
+
+def build_dataset(root: Path) -> dict:
     """Store + manifests + pipeline.yaml; events of length 1..9 (a few cover the whole video)."""
-    root = tmp_path_factory.mktemp("cml")
     rng = np.random.default_rng(7)
     samples = {}
     for split, n in SIZES.items():
@@ -206,6 +209,7 @@ def test_cli_runs_cml_with_two_seeds(dataset):
          "--device", "cpu"],
     )
     assert result.exit_code == 0, result.output
+    assert "test A2V" in result.output and "V2A" in result.output and "chance" in result.output
     summary = json.loads((dataset["root"] / "runs" / "cml-avdln-supervised" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1]
     values = summary["test_a2v_accuracy"]["values"]

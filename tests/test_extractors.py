@@ -73,9 +73,8 @@ def vggish() -> VGGishExtractor:
     return VGGishExtractor(CFG, "cpu")
 
 
-def reference_visual(video: DecodedVideo) -> tuple[np.ndarray, np.ndarray]:
+def reference_visual(model, video: DecodedVideo) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame (batch of 1) forward of an independently built network, float64 mean, channel-last."""
-    model = build_vgg19_pool5("random", seed=CFG.random_seed)
     valid = video.frame_valid[GRID]
     out = np.zeros((T, 1, 1, 512))
     seg_valid = valid.sum(axis=1) >= 2  # at least half of the 3 frames
@@ -92,8 +91,9 @@ def reference_visual(video: DecodedVideo) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_vgg19_matches_per_frame_forward_and_mean(vgg_rows):
+    model = build_vgg19_pool5("random", seed=CFG.random_seed)
     for video, row in zip([VIDEO_A, VIDEO_B], vgg_rows):
-        expected, seg_valid = reference_visual(video)
+        expected, seg_valid = reference_visual(model, video)
         assert row["visual"].dtype == np.float16 and row["visual"].shape == (T, 1, 1, 512)
         np.testing.assert_array_equal(row["vgg19_valid"], seg_valid)
         scale = np.abs(expected).max()
@@ -103,13 +103,12 @@ def test_vgg19_matches_per_frame_forward_and_mean(vgg_rows):
 
 
 def test_vgg19_rows_do_not_depend_on_batch_companions(vgg, vgg_rows):
+    """A's 5 and B's 4 valid frames land at other positions of other 4-frame chunks."""
     swapped = vgg.compute([VIDEO_B, VIDEO_A])
-    alone = vgg.compute([VIDEO_A])
     with_c = vgg.compute([VIDEO_C, VIDEO_A, VIDEO_B])
     for rows, a_index, b_index in ((swapped, 1, 0), (with_c, 1, 2)):
         np.testing.assert_array_equal(rows[a_index]["visual"], vgg_rows[0]["visual"])
         np.testing.assert_array_equal(rows[b_index]["visual"], vgg_rows[1]["visual"])
-    np.testing.assert_array_equal(alone[0]["visual"], vgg_rows[0]["visual"])
 
 
 def test_vgg19_bf16_on_cpu_is_close_to_fp32(vgg, vgg_rows):

@@ -142,3 +142,30 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     save_file({"w": torch.ones(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="not written by avel-train"):
         load_checkpoint(tmp_path / "foreign.safetensors")
+
+
+def test_bench_subcommand_on_a_tiny_store(tmp_path):
+    import h5py
+
+    out = tmp_path / "bench.json"
+    res = invoke("bench", "--workdir", tmp_path / "b", "--rows", 20, "--head", TEST_HEAD, "--batch-size", 4,
+                 "--schedule-epochs", 10, "--device", "cpu", "--json-out", out)
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert "speed-up" in res.output and r["head"] == TEST_HEAD and r["train_samples"] == 16
+    ours, ref = r["this_trainer"], r["reference_loop"]
+    assert ours["schedule_s"] == pytest.approx(ours["load_s"] + 10 * (ours["epoch_s"] + ours["eval_s"]))
+    assert ref["schedule_s"] == pytest.approx(ref["load_s"] + 10 * ref["epoch_s"] + 2 * ref["eval_s"])
+    assert r["epoch_speedup"] == pytest.approx(ref["epoch_s"] / ours["epoch_s"])
+    # both trainers read the same numbers: the h5 copy is the store's float16 values as float32
+    from extract.store import open_store
+
+    store = open_store(tmp_path / "b" / "ave-synthetic-20.zarr")
+    with h5py.File(tmp_path / "b" / "visual_feature.h5", "r") as f:
+        np.testing.assert_array_equal(f["avadataset"][:3], store.read("visual", slice(0, 3)).astype(np.float32))
+    with h5py.File(tmp_path / "b" / "labels.h5", "r") as f:
+        one_hot = f["avadataset"][:]
+    from extract.manifest import read_manifest
+
+    train = read_manifest(tmp_path / "b" / "manifests" / "train.csv")
+    np.testing.assert_array_equal(one_hot[:16].argmax(-1), train.segment_labels(10))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from extract.manifest import Sample, write_manifest
-from extract.store import STATUS_DONE, core_specs, create_store, open_store
+from extract.store import STATUS_DONE, core_specs, create_store
 
 log = logging.getLogger(__name__)
 

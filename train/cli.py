@@ -110,6 +110,11 @@ def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_si
         raise click.ClickException(str(exc)) from None
     click.echo(results_table(results))
     click.echo(accuracy_line(results))
+    from .registry import get_task
+
+    task_report = getattr(get_task(pipeline.train.task), "report_lines", None)  # e.g. cml: A2V / V2A / chance
+    if task_report is not None:
+        click.echo(task_report(results))
 
 
 def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device) -> dict:
@@ -125,8 +130,8 @@ def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, b
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--seeds") from None
     extra: dict = {"train": train}
-    if store:
-        extra["store"] = {"path": store}
+    if store:  # relative to the working directory, like every path given on a command line
+        extra["store"] = {"path": str(Path(store).expanduser().resolve())}
     return extra
 
 
@@ -280,6 +285,41 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
+
+
+@main.command("render-sol")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory of a sol run (holds checkpoint.safetensors).")
+@click.option("--video", "videos", required=True, multiple=True, help="Video id (store key) to draw; repeat for several. Ids starting with '-': --video=-5EoTUVneQA.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNG files (one subfolder per video).")
+@click.option("--store", default=None, help="Store with frame_maps/audio_maps (default: store.path).")
+@click.option("--video-root", default=None, help="Folder the manifest paths are relative to (default: the split's video_root).")
+@click.option("--boxes-root", default=None, help="Folder of <video_id>/annotations.xml box files (default: sol.boxes_root).")
+@click.option("--annotated-only", is_flag=True, help="Only frames that have ground-truth boxes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@click.pass_obj
+def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_root, annotated_only, device):
+    """Draw sounding-object maps over video frames (PNG), for chosen videos of a sol run.
+
+    Each sampled frame (extract.sol_frames_per_segment per second) is decoded from the video file
+    named by the manifests of data.splits, overlaid with the run's attention map (jet colours,
+    values below sol.otsu_floor left uncoloured), the boxes found by Otsu + contours (green) and
+    the ground-truth boxes where the frame is annotated (red).
+
+    \b
+    Example:
+      avel-train render-sol --run data/runs/sol-stm-supervised/seed0-... \\
+                 --video=-5EoTUVneQA --out data/renders --store data/stores/ave_sol.zarr
+    """
+    from .tasks.sol import render_videos
+
+    setup_logging(obj["verbose"])
+    pipeline = resolve(obj["config"], obj["sets"])
+    try:
+        paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,
+                              boxes_root=boxes_root, annotated_only=annotated_only, device=device)
+    except (*_user_errors(), KeyError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(paths)} PNG files to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,24 @@ class TrainConfig:
 #: per-head overrides of each head's own ``Config`` dataclass: ``heads: {dmrn: {hidden: 64}}``;
 #: validated against that dataclass when the head is built
 HEAD_OVERRIDES = register_section("heads", dict[str, dict[str, Any]])
+
+
+@section("sol")
+@dataclasses.dataclass
+class SolConfig:
+    """Sounding-object localization (task ``sol``, STM head): ground truth and evaluation.
+    The store (``store.path`` / ``--store``) must hold ``frame_maps``, ``frame_index`` and
+    ``audio_maps`` (extractors ``resnet152_maps`` and ``vggish_maps``)."""
+
+    #: folder of CVAT box files, ``<video_id>/annotations.xml`` (the STM paper's AVE test boxes)
+    boxes_root: str = "data/boxes/ave"
+    #: evaluation frame: maps and boxes are compared on eval_size x eval_size (paper: 256); 0 = original size
+    eval_size: int = 256
+    #: cIoU map threshold tau on the min-max normalised map (paper: 0.5)
+    map_threshold: float = 0.5
+    #: map values below this are zeroed before Otsu (authors' find_bbox_in_heatmap: 0.5; 0 = off)
+    otsu_floor: float = 0.5
+    #: a frame counts as localized when its cIoU / IoU is at least this (cIoU@0.5, IoU@0.5)
+    success_threshold: float = 0.5
+    #: videos per forward pass when evaluating whole videos
+    eval_batch: int = 8

@@ -129,6 +129,10 @@ def plot_timelines(
     return _save(fig, path, plt)
 
 
+#: public names for other tasks' plots
+pyplot = _pyplot
+
+
 def _short(name: str, width: int = 10) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
@@ -139,3 +143,8 @@ def _save(fig, path: str | Path, plt) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save ``fig`` as PNG at ``path`` (folders created) and close it."""
+    return _save(fig, path, _pyplot())

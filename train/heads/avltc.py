@@ -37,6 +37,7 @@ Choices where the paper is silent (all in :class:`AVLTCConfig`):
   ``threshold_supervised: null`` uses the mean rule in the supervised setting (Table III's "mean" column).
 * Dropout (0.2) after W_at, W_vt, W_vp, W_ap.
 * The classifier is Linear(256, 128) + ReLU + Linear(128, C) (``classifier_hidden``).
+* ``train_defaults``: the paper gives Adam, lr 1e-3, batch 128 but no epoch count; 300 as AVEL's.
 * Weak loss: the segment logits are averaged over valid segments, then BCE-with-logits against the one-hot
   video label (CMRAN / PSP style). The trainer's ``weak_pool`` argument is ignored (the paper fixes it).
 

@@ -21,8 +21,9 @@ Paper -> code
 * weak: joint scores s_f = s x s_c [T, C], MIL pooling over time       -> :meth:`BMFNHead.loss`
 
 Stated sizes: d = 256, d_m = 2560, k (p) = 5, 4 heads, expansion ratio r = 2, W_1 (d_v -> d), W_2 (d -> d_v),
-W_3 (d_v -> 1), W_4 (d_v -> d), W_5 (d -> d_v), W_6 (d -> 1); Adam 5e-4 halved every 10 epochs, batch 32
-(the paper "freezes" the rate after 30 epochs; the public code's milestones 10, 20, 30 do that).
+W_3 (d_v -> 1), W_4 (d_v -> d), W_5 (d -> d_v), W_6 (d -> 1); Adam 5e-4 halved every 10 epochs, batch 32.
+The paper "freezes" the rate after 30 epochs (the public code: milestones 10, 20, 30, 200 epochs); a step
+schedule cannot freeze, so ``train_defaults`` stops at 30 epochs (lr 5e-4, 2.5e-4, 1.25e-4).
 
 Choices where the paper is silent or its notation is compact (all in :class:`BMFNConfig`):
 
@@ -44,6 +45,7 @@ Choices where the paper is silent or its notation is compact (all in :class:`BMF
   attention + LN only.
 * s_c has C - 1 outputs (foreground classes, "C ... foreground categories"); the video's class for the CE is
   ``video_label`` (videos without an event are left out of that term).
+* Inference uses s_t >= 0.5 as the paper writes (the public code: > 0.5; they differ only at exactly 0.5).
 * ``HeadOutput.scores`` is built so that its argmax is the paper's inference rule: foreground column c is
   log s_t + log s_c[c] - max_c log s_c (the best class scores log s_t), background is log(1 - s_t).
 * Weak: s_f = s_t * s_c, pooled over valid segments with ``weak_pool`` (max, deep MIL [18]), BCE against the

@@ -90,6 +90,8 @@ def build_metrics(pipeline, head_name: str, seed: int, model, data: TaskData, re
         "class_names": data.class_names,
         "samples": {name: len(split) for name, split in data.splits.items()},
         "skipped_samples": {name: len(split.skipped) for name, split in data.splits.items()},
+        # segments without real features (video shorter than T s); they still count in accuracy
+        "invalid_segments": {name: int((~split.valid).sum()) for name, split in data.splits.items()},
         "device": str(device),
         "train_seconds": result.train_seconds,
         "run_dir": str(run_dir),

@@ -157,7 +157,7 @@ def build_head(pipeline, head_name: str, num_classes: int, device: torch.device)
 # training and evaluation
 
 
-def training_batches(model, train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
+def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
                      generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos."""
     if flat is not None:
@@ -178,7 +178,7 @@ def train_one_epoch(model, optimizer, train: CmlSplit, flat, batch_size: int, ge
     """One pass; mean training loss per batch element."""
     model.train()
     total, count = 0.0, 0
-    for batch in training_batches(model, train, flat, batch_size, generator):
+    for batch in training_batches(train, flat, batch_size, generator):
         out = model(batch["audio"], batch["visual"])
         loss = model.loss(out, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -437,3 +437,25 @@ def plot_distances(res: CmlResult, split: CmlSplit, path: Path, title: str, coun
     from ..plots import _save
 
     return _save(fig, path, plt)
+
+
+def report_lines(results: list[dict[str, Any]]) -> str:
+    """What `avel-train --task cml` prints after the table: test A2V and V2A exact-match
+    accuracy (%) with the chance level of the same queries, mean ± std over seeds."""
+    from ..runs import mean_std
+
+    def cell(key: str) -> str:
+        values = [100 * r[key] for r in results if r.get(key) is not None]
+        if not values:
+            return "n/a"
+        if len(values) == 1:
+            return f"{values[0]:.1f}%"
+        mean, std = mean_std(values)
+        return f"{mean:.1f} ± {std:.1f}%"
+
+    n = len(results)
+    return (f"test A2V {cell('test_a2v_accuracy')}, V2A {cell('test_v2a_accuracy')} "
+            f"(chance {cell('test_chance_accuracy')}; exact start match{f', {n} seeds' if n > 1 else ''})")
+
+
+run.report_lines = report_lines

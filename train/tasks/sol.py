@@ -1,0 +1,473 @@
+"""Task "sol": sounding object localization with the STM head (Li, Tian & Xu, BMVC 2021).
+
+``run(pipeline, head_name, seed, run_dir)``:
+
+1. reads the train / val / test manifests against a store that holds the per-frame maps
+   (``frame_maps`` [N, T, F, 8, 8, 2048], ``frame_index`` [N, T, F], ``audio_maps``
+   [N, T, 6, 4, 512]; extractors ``resnet152_maps`` + ``vggish_maps``). The maps are far too big
+   to hold in memory (AVE: ~40 GB), so batches are read from the store as they are needed;
+2. trains as the paper (section 4.2): each sample is one random valid second of a video, its F
+   frames are the T = F timesteps (paper: 4), every frame paired with its second's audio map
+   (the store holds one VGGish patch per second), labelled with that second's class (background
+   included, section 3.4); Adam, the head's schedule (lr 1e-4, batch 128, 30 epochs);
+3. selects the epoch on per-frame event classification accuracy of the selection split
+   (``train.select_on``; no split but test has boxes);
+4. evaluates localization on the test videos that have a box file under ``sol.boxes_root``:
+   each video runs as one sequence of T x F frames (causal memory), and every sampled frame that
+   is annotated (``frame_index`` is the annotation's frame number) is scored with cIoU and box IoU
+   (:func:`train.sol.evaluate_frame`), giving cIoU@0.5 and IoU@0.5 (share of frames >= 0.5);
+5. writes the run directory (config.yaml, metrics.json, epochs.csv, checkpoint.safetensors,
+   learning_curves.png) plus ``localization_test.csv`` (one row per scored frame).
+
+``render_videos`` (``avel-train render-sol``) draws the maps and boxes of chosen videos over
+their decoded frames as PNG files.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from extract.manifest import read_manifest
+from extract.store import FeatureStore, StoreError, open_store
+
+from .. import sol
+from ..data import DataError, match_rows, resolve_device, split_manifest
+from ..loop import count_parameters, make_optimizer, resolve_schedule, seed_everything, selection_label, state_copy
+from ..registry import get_head, register_task
+from ..runs import write_run
+
+log = logging.getLogger(__name__)
+
+TASK = "sol"
+#: the store arrays the task reads
+MAP_ARRAYS = ("frame_maps", "frame_index", "audio_maps", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclasses.dataclass
+class SolSplit:
+    """Samples of one split: store ``rows`` [N], segment ``labels`` [N, T], ``valid`` [N, T]."""
+
+    name: str
+    sample_ids: list[str]
+    keys: list[str]
+    rows: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def videos(self) -> list[int]:
+        """Sample positions of the distinct store rows (first sample of each video)."""
+        first: dict[int, int] = {}
+        for i, r in enumerate(self.rows.tolist()):
+            first.setdefault(int(r), i)
+        return list(first.values())
+
+
+def open_map_store(path: str | Path) -> FeatureStore:
+    """Open a store and check it has the sounding-object arrays with consistent shapes."""
+    store = open_store(path)
+    names = store.array_names()
+    missing = [a for a in MAP_ARRAYS if a not in names]
+    if missing:
+        raise StoreError(
+            f"{store.path}: arrays {missing} are missing (has: {', '.join(names)}); extract them with "
+            "--set 'extract.extractors=[resnet152_maps,vggish_maps]'"
+        )
+    T = store.segments
+    maps, index, audio = (store.array(n).shape for n in ("frame_maps", "frame_index", "audio_maps"))
+    if len(maps) != 6 or maps[1] != T or tuple(index[1:]) != tuple(maps[1:3]) or len(audio) != 5 or audio[1] != T:
+        raise StoreError(f"{store.path}: frame_maps {maps}, frame_index {index}, audio_maps {audio} do not fit [N, T={T}, F, ...]")
+    return store
+
+
+def load_split(store: FeatureStore, name: str, manifest_path: Path, skip_incomplete: bool) -> tuple[SolSplit, list[str]]:
+    """Samples of ``manifest_path`` matched to store rows; returns the split and its class list."""
+    manifest = read_manifest(manifest_path)
+    keep, rows = match_rows(store, manifest, skip_incomplete)
+    T = store.segments
+    valid_all = np.asarray(store.read("valid"), dtype=bool)
+    split = SolSplit(
+        name=name,
+        sample_ids=[manifest.samples[i].sample_id for i in keep],
+        keys=[manifest.samples[i].key for i in keep],
+        rows=rows,
+        labels=manifest.segment_labels(T)[keep],
+        valid=valid_all[rows] if len(rows) else np.zeros((0, T), bool),
+    )
+    return split, manifest.classes
+
+
+def read_seconds(store: FeatureStore, rows: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The frames of one second per row: (frame_maps [B, F, 8, 8, Cv], audio_maps [B, 6, 4, Ca])."""
+    maps, audio = store.array("frame_maps"), store.array("audio_maps")
+    v = np.stack([np.asarray(maps[int(r), int(s)]) for r, s in zip(rows, seconds)])
+    a = np.stack([np.asarray(audio[int(r), int(s)]) for r, s in zip(rows, seconds)])
+    return v, a
+
+
+def sequence_inputs(frame_maps: np.ndarray, audio_maps: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole videos as frame sequences: frame_maps [B, T, F, h, w, Cv], audio_maps [B, T, 6, 4, Ca]
+    -> (audio [B, T*F, 6, 4, Ca], visual [B, T*F, h, w, Cv]) float32, each frame with its second's audio."""
+    B, T, F = frame_maps.shape[:3]
+    visual = torch.from_numpy(np.ascontiguousarray(frame_maps)).to(device).float().reshape(B, T * F, *frame_maps.shape[3:])
+    audio = torch.from_numpy(np.ascontiguousarray(audio_maps)).to(device).float()
+    audio = audio.repeat_interleave(F, dim=1)
+    return audio, visual
+
+
+def random_valid_seconds(valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One uniformly drawn valid second per row of ``valid`` [B, T] (rows without one: second 0)."""
+    out = np.zeros(len(valid), np.int64)
+    for i, v in enumerate(valid):
+        choices = np.flatnonzero(v)
+        out[i] = rng.choice(choices) if choices.size else 0
+    return out
+
+
+def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng: np.random.Generator,
+                     device) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches of one random valid second per sample (samples without any valid second
+    are left out): audio [B, F, 6, 4, Ca], visual [B, F, 8, 8, Cv], labels [B, F]."""
+    usable = np.flatnonzero(split.valid.any(1))
+    order = usable[rng.permutation(len(usable))]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seconds = random_valid_seconds(split.valid[idx], rng)
+        v, a = read_seconds(store, split.rows[idx], seconds)
+        F = v.shape[1]
+        visual = torch.from_numpy(v).to(device).float()
+        audio = torch.from_numpy(a).to(device).float()[:, None].expand(-1, F, -1, -1, -1)
+        labels = torch.from_numpy(split.labels[idx, seconds]).to(device)[:, None].expand(-1, F)
+        yield {"audio": audio, "visual": visual, "labels": labels}
+
+
+def train_one_epoch(model, optimizer, store, split: SolSplit, batch_size: int, rng, device) -> float:
+    """One pass over the split; mean loss per sample."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in training_batches(store, split, batch_size, rng, device):
+        out = model(batch["audio"], batch["visual"])
+        loss = model.loss(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = int(batch["labels"].shape[0])
+        total += float(loss.detach()) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, device) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Run whole videos (one sequence of T x F frames each) through the head.
+
+    Yields ``(row, logits [T, F, C], attention [T, F, h, w])`` per store row, in order."""
+    model.eval()
+    maps, audio = store.array("frame_maps"), store.array("audio_maps")
+    rows = [int(r) for r in rows]
+    for start in range(0, len(rows), max(1, batch)):
+        block = rows[start:start + batch]
+        fm = np.stack([np.asarray(maps[r]) for r in block])
+        am = np.stack([np.asarray(audio[r]) for r in block])
+        T, F = fm.shape[1:3]
+        a, v = sequence_inputs(fm, am, device)
+        out = model(a, v)
+        scores = out.scores.float().cpu().numpy().reshape(len(block), T, F, -1)
+        att = model.attention(out).float().cpu().numpy()
+        att = att.reshape(len(block), T, F, *att.shape[2:])
+        for i, r in enumerate(block):
+            yield r, scores[i], att[i]
+
+
+def classification_accuracy(model, store, split: SolSplit, batch: int, device) -> tuple[float, float]:
+    """(accuracy, loss) of per-frame event classes over the valid seconds of the split's samples."""
+    correct = total = 0
+    loss_sum = 0.0
+    outputs = {r: s for r, s, _ in video_outputs(model, store, sorted(set(split.rows.tolist())), batch, device)}
+    for i, r in enumerate(split.rows.tolist()):
+        scores = outputs[int(r)]  # T, F, C
+        T, F, C = scores.shape
+        keep = split.valid[i]
+        if not keep.any():
+            continue
+        logits = torch.from_numpy(scores[keep].reshape(-1, C))
+        labels = torch.from_numpy(np.repeat(split.labels[i][keep], F))
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += int(labels.numel())
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# localization
+
+
+@dataclasses.dataclass
+class FrameRow:
+    """One scored frame (boxes in the evaluation frame's pixels)."""
+
+    key: str
+    second: int
+    slot: int
+    frame: int
+    ciou: float
+    iou: float
+    pred_box: np.ndarray | None
+    gt_box: np.ndarray
+
+
+def load_boxes(root: Path, keys: Sequence[str]) -> dict[str, sol.VideoBoxes]:
+    """Box files of ``keys`` (store keys; the video id is the part before '@') under ``root``."""
+    files = sol.find_box_files(root)
+    out = {}
+    for key in keys:
+        vid = key.split("@", 1)[0]
+        if vid in files:
+            out[key] = sol.read_cvat_xml(files[vid], vid)
+    return out
+
+
+def localize_split(model, store: FeatureStore, split: SolSplit, boxes: dict[str, sol.VideoBoxes], cfg, device) -> list[FrameRow]:
+    """Score every annotated sampled frame of the split's videos that have boxes."""
+    positions = [i for i in split.videos() if split.keys[i] in boxes]
+    rows = [int(split.rows[i]) for i in positions]
+    key_of_row = {int(split.rows[i]): split.keys[i] for i in positions}
+    frame_index = store.array("frame_index")
+    valid_of_row = {int(split.rows[i]): split.valid[i] for i in positions}
+    out: list[FrameRow] = []
+    eval_size = cfg.eval_size or None
+    for r, _, att in video_outputs(model, store, rows, cfg.eval_batch, device):
+        key = key_of_row[r]
+        vb = boxes[key]
+        index = np.asarray(frame_index[r])
+        T, F = index.shape
+        for t in range(T):
+            if not valid_of_row[r][t]:
+                continue
+            for f in range(F):
+                k = int(index[t, f])
+                gt = vb.frames.get(k) if k >= 0 else None
+                if gt is None:
+                    continue
+                s = sol.evaluate_frame(att[t, f], gt, (vb.height, vb.width), eval_size, cfg.map_threshold, cfg.otsu_floor)
+                out.append(FrameRow(key, t, f, k, s.ciou, s.iou, s.pred_box, s.gt_box))
+    return out
+
+
+def write_frames_csv(path: Path, rows: Sequence[FrameRow]) -> Path:
+    """localization_<split>.csv: one row per scored frame."""
+    def box(b):
+        return "" if b is None else " ".join(f"{v:.1f}" for v in b)
+
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["key", "second", "slot", "frame", "ciou", "iou", "pred_box", "gt_box"])
+        for r in rows:
+            w.writerow([r.key, r.second, r.slot, r.frame, f"{r.ciou:.4f}", f"{r.iou:.4f}", box(r.pred_box), box(r.gt_box)])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the task
+
+
+def build_head(pipeline, head_name: str, num_classes: int, channels: tuple[int, int], device):
+    """The registered sol head with its ``heads.<name>`` overrides; the input channels must match the store's."""
+    head_cls = get_head(head_name)
+    if head_cls.task != TASK:
+        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {TASK!r}")
+    config = head_cls.make_config((pipeline.heads or {}).get(head_name))
+    cv, ca = channels
+    if getattr(config, "visual_channels", cv) != cv or getattr(config, "audio_channels", ca) != ca:
+        raise ValueError(
+            f"heads.{head_name}: visual_channels/audio_channels = {config.visual_channels}/{config.audio_channels}, "
+            f"but the store's maps have {cv}/{ca} channels"
+        )
+    return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config).to(device)
+
+
+def splits_to_load(pipeline) -> list[str]:
+    cfg = pipeline.train
+    names = [cfg.train_split, cfg.test_split]
+    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
+        names.append(cfg.val_split)
+    return list(dict.fromkeys(names))
+
+
+@register_task(TASK)
+def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one sounding-object head with one seed; write ``run_dir``; return the metrics."""
+    started = time.perf_counter()
+    cfg, scfg = pipeline.train, pipeline.sol
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    store = open_map_store(pipeline.path(pipeline.store.path))
+    splits, classes = {}, None
+    for name in splits_to_load(pipeline):
+        splits[name], cls = load_split(store, name, split_manifest(pipeline, name), cfg.skip_incomplete)
+        if classes is not None and cls != classes:
+            raise DataError(f"{split_manifest(pipeline, name)}: its class list differs from the other splits'")
+        classes = cls
+    num_classes = len(classes or []) + 1
+    channels = (int(store.array("frame_maps").shape[-1]), int(store.array("audio_maps").shape[-1]))
+    seed_everything(seed, device)
+    rng = np.random.default_rng(seed)
+    model = build_head(pipeline, head_name, num_classes, channels, device)
+    schedule = resolve_schedule(cfg, type(model))
+    log.info("head %s: %d parameters, %s", head_name, count_parameters(model), schedule.describe())
+
+    select_on = cfg.select_on
+    select_name = {"val": cfg.val_split, "test": cfg.test_split}.get(select_on)
+    if select_name is not None and select_name not in splits:
+        raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not configured")
+    optimizer, scheduler = make_optimizer(model, schedule)
+    train = splits[cfg.train_split]
+    best_acc, best_epoch, best_state, rows = -1.0, 0, state_copy(model), []
+    t_train = time.perf_counter()
+    for epoch in range(1, schedule.epochs + 1):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row["train_loss"] = train_one_epoch(model, optimizer, store, train, schedule.batch_size, rng, device)
+        if scheduler is not None:
+            scheduler.step()
+        if select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs):
+            acc, loss = classification_accuracy(model, store, splits[select_name], scfg.eval_batch, device)
+            row.update({f"{select_name}_loss": loss, f"{select_name}_accuracy": acc})
+            if acc > best_acc:
+                best_acc, best_epoch, best_state = acc, epoch, state_copy(model)
+        if select_on == "last":
+            best_epoch, best_state = epoch, None
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    if best_state is None:
+        best_state = state_copy(model)
+    model.load_state_dict(best_state)
+    train_seconds = time.perf_counter() - t_train
+
+    metrics: dict[str, Any] = {
+        "task": TASK, "head": head_name, "head_config": model.config_dict(), "param_count": count_parameters(model),
+        "setting": cfg.setting, "seed": seed, "selection": selection_label(select_on),
+        "selection_metric": "per-frame event classification accuracy (background included)",
+        "selected_epoch": best_epoch, "epochs": schedule.epochs,
+        "schedule": {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
+                     "weight_decay": schedule.weight_decay, "source": schedule.source, "batch_unit": "seconds (T = F frames)"},
+        "store": str(store.path), "store_fingerprint": store.fingerprint,
+        "samples": {n: len(s) for n, s in splits.items()},
+        "device": str(device), "train_seconds": train_seconds, "run_dir": str(run_dir),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "sol": dataclasses.asdict(scfg),
+    }
+    for role in ("val", "test"):
+        name = getattr(cfg, f"{role}_split")
+        metrics[f"{role}_accuracy"] = None
+        if name in splits:
+            metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = classification_accuracy(model, store, splits[name], scfg.eval_batch, device)
+    test = splits[cfg.test_split]
+    boxes_root = pipeline.path(scfg.boxes_root)
+    boxes = load_boxes(boxes_root, sorted(set(test.keys)))
+    frames = localize_split(model, store, test, boxes, scfg, device)
+    summary = sol.summarize([r.ciou for r in frames], [r.iou for r in frames], scfg.success_threshold)
+    tag = f"{scfg.success_threshold:g}"
+    metrics.update({
+        f"test_ciou@{tag}": summary[f"ciou@{tag}"], f"test_iou@{tag}": summary[f"iou@{tag}"],
+        "test_mean_ciou": summary["mean_ciou"], "test_mean_iou": summary["mean_iou"],
+        "test_frames": summary["frames"], "test_videos_with_boxes": len(boxes), "boxes_root": str(boxes_root),
+    })
+    if not frames:
+        log.warning("no annotated frame of the test split was scored (box files under %s: %d of %d test videos)",
+                    boxes_root, len(boxes), len(set(test.keys)))
+    metrics["wall_seconds"] = time.perf_counter() - started
+    checkpoint_meta = {"task": TASK, "head": head_name, "head_config": model.config_dict(), "num_classes": num_classes,
+                       "setting": cfg.setting, "seed": seed, "selected_epoch": best_epoch, "classes": list(classes or [])}
+    write_run(run_dir, pipeline, metrics, rows, best_state, checkpoint_meta)
+    write_frames_csv(run_dir / "localization_test.csv", frames)
+    from .. import plots
+
+    plots.plot_learning_curves(rows, run_dir / "learning_curves.png", f"{TASK} / {head_name}", best_epoch)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def find_video_file(pipeline, video_id: str, video_root: str | None = None) -> Path:
+    """The video file of ``video_id`` from the configured splits' manifests (path column,
+    relative to ``video_root`` or the split's ``video_root``)."""
+    for name, split_cfg in pipeline.data.splits.items():
+        if not split_cfg.manifest:
+            continue
+        path = pipeline.path(split_cfg.manifest)
+        if not path.is_file():
+            continue
+        for sample in read_manifest(path).samples:
+            if sample.video_id == video_id or sample.key == video_id:
+                p = Path(sample.path).expanduser()
+                if not p.is_absolute():
+                    root = Path(video_root) if video_root else (pipeline.path(split_cfg.video_root) if split_cfg.video_root else path.parent)
+                    p = root / p
+                return p
+    raise DataError(f"video {video_id!r} is in none of the manifests of data.splits ({', '.join(pipeline.data.splits) or 'none'})")
+
+
+def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | Path, *, pipeline=None,
+                  store_path: str | None = None, video_root: str | None = None, boxes_root: str | None = None,
+                  annotated_only: bool = False, device: str = "cpu") -> list[Path]:
+    """Draw each sampled frame of ``video_ids`` with the run's heat-map (jet), its Otsu/contour
+    boxes (green) and, where annotated, the ground-truth boxes (red); one PNG per frame under
+    ``out_dir/<video_id>/``. Returns the written paths."""
+    import decord
+
+    from extract.settings import load_pipeline
+
+    from ..checkpoint import build_head as load_head
+
+    run_dir = Path(run_dir)
+    model, meta = load_head(run_dir / "checkpoint.safetensors", device)
+    if pipeline is None:
+        pipeline = load_pipeline(run_dir / "config.yaml")
+    store = open_map_store(Path(store_path) if store_path else pipeline.path(pipeline.store.path))
+    scfg = pipeline.sol
+    root = Path(boxes_root) if boxes_root else pipeline.path(scfg.boxes_root)
+    files = sol.find_box_files(root) if root.is_dir() else {}
+    written: list[Path] = []
+    for vid in video_ids:
+        row = store.row_of(vid)
+        _, _, att = next(video_outputs(model, store, [row], 1, device))
+        index = np.asarray(store.array("frame_index")[row])
+        valid = np.asarray(store.read("valid", [row])[0], bool)
+        vb = sol.read_cvat_xml(files[vid.split("@")[0]]) if vid.split("@")[0] in files else None
+        reader = decord.VideoReader(str(find_video_file(pipeline, vid, video_root)), ctx=decord.cpu(0))
+        T, F = index.shape
+        for t in range(T):
+            for f in range(F):
+                k = int(index[t, f])
+                gt = vb.frames.get(k) if (vb is not None and k >= 0) else None
+                if k < 0 or not valid[t] or (annotated_only and gt is None):
+                    continue
+                frame = reader[k].asnumpy()
+                H, W = frame.shape[:2]
+                norm = sol.normalize_map(sol.resize_map(att[t, f], (H, W)))
+                image = sol.heatmap_overlay(frame, norm, alpha=0.5, floor=scfg.otsu_floor)
+                image = sol.draw_boxes(image, sol.boxes_from_map(norm, scfg.otsu_floor), (0, 255, 0))
+                if gt is not None:
+                    image = sol.draw_boxes(image, sol.scale_boxes(gt, (vb.height, vb.width), (H, W)), (255, 0, 0))
+                written.append(sol.save_png(Path(out_dir) / vid / f"t{t:02d}_f{f}_frame{k:05d}.png", image))
+        del reader
+    log.info("wrote %d PNG files to %s", len(written), out_dir)
+    return written
