@@ -40,53 +40,105 @@ verbose_option = click.option("-v", "--verbose", count=True, help="More log outp
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--split", default=None, help="Split to extract (a name under data.splits in pipeline.yaml).")
-@click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="Manifest CSV to extract instead of --split.")
+@click.option("--split", default=None, help="Split(s) to extract: a name under data.splits in pipeline.yaml, a comma list (train,val) or 'all'.")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="Manifest CSV to extract instead of (or besides) --split.")
 @click.option("--video-root", type=click.Path(file_okay=False), default=None, help="Folder the manifest's paths are relative to (default: the split's video_root, else the manifest's folder).")
-@click.option("--store", default=None, help="Feature store to write (default: store.path).")
-@click.option("--weights", type=click.Choice(["pretrained", "random"]), default=None, help="'random' = random VGG-19 and VGGish weights (tests, offline demo); recorded in the store. Default: pretrained weights, which must be available locally (see README).")
-@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: extract.device).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision).")
-@click.option("--workers", type=int, default=None, help="Decode worker processes (default: all cores).")
+@click.option("--store", default=None, help="Feature store to write (default: store.path). Created if absent; new videos are appended.")
+@click.option("--weights", type=click.Choice(["pretrained", "random"]), default=None, help="'random' = random VGG-19 and VGGish weights (tests, offline demo, benchmarks); recorded in the store. Default: pretrained weights, which must be available locally (see README).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: extract.device; auto = cuda if available). On CPU torch uses all cores.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision); part of the store fingerprint.")
+@click.option("--workers", type=int, default=None, help="Decode worker processes (default: extract.decode_workers, else all cores).")
+@click.option("--timeout", "timeout", type=float, default=None, help="Seconds one video may take to decode before its worker is killed and the video marked failed (default: extract.decode_timeout_s).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and the final summary only).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 @config_option
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, print_config, config, sets, verbose):
+def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, timeout, no_progress,
+         print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
     \b
     Examples:
       avel-extract --split train
+      avel-extract --split all --workers 16
       avel-extract --manifest manifests/ave/test.csv --video-root data/ave/videos --store data/stores/ave.zarr
+      avel-extract --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
       avel-extract demo              # generate the offline demo dataset
-    Run again after an interruption: only missing videos are computed.
+
+    \b
+    Run the same command again after an interruption (crash, kill, power cut): only the missing
+    store shards are computed, and the result equals an uninterrupted run's bit for bit.
+    Bad videos never stop a run: they are marked failed, with the reason in the store's
+    'reason' array and in <store>/logs/failures.jsonl. Only one avel-extract may write a store
+    at a time (a second one is refused, naming the first).
+
+    \b
+    Exit codes: 0 all requested videos extracted; 1 some video failed (see the summary);
+    2 the run could not start (configuration, manifest, store, lock or weights problem).
     """
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = {"config": config, "sets": sets, "verbose": verbose}
-        return
-    setup_logging(verbose)
     extra: dict = {"extract": {}, "store": {}}
     if weights == "random":
         extra["extract"].update(visual_weights="random", audio_weights="random")
+    elif weights == "pretrained":
+        extra["extract"].update(visual_weights="imagenet", audio_weights="vggish")
     if device:
         extra["extract"]["device"] = device
     if precision:
         extra["extract"]["precision"] = precision
     if workers is not None:
         extra["extract"]["decode_workers"] = workers
+    if timeout is not None:
+        extra["extract"]["decode_timeout_s"] = timeout
     if store:
         extra["store"]["path"] = store
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"config": config, "sets": sets, "verbose": verbose, "extra": extra, "weights": weights}
+        return
+    setup_logging(verbose)
     pipeline = resolve(config, sets, extra)
-    click.echo(pipeline.dump(), err=True)
+    if print_config or verbose:
+        click.echo(pipeline.dump(), err=not print_config)
     if print_config:
         return
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
     from .run import run_extraction_cli
 
-    sys.exit(run_extraction_cli(pipeline, split=split, manifest=manifest, video_root=video_root))
+    sys.exit(run_extraction_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress))
+
+
+@main.command("bench")
+@click.option("--clips", required=True, help="Folder of video files, or a glob pattern ('clips/*.mp4').")
+@click.option("--limit", type=int, default=None, help="Use only the first N clips.")
+@click.option("--vgg-seconds", type=float, default=10.0, show_default=True, help="How long to time the VGG-19 forwards.")
+@click.option("--keep-store", type=click.Path(file_okay=False), default=None, help="Write the end-to-end store here (default: a temporary folder, deleted).")
+@click.pass_obj
+def bench(obj, clips, limit, vgg_seconds, keep_store):
+    """Throughput benchmark: VGG-19 only (frames/s), decode only (videos/s), end to end (videos/s).
+
+    \b
+    Prints the three figures, the bound min(VGG-bound videos/s, decode videos/s) and the ratio
+    end-to-end / bound. Uses the configuration of the main command's options, e.g.
+      avel-extract --device cuda --precision bf16 bench --clips data/ave/videos --limit 200
+    Weights are random unless --weights pretrained is given (throughput does not depend on them).
+    """
+    from .bench import find_clips, run_benchmark
+
+    setup_logging(obj["verbose"])
+    extra = obj["extra"]
+    if obj.get("weights") is None:
+        extra["extract"].update(visual_weights="random", audio_weights="random")
+    pipeline = resolve(obj["config"], obj["sets"], extra)
+    try:
+        paths = find_clips(clips)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if limit:
+        paths = paths[:limit]
+    result = run_benchmark(pipeline, paths, vgg_seconds=vgg_seconds, keep_store=keep_store)
+    click.echo(result.text())
 
 
 @main.command("manifest-ave")

@@ -279,6 +279,8 @@ class RunSummary:
     skipped: int = 0
     failed_total: int = 0
     seconds: float = 0.0
+    #: seconds from "all decode workers started" to the end (throughput without start-up costs)
+    steady_seconds: float = 0.0
 
     @property
     def videos_per_s(self) -> float:
@@ -302,9 +304,10 @@ class RunSummary:
 
 
 def _set_cpu_threads(device: str) -> None:
+    """On CPU, torch uses every core (logical CPUs) unless OMP_NUM_THREADS says otherwise."""
     import torch
 
-    if not str(device).startswith("cuda"):
+    if not str(device).startswith("cuda") and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(os.cpu_count() or 1)
 
 
@@ -378,8 +381,9 @@ class _Prefetch:
             raise RuntimeError("decode prefetch ended early")
         return item
 
-    def close(self) -> None:
+    def close(self, pool) -> None:
         self.stop.set()
+        pool.cancel()
         self.thread.join(timeout=30)
 
 
@@ -478,6 +482,8 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) 
         prefetch = None
         try:
             pool.start()
+            pool.wait_ready()
+            steady_start = time.monotonic()
             prefetch = _Prefetch(pool, decode_fn, tasks, maxsize=store.rows_per_shard + workers)
             for shard, members in todo:
                 decoded = [prefetch.get() for _ in members]
@@ -486,9 +492,10 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) 
                 summary.failed += failed
                 bar.update(len(members))
                 bar.set_postfix(failed=summary.failed, refresh=False)
+            summary.steady_seconds = time.monotonic() - steady_start
         finally:
             if prefetch is not None:
-                prefetch.close()
+                prefetch.close(pool)
             pool.close()
             bar.close()
     status = store.status()
@@ -509,8 +516,8 @@ def _finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Vide
     rows = store.shard_rows(shard)
     names = [name for name, _ in store.group.arrays() if name not in ("ids", "status", "reason")]
     values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
-    status = store.status()[rows.start: rows.stop].copy()
-    reason = store.reasons()[rows.start: rows.stop].astype(object)
+    status = np.asarray(store.group["status"][rows.start: rows.stop], dtype=np.int8).copy()
+    reason = np.asarray(store.group["reason"][rows.start: rows.stop]).astype(str).astype(object)
     failures, done, failed = [], 0, 0
     for i, (row, request) in enumerate(members):
         local = row - rows.start

@@ -172,6 +172,9 @@ class ResNet152MapsExtractor(Extractor):
                 maps[v][t, f] = feature.transpose(1, 2, 0).astype(np.float16)
         rows = []
         for video, frame_maps in zip(videos, maps):
+            if not np.isfinite(frame_maps).all():
+                log.warning("resnet152_maps: %s: some map values exceed the float16 range and are stored as inf "
+                            "(expected only with untrained weights)", video.key)
             valid_frames = video.frame_valid[grid]
             times, index = self._frame_times(video, grid)
             valid = valid_frames.sum(1) >= max(1, int(np.ceil(self.min_valid_fraction * F)))

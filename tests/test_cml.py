@@ -2,7 +2,6 @@
 (shapes, finiteness, gradients, determinism, parameter counts, losses against hand formulas)."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np

@@ -14,7 +14,6 @@ import yaml
 
 from extract.manifest import Sample, write_manifest
 from extract.settings import load_pipeline
-from train import cml
 from train.registry import get_head, get_task
 from train_testutils import write_store
 
@@ -158,7 +157,7 @@ def test_training_pairs_and_queries_of_a_split(dataset):
     data = load_from_pipeline(pipeline_for(dataset, "avdln"), ["train", "val", "test"])
     split = make_cml_split(data, "train", pooled_visual=True)
     samples = dataset["samples"]["train"]
-    assert split.visual.shape == (len(samples), T, 1, 1, 512)
+    assert split.visual(slice(None)).shape == (len(samples), T, 1, 1, 512)
     for i, s in enumerate(samples):
         expected = np.zeros(T, np.float32)
         expected[s.onset:s.offset] = 1
@@ -215,3 +214,53 @@ def test_cli_runs_cml_with_two_seeds(dataset):
     values = summary["test_a2v_accuracy"]["values"]
     assert summary["test_a2v_accuracy"]["mean"] == pytest.approx(np.mean(values))
     assert "test_chance_accuracy" in summary
+
+
+def test_task_initialises_coattention_from_a_relative_init_from_path(dataset):
+    """`--set heads.coattention-cml.init_from=sup.safetensors` (relative to pipeline.yaml's folder):
+    with a vanishing learning rate the trained CSPA/CSEA/BLSTM weights stay those of the file."""
+    from train.checkpoint import load_checkpoint, save_checkpoint
+
+    sup_cls = get_head("coattention")
+    torch.manual_seed(5)
+    supervised = sup_cls(2, config=sup_cls.make_config(SMALL_COATTENTION["attention"]))
+    save_checkpoint(dataset["root"] / "sup.safetensors", supervised.state_dict(), {"head": "coattention"})
+    overrides = {
+        "train": {"head": "coattention-cml", "epochs": 1, "lr": 1e-12, "device": "cpu"},
+        "heads": {"coattention-cml": {**SMALL_COATTENTION, "init_from": "sup.safetensors"}},
+    }
+    run_dir = dataset["root"] / "runs" / "init"
+    get_task("cml")(load_pipeline(dataset["pipeline"], overrides), "coattention-cml", 0, run_dir)
+    state, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
+    assert meta["head_config"]["init_from"] == "sup.safetensors"
+    sup_state = supervised.state_dict()
+    taken = [k for k in state if k.startswith(("cspa.", "csea.", "stream_cspa.lstm_", "stream_csea.lstm_"))]
+    assert len(taken) > 10
+    for k in taken:
+        torch.testing.assert_close(state[k], sup_state[k], rtol=0, atol=1e-8)
+
+
+def test_queries_of_videos_with_missing_segments_are_skipped_and_their_pairs_masked(tmp_path):
+    from train.data import load_task_data
+    from train.tasks.cml import make_cml_split
+
+    rng = np.random.default_rng(0)
+    rows = [Sample(f"s{i}", f"v{i}", "x.mp4", "event", on, off, "test") for i, (on, off) in enumerate([(1, 4), (2, 5), (0, 3)])]
+    # a second event in video v0 (another manifest row of the same video): pair labels are the union
+    rows.append(Sample("s3", "v0", "x.mp4", "event", 6, 8, "test"))
+    manifest = write_manifest(tmp_path / "test.csv", rows, ["event"])
+    visual, audio = latent_features([(1, 4), (2, 5), (0, 3)], rng)
+    valid = np.ones((3, T), bool)
+    valid[1, 9] = False  # v1 lacks its last second
+    write_store(tmp_path / "s.zarr", ["v0", "v1", "v2"], visual, audio, valid, T)
+    data = load_task_data(tmp_path / "s.zarr", {"test": manifest})
+    split = make_cml_split(data, "test", pooled_visual=True)
+    assert split.keys == ["v0", "v1", "v2"]
+    assert [q.sample_id for q in split.queries] == ["s0", "s2", "s3"] and split.skipped_queries == ["s1"]
+    assert split.query_video.tolist() == [0, 2, 0]
+    np.testing.assert_array_equal(split.match[0].numpy(), [0, 1, 1, 1, 0, 0, 1, 1, 0, 0])
+    flat = split.flat_segments()
+    assert flat["audio"].shape[0] == 3 * T - 1  # the missing second is no training pair
+    # pooled visual = mean over the 7x7 map of the stored (float16) features
+    np.testing.assert_allclose(split.visual(slice(None))[2, 0, 0, 0].numpy(),
+                               visual[2, 0].astype(np.float32).mean(axis=(0, 1)), rtol=1e-5, atol=1e-5)

@@ -85,3 +85,19 @@ def test_evaluate_split_matches_numpy_reference():
     np.testing.assert_array_equal(res.predictions, expected_pred)
     assert res.accuracy == pytest.approx((expected_pred == labels).mean())
     assert res.total == N * T
+
+
+def test_timeline_samples_prefer_videos_with_event_and_background(tmp_path):
+    from train.plots import choose_timeline_samples, plot_timelines
+
+    bg = 3
+    labels = np.array([[bg] * 4, [0, 0, bg, bg], [1] * 4, [bg, 2, 2, bg], [bg, bg, bg, 1]])
+    mixed = {1, 3, 4}
+    two = choose_timeline_samples(labels, bg, 2, seed=0)
+    assert len(two) == 2 and set(two) <= mixed
+    assert two == choose_timeline_samples(labels, bg, 2, seed=0)  # reproducible
+    four = choose_timeline_samples(labels, bg, 4, seed=0)
+    assert mixed <= set(four) and len(set(four)) == 4
+    assert choose_timeline_samples(labels, bg, 9) == [0, 1, 2, 3, 4]
+    png = plot_timelines(labels, labels, [f"v{i}" for i in range(5)], ["a", "b", "c", "bg"], tmp_path / "t.png", two)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

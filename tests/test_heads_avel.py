@@ -184,6 +184,7 @@ def test_bilinear_and_gated_bilinear(pair):
     expected = torch.stack([torch.stack([a[n] @ W[k] @ v[n] for k in range(5)]) for n in range(4)]) + b
     torch.testing.assert_close(m(a, v), expected)
     torch.testing.assert_close(m(a[None], v[None])[0], expected)  # leading dims
+    torch.testing.assert_close(m(a, v), m.bilinear(a, v))  # same map as torch's Bilinear
     g = fz.GatedMultimodalBilinear(6, 10, 5).double()
     g.bilinear.load_state_dict(m.bilinear.state_dict())
     torch.testing.assert_close(g(a, v), expected * torch.sigmoid(lin(g.gate_a, a)))

@@ -12,8 +12,8 @@ from train.registry import get_head, head_names
 
 torch.set_num_threads(2)
 
-B, T, C = 3, 10, 29
-STEPS = 6
+B, T, C = 2, 10, 29
+STEPS = 4
 
 
 def learnable_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ def test_temporal_attention_is_eq2_with_causal_window():
         torch.testing.assert_close(out[0, t], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(weights[0, t, : len(steps)], w, rtol=1e-5, atol=1e-6)
         assert float(weights[0, t, len(steps):].detach().sum()) == 0.0
-    assert float(weights[0, 0, 0]) == 1.0  # the first step only sees itself
+    assert float(weights[0, 0, 0].detach()) == 1.0  # the first step only sees itself
 
 
 def _inputs(B=2, T=5, Cv=12, Ca=6, seed=0):
@@ -119,7 +119,7 @@ def test_loss_is_per_timestep_cross_entropy():
 # synthetic sounding object
 
 
-def _scenes(n, rng, pv, pa, T=4, noise=0.5, anoise=1.0):
+def _scenes(n, rng, pv, pa, T=4, noise=0.2, anoise=1.0):
     """Two 3x3 objects moving on an 8x8 map: the sounding one carries the visual pattern of the
     class whose audio pattern is in the audio map, the other (silent) one another class's.
     Returns audio [n, T, 6, 4, Ca], visual [n, T, 8, 8, Cv], class [n], gt boxes [n, T, 4]
@@ -182,6 +182,6 @@ def test_head_localizes_synthetic_sounding_object_better_than_centre_box():
     base = sol.summarize(centre_cious, centre_ious)
     print("stm:", ours, "centre box:", base)
     assert (out.scores.argmax(-1).numpy() == yt[:, None]).mean() > 0.9
-    assert ours["mean_iou"] > 2 * base["mean_iou"] and ours["mean_iou"] > 0.25, (ours, base)
+    assert ours["mean_iou"] > 2 * base["mean_iou"], (ours, base)
     assert ours["iou@0.5"] > base["iou@0.5"] + 0.1, (ours, base)
-    assert ours["mean_ciou"] > 1.5 * base["mean_ciou"], (ours, base)
+    assert ours["mean_ciou"] > 2 * base["mean_ciou"], (ours, base)

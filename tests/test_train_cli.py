@@ -157,6 +157,7 @@ def test_bench_subcommand_on_a_tiny_store(tmp_path):
     assert ours["schedule_s"] == pytest.approx(ours["load_s"] + 10 * (ours["epoch_s"] + ours["eval_s"]))
     assert ref["schedule_s"] == pytest.approx(ref["load_s"] + 10 * ref["epoch_s"] + 2 * ref["eval_s"])
     assert r["epoch_speedup"] == pytest.approx(ref["epoch_s"] / ours["epoch_s"])
+    assert r["data_speedup"] == pytest.approx(ref["data_epoch_s"] / ours["data_epoch_s"])
     # both trainers read the same numbers: the h5 copy is the store's float16 values as float32
     from extract.store import open_store
 

@@ -13,10 +13,12 @@ made once under ``workdir``) and the same features written as the reference code
   one batch every 5 epochs.
 
 Both use the same head (default ``dmrn``), Adam 1e-3, batch 64, the head's own loss. Reported:
-seconds per epoch, load time, and the extrapolated full schedule (``schedule_epochs``, AVEL: 300).
+seconds per epoch, load time, and the extrapolated full schedule (``schedule_epochs``, AVEL: 300);
+and, to isolate the data path, the time to assemble one epoch's batches without any model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -107,6 +109,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stopwatch:
+    """Records wall seconds (``<key>_s``) and this process's CPU seconds (``<key>_cpu_s``, all
+    threads) of timed blocks; CPU seconds stay comparable when other jobs share the machine."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, repeats: int = 1):
+        _sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        _sync(self.device)
+        self.times[f"{key}_s"] = (time.perf_counter() - wall) / repeats
+        self.times[f"{key}_cpu_s"] = (time.process_time() - cpu) / repeats
+
+
 def _build(head_name: str, device: torch.device, seed: int = 0):
     from .registry import get_head
 
@@ -117,27 +137,27 @@ def _build(head_name: str, device: torch.device, seed: int = 0):
 
 
 def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
-    from .data import load_task_data
+    """Load once (``load``), assemble an epoch of batches (``data_epoch``), train (``epoch``),
+    one validation pass (``eval``)."""
+    from .data import iterate_batches, load_task_data
     from .evaluate import evaluate_split
     from .loop import train_one_epoch
 
-    t0 = time.perf_counter()
-    data = load_task_data(paths["store"], {k: paths["manifests"][k] for k in ("train", "val")}, device=device)
-    _sync(device)
-    load_s = time.perf_counter() - t0
+    timed = Stopwatch(device)
+    with timed("load"):
+        data = load_task_data(paths["store"], {k: paths["manifests"][k] for k in ("train", "val")}, device=device)
     model, optimizer = _build(head_name, device)
     gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        train_one_epoch(model, optimizer, data.bank, data.splits["train"], batch_size, gen)
-    _sync(device)
-    epoch_s = (time.perf_counter() - t0) / epochs
-    t0 = time.perf_counter()
-    evaluate_split(model, data.bank, data.splits["val"], data.num_classes)
-    _sync(device)
-    eval_s = time.perf_counter() - t0
+    with timed("data_epoch"):
+        for batch in iterate_batches(data.bank, data.splits["train"], batch_size, shuffle=True, generator=gen):
+            batch["visual"].sum()  # touch the batch, as a forward pass would
+    with timed("epoch", epochs):
+        for _ in range(epochs):
+            train_one_epoch(model, optimizer, data.bank, data.splits["train"], batch_size, gen)
+    with timed("eval"):
+        evaluate_split(model, data.bank, data.splits["val"], data.num_classes)
     del data
-    return {"load_s": load_s, "epoch_s": epoch_s, "eval_s": eval_s}
+    return timed.times
 
 
 def time_reference_loop(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
@@ -145,18 +165,18 @@ def time_reference_loop(paths: dict, head_name: str, device: torch.device, epoch
     import h5py
 
     h5 = paths["h5"]
-    t0 = time.perf_counter()
-    with h5py.File(h5["train_order"], "r") as f:
-        order = f["order"][:]
-    with h5py.File(h5["test_order"], "r") as f:
-        test_order = f["order"][:]
-    with h5py.File(h5["audio_feature"], "r") as f:
-        audio_all = f["avadataset"][:]
-    with h5py.File(h5["labels"], "r") as f:
-        labels_all = f["avadataset"][:]
-    with h5py.File(h5["visual_feature"], "r") as f:
-        visual_all = f["avadataset"][:]
-    load_s = time.perf_counter() - t0
+    timed = Stopwatch(device)
+    with timed("load"):
+        with h5py.File(h5["train_order"], "r") as f:
+            order = f["order"][:]
+        with h5py.File(h5["test_order"], "r") as f:
+            test_order = f["order"][:]
+        with h5py.File(h5["audio_feature"], "r") as f:
+            audio_all = f["avadataset"][:]
+        with h5py.File(h5["labels"], "r") as f:
+            labels_all = f["avadataset"][:]
+        with h5py.File(h5["visual_feature"], "r") as f:
+            visual_all = f["avadataset"][:]
     model, optimizer = _build(head_name, device)
 
     def batch_of(lis, b, size, vb, ab, lb):
@@ -173,30 +193,29 @@ def time_reference_loop(paths: dict, head_name: str, device: torch.device, epoch
     ab = np.zeros((batch_size, T, 128), np.float32)
     lb = np.zeros((batch_size, T, NUM_EVENTS + 1), np.float32)
     nb_batch = len(order) // batch_size
-    model.train()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
+    with timed("data_epoch"):
         for b in range(nb_batch):
-            batch = batch_of(order, b, batch_size, vb, ab, lb)
-            optimizer.zero_grad()
-            loss = model.loss(model(batch["audio"], batch["visual"]), batch)
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())
-    _sync(device)
-    epoch_s = (time.perf_counter() - t0) / epochs
+            batch_of(order, b, batch_size, vb, ab, lb)["visual"].sum()
+    model.train()
+    with timed("epoch", epochs):
+        for _ in range(epochs):
+            for b in range(nb_batch):
+                batch = batch_of(order, b, batch_size, vb, ab, lb)
+                optimizer.zero_grad()
+                loss = model.loss(model(batch["audio"], batch["visual"]), batch)
+                loss.backward()
+                optimizer.step()
+                float(loss.detach())
     n_test = len(test_order)
     tv = np.zeros((n_test, T, 7, 7, 512), np.float32)
     ta = np.zeros((n_test, T, 128), np.float32)
     tl = np.zeros((n_test, T, NUM_EVENTS + 1), np.float32)
-    t0 = time.perf_counter()
     model.eval()
-    with torch.no_grad():
+    with timed("eval"), torch.no_grad():
         batch = batch_of(test_order, 0, n_test, tv, ta, tl)
         model(batch["audio"], batch["visual"]).scores.cpu().numpy()
-    eval_s = time.perf_counter() - t0
     del visual_all
-    return {"load_s": load_s, "epoch_s": epoch_s, "eval_s": eval_s}
+    return timed.times
 
 
 def _default_head() -> str:
@@ -220,13 +239,19 @@ def run_benchmark(workdir: Path, *, head_name: str | None = None, rows: int = 41
     paths = make_synthetic(Path(workdir), rows)
     ours = time_this_trainer(paths, head_name, dev, epochs, batch_size)
     ref = time_reference_loop(paths, head_name, dev, epochs, batch_size)
-    ours["schedule_s"] = ours["load_s"] + schedule_epochs * (ours["epoch_s"] + ours["eval_s"])
-    ref["schedule_s"] = ref["load_s"] + schedule_epochs * ref["epoch_s"] + (schedule_epochs / REF_EVAL_EVERY) * ref["eval_s"]
+    for suffix in ("_s", "_cpu_s"):
+        ours[f"schedule{suffix}"] = ours[f"load{suffix}"] + schedule_epochs * (ours[f"epoch{suffix}"] + ours[f"eval{suffix}"])
+        ref[f"schedule{suffix}"] = (ref[f"load{suffix}"] + schedule_epochs * ref[f"epoch{suffix}"]
+                                    + (schedule_epochs / REF_EVAL_EVERY) * ref[f"eval{suffix}"])
     result = {
         "head": head_name, "rows": rows, "train_samples": paths["sizes"]["train"], "batch_size": batch_size,
         "timed_epochs": epochs, "schedule_epochs": schedule_epochs, "device": str(dev), "torch_threads": torch.get_num_threads(),
         "machine": machine_description(dev), "this_trainer": ours, "reference_loop": ref,
         "epoch_speedup": ref["epoch_s"] / ours["epoch_s"], "schedule_speedup": ref["schedule_s"] / ours["schedule_s"],
+        "data_speedup": ref["data_epoch_s"] / ours["data_epoch_s"],
+        "epoch_speedup_cpu": ref["epoch_cpu_s"] / ours["epoch_cpu_s"],
+        "schedule_speedup_cpu": ref["schedule_cpu_s"] / ours["schedule_cpu_s"],
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -248,14 +273,19 @@ def machine_description(device: torch.device) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    """Wall-clock and process-CPU seconds of both trainers as a small table."""
     o, f = r["this_trainer"], r["reference_loop"]
-    schedule_head = f"{r['schedule_epochs']} epochs s"
     lines = [
         f"benchmark: head {r['head']}, {r['rows']} videos ({r['train_samples']} train), batch {r['batch_size']}, "
-        f"{r['device']} ({r['machine']}, torch threads {r['torch_threads']}), {r['timed_epochs']} timed epoch(s)",
-        f"{'':<22}{'load s':>9}{'s/epoch':>10}{'eval s':>9}{schedule_head:>16}",
+        f"{r['device']} ({r['machine']}, torch threads {r['torch_threads']}), {r['timed_epochs']} timed epoch(s), "
+        f"load average {r['load_average']}",
+        f"{'':<28}{'load':>8}{'batches':>9}{'epoch':>9}{'eval':>8}{str(r['schedule_epochs']) + ' epochs':>12}",
     ]
     for name, v in (("this trainer", o), ("reference-style loop", f)):
-        lines.append(f"{name:<22}{v['load_s']:>9.1f}{v['epoch_s']:>10.2f}{v['eval_s']:>9.2f}{v['schedule_s']:>16.0f}")
-    lines.append(f"speed-up: {r['epoch_speedup']:.2f}x per epoch, {r['schedule_speedup']:.2f}x for the full schedule")
+        for kind, suffix in (("wall s", "_s"), ("cpu s", "_cpu_s")):
+            cells = [v[f"{k}{suffix}"] for k in ("load", "data_epoch", "epoch", "eval")]
+            lines.append(f"{name + ' ' + kind:<28}{cells[0]:>8.1f}{cells[1]:>9.2f}{cells[2]:>9.2f}{cells[3]:>8.2f}{v[f'schedule{suffix}']:>12.0f}")
+    lines.append(f"speed-up (wall): {r['epoch_speedup']:.2f}x per epoch, {r['schedule_speedup']:.2f}x for the full schedule; "
+                 f"(cpu): {r['epoch_speedup_cpu']:.2f}x, {r['schedule_speedup_cpu']:.2f}x; "
+                 f"batch assembly alone ('batches', no model): {r['data_speedup']:.2f}x")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--head", type=RegistryChoice(_head_names), default=None, help="Head to train (default: train.head). See --list-heads.")
+@click.option("--head", type=RegistryChoice(_head_names), default=None, metavar="NAME", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads.")
 @click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
 @click.option("--setting", type=click.Choice(["supervised", "weak"]), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment.")
 @click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4; several seeds report mean ± std (default: train.seeds).")
@@ -85,7 +85,8 @@ def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_si
     Examples:
       avel-train --head dmrn
       avel-train --head dmrn --seeds 0-4 --store data/stores/ave.zarr
-      avel-train --head avga --setting weak --set train.weak_pool=max
+      avel-train --head a+v-att --setting weak --set train.weak_pool=max
+      avel-train --list-heads
       avel-train import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
                  --annotations Annotations.txt --store data/stores/ave-public.zarr
     """

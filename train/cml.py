@@ -22,14 +22,9 @@ This module needs numpy only.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Iterable, Sequence
 
 import numpy as np
-
-log = logging.getLogger(__name__)
-
-DIRECTIONS = ("a2v", "v2a")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,6 +128,9 @@ def open_checked_store(path: str | Path, segments: int | None = None) -> Feature
     file and every mismatch.
     """
     store = open_store(path)
+    from extract.cache import require_complete
+
+    require_complete(store)  # a feature set still being written (complete: false) is refused
     T = store.segments
     if segments is not None and T != segments:
         raise StoreError(f"{store.path}: store has T={T} segments per video, expected {segments}")

@@ -56,6 +56,8 @@ __all__ = [
     "heatmap_overlay",
     "draw_boxes",
     "save_png",
+    "scale_boxes",
+    "frame_boxes",
 ]
 
 

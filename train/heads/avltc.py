@@ -3,15 +3,16 @@ exploiting long-term correlation" (audio-visual long-term correlation network: T
 
 Paper -> code
 -------------
-* AGVA (Tian et al. eq. 2-4), the spatial maps S_map               -> :class:`train.heads.layers.AudioGuidedVisualAttention`
-* eq. 1-4 (V_fd, V_ft, A_fd, A_ft of the temporal selection module)  -> :meth:`TimeSpatialGuidedAttention.temporal_weights`
-* eq. 5 (T_m = softmax(V_ft + A_ft))                                 -> :meth:`TimeSpatialGuidedAttention.temporal_weights`
-* eq. 6 (V_d = softmax(T_m S_map) V)                                 -> :meth:`TimeSpatialGuidedAttention.forward`
-* Bi-LSTM per modality                                               -> ``lstm_audio``, ``lstm_visual``
-* eq. 7-10 (C_at, C_vt, C_vh, theta_t) and the threshold delta(.)    -> :meth:`PositiveTimeResidualFusion.correlation`,
-  :func:`threshold_correlation`
-* eq. 11-13 (V_paf, A_paf, F_paf)                                    -> :meth:`PositiveTimeResidualFusion.forward`
-* classifier of two FC layers; CE (supervised), average pooling + BCE (weak) -> ``classifier``, :meth:`AVLTCHead.loss`
+* AGVA (Tian et al. eq. 2-4), its maps S_map -> :class:`train.heads.layers.AudioGuidedVisualAttention`
+* eq. 1-4 (V_fd, V_ft, A_fd, A_ft)           -> :meth:`TimeSpatialGuidedAttention.temporal_weights`
+* eq. 5 (T_m = softmax(V_ft + A_ft))         -> :meth:`TimeSpatialGuidedAttention.temporal_weights`
+* eq. 6 (V_d = softmax(T_m S_map) V)         -> :meth:`TimeSpatialGuidedAttention.forward`
+* Bi-LSTM per modality                       -> ``lstm_audio``, ``lstm_visual``
+* eq. 7-10 (C_at, C_vt, C_vh, theta_t)       -> :meth:`PositiveTimeResidualFusion.correlation`
+* theta_t = theta_t delta(theta_t)           -> :func:`threshold_correlation`
+* eq. 11-13 (V_paf, A_paf, F_paf)            -> :meth:`PositiveTimeResidualFusion.forward`
+* classifier of two FC layers                -> ``classifier``
+* CE (supervised), average pooling + BCE (weak) -> :meth:`AVLTCHead.loss`
 
 Stated sizes: visual 7x7x512 (S = 49, D_v = 512), audio D_a = 128; c = 2 x event categories
 (AVE: 2 x 28 = 56); threshold epsilon = 0.0599 supervised, mean(C_vt C_at) weak; dropout 0.2 in the linear

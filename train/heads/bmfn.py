@@ -10,14 +10,14 @@ Paper -> code
   :meth:`AudioVisualFusionAttention.mfb`, :func:`train.heads.layers.mfb_pool`
 * eq. 3 (attentive weights W_t, channel W^C, spatial W^S -> av_t)        -> :meth:`AudioVisualFusionAttention.forward`
 * eq. 4 (expansion self-attention ESA: Att^ = BN(W8 delta(BN(W7 Att))), B = (Att^ + Att) V^)
-                                                                       -> :class:`AttentionExpansion`, :class:`EncoderLayer`
+    -> :class:`AttentionExpansion`, :class:`EncoderLayer`
 * eq. 5 (normal self-attention NSA, transformer encoder)               -> :class:`EncoderLayer`
 * self-attention blocks (ESA then NSA) on v^E, a_t, av_t               -> :class:`SelfAttentionBlock`
 * eq. 6 (forward attention FA_1, FA_2; backward attention BA_1, BA_2)  -> :class:`CrossAttentionBlock`
 * eq. 7 (FBFM_1, FBFM_2: query fa (.) ba, key/value cat(fa, ba))       -> :class:`FusionBlock`
 * mean of F_1, F_2; eq. 8 (s = sigmoid(FC(F)), s_c = softmax(FC(maxpool_t F))) -> :meth:`BMFNHead.forward`
 * supervised objective BCE(s) + CE(s_c); inference s_t >= 0.5 -> class of s_c, else background
-                                                                       -> :meth:`BMFNHead.loss`, :meth:`BMFNHead.predict`
+    -> :meth:`BMFNHead.loss`, :meth:`BMFNHead.predict`
 * weak: joint scores s_f = s x s_c [T, C], MIL pooling over time       -> :meth:`BMFNHead.loss`
 
 Stated sizes: d = 256, d_m = 2560, k (p) = 5, 4 heads, expansion ratio r = 2, W_1 (d_v -> d), W_2 (d -> d_v),

@@ -145,8 +145,9 @@ class CmlHead(Head):
         return total
 
     def predict(self, out: CmlOutput) -> torch.Tensor:
-        """[B, T] 1 where audio t and visual t are predicted to match (distance below margin / 2)."""
-        return (self.pair_distances(out).mean(dim=1) < self.config.margin / 2).long()
+        """CML heads have no per-segment class prediction: localize with :func:`train.cml.predict_starts`
+        on :meth:`distance_matrix`."""
+        raise TypeError(f"head {self.name!r} (task cml) predicts window starts: use train.cml.predict_starts(head.distance_matrix(out), ...)")
 
     def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor, valid: torch.Tensor) -> None:
         """Hook the cml task runs before each evaluation of a segment-wise head, with the training
@@ -212,8 +213,6 @@ class DccaConfig:
     leaky_slope: float = 0.3
     #: ridge added to both covariance matrices (r1 = r2 in Andrew et al.)
     reg: float = 1e-3
-    #: only for ``predict`` (a distance threshold of margin / 2); not used in training
-    margin: float = 2.0
     audio_dim: int = 128
     visual_dim: int = 512
 

@@ -6,7 +6,9 @@ Every layer is created once in ``__init__`` (nothing is built inside ``forward``
 * :class:`MLP` — a stack of fully connected layers with an activation between (and optionally after) them.
 * :class:`AudioGuidedVisualAttention` — AGVA of Tian et al. (ECCV 2018) eq. 2-4, with the sizes of the
   authors' reference code (YapengTian/AVE-ECCV18: d = 512; W_v, W_a, W_f without bias).
-  AVLTC's TSGA builds on it. (If ``train/heads/fusion.py`` also defines AGVA, the two can be merged.)
+  AVLTC's TSGA builds on it. ``train.heads.avel.AGVA`` computes the same function with the reference
+  code's layer names (tests/test_heads_avltc.py checks the two agree); this one also exposes the
+  pre-softmax map x_t that TSGA mixes over time.
 * :func:`mfb_pool` — the sum-pooling + power + L2 normalisation of multi-modal factorized bilinear
   pooling (Yu et al. ICCV 2017), BMFN eq. 2.
 * :func:`masked_mean`, :func:`masked_max_over_time`, :func:`one_hot_targets` — loss helpers that honour the

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import cml
-from ..data import SplitData, TaskData, load_from_pipeline, resolve_device
+from ..data import TaskData, load_from_pipeline, resolve_device
 from ..loop import count_parameters, make_optimizer, resolve_schedule, seed_everything, selection_label, state_copy
 from ..registry import get_head, register_task
 from ..runs import write_run
@@ -53,15 +53,17 @@ EVAL_BATCH = 128
 class CmlSplit:
     """The videos of one split and their CML queries.
 
-    ``audio`` [V, T, 128] f32, ``visual`` [V, T, H, W, 512] (f16 maps, or f32 [V, T, 1, 1, 512]
-    pre-pooled for heads without spatial input), ``match`` [V, T] f32 pair labels, ``valid``
-    [V, T] bool, ``keys`` [V]; ``queries`` index videos by ``query_video`` [Q].
+    ``audio`` [V, T, 128] f32, ``match`` [V, T] f32 pair labels, ``valid`` [V, T] bool, ``keys``
+    [V]; visual maps are rows ``visual_rows`` [V] of ``visual_source`` (the bank's f16
+    [R, T, 7, 7, 512], not copied; or f32 [V, T, 1, 1, 512] pre-pooled for heads without spatial
+    input), read per batch by :meth:`visual`. ``queries`` index videos by ``query_video`` [Q].
     """
 
     name: str
     keys: list[str]
     audio: torch.Tensor
-    visual: torch.Tensor
+    visual_source: torch.Tensor
+    visual_rows: torch.Tensor
     match: torch.Tensor
     valid: torch.Tensor
     queries: list[cml.CmlQuery]
@@ -72,21 +74,29 @@ class CmlSplit:
     def segments(self) -> int:
         return int(self.audio.shape[1])
 
+    def visual(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Visual maps of videos ``index`` as f32 [b, T, H, W, 512]."""
+        return self.visual_source.index_select(0, self.visual_rows[index]).float()
+
     def flat_segments(self) -> dict[str, torch.Tensor]:
         """Every valid segment as its own T = 1 sequence: audio [N, 1, 128], visual [N, 1, H, W, C],
-        match [N, 1], valid [N, 1]."""
+        match [N, 1], valid [N, 1]. Meant for pre-pooled splits (49x smaller)."""
         keep = self.valid.reshape(-1)
+        visual = self.visual(slice(None))
         return {
             "audio": self.audio.reshape(-1, 1, *self.audio.shape[2:])[keep],
-            "visual": self.visual.reshape(-1, 1, *self.visual.shape[2:])[keep],
+            "visual": visual.reshape(-1, 1, *visual.shape[2:])[keep],
             "match": self.match.reshape(-1, 1)[keep],
             "valid": self.valid.reshape(-1, 1)[keep],
         }
 
 
-def split_keys(split: SplitData, bank_keys: list[str]) -> list[str]:
-    """Feature key of each kept sample of ``split`` (via its bank row)."""
-    return [bank_keys[int(r)] for r in split.rows.cpu().tolist()]
+def pooled_visual_rows(visual: torch.Tensor, index: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Global average of the maps of rows ``index`` of ``visual`` [R, T, H, W, C], computed
+    ``block`` rows at a time (no f32 copy of the whole split): [len(index), T, 1, 1, C] f32."""
+    parts = [visual.index_select(0, index[i:i + block]).float().mean(dim=(2, 3), keepdim=True)
+             for i in range(0, len(index), block)]
+    return torch.cat(parts) if parts else visual.new_zeros((0, visual.shape[1], 1, 1, visual.shape[-1]), dtype=torch.float32)
 
 
 def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlSplit:
@@ -100,15 +110,15 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
     video_rows = list(dict.fromkeys(int(r) for r in rows))
     position = {r: i for i, r in enumerate(video_rows)}
     keys = [bank.keys[r] for r in video_rows]
-    # pair labels per video: union of the events of its samples (grouped by bank row, which is
-    # the feature key; Sample.key gives the same grouping)
+    # pair labels per video: union of the events of its samples (Sample.key = the bank row's key)
     labels_by_key = cml.match_labels(samples, T)
     match = torch.from_numpy(np.stack([labels_by_key[k] for k in keys]) if keys else np.zeros((0, T), np.float32))
     index = torch.as_tensor(video_rows, dtype=torch.long, device=bank.device)
-    audio = bank.audio.index_select(0, index).float()
-    visual = bank.visual.index_select(0, index)
     if pooled_visual:
-        visual = visual.float().mean(dim=(2, 3), keepdim=True)
+        visual_source = pooled_visual_rows(bank.visual, index)
+        visual_rows = torch.arange(len(video_rows), device=bank.device)
+    else:
+        visual_source, visual_rows = bank.visual, index
     valid = bank.valid.index_select(0, index).bool()
     queries, query_video, skipped = [], [], []
     row_of_sample = {s.sample_id: int(r) for s, r in zip(samples, rows)}
@@ -122,8 +132,8 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
         query_video.append(v)
     if skipped:
         log.warning("%s: %d CML queries skipped (their video lacks features for some segments)", split_name, len(skipped))
-    return CmlSplit(split_name, keys, audio, visual, match.to(bank.device), valid, queries,
-                    np.asarray(query_video, dtype=np.int64), skipped)
+    return CmlSplit(split_name, keys, bank.audio.index_select(0, index).float(), visual_source, visual_rows,
+                    match.to(bank.device), valid, queries, np.asarray(query_video, dtype=np.int64), skipped)
 
 
 def splits_to_load(pipeline) -> list[str]:
@@ -171,7 +181,7 @@ def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batc
     order = torch.randperm(n, generator=generator).to(train.audio.device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        yield {"audio": train.audio[idx], "visual": train.visual[idx].float(), "match": train.match[idx], "valid": train.valid[idx]}
+        yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx]}
 
 
 def train_one_epoch(model, optimizer, train: CmlSplit, flat, batch_size: int, generator: torch.Generator) -> float:
@@ -221,7 +231,7 @@ def evaluate(model, split: CmlSplit) -> CmlResult:
     dists, loss_sum, n_sum = [], 0.0, 0
     for start in range(0, len(split.keys), EVAL_BATCH):
         sl = slice(start, start + EVAL_BATCH)
-        out = model(split.audio[sl], split.visual[sl].float())
+        out = model(split.audio[sl], split.visual(sl))
         dists.append(model.distance_matrix(out).float().cpu())
         n = int(split.audio[sl].shape[0])
         loss_sum += float(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]})) * n

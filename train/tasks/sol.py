@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 TASK = "sol"
 #: the store arrays the task reads
 MAP_ARRAYS = ("frame_maps", "frame_index", "audio_maps", "valid")
+#: threads reading (decompressing) store rows for a batch
+READ_THREADS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +113,21 @@ def load_split(store: FeatureStore, name: str, manifest_path: Path, skip_incompl
     return split, manifest.classes
 
 
+def _parallel_read(array, selections: Sequence[Any]) -> np.ndarray:
+    """``np.stack([array[sel] for sel in selections])`` with the reads spread over threads (each
+    read decompresses a whole one-row chunk; the codecs release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(selections) <= 1:
+        return np.stack([np.asarray(array[sel]) for sel in selections])
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(selections))) as pool:
+        return np.stack(list(pool.map(lambda sel: np.asarray(array[sel]), selections)))
+
+
 def read_seconds(store: FeatureStore, rows: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The frames of one second per row: (frame_maps [B, F, 8, 8, Cv], audio_maps [B, 6, 4, Ca])."""
-    maps, audio = store.array("frame_maps"), store.array("audio_maps")
-    v = np.stack([np.asarray(maps[int(r), int(s)]) for r, s in zip(rows, seconds)])
-    a = np.stack([np.asarray(audio[int(r), int(s)]) for r, s in zip(rows, seconds)])
-    return v, a
+    selections = [(int(r), int(s)) for r, s in zip(rows, seconds)]
+    return _parallel_read(store.array("frame_maps"), selections), _parallel_read(store.array("audio_maps"), selections)
 
 
 def sequence_inputs(frame_maps: np.ndarray, audio_maps: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +192,8 @@ def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, d
     rows = [int(r) for r in rows]
     for start in range(0, len(rows), max(1, batch)):
         block = rows[start:start + batch]
-        fm = np.stack([np.asarray(maps[r]) for r in block])
-        am = np.stack([np.asarray(audio[r]) for r in block])
+        fm = _parallel_read(maps, block)
+        am = _parallel_read(audio, block)
         T, F = fm.shape[1:3]
         a, v = sequence_inputs(fm, am, device)
         out = model(a, v)
@@ -388,6 +399,8 @@ def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
         "test_mean_ciou": summary["mean_ciou"], "test_mean_iou": summary["mean_iou"],
         "test_frames": summary["frames"], "test_videos_with_boxes": len(boxes), "boxes_root": str(boxes_root),
     })
+    log.info("test localization: cIoU@%s %.4f, IoU@%s %.4f over %d annotated frames of %d videos",
+             tag, summary[f"ciou@{tag}"], tag, summary[f"iou@{tag}"], summary["frames"], len(boxes))
     if not frames:
         log.warning("no annotated frame of the test split was scored (box files under %s: %d of %d test videos)",
                     boxes_root, len(boxes), len(set(test.keys)))

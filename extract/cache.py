@@ -1,0 +1,490 @@
+"""A feature cache shared by several projects: compute a video's features once per feature set.
+
+**Feature set.** Its identity is the store fingerprint of :mod:`extract.run`
+(:func:`feature_set_id`): sha256 over the canonical JSON of everything that changes the numbers -
+every extractor's name, code version, weights digest (sha256, or "random" + seed), preprocessing
+and sampling, the precision and the store schema version. Chunk, shard and codec choices, workers,
+batch sizes and the device are recorded in the store (``layout``, ``extractor``) but are not part
+of it.
+
+**Cache root.** ``store.cache_root`` in pipeline.yaml (default ``data/cache``); the environment
+variable ``AVEL_CACHE`` overrides it, so several projects can point at one folder. Layout::
+
+    <cache root>/<feature set id>/features.zarr     a feature store (same contract), one row per
+                                                    video CONTENT, ids = content keys
+
+**Content keys.** A row of the cache is keyed by what the video IS, not by its name:
+``sha256:<hex digest of the file's bytes>@<window start>+<window duration or "full">``
+(:func:`content_key`). Two folders holding different files under the same name never collide; the
+same file under two names (or in two projects) is computed once.
+
+**Using it** (:func:`extract_with_cache`, ``avel-extract --cache``): every requested video is
+hashed and looked up in the cache of the run's feature set; the misses (and only they) are
+extracted into the cache store (by :func:`extract.run.run_extraction`, or on a Dask cluster by
+:func:`extract.distributed.run_extraction_dask`, under the cache store's lock); then the project's
+own store (``store.path``, ids = the manifest's keys, as without a cache) is filled by copying the
+rows from the cache, shard by shard, by this process only. Files that cannot be read (missing,
+empty, unreadable) cannot be hashed: they are failed in the project store and not cached.
+
+**Complete.** A store is marked ``complete: true`` (root attribute, with ``verified``) only after
+:func:`verify_store` read it end to end: every row has a final status (done or failed), every
+shard of the ``status`` array exists on disk (a final status is never the fill value, so a missing
+status shard means lost writes), and every shard of every array decodes. While rows are being
+added the attribute is ``false``; readers (``avel-train``, :func:`require_complete`) refuse such a
+store with a message that says how to finish it. (Zarr does not store chunks that equal the fill
+value, so a missing feature chunk of a failed or silent video is not an error by itself.)
+
+This module imports numpy and zarr (through :mod:`extract.store`) only; networks are built by the
+runner that computes the misses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .decode import DecodeError, VideoRequest
+from .store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    ArraySpec,
+    FeatureStore,
+    StoreError,
+    open_store,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_ENV",
+    "FEATURES_NAME",
+    "cache_root",
+    "store_specs",
+    "feature_set_attrs",
+    "feature_set_id",
+    "feature_set_path",
+    "file_sha256",
+    "content_key",
+    "verify_store",
+    "mark_complete",
+    "require_complete",
+    "CacheSummary",
+    "extract_with_cache",
+    "list_cache",
+    "format_cache_listing",
+]
+
+#: environment variable that overrides ``store.cache_root``
+CACHE_ENV = "AVEL_CACHE"
+#: the store of a feature set inside ``<cache root>/<feature set id>/``
+FEATURES_NAME = "features.zarr"
+#: bytes read per step when hashing a file
+HASH_BLOCK = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------
+# identity
+
+
+def cache_root(pipeline) -> Path:
+    """``$AVEL_CACHE`` if set, else ``store.cache_root`` (relative to pipeline.yaml's folder)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(os.path.expanduser(env))
+    if not pipeline.store.cache_root:
+        raise StoreError(f"no feature cache configured: set store.cache_root in pipeline.yaml or ${CACHE_ENV}")
+    return pipeline.path(pipeline.store.cache_root)
+
+
+def store_specs(cfg) -> list[ArraySpec]:
+    """The per-row arrays a store of ``cfg`` has: ``valid`` and every extractor's arrays
+    (from the configuration, no network built)."""
+    from .extractors import get_extractor
+    from .store import core_specs
+
+    specs = [s for s in core_specs(cfg.segments) if s.name == "valid"]
+    return specs + [s for name in cfg.extractors for s in get_extractor(name).specs_for(cfg)]
+
+
+def feature_set_attrs(cfg) -> dict[str, Any]:
+    """Store attributes of the feature set of ``cfg`` (``fingerprint``, ``fingerprint_fields``,
+    ``extractor``, ``weights``, ``versions`` ...), as :func:`extract.run.store_attrs` makes them."""
+    from .extractors import extractor_identity
+    from .run import store_attrs
+
+    return store_attrs(cfg, extractor_identity(cfg))
+
+
+def feature_set_id(cfg) -> str:
+    """The feature set's identity: the store fingerprint (hex) of ``cfg``."""
+    return feature_set_attrs(cfg)["fingerprint"]
+
+
+def feature_set_path(root: str | os.PathLike, set_id: str) -> Path:
+    return Path(root) / set_id / FEATURES_NAME
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_key(request: VideoRequest, digest: str | None = None) -> str:
+    """``sha256:<file digest>@<start>+<duration|full>``: the cache id of a video window."""
+    digest = digest or file_sha256(request.path)
+    duration = "full" if request.duration is None else f"{float(request.duration):g}"
+    return f"sha256:{digest}@{float(request.start):g}+{duration}"
+
+
+def _content_keys(requests: Sequence[VideoRequest]) -> tuple[dict[str, str], dict[str, str]]:
+    """({request key: content key}, {request key: failure reason}) - files that cannot be read fail."""
+    from .decode import _short, check_file
+
+    keys, failures = {}, {}
+    digests: dict[str, str] = {}
+    for request in requests:
+        try:
+            check_file(request.path)
+            real = os.path.realpath(request.path)
+            if real not in digests:
+                digests[real] = file_sha256(real)
+            keys[request.key] = content_key(request, digests[real])
+        except DecodeError as exc:
+            failures[request.key] = _short(exc)
+        except OSError as exc:
+            failures[request.key] = f"cannot read the file: {exc}"
+    return keys, failures
+
+
+# ------------------------------------------------------------------------------------------
+# completeness
+
+
+def _status_shard_file(store: FeatureStore, shard: int) -> Path:
+    """The file of shard ``shard`` of the 1-D ``status`` array (default chunk key encoding)."""
+    return Path(store.path) / "status" / "c" / str(shard)
+
+
+def verify_store(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
+    """Problems that keep ``store`` from being complete (empty list: complete and readable).
+
+    The status of every row is always checked; the shard files and the decoding of every array
+    only for ``shards`` (default: all; a growing cache re-reads just the shards it wrote).
+    """
+    problems = []
+    n = len(store)
+    status = store.status()
+    missing = int((status == STATUS_MISSING).sum())
+    if missing:
+        problems.append(f"{missing} of {n} rows are not extracted (status missing)")
+    shards = range(store.num_shards) if shards is None else sorted(set(shards))
+    for shard in shards:
+        rows = store.shard_rows(shard)
+        if (status[rows.start: rows.stop] != STATUS_MISSING).any() and not _status_shard_file(store, shard).is_file():
+            problems.append(f"shard {shard}: the status shard file is missing")
+    for name in store.array_names():
+        arr = store.array(name)
+        if arr.shape[0] != n:
+            problems.append(f"array {name} has {arr.shape[0]} rows, the store {n}")
+            continue
+        blocks = [store.shard_rows(k) for k in shards] if name != "ids" else [range(0, n)]
+        for rows in blocks:
+            try:
+                np.asarray(arr[rows.start: rows.stop])
+            except Exception as exc:  # noqa: BLE001 - zarr/codec errors of a damaged shard
+                problems.append(f"array {name}, rows {rows.start}-{rows.stop - 1}: unreadable ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def mark_complete(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
+    """Verify ``store`` (:func:`verify_store`, ``shards``: the ones written since it was last
+    verified, default all) and set ``complete`` accordingly (the writer only, holding the store's
+    lock). Returns the problems (empty: marked complete)."""
+    problems = verify_store(store, shards)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    store.set_attrs(complete=not problems, verified=now if not problems else None)
+    if problems:
+        log.warning("%s: not complete: %s", store.path, "; ".join(problems[:5]))
+    return problems
+
+
+def require_complete(store: FeatureStore) -> None:
+    """Refuse a store whose ``complete`` attribute is false (rows still being added, or a run
+    stopped before it verified the store). Stores without the attribute are accepted."""
+    if store.attrs.get("complete") is False:
+        raise StoreError(
+            f"{store.path}: this feature set is incomplete (an avel-extract run is adding rows, or stopped before "
+            "it verified the store); run the same avel-extract command again to finish it, then retry")
+
+
+# ------------------------------------------------------------------------------------------
+# extraction through the cache
+
+
+@dataclasses.dataclass
+class CacheSummary:
+    """What :func:`extract_with_cache` did. ``computed`` = videos extracted now (cache misses);
+    ``reused`` = requested videos found in the cache."""
+
+    store: Path
+    cache: Path
+    feature_set: str
+    requested: int
+    reused: int = 0
+    computed: int = 0
+    done: int = 0
+    failed: int = 0
+    missing: int = 0
+    seconds: float = 0.0
+    run: Any = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed or self.missing else 0
+
+    def text(self) -> str:
+        lines = [
+            f"avel-extract: {self.store} (feature set {self.feature_set}, cache {self.cache})",
+            f"  {self.requested} videos: {self.reused} reused from the cache, {self.computed} computed now",
+            f"  done {self.done}, failed {self.failed}" + (f", not extracted {self.missing}" if self.missing else ""),
+            f"  wall time {self.seconds:.1f} s",
+        ]
+        if self.failed:
+            lines.append("  reasons of the failed videos: the store's 'reason' array")
+        if self.missing:
+            lines.append("  some videos could not be computed (see the log); run the same command again")
+        return "\n".join(lines)
+
+
+def extract_with_cache(
+    pipeline,
+    requests: Sequence[VideoRequest],
+    *,
+    store_path: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    progress: bool = True,
+    runner: Callable[..., Any] | None = None,
+) -> CacheSummary:
+    """Fill the project store from the shared cache, computing only the videos it lacks.
+
+    ``runner(pipeline, requests, store_path=..., progress=...)`` extracts the misses into the
+    cache store (default :func:`extract.run.run_extraction`; pass a ``functools.partial`` of
+    :func:`extract.distributed.run_extraction_dask` to use a cluster). ``root`` defaults to
+    :func:`cache_root`.
+    """
+    from .lock import StoreLock
+
+    started = time.monotonic()
+    cfg = pipeline.extract
+    distinct: dict[str, VideoRequest] = {}
+    for request in requests:
+        distinct.setdefault(request.key, request)
+    requests = list(distinct.values())
+    project = Path(store_path) if store_path is not None else pipeline.path(pipeline.store.path)
+    attrs = feature_set_attrs(cfg)
+    set_id = attrs["fingerprint"]
+    cache_path = feature_set_path(root if root is not None else cache_root(pipeline), set_id)
+    keys, unreadable = _content_keys(requests)
+    summary = CacheSummary(project, cache_path, set_id, requested=len(requests))
+
+    cache_requests = list({keys[r.key]: VideoRequest(keys[r.key], r.path, r.start, r.duration)
+                           for r in requests if r.key in keys}.values())
+    if cache_requests:
+        todo, first_new_row = _prepare_cache(pipeline, cache_path, cache_requests, attrs)
+        summary.reused = sum(1 for r in requests if r.key in keys and keys[r.key] not in todo)
+        if todo:
+            run = (runner or _default_runner)(pipeline, [r for r in cache_requests if r.key in todo],
+                                              store_path=cache_path, progress=progress)
+            summary.run = run
+            summary.computed = int(getattr(run, "done", 0) + getattr(run, "failed", 0))
+        with StoreLock(cache_path):
+            cache = open_store(cache_path, mode="r+")
+            if cache.attrs.get("complete") is not True:
+                touched = {cache.shard_of(cache.row_of(k)) for k in todo}
+                mark_complete(cache, None if first_new_row is None else sorted(touched))
+    _fill_project(pipeline, project, requests, keys, unreadable, cache_path, attrs, summary)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _default_runner(pipeline, requests, *, store_path, progress):
+    from .run import run_extraction
+
+    return run_extraction(pipeline, requests, store_path=store_path, progress=progress)
+
+
+def _prepare_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest], attrs: dict
+                   ) -> tuple[set[str], int | None]:
+    """Create/grow the cache store under its lock; mark it incomplete if rows are to be computed.
+    Returns the content keys still to compute, and (when the cache was complete before) its
+    former row count (only shards at or after it need verifying)."""
+    from .lock import StoreLock
+    from .run import check_identity, ensure_store, grow_store
+    from .store import check_arrays
+
+    cfg = pipeline.extract
+    specs = store_specs(cfg)
+    keys = [r.key for r in cache_requests]
+    cache_attrs = {**attrs, "cache": {"keys": "sha256 of the file bytes @ window start + duration"}, "complete": False}
+    ensure_store(cache_path, keys, cfg.segments, specs, cache_attrs, pipeline.store)
+    with StoreLock(cache_path):
+        store = open_store(cache_path, mode="r+")
+        check_identity(store, attrs, cfg.segments)
+        check_arrays(store, specs)
+        present = set(store.ids.tolist())
+        new = [k for k in keys if k not in present]
+        status = store.status()
+        todo = set(new) | {k for k in keys if k in present and status[store.row_of(k)] == STATUS_MISSING}
+        # a cache that was complete before only needs its new shards verified afterwards
+        first_new_row = len(store) if store.attrs.get("complete") is True else None
+        if todo:
+            store.set_attrs(complete=False, verified=None)
+            grow_store(store, new)
+    log.info("%s: %d of %d videos are cached, %d to compute", cache_path, len(keys) - len(todo), len(keys), len(todo))
+    return todo, first_new_row
+
+
+def _fill_project(pipeline, project: Path, requests: list[VideoRequest], keys: dict[str, str],
+                  unreadable: dict[str, str], cache_path: Path, attrs: dict, summary: CacheSummary) -> None:
+    """Copy the requested rows from the cache into the project store, one whole shard at a time."""
+    from .lock import StoreLock
+    from .run import check_identity, ensure_store, grow_store
+    from .store import check_arrays
+
+    cfg = pipeline.extract
+    specs = store_specs(cfg)
+    project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": summary.feature_set}}
+    ensure_store(project, [r.key for r in requests], cfg.segments, specs, project_attrs, pipeline.store)
+    with StoreLock(project):
+        store = open_store(project, mode="r+")
+        check_identity(store, attrs, cfg.segments)
+        check_arrays(store, specs)
+        present = set(store.ids.tolist())
+        grow_store(store, [r.key for r in requests if r.key not in present])
+        store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
+        cache = open_store(cache_path) if keys else None
+        status = store.status()
+        by_shard: dict[int, list[VideoRequest]] = {}
+        for request in requests:
+            row = store.row_of(request.key)
+            if status[row] == STATUS_MISSING:
+                by_shard.setdefault(store.shard_of(row), []).append(request)
+        for shard, members in sorted(by_shard.items()):
+            _copy_shard(store, shard, members, keys, unreadable, cache)
+        status = store.status()
+        rows = [store.row_of(r.key) for r in requests]
+        summary.done = int(sum(status[r] == STATUS_DONE for r in rows))
+        summary.failed = int(sum(status[r] == STATUS_FAILED for r in rows))
+        summary.missing = int(sum(status[r] == STATUS_MISSING for r in rows))
+        mark_complete(store)
+
+
+def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], keys: dict[str, str],
+                unreadable: dict[str, str], cache: FeatureStore | None) -> None:
+    rows = store.shard_rows(shard)
+    names = [name for name in store.array_names() if name not in ("ids", "status", "reason")]
+    values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
+    status = store.status()[rows.start: rows.stop].copy()
+    reason = store.reasons()[rows.start: rows.stop].astype(object)
+    cached = [r for r in members if r.key in keys]
+    cache_rows = [cache.row_of(keys[r.key]) for r in cached] if cached else []
+    if cached:
+        cache_status, cache_reason = cache.status()[cache_rows], cache.reasons()[cache_rows]
+        for name in names:
+            block = cache.read(name, cache_rows)
+            for i, request in enumerate(cached):
+                values[name][store.row_of(request.key) - rows.start] = block[i]
+        for i, request in enumerate(cached):
+            local = store.row_of(request.key) - rows.start
+            status[local], reason[local] = cache_status[i], cache_reason[i]
+    for request in members:
+        if request.key in unreadable:
+            local = store.row_of(request.key) - rows.start
+            for name in names:
+                values[name][local] = 0
+            status[local], reason[local] = STATUS_FAILED, unreadable[request.key]
+    store.write_shard(shard, values, status, [str(r) for r in reason])
+
+
+# ------------------------------------------------------------------------------------------
+# listing
+
+
+def _size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_cache(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """One entry per feature set under ``root``: id, path, size, video counts, completeness and
+    how it was made (extractors with weights, segments, frames per segment, image size,
+    precision, package versions, creation time)."""
+    root = Path(root)
+    entries = []
+    for path in sorted(root.glob(f"*/{FEATURES_NAME}")):
+        entry: dict[str, Any] = {"feature_set": path.parent.name, "path": str(path), "bytes": _size_bytes(path)}
+        try:
+            store = open_store(path)
+        except StoreError as exc:
+            entry["error"] = str(exc)
+            entries.append(entry)
+            continue
+        attrs = store.attrs
+        fields = attrs.get("fingerprint_fields") or {}
+        extractors = attrs.get("extractors") or {}
+        entry.update(
+            videos=len(store), **store.summary(), complete=bool(attrs.get("complete")), verified=attrs.get("verified"),
+            created=attrs.get("created"), versions=attrs.get("versions"),
+            made_with={
+                "extractors": {name: _weights_label(ident.get("weights")) for name, ident in extractors.items()},
+                **{k: fields.get(k) for k in ("segments", "frames_per_segment", "image_size", "resize", "precision")},
+            },
+        )
+        entries.append(entry)
+    return entries
+
+
+def _weights_label(weights: Any) -> str:
+    """``"vgg19=imagenet(sha256 0123abcd...)"``-style summary of an extractor's weights identity."""
+    if not isinstance(weights, dict):
+        return str(weights)
+    parts = []
+    for name, ident in weights.items():
+        if not isinstance(ident, dict):
+            continue
+        sha = str(ident.get("sha256", ""))
+        label = ident.get("name") or ident.get("source") or ""
+        parts.append(f"{name}={label}({sha[:12]}{'...' if len(sha) > 12 else ''})" if label else f"{name}({sha[:12]})")
+    return ", ".join(parts) or "-"
+
+
+def format_cache_listing(entries: Sequence[dict[str, Any]], root: str | os.PathLike) -> str:
+    """Human-readable listing of :func:`list_cache`."""
+    if not entries:
+        return f"no feature sets in {root}"
+    lines = [f"feature cache {root}: {len(entries)} feature sets"]
+    for e in entries:
+        if "error" in e:
+            lines.append(f"- {e['feature_set']}: unreadable: {e['error']}")
+            continue
+        made = e["made_with"]
+        state = "complete" if e["complete"] else "INCOMPLETE"
+        lines.append(
+            f"- {e['feature_set']}  {state}  {e['videos']} videos (done {e['done']}, failed {e['failed']}, "
+            f"missing {e['missing']})  {e['bytes'] / 1e6:.1f} MB  created {e['created']}")
+        lines.append("    extractors: " + "; ".join(f"{k}: {v}" for k, v in made["extractors"].items()))
+        lines.append(
+            f"    T={made['segments']} frames/segment={made['frames_per_segment']} image={made['image_size']} "
+            f"({made['resize']}) precision={made['precision']}  path {e['path']}")
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""The feature cache shared across projects (extract.cache): feature-set identity, content keys
+(same file name, other content: no collision), a second project computes nothing, a third only
+its new videos, completeness verification and readers refusing incomplete sets, the listing."""
+from __future__ import annotations
+
+import functools
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.decode import VideoRequest, decode_video
+from extract.media import write_clip
+from extract.settings import load_pipeline
+from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
+
+T = 2
+SMALL = {"segments": T, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,
+         "visual_weights": "random", "audio_weights": "random", "device": "cpu"}
+
+
+def make_pipeline(**extract):
+    return load_pipeline(None, {"extract": {**SMALL, **extract}, "store": {"rows_per_shard": 2}}, search=False)
+
+
+def clip(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    frames = np.stack([np.kron(np.roll(base, k, axis=0), np.ones((8, 8, 1), np.uint8)) for k in range(16)])
+    wave = (0.2 * np.sin(2 * np.pi * (300 + 50 * seed) * np.arange(2 * 16000) / 16000)).astype(np.float32)
+    return write_clip(path, frames, fps=8, audio=wave, sample_rate=16000)
+
+
+#: keys of the videos decoded by the runs (the cluster runs tasks in threads of this process)
+DECODED: list[str] = []
+_LOCK = threading.Lock()
+
+
+def counting_decode(request, grids, segments, audio):
+    with _LOCK:
+        DECODED.append(request.key)
+    return decode_video(request, grids, segments, audio)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """An in-process Dask cluster (one worker thread): the runs below use the Dask runner."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmedia")
+    for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
+        clip(root / "one" / f"{name}.mp4", seed)
+    # project two: the same three files under other names in another folder
+    for old, new in (("a", "x"), ("b", "y"), ("c", "z")):
+        (root / "two").mkdir(exist_ok=True)
+        shutil.copy(root / "one" / f"{old}.mp4", root / "two" / f"{new}.mp4")
+    # project four: a DIFFERENT video that is also called a.mp4
+    clip(root / "four" / "a.mp4", 9)
+    return root
+
+
+def requests(folder: Path, names) -> list[VideoRequest]:
+    return [VideoRequest(n, str(folder / f"{n}.mp4")) for n in names]
+
+
+def test_projects_share_the_cache_and_compute_only_what_it_lacks(client, media, tmp_path, monkeypatch):
+    from extract.cache import cache_root, extract_with_cache, feature_set_id, format_cache_listing, list_cache
+    from extract.distributed import run_extraction_dask
+
+    pipeline = make_pipeline()
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "cache"))
+    root = cache_root(pipeline)
+    assert root == tmp_path / "cache"
+    runner = functools.partial(run_extraction_dask, client=client, decode_fn=counting_decode)
+    run = functools.partial(extract_with_cache, pipeline, runner=runner, progress=False)
+
+    # project one computes its three videos
+    DECODED.clear()
+    one = run(requests(media / "one", "abc"), store_path=tmp_path / "one.zarr")
+    assert (one.computed, one.reused, one.done) == (3, 0, 3) and len(DECODED) == 3
+
+    # the same numbers as an extraction without the cache
+    reference = tmp_path / "plain.zarr"
+    run_extraction_dask(pipeline, requests(media / "one", "abc"), store_path=reference, client=client, progress=False)
+    plain, first = open_store(reference), open_store(tmp_path / "one.zarr")
+    assert first.ids.tolist() == ["a", "b", "c"]
+    for name in ("visual", "audio", "valid", "status"):
+        np.testing.assert_array_equal(first.read(name), plain.read(name))
+    assert first.fingerprint == plain.fingerprint == one.feature_set == feature_set_id(pipeline.extract)
+    assert first.attrs["complete"] is True
+
+    # project two: the same files under other names -> nothing computed, same rows
+    DECODED.clear()
+    two = run(requests(media / "two", "xyz"), store_path=tmp_path / "two.zarr")
+    assert (two.computed, two.reused, two.done) == (0, 3, 3) and DECODED == []
+    second = open_store(tmp_path / "two.zarr")
+    assert second.ids.tolist() == ["x", "y", "z"]
+    for name in ("visual", "audio", "valid"):
+        np.testing.assert_array_equal(second.read(name), first.read(name))
+
+    # project three adds one video: only it is computed
+    DECODED.clear()
+    three = run(requests(media / "one", "abd"), store_path=tmp_path / "three.zarr")
+    assert (three.computed, three.reused, three.done) == (1, 2, 3) and len(DECODED) == 1
+    third = open_store(tmp_path / "three.zarr")
+    np.testing.assert_array_equal(third.read("visual", [0, 1]), first.read("visual", [0, 1]))
+
+    # project four: another video that is ALSO named a.mp4 (key "a") -> computed, not confused
+    DECODED.clear()
+    four = run(requests(media / "four", "a") + [VideoRequest("lost", str(media / "nope.mp4"))],
+               store_path=tmp_path / "four.zarr")
+    assert (four.computed, four.reused, four.done, four.failed) == (1, 0, 1, 1) and len(DECODED) == 1
+    fourth = open_store(tmp_path / "four.zarr")
+    assert not np.array_equal(fourth.read("visual", [0]), first.read("visual", [0]))
+    assert fourth.status().tolist() == [STATUS_DONE, STATUS_FAILED]
+    assert fourth.reasons()[1].startswith("file not found")
+
+    # the cache: one feature set, five distinct contents, all done, complete; the unreadable file is not cached
+    entries = list_cache(root)
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry["feature_set"], entry["videos"], entry["done"], entry["missing"], entry["complete"]) == (
+        one.feature_set, 5, 5, 0, True)
+    assert entry["made_with"]["frames_per_segment"] == 1 and set(entry["made_with"]["extractors"]) == {"vgg19", "vggish"}
+    assert entry["bytes"] > 0
+    cache = open_store(Path(entry["path"]))
+    assert all(k.startswith("sha256:") and k.endswith("@0+full") for k in cache.ids.tolist())
+    text = format_cache_listing(entries, root)
+    assert one.feature_set in text and "5 videos" in text and "complete" in text and "random" in text
+
+
+def test_feature_set_identity_counts_what_changes_the_numbers_only():
+    from extract.cache import feature_set_id
+
+    base = feature_set_id(make_pipeline().extract)
+    # layout/runtime choices: same feature set
+    for same in ({"batch_frames": 64}, {"decode_workers": 7}, {"device": "cuda"}, {"decode_timeout_s": 5.0}):
+        assert feature_set_id(make_pipeline(**same).extract) == base, same
+    # what changes the numbers: another feature set
+    others = {feature_set_id(make_pipeline(**other).extract) for other in (
+        {"frames_per_segment": 2}, {"precision": "bf16"}, {"random_seed": 1}, {"image_size": 64},
+        {"vggish_relu": False}, {"resize": "crop"})}
+    assert len(others) == 6 and base not in others
+    rows = load_pipeline(None, {"extract": SMALL, "store": {"rows_per_shard": 64, "compression_level": 9}}, search=False)
+    assert feature_set_id(rows.extract) == base
+
+
+def test_content_key_is_the_file_bytes_and_the_window(media, tmp_path):
+    import hashlib
+
+    from extract.cache import content_key
+
+    path = media / "one" / "a.mp4"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert content_key(VideoRequest("a", str(path))) == f"sha256:{digest}@0+full"
+    assert content_key(VideoRequest("other-name", str(media / "two" / "x.mp4"))) == f"sha256:{digest}@0+full"
+    assert content_key(VideoRequest("a", str(path), 1.5, 10)) == f"sha256:{digest}@1.5+10"
+    assert content_key(VideoRequest("a", str(media / "four" / "a.mp4"))) != f"sha256:{digest}@0+full"
+
+
+def test_incomplete_sets_are_detected_and_refused(tmp_path):
+    from extract.cache import mark_complete, require_complete, verify_store
+    from train.data import open_checked_store
+    from train_testutils import write_store
+
+    rng = np.random.default_rng(0)
+    n = 6
+    visual = rng.normal(size=(n, T, 7, 7, 512)).astype(np.float16)
+    audio = rng.normal(size=(n, T, 128)).astype(np.float32)
+    store = write_store(tmp_path / "s.zarr", [f"v{i}" for i in range(n)], visual, audio, np.ones((n, T), bool), T,
+                        rows_per_shard=2)
+    store = open_store(tmp_path / "s.zarr", mode="r+")
+    assert verify_store(store) == [] and mark_complete(store) == []
+    assert open_store(tmp_path / "s.zarr").attrs["complete"] is True
+    open_checked_store(tmp_path / "s.zarr")  # accepted
+
+    # a lost status shard (writes that never reached the disk) is found, the set marked incomplete
+    (tmp_path / "s.zarr" / "status" / "c" / "1").unlink()
+    problems = mark_complete(open_store(tmp_path / "s.zarr", mode="r+"))
+    assert any("2 of 6 rows are not extracted" in p for p in problems)
+    assert any("shard 1: the status shard file is missing" in p for p in problems)
+    incomplete = open_store(tmp_path / "s.zarr")
+    assert incomplete.attrs["complete"] is False
+    with pytest.raises(StoreError, match="incomplete.*run the same avel-extract command again"):
+        require_complete(incomplete)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_checked_store(tmp_path / "s.zarr")
+
+    # a damaged feature shard is reported as unreadable
+    store = write_store(tmp_path / "t.zarr", ["a", "b"], visual[:2], audio[:2], np.ones((2, T), bool), T, rows_per_shard=2)
+    shard = next(p for p in (tmp_path / "t.zarr" / "audio").rglob("*") if p.is_file() and "/c/" in p.as_posix())
+    shard.write_bytes(b"garbage" * 10)
+    problems = verify_store(open_store(tmp_path / "t.zarr"))
+    assert any(p.startswith("array audio, rows 0-1: unreadable") for p in problems)
