@@ -65,10 +65,10 @@ class BenchResult:
         return "\n".join([
             f"device {self.device}, precision {self.precision}, {self.workers} decode workers, "
             f"{self.clips} clips, {self.frames_per_video} frames per video",
-            f"VGG-19 only:  {self.vgg_frames_per_s:9.1f} frames/s = {self.vgg_videos_per_s:.2f} videos/s",
-            f"decode only:  {self.decode_videos_per_s:9.2f} videos/s" + (f" ({self.decode_failed} failed)" if self.decode_failed else ""),
-            f"end to end:   {self.end_to_end_videos_per_s:9.2f} videos/s",
-            f"bound min(VGG, decode) = {self.bound:.2f} videos/s; end-to-end / bound = {self.ratio:.2f} (target >= 0.9)",
+            f"VGG-19 only:  {self.vgg_frames_per_s:.4g} frames/s = {self.vgg_videos_per_s:.4g} videos/s",
+            f"decode only:  {self.decode_videos_per_s:.4g} videos/s" + (f" ({self.decode_failed} failed)" if self.decode_failed else ""),
+            f"end to end:   {self.end_to_end_videos_per_s:.4g} videos/s",
+            f"bound min(VGG, decode) = {self.bound:.4g} videos/s; end-to-end / bound = {self.ratio:.3f} (target >= 0.9)",
         ])
 
 

@@ -40,6 +40,6 @@ config_option = click.option(
 )
 set_option = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE",
-    help="Override any config key, e.g. --set train.lr=0.0005 (repeatable).",
+    help="Override any config key, e.g. --set train.lr=0.0005 or --set extract.batch_frames=64 (repeatable).",
 )
 verbose_option = click.option("-v", "--verbose", count=True, help="More log output (-v for debug).")

@@ -14,8 +14,8 @@ file, ``duration`` seconds long, default the first T seconds):
   ``frame_valid`` False. decord applies rotation metadata (a 90-degree phone video comes out
   upright, e.g. 568x320 coded -> 320 wide x 568 high).
 
-  Measured on this project's 2-core machine (decord2 3.4, one thread), 160 frames needed out of
-  the first 300 of a 30 fps clip: v_ZNVhz7ctTq0.mp4 (480x360) get_batch of all 160 sorted indices
+  Measured on this project's 2-core machine, shared with other jobs (decord2 3.4, one decoder
+  thread), 160 frames needed out of the first 300 of a 30 fps clip: v_ZNVhz7ctTq0.mp4 (480x360) get_batch of all 160 sorted indices
   254 ms, get_batch in chunks of 32 145 ms, reading every frame in order with ``next()`` 128 ms,
   ``get_batch(range(300))`` 221 ms; a synthetic 640x360 high-bitrate clip: 1433 / 1219 / 1347 /
   1842 ms; v_GGSY1Qvo990.mp4 (19.62 fps): 52 / 57 / 41 / 71 ms. So random access on sorted
@@ -61,7 +61,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 

@@ -159,6 +159,7 @@ def worker_extractors(cfg, device: str, threads: int = 1) -> list:
     On CPU torch is limited to ``threads`` threads (one worker = one core's share by default).
     """
     global _MODEL_LOADS
+    device = worker_device(device)
     key = _settings_key(cfg, device)
     cached = _EXTRACTORS.get(key)
     if cached is None:
@@ -174,6 +175,24 @@ def worker_extractors(cfg, device: str, threads: int = 1) -> list:
         _MODEL_LOADS += 1
         log.info("worker %s: built extractors %s on %s", _worker_name(), [e.name for e in cached], device)
     return cached
+
+
+def worker_device(device: str) -> str:
+    """``cuda`` inside Dask worker number k on a machine with n > 1 visible GPUs -> ``cuda:{k % n}``
+    (so an embedded LocalCluster with one worker per GPU spreads over the GPUs); anything else,
+    and workers that see one GPU (e.g. pinned with CUDA_VISIBLE_DEVICES), unchanged."""
+    if device != "cuda":
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{name % count}" if isinstance(name, int) and count > 1 else device
 
 
 def _worker_name() -> str:
@@ -261,7 +280,8 @@ def dask_client(dask_cfg, scheduler: str | None = None, *, gpu: bool = False,
 
     address = scheduler or dask_cfg.scheduler or LOCAL
     if address == LOCAL:
-        workers = dask_cfg.n_workers or max(1, (os.cpu_count() or 1) // max(1, dask_cfg.threads_per_worker))
+        workers = dask_cfg.n_workers or (_gpu_count() if gpu else 0) or max(
+            1, (os.cpu_count() or 1) // max(1, dask_cfg.threads_per_worker))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=dask_cfg.threads_per_worker, processes=True,
                                host=LOOPBACK, dashboard_address=None, resources={"GPU": 1} if gpu else None)
         try:
@@ -279,6 +299,12 @@ def dask_client(dask_cfg, scheduler: str | None = None, *, gpu: bool = False,
         raise ConfigError(f"cannot reach the Dask scheduler {address}: {exc}") from None
     with client:
         yield client
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,3 +441,42 @@ def shard_files_equal(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
     files |= {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "/c/" in f"/{p.relative_to(b).as_posix()}"}
     return sorted(str(f) for f in files
                   if not ((a / f).is_file() and (b / f).is_file() and (a / f).read_bytes() == (b / f).read_bytes()))
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def run_cli(pipeline, *, split: str | None = None, manifest: str | None = None, video_root: str | None = None,
+            progress: bool = True, scheduler: str | None = None, cache: bool = False) -> int:
+    """``avel-extract`` main body with ``--scheduler`` / ``--cache``: run, print the summary,
+    return the exit code (0 ok, 1 some video failed or was not extracted, 2 the run could not
+    start). Without a scheduler (option or ``dask.scheduler``) and without the cache this is
+    :func:`extract.run.run_extraction_cli`, the single-machine path."""
+    import functools
+    import sys
+
+    from .lock import StoreLocked
+    from .manifest import ManifestError
+    from .run import collect_requests, run_extraction_cli
+    from .store import StoreError
+
+    scheduler = scheduler or pipeline.dask.scheduler
+    if not scheduler and not cache:
+        return run_extraction_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=progress)
+    try:
+        requests = collect_requests(pipeline, split, manifest, video_root)
+        if cache:
+            from .cache import extract_with_cache
+
+            runner = functools.partial(run_extraction_dask, scheduler=scheduler) if scheduler else None
+            result = extract_with_cache(pipeline, requests, progress=progress, runner=runner)
+            text = result.text()
+        else:
+            result = run_extraction_dask(pipeline, requests, scheduler=scheduler, progress=progress)
+            text = summary_text(result)
+    except (ConfigError, ManifestError, StoreError, StoreLocked, FileNotFoundError, ValueError) as exc:
+        print(f"avel-extract: error: {exc}", file=sys.stderr)
+        return 2
+    print(text, file=sys.stderr)
+    return result.exit_code

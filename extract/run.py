@@ -162,8 +162,21 @@ def package_versions() -> dict[str, str]:
         try:
             out[label] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[label] = "absent"
+            out[label] = _source_version() if label == "avel" else "absent"
     return out
+
+
+def _source_version() -> str:
+    """avel's version from setup.cfg when running from a source checkout (not installed)."""
+    import configparser
+
+    setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(setup_cfg)
+        return f"{parser['metadata']['version']} (source)"
+    except (KeyError, configparser.Error):
+        return "absent"
 
 
 def store_fingerprint_fields(cfg, identities: dict[str, Any]) -> dict[str, Any]:
@@ -517,7 +530,7 @@ def _finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Vide
     names = [name for name, _ in store.group.arrays() if name not in ("ids", "status", "reason")]
     values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
     status = np.asarray(store.group["status"][rows.start: rows.stop], dtype=np.int8).copy()
-    reason = np.asarray(store.group["reason"][rows.start: rows.stop]).astype(str).astype(object)
+    reason = np.asarray([str(r) for r in store.group["reason"][rows.start: rows.stop]], dtype=object)
     failures, done, failed = [], 0, 0
     for i, (row, request) in enumerate(members):
         local = row - rows.start

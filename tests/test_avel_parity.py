@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from train.heads.avel import FusionConfig, pool_scores
 from train.registry import get_head
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest (no spin-waiting on a busy machine)
 
 B, T, C = 2, 10, 29
 

@@ -49,8 +49,8 @@ def client():
     """An in-process Dask cluster (one worker thread): the runs below use the Dask runner."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
         yield c
 
 
@@ -201,3 +201,33 @@ def test_incomplete_sets_are_detected_and_refused(tmp_path):
     shard.write_bytes(b"garbage" * 10)
     problems = verify_store(open_store(tmp_path / "t.zarr"))
     assert any(p.startswith("array audio, rows 0-1: unreadable") for p in problems)
+
+
+def test_cli_cache_run_and_listing(client, media, tmp_path, monkeypatch):
+    """``avel-extract --cache`` on videos the cache holds computes nothing; ``list-cache`` shows the set."""
+    import yaml
+    from click.testing import CliRunner
+
+    from extract.cache import extract_with_cache
+    from extract.cli import main
+    from extract.distributed import run_extraction_dask
+    from extract.manifest import Sample, write_manifest
+
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "cache"))
+    pipeline = make_pipeline()
+    runner = functools.partial(run_extraction_dask, client=client)
+    extract_with_cache(pipeline, requests(media / "one", "ab"), store_path=tmp_path / "first.zarr", runner=runner,
+                       progress=False)
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"extract": SMALL, "store": {"rows_per_shard": 2}}))
+    write_manifest(tmp_path / "m.csv", [Sample(f"s{n}", n, str(media / "two" / f"{n}.mp4"), "", 0, 0, "test")
+                                        for n in "xy"], classes=["dog"])
+    res = CliRunner().invoke(main, ["--config", str(tmp_path / "pipeline.yaml"), "--manifest", str(tmp_path / "m.csv"),
+                                    "--store", str(tmp_path / "cli.zarr"), "--cache", "--no-progress"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "2 videos: 2 reused from the cache, 0 computed now" in res.output
+    np.testing.assert_array_equal(open_store(tmp_path / "cli.zarr").read("visual"),
+                                  open_store(tmp_path / "first.zarr").read("visual"))
+    listing = CliRunner().invoke(main, ["--config", str(tmp_path / "pipeline.yaml"), "list-cache"])
+    assert listing.exit_code == 0, listing.output
+    assert "1 feature sets" in listing.output and "2 videos (done 2, failed 0, missing 0)" in listing.output

@@ -310,3 +310,32 @@ def test_dcca_fit_cca_makes_canonical_variates_correlated_and_white():
     torch.testing.assert_close(per_comp, corr, atol=2e-3, rtol=0)
     assert torch.all(corr[:-1] >= corr[1:]) and float(corr[:32].min()) > 0.95  # sorted; shared directions found
     assert bool(head.cca_fitted)
+
+
+def test_coattention_cml_parameters_are_the_event_heads_minus_classifiers_plus_matching_mlps():
+    supervised = get_head("coattention")(29)
+    head = make_head("coattention-cml")
+    classifier = sum(p.numel() for n, p in supervised.named_parameters() if ".classifier." in n)
+    # Xue et al. Fig. 2(b): per stream and modality Dense(256 -> 128) and Dense(128 -> 64)
+    matching = 2 * 2 * ((256 * 128 + 128) + (128 * 64 + 64))
+    total = sum(p.numel() for p in head.parameters())
+    assert total == sum(p.numel() for p in supervised.parameters()) - classifier + matching
+    assert head.stream_weights() == [0.6, 0.4] and head.config.margin == 2.0
+
+
+def test_coattention_cml_loss_and_distance_combine_the_two_streams():
+    head = make_head("coattention-cml")
+    audio, visual, batch = inputs()
+    out = head(audio, visual)
+    y, m = batch["match"], batch["valid"].float()
+
+    def stream_loss(s):
+        d = (out.audio[:, s] - out.visual[:, s]).norm(dim=-1)
+        per = y * d**2 + (1 - y) * (2.0 - d).clamp_min(0) ** 2
+        return (per * m).sum() / m.sum()
+
+    torch.testing.assert_close(head.loss(out, batch), 0.6 * stream_loss(0) + 0.4 * stream_loss(1))
+    # inference: the mean of the CSPA and CSEA distances (Xue et al. sec. III-D)
+    d_cspa = torch.cdist(out.audio[:, 0], out.visual[:, 0])
+    d_csea = torch.cdist(out.audio[:, 1], out.visual[:, 1])
+    torch.testing.assert_close(head.distance_matrix(out), (d_cspa + d_csea) / 2, rtol=1e-4, atol=1e-4)

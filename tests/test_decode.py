@@ -1,7 +1,6 @@
 """Decoding (extract.decode): frame sampling on generated clips, audio, bad inputs, the killable pool."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time

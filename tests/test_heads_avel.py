@@ -16,7 +16,7 @@ from train.heads.avel import (AGVA, POSITIONS, SUPERVISED_SCHEDULE, AvelConfig, 
                               pool_scores)
 from train.registry import get_head, head_names
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest (no spin-waiting on a busy machine)
 C = 29
 
 

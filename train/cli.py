@@ -32,6 +32,26 @@ class RegistryChoice(click.Choice):
         pass
 
 
+class CommaList(click.ParamType):
+    """A comma list of names, each checked against ``choices`` (a Choice/RegistryChoice); the
+    value is the list (a sweep runs every combination, see train.sweep)."""
+
+    name = "list"
+
+    def __init__(self, choice: click.Choice):
+        self.choice = choice
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        from .sweep import parse_list
+
+        names = parse_list(value)
+        if not names:
+            self.fail(f"{value!r}: give a name or a comma list", param, ctx)
+        return [self.choice.convert(name, param, ctx) for name in names]
+
+
 def _head_names():
     from .registry import head_names
 
@@ -57,9 +77,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--head", type=RegistryChoice(_head_names), default=None, metavar="NAME", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads.")
+@click.option("--head", type=CommaList(RegistryChoice(_head_names)), default=None, metavar="NAME[,NAME...]", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads. A comma list (dmrn,bmfn) runs a sweep: every head x setting x seed, with a results table.")
 @click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
-@click.option("--setting", type=click.Choice(["supervised", "weak"]), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment.")
+@click.option("--setting", type=CommaList(click.Choice(["supervised", "weak"])), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment. 'supervised,weak' sweeps both.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the sweep's runs as Dask tasks: 'local' (a LocalCluster on 127.0.0.1, dask.n_workers processes), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml). Default: dask.scheduler; unset = one run after the other here.")
 @click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4; several seeds report mean ± std (default: train.seeds).")
 @click.option("--select-on", type=click.Choice(["val", "test", "last"]), default=None, help="Split that picks the evaluated epoch (default val). 'test' only to compare with papers; outputs are labelled optimistic.")
 @click.option("--store", default=None, help="Feature store to read (default: store.path).")
@@ -73,7 +94,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device, print_config, list_heads, config, sets, verbose):
+def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, lr, batch_size, device, print_config, list_heads, config, sets, verbose):
     """Train a localization head on a feature store and report segment accuracy.
 
     Accuracy = correct 1-s segments / all segments of the split, background included (AVE test:
@@ -87,6 +108,7 @@ def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_si
       avel-train --head dmrn --seeds 0-4 --store data/stores/ave.zarr
       avel-train --head a+v-att --setting weak --set train.weak_pool=max
       avel-train --list-heads
+      avel-train --head dmrn,bmfn --seeds 0-4 --scheduler local     # sweep, mean ± std table
       avel-train import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
                  --annotations Annotations.txt --store data/stores/ave-public.zarr
     """
@@ -97,12 +119,18 @@ def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_si
     if list_heads:
         click.echo(heads_table())
         return
-    extra = cli_overrides(head=head, task=task, setting=setting, seeds=seeds, select_on=select_on, store=store,
+    heads, settings = head or [], setting or []
+    extra = cli_overrides(head=heads[0] if heads else None, task=task, setting=settings[0] if settings else None,
+                          seeds=seeds, select_on=select_on, store=store,
                           epochs=epochs, lr=lr, batch_size=batch_size, device=device)
     pipeline = resolve(config, sets, extra)
     click.echo(pipeline.dump(), err=True)
     if print_config:
         return
+    scheduler = scheduler or pipeline.dask.scheduler
+    runs = max(1, len(heads)) * max(1, len(settings)) * len(pipeline.train.seeds)
+    if len(heads) > 1 or len(settings) > 1 or (scheduler and runs > 1):
+        sys.exit(run_sweep_cli(pipeline, heads, settings, scheduler, verbose))
     try:
         results = run_seeds(pipeline, verbose)
     except _user_errors() as exc:
@@ -116,6 +144,30 @@ def main(ctx, head, task, setting, seeds, select_on, store, epochs, lr, batch_si
     task_report = getattr(get_task(pipeline.train.task), "report_lines", None)  # e.g. cml: A2V / V2A / chance
     if task_report is not None:
         click.echo(task_report(results))
+
+
+def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: str | None, verbose: int) -> int:
+    """Every head x setting x seed (train.sweep), then the results table; exit code 1 if a run failed."""
+    from . import loop
+    from .sweep import expand_runs, run_sweep, sweep_markdown, sweep_table, write_sweep
+
+    cfg = pipeline.train
+    specs = expand_runs(heads or [cfg.head], settings or [cfg.setting], cfg.seeds)
+    loop.SHOW_PROGRESS = False
+    where = f"Dask scheduler {scheduler}" if scheduler else "this process, one after the other"
+    click.echo(f"sweep: {len(specs)} runs ({where})", err=True)
+    try:
+        rows = run_sweep(pipeline, specs, scheduler=scheduler,
+                         on_result=lambda row: click.echo(f"  {row['head']} {row['setting']} seed {row['seed']}: "
+                                                          f"{row['error'] or row['run_dir']}", err=True))
+    except (*_user_errors(), ValueError) as exc:
+        if verbose > 1:
+            raise
+        raise click.ClickException(str(exc)) from None
+    paths = write_sweep(pipeline.path(cfg.runs_root), cfg.task, rows)
+    click.echo(sweep_markdown(sweep_table(rows), cfg.task))
+    click.echo(f"results: {paths['results']}, {paths['markdown']} (every run: {paths['runs']})", err=True)
+    return 1 if any(row["error"] for row in rows) else 0
 
 
 def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device) -> dict:

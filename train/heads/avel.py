@@ -97,6 +97,17 @@ WEAK_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 250, "lr_step": None, "
 
 POSITIONS = ("early", "late", "decision")
 
+#: accuracy (%) reported in Tian et al. Table 2 per (method, position), for the head descriptions
+TABLE2 = {
+    (method, position): acc
+    for position, row in (
+        ("early", (59.9, 67.9, 67.9, 69.2, 70.5, 70.2, 61.0, 69.8, 68.0)),
+        ("late", (71.3, 71.4, 70.5, 70.5, 71.6, 71.0, 72.7, 70.8, 73.1)),
+        ("decision", (70.5, 64.5, 65.2, 64.6, 67.6, 67.3, 69.7, 63.8, 70.4)),
+    )
+    for method, acc in zip(("additive", "maxpool", "gated", "mb", "gmu", "gmb", "concat", "mrn", "dmrn"), row)
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -334,7 +345,9 @@ class VariantHead(AvelHead):
 
 @register_head("a")
 class AudioOnly(VariantHead):
-    """A (Table 1): audio [B, T, 128] -> BiLSTM [B, T, 256] -> classifier -> scores [B, T, C].
+    """A (Table 1: 59.5%, weak 53.4%): audio BiLSTM + att_Net classifier.
+
+    audio [B, T, 128] -> BiLSTM [B, T, 256] -> classifier -> scores [B, T, C].
     The visual input is ignored. 282,525 parameters at C = 29."""
 
     uses_visual = False
@@ -343,7 +356,9 @@ class AudioOnly(VariantHead):
 
 @register_head("v")
 class VisualOnly(VariantHead):
-    """V (Table 1): visual [B, T, 7, 7, 512] -> global average pooling [B, T, 512] -> BiLSTM
+    """V (Table 1: 55.3%, weak 52.9%): global-average-pooled visual BiLSTM + classifier.
+
+    visual [B, T, 7, 7, 512] -> global average pooling [B, T, 512] -> BiLSTM
     [B, T, 256] -> classifier -> [B, T, C]. The audio input is ignored. 675,741 parameters at C = 29."""
 
     uses_audio = False
@@ -352,8 +367,9 @@ class VisualOnly(VariantHead):
 
 @register_head("v-att")
 class VisualAttended(VariantHead):
-    """V-att (Table 1): AGVA(audio, visual) [B, T, 512] -> BiLSTM [B, T, 256] -> classifier ->
-    [B, T, C]; audio only guides the attention. extras["attention"] [B, T, 7, 7].
+    """V-att (Table 1: 58.6%, weak 55.6%): AGVA-attended visual BiLSTM + classifier.
+
+    AGVA(audio, visual) [B, T, 512] -> BiLSTM [B, T, 256] -> classifier -> [B, T, C]; audio only guides the attention. extras["attention"] [B, T, 7, 7].
     1,054,670 parameters at C = 29."""
 
     uses_audio = False
@@ -361,7 +377,9 @@ class VisualAttended(VariantHead):
 
 @register_head("a+v")
 class AudioVisual(VariantHead):
-    """A+V (Table 1): [BiLSTM_a(audio); BiLSTM_v(GAP(visual))] [B, T, 512] -> classifier -> [B, T, C].
+    """A+V (Table 1: 71.4%, weak 63.7%): audio and pooled-visual BiLSTMs, concatenated.
+
+    [BiLSTM_a(audio); BiLSTM_v(GAP(visual))] [B, T, 512] -> classifier -> [B, T, C].
     956,317 parameters at C = 29."""
 
     attend = False
@@ -369,15 +387,18 @@ class AudioVisual(VariantHead):
 
 @register_head("a+v-att")
 class AudioVisualAttended(VariantHead):
-    """A+V-att (Table 1), the reference ``att_Net(128, 128, 512, 29)`` of ``models.py`` /
-    ``models_weakly.py``: [BiLSTM_a(audio); BiLSTM_v(AGVA(audio, visual))] [B, T, 512] ->
+    """A+V-att (Table 1: 72.7%, weak 66.7%): the reference att_Net(128, 128, 512, 29).
+
+    As ``att_Net`` of ``models.py`` / ``models_weakly.py``: [BiLSTM_a(audio); BiLSTM_v(AGVA(audio, visual))] [B, T, 512] ->
     ReLU -> L1 (512 -> 64) -> ReLU -> L2 (64 -> C) -> [B, T, C] logits (reference: softmax of these).
     extras["attention"] [B, T, 7, 7]. 1,335,246 parameters at C = 29, as att_Net."""
 
 
 @register_head("concat-late")
 class ConcatLate(AudioVisualAttended):
-    """Concat fusion, late position (Table 2, 72.7): the same model as ``a+v-att`` (Table 1's A+V
+    """Concat fusion, late (Table 2: 72.7%): the same model as a+v-att.
+
+    Table 1's A+V
     models fuse by concatenating the BiLSTM outputs; same accuracy in both tables):
     audio [B, T, 128], visual [B, T, 7, 7, 512] -> scores [B, T, C]. 1,335,246 parameters at C = 29."""
 
@@ -435,8 +456,9 @@ def _fusion_docstring(method: str, position: str, paper_name: str) -> str:
         "late": "fuse(BiLSTM_a(audio) [B,T,256], BiLSTM_v(v_att) [B,T,256]) [B,T,fusion_dim] -> L2 -> [B,T,C]",
         "decision": "fuse(m_a [B,T,C], m_v [B,T,C]) [B,T,C] -> L2 -> [B,T,C], m_* = A / V-att model logits",
     }[position]
-    return (f"{paper_name} fusion, {position} position (Tian et al. Table 2; formula in "
-            f"train.heads.fusion.{FUSIONS[method][0].__name__}): {shapes}. extras['attention'] [B,T,7,7].")
+    return (f"{paper_name} fusion, {position} (Tian et al. Table 2: {TABLE2[method, position]}%).\n\n"
+            f"    Formula in train.heads.fusion.{FUSIONS[method][0].__name__}; {shapes}.\n"
+            f"    extras['attention'] [B,T,7,7].")
 
 
 def _register_fusion_heads() -> None:
@@ -456,8 +478,9 @@ def _register_fusion_heads() -> None:
 
 @register_head("dmrn")
 class DMRNHead(FusionHead):
-    """DMRN, late fusion (Tian et al. Sec. 4.3, eq. 5-6, Table 2: 73.1), built exactly as the
-    reference ``TBMRF_Net(128, 128, 512, 29, nb_block=1)`` of ``models_fusion.py``:
+    """DMRN, late fusion (Table 2: 73.1%): the reference TBMRF_Net(128, 128, 512, 29, 1).
+
+    Tian et al. Sec. 4.3, eq. 5-6, built exactly as ``TBMRF_Net`` of ``models_fusion.py``:
     AGVA(audio [B,T,128], visual [B,T,7,7,512]) -> v_att [B,T,512];
     lstm_audio(audio), lstm_video(v_att) [B,T,256] each; DMRN block (U_a, U_v: Linear(256,256)-Tanh-
     Linear(256,256)) -> [B,T,256]; L2 = Linear(256, C) -> [B,T,C] logits (reference: their softmax).
@@ -469,7 +492,9 @@ class DMRNHead(FusionHead):
 
 @register_head("dmrfe")
 class DMRFEHead(FusionHead):
-    """DMRFE, dual multimodal residual fusion ensemble (Tian et al. Sec. 6.2, Table 2: 73.3), late.
+    """DMRFE, late (Table 2: 73.3%): two residual blocks, probabilities averaged.
+
+    Dual multimodal residual fusion ensemble, Tian et al. Sec. 6.2.
 
     The paper: "feeds audio and visual features into two separated blocks and then use average
     ensemble to combine the two predicted probabilities"; no reference code. Our reading: two

@@ -180,7 +180,7 @@ class PositiveTimeResidualFusion(nn.Module):
 
 @register_head("avltc")
 class AVLTCHead(Head):
-    """TSGA -> Bi-LSTMs -> PTRF -> two FC layers.
+    """AVLTC (Guo et al.: 78.3%, weak 72.1%): TSGA -> Bi-LSTMs -> PTRF -> two FC layers.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] logits, extras:
     ``spatial_attention`` [B,T,49] (final map), ``smap`` [B,T,49] (AGVA's softmax map),

@@ -279,7 +279,9 @@ CELLS = {"fa1": ("v_e", "av_self"), "fa2": ("a", "av_self"), "ba1": ("av", "v_se
 
 @register_head("bmfn")
 class BMFNHead(Head):
-    """Visual attention + AVFA -> self-attention blocks -> forward/backward attention -> FBFMs -> mean ->
+    """BMFN (Liu et al. ICASSP 2022: 78.7%, weak 74.0%): AVFA + bi-directional attention + FBFMs.
+
+    Visual attention + AVFA -> self-attention blocks -> forward/backward attention -> FBFMs -> mean ->
     event-relevance + category scores.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] (see module doc; argmax =

@@ -161,7 +161,9 @@ class Stream(nn.Module):
 
 @register_head("coattention")
 class CoAttentionHead(Head):
-    """Co-spatial + co-semantic attention, two BLSTM streams, averaged scores.
+    """Co-attention (Xue et al. TMM 2021: 76.5%, weak 70.2%): CSPA + CSEA, BLSTMs, mean of streams.
+
+    Co-spatial + co-semantic attention, two BLSTM streams, averaged scores.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] = mean of the streams'
     scores, extras: ``scores_cspa`` / ``scores_csea`` [B,T,C], ``spatial_attention`` Z^v_att [B,T,49],

@@ -1,0 +1,236 @@
+"""Training sweeps: heads x settings x seeds as independent runs, in sequence or as Dask tasks.
+
+``avel-train --head dmrn,bmfn --seeds 0-4 [--setting supervised,weak] [--scheduler ...]`` expands
+into one run per (head, setting, seed) (:func:`expand_runs`). Each run is exactly what
+``avel-train --head H --setting S --seeds K`` does (the task of ``train.task`` writes its own run
+directory under ``runs_root``), so a sweep's numbers equal the single runs' numbers.
+
+Where they run:
+
+- no ``--scheduler``: one after the other in this process;
+- ``--scheduler local``: an embedded LocalCluster on 127.0.0.1 (``dask.n_workers`` processes,
+  ``dask.threads_per_worker`` threads; keep 1 thread: runs seed torch's global generator);
+- ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.distributed`
+  for TLS). Runs on ``train.device`` cuda ask for the resource ``GPU=1``.
+
+The results are gathered in the driver into ``runs_root/sweep-<task>-<time>/``: ``runs.csv``
+(one row per run), ``results.csv`` and ``results.md`` (per head and setting: number of runs and
+mean ± sample std of the validation and test accuracy). A run that fails is listed with its
+error and left out of the means.
+
+Importing this module does not import torch or dask.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunSpec", "parse_list", "expand_runs", "run_one", "run_sweep", "sweep_table", "sweep_markdown",
+           "write_sweep"]
+
+#: metrics copied from each run into the sweep tables
+RESULT_KEYS = ("val_accuracy", "test_accuracy", "selected_epoch", "selection", "param_count", "wall_seconds")
+#: the accuracies summarised per head and setting
+TABLE_KEYS = ("val_accuracy", "test_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep."""
+
+    head: str
+    setting: str
+    seed: int
+
+
+def parse_list(text: str | Sequence[str]) -> list[str]:
+    """``"dmrn, bmfn"`` -> ``["dmrn", "bmfn"]`` (order kept, duplicates and blanks dropped)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return list(dict.fromkeys(item.strip() for item in items if item and item.strip()))
+
+
+def expand_runs(heads: Sequence[str], settings: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
+    """Every (head, setting, seed), heads outermost, seeds innermost."""
+    return [RunSpec(h, s, int(k)) for h in heads for s in settings for k in seeds]
+
+
+# ------------------------------------------------------------------------------------------
+# one run (runs in a worker)
+
+
+def _pipeline_for(state: dict[str, Any], base_dir: str, source: str | None, spec: RunSpec):
+    """The resolved pipeline of the sweep with ``train.head/setting/seeds`` of ``spec``."""
+    from extract.settings import load_pipeline
+
+    sections = {name: dict(values) if isinstance(values, dict) else values for name, values in state.items()}
+    sections["train"] = {**sections["train"], "head": spec.head, "setting": spec.setting, "seeds": [spec.seed]}
+    pipeline = load_pipeline(None, sections, search=False)
+    pipeline.base_dir = Path(base_dir)
+    pipeline.source = source
+    return pipeline
+
+
+def check_spec(task: str, spec: RunSpec) -> None:
+    """ValueError when the head is unknown, of another task, or does not support the setting."""
+    from .registry import get_head
+
+    try:
+        head_cls = get_head(spec.head)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
+    if head_cls.task != task:
+        raise ValueError(f"head {spec.head!r} is a {head_cls.task!r} head, the sweep's task is {task!r}")
+    if spec.setting not in head_cls.settings:
+        raise ValueError(f"head {spec.head!r} supports --setting {'/'.join(head_cls.settings)}, not {spec.setting!r}")
+
+
+def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunSpec) -> dict[str, Any]:
+    """Train and evaluate one (head, setting, seed); returns its row for the sweep tables.
+
+    ``state`` = ``pipeline.to_dict()`` of the sweep (a plain dict travels to any worker).
+    """
+    from .registry import get_task
+    from .runs import make_run_dir
+
+    pipeline = _pipeline_for(state, base_dir, source, spec)
+    cfg = pipeline.train
+    check_spec(cfg.task, spec)
+    run_dir = make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed)
+    metrics = get_task(cfg.task)(pipeline, spec.head, spec.seed, run_dir)
+    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(run_dir), "error": ""}
+    row.update({key: metrics.get(key) for key in RESULT_KEYS})
+    return row
+
+
+def _failed_row(task: str, spec: RunSpec, exc: BaseException) -> dict[str, Any]:
+    return {"task": task, **dataclasses.asdict(spec), "run_dir": "", "error": f"{type(exc).__name__}: {exc}",
+            **{key: None for key in RESULT_KEYS}}
+
+
+# ------------------------------------------------------------------------------------------
+# the sweep (driver)
+
+
+def run_sweep(pipeline, specs: Sequence[RunSpec], *, scheduler: str | None = None, client=None,
+              on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Run every spec; returns their rows in the order of ``specs``.
+
+    ``client`` (a :class:`distributed.Client`) or ``scheduler`` (``local``, ``tcp://``, ``tls://``)
+    runs them as Dask tasks; neither = one after the other in this process. Specs that name an
+    unknown head or an unsupported setting are refused before anything runs.
+    """
+    task = pipeline.train.task
+    for spec in specs:
+        check_spec(task, spec)
+    state, base_dir, source = pipeline.to_dict(), str(pipeline.base_dir), pipeline.source
+    rows: dict[RunSpec, dict[str, Any]] = {}
+    if client is None and scheduler is None:
+        for spec in specs:
+            log.info("sweep run %s", spec)
+            try:
+                rows[spec] = run_one(state, base_dir, source, spec)
+            except Exception as exc:  # noqa: BLE001 - a failed run is reported, the sweep goes on
+                log.error("run %s failed: %s", spec, exc)
+                rows[spec] = _failed_row(task, spec, exc)
+            if on_result is not None:
+                on_result(rows[spec])
+        return [rows[spec] for spec in specs]
+
+    from extract.distributed import dask_client
+
+    with dask_client(pipeline.dask, scheduler) if client is None else contextlib.nullcontext(client) as c:
+        from distributed import as_completed
+
+        gpu = str(pipeline.train.device).startswith("cuda")
+        token = f"{time.time_ns():x}"
+        futures = {}
+        for i, spec in enumerate(specs):
+            future = c.submit(run_one, state, base_dir, source, spec, key=f"avel-train-{spec.head}-{spec.setting}-"
+                              f"{spec.seed}-{token}-{i}", pure=False, retries=pipeline.dask.retries,
+                              resources={"GPU": 1} if gpu else None)
+            futures[future.key] = (future, spec)
+        for future in as_completed([f for f, _ in futures.values()]):
+            spec = futures[future.key][1]
+            try:
+                rows[spec] = future.result()
+            except Exception as exc:  # noqa: BLE001
+                log.error("run %s failed: %s", spec, exc)
+                rows[spec] = _failed_row(task, spec, exc)
+            log.info("sweep: %d of %d runs finished", len(rows), len(specs))
+            if on_result is not None:
+                on_result(rows[spec])
+    return [rows[spec] for spec in specs]
+
+
+# ------------------------------------------------------------------------------------------
+# tables
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] = TABLE_KEYS) -> list[dict[str, Any]]:
+    """Per (head, setting), in first-seen order: ``runs`` (successful), ``failed``, ``seeds`` and
+    ``<key>_mean`` / ``<key>_std`` (sample std, ddof=1; 0 for one run) of each accuracy."""
+    from .runs import mean_std
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["head"], row["setting"]), []).append(row)
+    table = []
+    for (head, setting), members in groups.items():
+        ok = [r for r in members if not r.get("error")]
+        entry: dict[str, Any] = {"head": head, "setting": setting, "runs": len(ok), "failed": len(members) - len(ok),
+                                 "seeds": " ".join(str(r["seed"]) for r in ok)}
+        for key in keys:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            mean, std = mean_std(values) if values else (None, None)
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean, std
+        table.append(entry)
+    return table
+
+
+def sweep_markdown(table: Sequence[dict[str, Any]], task: str, keys: Sequence[str] = TABLE_KEYS) -> str:
+    """Markdown: one row per head and setting, mean ± std of each accuracy."""
+    def cell(entry, key):
+        mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
+        return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+    lines = [f"# sweep: task {task}", "", "mean ± sample standard deviation over seeds", "",
+             "| head | setting | runs | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for entry in table:
+        runs = f"{entry['runs']}" + (f" ({entry['failed']} failed)" if entry["failed"] else "")
+        lines.append(f"| {entry['head']} | {entry['setting']} | {runs} | " + " | ".join(cell(entry, k) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def write_sweep(runs_root: str | Path, task: str, rows: Sequence[dict[str, Any]],
+                now: _dt.datetime | None = None) -> dict[str, Path]:
+    """Write ``runs.csv``, ``results.csv`` and ``results.md`` into ``runs_root/sweep-<task>-<time>/``."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    directory = Path(runs_root) / f"sweep-{task}-{stamp}"
+    n = 0
+    while directory.exists():
+        n += 1
+        directory = Path(runs_root) / f"sweep-{task}-{stamp}-{n}"
+    directory.mkdir(parents=True)
+    table = sweep_table(rows)
+    paths = {"runs": _write_csv(directory / "runs.csv", rows), "results": _write_csv(directory / "results.csv", table)}
+    paths["markdown"] = directory / "results.md"
+    paths["markdown"].write_text(sweep_markdown(table, task))
+    return paths
