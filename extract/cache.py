@@ -28,8 +28,8 @@ empty, unreadable) cannot be hashed: they are failed in the project store and no
 
 **Complete.** A store is marked ``complete: true`` (root attribute, with ``verified``) only after
 :func:`verify_store` read it end to end: every row has a final status (done or failed), every
-shard of the ``status`` array exists on disk (a final status is never the fill value, so a missing
-status shard means lost writes), and every shard of every array decodes. While rows are being
+shard that holds a valid segment has its file in every feature array (valid features are never
+all fill values, so a missing file means lost writes), and every shard of every array decodes. While rows are being
 added the attribute is ``false``; readers (``avel-train``, :func:`require_complete`) refuse such a
 store with a message that says how to finish it. (Zarr does not store chunks that equal the fill
 value, so a missing feature chunk of a failed or silent video is not an error by itself.)
@@ -172,16 +172,20 @@ def _content_keys(requests: Sequence[VideoRequest]) -> tuple[dict[str, str], dic
 # completeness
 
 
-def _status_shard_file(store: FeatureStore, shard: int) -> Path:
-    """The file of shard ``shard`` of the 1-D ``status`` array (default chunk key encoding)."""
-    return Path(store.path) / "status" / "c" / str(shard)
+def _shard_file(store: FeatureStore, name: str, shard: int) -> Path:
+    """The file of shard ``shard`` of array ``name`` (Zarr v3 default chunk key encoding)."""
+    ndim = len(store.array(name).shape)
+    return Path(store.path) / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1)))
 
 
 def verify_store(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
     """Problems that keep ``store`` from being complete (empty list: complete and readable).
 
-    The status of every row is always checked; the shard files and the decoding of every array
-    only for ``shards`` (default: all; a growing cache re-reads just the shards it wrote).
+    Checks: every row has a final status (done or failed); in every shard holding a row with a
+    valid segment, every feature array's shard file exists (its features cannot all equal the
+    fill value, so a missing file means lost writes); every shard of every array decodes. The
+    status of every row is always checked, the files and decoding only for ``shards`` (default:
+    all; a growing cache re-reads just the shards it wrote).
     """
     problems = []
     n = len(store)
@@ -190,10 +194,15 @@ def verify_store(store: FeatureStore, shards: Sequence[int] | None = None) -> li
     if missing:
         problems.append(f"{missing} of {n} rows are not extracted (status missing)")
     shards = range(store.num_shards) if shards is None else sorted(set(shards))
+    valid = store.read("valid") if "valid" in store.array_names() else np.zeros((n, 1), bool)
+    features = [name for name in store.array_names() if name not in ("ids", "status", "reason", "valid")]
     for shard in shards:
         rows = store.shard_rows(shard)
-        if (status[rows.start: rows.stop] != STATUS_MISSING).any() and not _status_shard_file(store, shard).is_file():
-            problems.append(f"shard {shard}: the status shard file is missing")
+        if not valid[rows.start: rows.stop].any():
+            continue
+        lost = [name for name in ["valid"] + features if not _shard_file(store, name, shard).is_file()]
+        if lost:
+            problems.append(f"shard {shard}: the shard files of {', '.join(lost)} are missing")
     for name in store.array_names():
         arr = store.array(name)
         if arr.shape[0] != n:

@@ -190,7 +190,8 @@ def demo(obj, out, videos, seed, force):
     )
     click.echo(
         f"demo settings: RANDOM VGG-19/VGGish weights; {DEMO_FRAMES_PER_SEGMENT} VGG-19 frame per 1-s "
-        f"segment instead of AVE's 16 (VGG-19 on a CPU is slow) - see {summary.pipeline}"
+        f"segment instead of AVE's 16 (VGG-19 on a CPU is slow); short training, DMRN with cross-entropy "
+        f"- see {summary.pipeline}"
     )
     click.echo(f"majority-class baseline on the test seconds: {summary.baseline_accuracy:.3f}")
     click.echo("next:")

@@ -384,6 +384,16 @@ def _context(method: str | None):
     return ctx
 
 
+def warm_up(start_method: str | None = None) -> None:
+    """Start the forkserver now (it imports torch, cv2 and decord in the background), so that
+    this overlaps other start-up work such as loading the networks. No-op for other methods."""
+    ctx = _context(start_method)
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 class DecodePool:
     """Worker processes with a per-task timeout that kills hung workers.
 

@@ -457,6 +457,12 @@ train:
   # schedules run e.g. 300 epochs of batch 64 over AVE's 3339 training videos)
   epochs: {epochs}
   batch_size: {batch_size}
+
+heads:
+  # DEMO ONLY: cross-entropy on the logits instead of the reference MultiLabelSoftMargin-on-softmax
+  # loss, which learns too slowly for a schedule of a few hundred steps (it stays at the
+  # majority class here). Remove this to train with the papers' loss.
+  dmrn: {{loss: ce}}
 """
 
 
@@ -484,8 +490,9 @@ modalities to find the events. segments.csv lists, per second, the cue each moda
 Majority-class baseline on the test seconds: {share:.3f} ({label or 'background'}).
 
 Files: videos/ (the clips), manifests/ (train/val/test.csv + classes.txt), segments.csv,
-pipeline.yaml (random VGG-19/VGGish weights, {DEMO_FRAMES_PER_SEGMENT} frame per segment instead of 16, short
-training), demo.json (generation parameters). Feature store and runs appear here once made:
+pipeline.yaml (random VGG-19/VGGish weights, {DEMO_FRAMES_PER_SEGMENT} frame per segment instead of 16, a short
+training schedule, DMRN with cross-entropy loss), demo.json (generation parameters).
+The feature store (store.zarr) and the training runs (runs/) appear here once made:
   avel-extract --config {{this folder}}/pipeline.yaml --split all
   avel-train --config {{this folder}}/pipeline.yaml --head dmrn
 """
@@ -566,21 +573,30 @@ class DemoSummary:
         return {name: sum(v.split == name for v in self.plan) for name, _ in SPLIT_SHARES}
 
 
-def _check_out_folder(out: Path, params: dict, force: bool) -> bool:
-    """True when ``out`` already holds this exact demo. Raise when it holds something else."""
+def _demo_files(out: Path, plan: Sequence[DemoVideo]) -> list[Path]:
+    """Every file a finished demo has (videos, manifests, metadata)."""
+    names = [f"manifests/{split}.csv" for split, _ in SPLIT_SHARES]
+    names += ["manifests/classes.txt", "segments.csv", "pipeline.yaml", "README.txt", "demo.json"]
+    return [out / "videos" / v.path for v in plan] + [out / name for name in names]
+
+
+def _check_out_folder(out: Path, plan: Sequence[DemoVideo], params: dict, force: bool) -> bool:
+    """True when ``out`` already holds this exact demo, complete. Raise when it holds something else.
+
+    A folder holding a demo made with other parameters loses its feature store (``store.zarr``),
+    whose rows no longer match the clips."""
     marker = out / "demo.json"
     if marker.is_file():
         try:
             old = json.loads(marker.read_text())
         except ValueError:
             old = None
-        if old == params and not force:
-            return True
-        if old != params:
-            store = out / "store.zarr"
-            if store.exists():
-                log.info("%s was made from another demo; removing it", store)
-                shutil.rmtree(store)
+        if old == params:
+            return not force and all(path.is_file() for path in _demo_files(out, plan))
+        store = out / "store.zarr"
+        if store.exists():
+            log.info("%s was made from another demo; removing it", store)
+            shutil.rmtree(store)
         return False
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DemoError(
@@ -600,15 +616,16 @@ def generate_demo(
 ) -> DemoSummary:
     """Generate the demo dataset into ``out`` (see the module docstring for the files).
 
-    Idempotent: when ``out/demo.json`` records the same parameters the files are kept (``force``
-    regenerates them). A demo made with other parameters is replaced, its feature store removed.
+    Idempotent: when ``out/demo.json`` records the same parameters and every file is there, nothing
+    is written (``force`` regenerates). A demo made with other parameters is replaced and its
+    feature store removed.
     """
     out = Path(out)
     params = _params(videos, seed)
     plan = plan_demo(videos, seed)
     label, share = majority_baseline(plan, "test")
     started = time.perf_counter()
-    if _check_out_folder(out, params, force):
+    if _check_out_folder(out, plan, params, force):
         log.info("%s already holds this demo (demo.json matches); reusing it", out)
         return DemoSummary(out, plan, True, 0.0, label, share)
     video_dir = out / "videos"

@@ -6,8 +6,9 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
   holds the networks). It stays the default because on one machine a LocalCluster adds nothing:
   every worker process would load its own copy of the networks and decode serially, while the
   single-machine path already decodes on all cores and batches the networks across a shard;
-- ``local``: an embedded :class:`distributed.LocalCluster` listening on 127.0.0.1 only (no
-  dashboard), ``dask.n_workers`` processes with ``dask.threads_per_worker`` threads;
+- ``local``: an embedded :class:`distributed.LocalCluster` whose scheduler, workers, nannies and
+  dashboard all listen on 127.0.0.1 only (random ports), ``dask.n_workers`` processes (default:
+  one per GPU with ``extract.device`` cuda, else one per ``dask.threads_per_worker`` cores);
 - ``tcp://host:8786``: an existing scheduler (e.g. started by dask-jobqueue on SLURM, see README);
 - ``tls://host:8786``: the same with Dask's TLS security, certificates from ``dask.tls_ca_file``,
   ``dask.tls_client_cert``, ``dask.tls_client_key`` or from Dask's own configuration/environment
@@ -30,6 +31,11 @@ status array is the resume marker: an attempt wrote it, then its worker died bef
 returns at once. So the store ends bit-identical to a single-process run's. A task that is lost
 for good leaves its rows "missing": the summary says so, the exit code is 1 and running the same
 command again computes just those shards.
+
+**Decoding** runs inside the task (one video after the other, in a daemon thread): a decode
+that takes longer than ``extract.decode_timeout_s`` is abandoned and its video failed, so a hung
+decoder never blocks a task (the thread cannot be killed; it may keep a core busy until the
+worker exits). Parallel decoding comes from running many workers.
 
 **Workers.** The networks are built once per worker process and kept for later tasks
 (:func:`worker_extractors`, a per-process cache keyed by the extraction settings and device).
@@ -199,16 +205,35 @@ def _worker_name() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _decode_one(decode_fn: Callable, request: VideoRequest, grids, segments: int, audio: bool):
-    """``decode_fn`` or a :class:`Failure` with the same reason text the decode pool gives."""
+def _decode_one(decode_fn: Callable, request: VideoRequest, grids, segments: int, audio: bool,
+                timeout_s: float | None = None):
+    """``decode_fn`` or a :class:`Failure` with the same reason text the decode pool gives.
+
+    The decode runs in a daemon thread; one that takes longer than ``timeout_s`` is abandoned
+    (a thread cannot be killed: it may go on using a core until the worker exits) and the video
+    is failed, so a hung decoder never blocks the task.
+    """
+    import threading
+
     from .decode import _short
 
-    try:
-        return decode_fn(request, grids, segments, audio)
-    except DecodeError as exc:
-        return Failure(_short(exc))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
-        return Failure(f"{type(exc).__name__}: {_short(exc)}")
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(decode_fn(request, grids, segments, audio))
+        except DecodeError as exc:
+            outcome.append(Failure(_short(exc)))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a reason
+            outcome.append(Failure(f"{type(exc).__name__}: {_short(exc)}"))
+
+    thread = threading.Thread(target=target, name=f"avel-decode-{request.key}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        log.warning("%s: decode ran over %g s; abandoned", request.key, timeout_s)
+        return Failure(f"decode timed out after {timeout_s:g} s (abandoned in a Dask worker)")
+    return outcome[0]
 
 
 def extract_shard(job: ShardJob) -> ShardResult:
@@ -231,7 +256,8 @@ def extract_shard(job: ShardJob) -> ShardResult:
     extractors = worker_extractors(job.cfg, job.device, job.threads)
     grids = list({g.name: g for g in (e.frame_grid for e in extractors) if g is not None}.values())
     audio = any(e.uses_audio for e in extractors)
-    decoded = [_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio) for _, request in job.members]
+    timeout = float(job.cfg.decode_timeout_s) if job.cfg.decode_timeout_s else None
+    decoded = [_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio, timeout) for _, request in job.members]
     done, failed = _finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments)
     return ShardResult(job.shard, done, failed, False, _worker_name(), _MODEL_LOADS, time.monotonic() - started)
 
@@ -283,7 +309,7 @@ def dask_client(dask_cfg, scheduler: str | None = None, *, gpu: bool = False,
         workers = dask_cfg.n_workers or (_gpu_count() if gpu else 0) or max(
             1, (os.cpu_count() or 1) // max(1, dask_cfg.threads_per_worker))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=dask_cfg.threads_per_worker, processes=True,
-                               host=LOOPBACK, dashboard_address=None, resources={"GPU": 1} if gpu else None)
+                               host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", resources={"GPU": 1} if gpu else None)
         try:
             with Client(cluster) as client:
                 yield client

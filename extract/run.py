@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .decode import Failure, VideoRequest, decode_video
+from .decode import Failure, VideoRequest, decode_video, warm_up
 from .settings import ConfigError, fingerprint, to_dict
 from .store import (
     SCHEMA_VERSION,
@@ -438,6 +438,8 @@ def run_extraction(
         raise ConfigError("nothing to extract: the manifest(s) have no rows")
     device = resolve_device(cfg.device)
     _set_cpu_threads(device)
+    if decode_fn is decode_video:
+        warm_up()  # the decode workers' forkserver imports its modules while the networks load
     if extractors is None:
         extractors = build_extractors(cfg, device)
     identities = {e.name: e.identity() for e in extractors} if extractors else extractor_identity(cfg)

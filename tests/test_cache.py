@@ -49,7 +49,7 @@ def client():
     """An in-process Dask cluster (one worker thread): the runs below use the Dask runner."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as c:
         yield c
 
@@ -183,11 +183,13 @@ def test_incomplete_sets_are_detected_and_refused(tmp_path):
     assert open_store(tmp_path / "s.zarr").attrs["complete"] is True
     open_checked_store(tmp_path / "s.zarr")  # accepted
 
-    # a lost status shard (writes that never reached the disk) is found, the set marked incomplete
-    (tmp_path / "s.zarr" / "status" / "c" / "1").unlink()
+    # lost writes are found and the set marked incomplete: a feature shard file (rows 2-3) ...
+    (tmp_path / "s.zarr" / "audio" / "c" / "1" / "0" / "0").unlink()
+    assert verify_store(open_store(tmp_path / "s.zarr")) == ["shard 1: the shard files of audio are missing"]
+    # ... and a status shard (rows 4-5 read as not extracted)
+    (tmp_path / "s.zarr" / "status" / "c" / "2").unlink()
     problems = mark_complete(open_store(tmp_path / "s.zarr", mode="r+"))
-    assert any("2 of 6 rows are not extracted" in p for p in problems)
-    assert any("shard 1: the status shard file is missing" in p for p in problems)
+    assert problems == ["2 of 6 rows are not extracted (status missing)", "shard 1: the shard files of audio are missing"]
     incomplete = open_store(tmp_path / "s.zarr")
     assert incomplete.attrs["complete"] is False
     with pytest.raises(StoreError, match="incomplete.*run the same avel-extract command again"):

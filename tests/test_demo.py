@@ -118,7 +118,8 @@ def test_pipeline_yaml_resolves_against_its_folder(demo_dir):
     assert pipeline.path(pipeline.train.runs_root) == (demo_dir / "runs").resolve()
     assert pipeline.extract.visual_weights == pipeline.extract.audio_weights == "random"
     assert pipeline.extract.frames_per_segment == demo.DEMO_FRAMES_PER_SEGMENT < 16
-    assert pipeline.train.epochs == demo.DEMO_EPOCHS
+    assert pipeline.train.epochs == demo.DEMO_EPOCHS and pipeline.train.batch_size == demo.DEMO_BATCH_SIZE
+    assert pipeline.heads == {"dmrn": {"loss": "ce"}}
     assert "instead of AVE's 16" in (demo_dir / "pipeline.yaml").read_text()
 
 
@@ -264,3 +265,23 @@ def test_cheap_hand_features_beat_the_majority_baseline(demo_dir, plan, decoded)
     majority = np.bincount(y_test).max() / y_test.size
     assert majority == pytest.approx(demo.majority_baseline(plan, "test")[1])
     assert accuracy > majority + 0.2, (accuracy, majority)
+
+
+def test_out_folder_reuse_rules(tmp_path):
+    """Reuse only a complete demo of the same parameters; another demo's store is removed."""
+    plan = demo.plan_demo(VIDEOS, SEED)
+    params = demo._params(VIDEOS, SEED)
+    out = tmp_path / "d"
+    for path in demo._demo_files(out, plan):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (out / "demo.json").write_text(__import__("json").dumps(params))
+    (out / "store.zarr").mkdir()
+    assert demo._check_out_folder(out, plan, params, force=False) is True
+    assert demo._check_out_folder(out, plan, params, force=True) is False
+    (out / "videos" / plan[3].path).unlink()  # incomplete -> regenerate, the store stays
+    assert demo._check_out_folder(out, plan, params, force=False) is False
+    assert (out / "store.zarr").is_dir()
+    other = demo._params(VIDEOS + 1, SEED)  # another demo -> its store goes
+    assert demo._check_out_folder(out, demo.plan_demo(VIDEOS + 1, SEED), other, force=False) is False
+    assert not (out / "store.zarr").exists()

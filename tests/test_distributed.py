@@ -147,42 +147,72 @@ def test_embedded_cluster_listens_on_loopback_only(client):
     assert info["address"].startswith("tcp://127.0.0.1:")
     assert info["workers"] and all(addr.startswith("tcp://127.0.0.1:") for addr in info["workers"])
     assert all(w["nthreads"] == 1 for w in info["workers"].values())
+    # every listening socket of this process and its children (scheduler, dashboard/HTTP, nannies,
+    # workers) is bound to the loopback interface
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid} | {child.pid for child in me.children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert len(listening) >= 5  # scheduler, its HTTP server, 2 nannies, 2 workers (+ their HTTP servers)
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
 
 
-def test_a_worker_killed_mid_run_still_gives_the_single_process_store(client, videos, tmp_path):
+@pytest.fixture(scope="module")
+def reference(videos, tmp_path_factory):
+    """The store of the single-machine path (extract.run), networks in this process, 1 thread like a worker."""
     import torch
 
-    from extract.distributed import run_extraction_dask, shard_files_equal
     from extract.extractors import build_extractors
     from extract.run import run_extraction
 
-    # reference: the single-machine path, networks in this process (1 thread like a worker)
     torch.set_num_threads(1)
-    pipeline = make_pipeline(retries=0)  # worker deaths must not need task retries
-    reference = run_extraction(pipeline, videos, store_path=tmp_path / "single.zarr", progress=False,
-                               extractors=build_extractors(pipeline.extract, "cpu"))
+    pipeline = make_pipeline()
+    path = tmp_path_factory.mktemp("dref") / "single.zarr"
+    summary = run_extraction(pipeline, videos, store_path=path, progress=False,
+                             extractors=build_extractors(pipeline.extract, "cpu"))
+    assert (summary.done, summary.failed) == (9, 1)
+    return path
 
-    pids_before = set(client.run(os.getpid).values())
-    killed: list[int] = []
+
+def test_a_worker_killed_mid_task_still_gives_the_single_process_store(client, videos, reference, tmp_path):
+    from extract.distributed import run_extraction_dask, shard_files_equal
+
+    pipeline = make_pipeline(retries=0)  # a worker death must not need task retries
+    shard_keys: list[str] = []
+    killed: list[tuple[int, str]] = []
 
     def kill_a_busy_worker(result, c):
+        """Near the end (so the survivor, not the cold replacement, finishes), SIGKILL a worker
+        that is processing one of our shard tasks."""
         if killed:
             return
-        busy = {addr: pid for addr, pid in c.run(os.getpid).items() if not result.worker.startswith(f"{pid}@")}
-        pid = next(iter(busy.values()))
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        processing = c.processing()
+        pids = c.run(os.getpid)
+        for addr, keys in processing.items():
+            ours = [k for k in keys if str(k).startswith("avel-shard-")]
+            if ours and addr in pids:
+                os.kill(pids[addr], signal.SIGKILL)
+                killed.append((pids[addr], ours[0]))
+                return
+
+    done: list[int] = []
+
+    def on_result(result, c):
+        done.append(result.shard)
+        if len(done) == 3:  # of 5 shard tasks: the last two are running, one on each worker
+            kill_a_busy_worker(result, c)
 
     decode = functools.partial(slow_decode, delay=0.4)
     summary = run_extraction_dask(pipeline, videos, store_path=tmp_path / "dask.zarr", client=client, progress=False,
-                                  decode_fn=decode, on_result=kill_a_busy_worker)
-    assert killed and killed[0] in pids_before
-    assert (summary.done, summary.failed, summary.lost) == (reference.done, reference.failed, 0) == (9, 1, 0)
+                                  decode_fn=decode, on_result=on_result)
+    assert killed, "no worker was processing a shard task when one was to be killed"
+    assert (summary.done, summary.failed, summary.lost) == (9, 1, 0)
     assert summary.exit_code == 1  # the missing file
 
     # bit-identical: every shard file of every array, and the arrays as read back
-    assert shard_files_equal(tmp_path / "single.zarr", tmp_path / "dask.zarr") == []
-    a, b = open_store(tmp_path / "single.zarr"), open_store(tmp_path / "dask.zarr")
+    assert shard_files_equal(reference, tmp_path / "dask.zarr") == []
+    a, b = open_store(reference), open_store(tmp_path / "dask.zarr")
     assert a.ids.tolist() == b.ids.tolist() == [r.key for r in videos]
     for name in a.array_names():
         np.testing.assert_array_equal(a.read(name), b.read(name))
@@ -191,34 +221,46 @@ def test_a_worker_killed_mid_run_still_gives_the_single_process_store(client, vi
     assert status[4] == STATUS_FAILED and (np.delete(status, 4) == STATUS_DONE).all()
     assert b.read("visual").any(axis=(1, 2, 3, 4)).sum() == 9
 
-    # networks were built once per worker process (the replacement worker built its own once)
+    # networks were built once per worker process, not once per task
     assert summary.workers and set(summary.workers.values()) == {1}
-    assert len(summary.workers) < 5  # 5 shard tasks ran on fewer processes than tasks
+    assert len(summary.workers) <= 3  # 5 shard tasks; 2 workers + at most the killed one's replacement
 
     # resume marker: a second run finds everything finished and computes nothing
     again = run_extraction_dask(pipeline, videos, store_path=tmp_path / "dask.zarr", client=client, progress=False)
     assert (again.done, again.failed, again.skipped) == (0, 0, 10)
 
 
-def test_a_finished_shard_task_returns_without_computing(client, videos, tmp_path):
+def test_a_finished_shard_task_returns_without_computing(client, videos, reference, tmp_path):
     """A re-run task (its first attempt wrote the shard, then the worker died) returns at once."""
-    from extract.distributed import ShardJob, extract_shard
-    from extract.extractors import build_extractors
-    from extract.run import run_extraction
+    import shutil
 
-    pipeline = make_pipeline()
+    from extract.distributed import ShardJob, extract_shard
+
     path = tmp_path / "s.zarr"
-    run_extraction(pipeline, videos[:4], store_path=path, progress=False,
-                   extractors=build_extractors(pipeline.extract, "cpu"))
+    shutil.copytree(reference, path)
     store = open_store(path)
     members = tuple((store.row_of(r.key), r) for r in videos[2:4])
-    job = ShardJob(str(path), 1, members, pipeline.extract, "cpu", decode_fn=_must_not_decode)
+    job = ShardJob(str(path), 1, members, make_pipeline().extract, "cpu", decode_fn=_must_not_decode)
     result = client.submit(extract_shard, job, pure=False).result()
     assert result.already and (result.done, result.failed) == (2, 0)
 
 
 def _must_not_decode(*args):
     raise AssertionError("a finished shard was decoded again")
+
+
+def test_a_hung_or_failing_decode_fails_the_video_not_the_task(videos):
+    from extract.decode import Failure
+    from extract.distributed import _decode_one
+
+    started = time.monotonic()
+    hung = _decode_one(functools.partial(slow_decode, delay=5.0), videos[0], [], T, True, timeout_s=0.3)
+    assert isinstance(hung, Failure) and hung.reason.startswith("decode timed out after 0.3 s")
+    assert time.monotonic() - started < 3.0
+    missing = _decode_one(decode_video, videos[4], [], T, True, timeout_s=30)
+    assert isinstance(missing, Failure) and missing.reason == f"file not found: {videos[4].path}"
+    broken = _decode_one(_must_not_decode, videos[0], [], T, True)
+    assert isinstance(broken, Failure) and broken.reason == "AssertionError: a finished shard was decoded again"
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +279,7 @@ def test_tls_scheduler_with_certificates_from_the_config(tmp_path):
         files[name] = tmp_path / f"{name}.pem"
         files[name].write_text(getattr(temp, name))
     with LocalCluster(n_workers=1, processes=False, protocol="tls://", host="127.0.0.1", security=temp,
-                      dashboard_address=None) as cluster:
+                      dashboard_address="127.0.0.1:0") as cluster:
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         pipeline = load_pipeline(None, {"dask": {k: str(v) for k, v in files.items()}}, search=False)
         with dask_client(pipeline.dask, cluster.scheduler_address) as c:

@@ -58,7 +58,7 @@ def test_dask_sweep_equals_sequential_runs_and_tables_hold_mean_std(ds, tmp_path
 
     sequential = run_sweep(pipeline, specs)
     # one worker thread in this process (the test head is registered here only)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         fanned = run_sweep(pipeline, specs, client=client)
     assert [(r["head"], r["setting"], r["seed"]) for r in fanned] == [(s.head, s.setting, s.seed) for s in specs]

@@ -278,8 +278,6 @@ class AvelHead(Head):
     train_defaults: ClassVar[dict[str, Any]] = SUPERVISED_SCHEDULE
     #: schedule of the weak setting (weak_supervised_main.py)
     weak_train_defaults: ClassVar[dict[str, Any]] = WEAK_SCHEDULE
-    #: "paper:..." and "reference:..." pointers, shown in docs
-    follows: ClassVar[str] = ""
 
     def check_inputs(self, audio: torch.Tensor, visual: torch.Tensor) -> None:
         grid = self.config.grid

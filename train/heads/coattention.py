@@ -161,7 +161,7 @@ class Stream(nn.Module):
 
 @register_head("coattention")
 class CoAttentionHead(Head):
-    """Co-attention (Xue et al. TMM 2021: 76.5%, weak 70.2%): CSPA + CSEA, BLSTMs, mean of streams.
+    """Co-attention (Xue et al. TMM 2021: 76.5%, weak 70.2%): CSPA + CSEA streams.
 
     Co-spatial + co-semantic attention, two BLSTM streams, averaged scores.
 
