@@ -49,14 +49,16 @@ verbose_option = click.option("-v", "--verbose", count=True, help="More log outp
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision); part of the store fingerprint.")
 @click.option("--workers", type=int, default=None, help="Decode worker processes (default: extract.decode_workers, else all cores).")
 @click.option("--timeout", "timeout", type=float, default=None, help="Seconds one video may take to decode before its worker is killed and the video marked failed (default: extract.decode_timeout_s).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on Dask: 'local' (an embedded LocalCluster on 127.0.0.1), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml or DASK_DISTRIBUTED__COMM__TLS__*). Default: dask.scheduler; unset = this machine's decode pool (fastest on one machine).")
+@click.option("--cache", "use_cache", is_flag=True, help="Use the feature cache shared by projects (store.cache_root, $AVEL_CACHE overrides): compute only the videos it lacks (by file content), then fill the store from it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and the final summary only).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 @config_option
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, timeout, no_progress,
-         print_config, config, sets, verbose):
+def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, timeout, scheduler, use_cache,
+         no_progress, print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
     \b
@@ -66,6 +68,8 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
       avel-extract --manifest manifests/ave/test.csv --video-root data/ave/videos --store data/stores/ave.zarr
       avel-extract --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
       avel-extract demo              # generate the offline demo dataset
+      avel-extract --split all --device cuda --scheduler tcp://head-node:8786   # a Dask cluster
+      avel-extract --split all --cache && avel-extract list-cache                # shared cache
 
     \b
     Run the same command again after an interruption (crash, kill, power cut): only the missing
@@ -104,9 +108,10 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
         return
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
-    from .run import run_extraction_cli
+    from .distributed import run_cli
 
-    sys.exit(run_extraction_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress))
+    sys.exit(run_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress,
+                     scheduler=scheduler, cache=use_cache))
 
 
 @main.command("bench")
@@ -197,6 +202,24 @@ def demo(obj, out, videos, seed, force):
     click.echo("next:")
     for command in next_commands(summary.pipeline):
         click.echo(f"  {command}")
+
+
+@main.command("list-cache")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Cache root (default: $AVEL_CACHE, else store.cache_root).")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@click.pass_obj
+def list_cache_command(obj, root, as_json):
+    """Show the feature sets of the shared cache: id, complete or not, videos (done/failed/missing),
+    size on disk, creation time and how they were made (extractors and weights, segments, frames
+    per segment, image size, precision)."""
+    import json
+
+    from .cache import cache_root, format_cache_listing, list_cache
+
+    pipeline = resolve(obj["config"], obj["sets"])
+    path = root or cache_root(pipeline)
+    entries = list_cache(path)
+    click.echo(json.dumps(entries, indent=2) if as_json else format_cache_listing(entries, path))
 
 
 @main.command("config")

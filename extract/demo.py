@@ -67,11 +67,13 @@ EVENT_SECONDS = (3, 6)
 #: how the non-event seconds are filled beyond the first visual-only and audio-only second
 BACKGROUND_ROLES = ("visual_only", "audio_only", "distractor", "empty")
 BACKGROUND_WEIGHTS = (0.25, 0.25, 0.3, 0.2)
-#: RMS of a class sound, of the distractor chime, and of the ever-present noise floor
+#: RMS range of a class sound (drawn per clip), RMS of the distractor chime and of the noise floor
 SOUND_RMS = (0.08, 0.14)
 DISTRACTOR_RMS = 0.08
 NOISE_RMS = 0.004
+#: fade in/out at the ends of each run of audible seconds (no clicks spilling into other bands)
 EDGE_RAMP_SECONDS = 0.01
+#: bump when the media change for the same (videos, seed): an existing demo is then regenerated
 GENERATOR_VERSION = 1
 #: x264 quality of the demo clips (the noisy texture makes lower values slow and large)
 CRF = 23
@@ -341,7 +343,7 @@ def class_sound(cls: DemoClass, rng: np.random.Generator, n: int, sample_rate: i
     t = np.arange(n) / sample_rate
     phase = rng.uniform(0, 2 * np.pi)
     if cls.name == "bell":  # chord struck at 2 Hz, each strike decaying
-        since_strike = np.mod(t + phase / (4 * np.pi), 0.5)
+        since_strike = np.mod(t + phase / (4 * np.pi), 0.5)  # random strike offset in [0, 0.5) s
         envelope = 0.35 + np.exp(-since_strike / 0.15)
         x = sum(np.sin(2 * np.pi * f * t + k) for k, f in enumerate((500.0, 630.0, 750.0))) * envelope
     elif cls.name == "siren":  # frequency sweeping 1250..1750 Hz at 1 Hz

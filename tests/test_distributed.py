@@ -67,10 +67,11 @@ def client():
 # one writer per shard
 
 
-def _write_rows(path: str, rows: list[int], value_of_row: int) -> None:
+def _write_rows(path: str, rows: list[int], value_of_row: int, barrier) -> None:
     import zarr
 
     arr = zarr.open_array(path, mode="r+")
+    barrier.wait(60)  # both writers start together (process start-up times differ)
     for row in rows:
         arr[row] = np.full(arr.shape[1:], row + value_of_row, arr.dtype)
 
@@ -90,7 +91,8 @@ def _surviving_rows(shards: int) -> int:
     else:
         parts = [list(range(0, 32)), list(range(32, 64))]  # writer k owns shard k
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_rows, args=(path, part, 1)) for part in parts]
+    barrier = ctx.Barrier(len(parts))
+    procs = [ctx.Process(target=_write_rows, args=(path, part, 1, barrier)) for part in parts]
     for p in procs:
         p.start()
     for p in procs:
