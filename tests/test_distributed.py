@@ -270,6 +270,7 @@ def test_a_hung_or_failing_decode_fails_the_video_not_the_task(videos):
 
 
 def test_tls_scheduler_with_certificates_from_the_config(tmp_path):
+    pytest.importorskip("cryptography")  # Security.temporary() makes the test certificates with it
     from distributed import LocalCluster
     from distributed.security import Security
 
