@@ -55,6 +55,13 @@ def test_batches_cast_visual_and_follow_the_index(ds):
     assert sorted(seen) == list(range(len(split)))
     in_order = [b["index"].tolist() for b in iterate_batches(data.bank, split, 4)]
     assert in_order == [[0, 1, 2, 3], [4, 5]]
+    # the CPU staging buffers (gather as int16, cast into float32) hold the right rows, also in
+    # the partial last batch
+    for b in iterate_batches(data.bank, split, 4, shuffle=True, generator=torch.Generator().manual_seed(1)):
+        for j, i in enumerate(b["index"].tolist()):
+            row = ds["ids"].index(ds["samples"]["train"][i].key)
+            np.testing.assert_array_equal(b["visual"][j].numpy(), ds["visual"][row].astype(np.float32))
+            np.testing.assert_array_equal(b["audio"][j].numpy(), ds["audio"][row])
 
 
 def test_samples_of_one_video_share_a_row(tmp_path):

@@ -279,23 +279,27 @@ def make_split(name: str, manifest: Manifest, keep: np.ndarray, bank_rows: np.nd
 # batches
 
 
-def make_batch(bank: FeatureBank, split: SplitData, index: torch.Tensor, staging: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def make_batch(
+    bank: FeatureBank, split: SplitData, index: torch.Tensor, staging: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Batch of samples ``index`` (positions in ``split``), on the bank's device.
 
     Keys: ``audio`` [B, T, 128] f32, ``visual`` [B, T, 7, 7, 512] f32, ``labels`` [B, T],
-    ``video_label`` [B], ``valid`` [B, T], ``index`` [B]. With ``staging`` (a float32 buffer of
-    at least B rows) the visual features are cast into it instead of a fresh tensor.
+    ``video_label`` [B], ``valid`` [B, T], ``index`` [B]. ``staging`` = (float16, float32)
+    buffers of at least B rows (CPU): the rows are gathered and cast into them instead of fresh
+    tensors (see :func:`iterate_batches`).
     """
     index = index.to(split.rows.device)
     rows = split.rows[index]
-    gathered = bank.visual[rows]  # advanced indexing: fast for float16 on CPU, unlike index_select
     if staging is not None:
-        visual = staging[: len(rows)]
-        visual.copy_(gathered)
+        half, full = (buf[: len(rows)] for buf in staging)
+        # gather as int16: CPU index_select has no fast float16 kernel, the bits are the same
+        torch.index_select(bank.visual.view(torch.int16), 0, rows, out=half.view(torch.int16))
+        visual = full.copy_(half)
     else:
-        visual = gathered.float()
+        visual = bank.visual[rows].float()
     return {
-        "audio": bank.audio[rows],
+        "audio": bank.audio.index_select(0, rows),
         "visual": visual,
         "labels": split.labels[index],
         "video_label": split.video_labels[index],
@@ -314,14 +318,16 @@ def iterate_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches over a split in order, or in a random order drawn from ``generator``.
 
-    On CPU the float32 visual batch lives in one staging buffer reused for every batch (a fresh
-    64 MB tensor per batch costs more than the cast): a batch is valid until the next is drawn.
+    On CPU the visual rows are gathered and cast into two staging buffers reused for every batch
+    (a fresh 64 MB tensor per batch costs more than the cast itself): a batch is valid until the
+    next one is drawn. On a GPU the gather and cast happen on the device.
     """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     staging = None
     if bank.device.type == "cpu" and n > 0:
-        staging = torch.empty((min(batch_size, n),) + tuple(bank.visual.shape[1:]), dtype=torch.float32)
+        shape = (min(batch_size, n),) + tuple(bank.visual.shape[1:])
+        staging = (torch.empty(shape, dtype=bank.visual.dtype), torch.empty(shape, dtype=torch.float32))
     for start in range(0, n, batch_size):
         yield make_batch(bank, split, order[start : start + batch_size], staging)
 
