@@ -6,37 +6,9 @@ import sys
 
 import click
 
-from .settings import ConfigError, load_pipeline, parse_set_option
+from .clitools import config_option, resolve, set_option, setup_logging, verbose_option
 
 log = logging.getLogger("avel")
-
-
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
-def resolve(config: str | None, sets: tuple[str, ...], extra: dict | None = None):
-    """pipeline.yaml (or --config) <- CLI options <- --set, as a Pipeline; ConfigError -> usage error."""
-    overrides: dict = {}
-    for source in (extra or {}, parse_set_option(sets)):
-        for sec, values in source.items():
-            overrides.setdefault(sec, {}).update(values)
-    try:
-        return load_pipeline(config, overrides)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-config_option = click.option(
-    "--config", "config", type=click.Path(dir_okay=False), default=None,
-    help="pipeline.yaml to use (default: $AVEL_PIPELINE, else ./pipeline.yaml, else built-in defaults).",
-)
-set_option = click.option(
-    "--set", "sets", multiple=True, metavar="KEY=VALUE",
-    help="Override any config key, e.g. --set extract.batch_frames=64 (repeatable).",
-)
-verbose_option = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

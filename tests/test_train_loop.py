@@ -45,6 +45,19 @@ def test_schedule_takes_head_defaults_for_null_fields():
     assert "lr=0.5 (config)" in s.describe()
 
 
+def test_weak_setting_takes_the_heads_weak_schedule():
+    from train.heads.avel import SUPERVISED_SCHEDULE, WEAK_SCHEDULE
+    from train.registry import get_head
+
+    dmrn = get_head("dmrn")
+    weak = resolve_schedule(train_cfg(setting="weak"), dmrn)
+    sup = resolve_schedule(train_cfg(setting="supervised"), dmrn)
+    assert weak.epochs == WEAK_SCHEDULE["epochs"] and sup.epochs == SUPERVISED_SCHEDULE["epochs"]
+    assert weak.epochs != sup.epochs
+    # a head without a weak schedule falls back to its train_defaults
+    assert resolve_schedule(train_cfg(setting="weak"), LinearTestHead).epochs == 3
+
+
 def test_same_seed_same_run_other_seed_differs(ds):
     _, a = run_fit(ds, seed=3, epochs=2)
     _, b = run_fit(ds, seed=3, epochs=2)

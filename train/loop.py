@@ -53,8 +53,12 @@ class Schedule:
 
 
 def resolve_schedule(train_cfg, head_cls) -> Schedule:
-    """TrainConfig ``null`` fields take ``head_cls.train_defaults``."""
-    defaults = dict(getattr(head_cls, "train_defaults", {}) or {})
+    """TrainConfig ``null`` fields take the head's defaults for the setting:
+    ``head_cls.<setting>_train_defaults`` (e.g. ``weak_train_defaults``) if the head has one, else
+    ``head_cls.train_defaults``."""
+    setting = getattr(train_cfg, "setting", "supervised")
+    per_setting = getattr(head_cls, f"{setting}_train_defaults", None)
+    defaults = dict(per_setting or getattr(head_cls, "train_defaults", {}) or {})
     values, source = {}, {}
     for key in SCHEDULE_KEYS:
         given = getattr(train_cfg, key, None)

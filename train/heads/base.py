@@ -39,7 +39,8 @@ class HeadOutput:
 
 class Head(nn.Module):
     """Base class. Subclasses set ``Config`` (a dataclass of their options), ``train_defaults``
-    (the paper's optimiser schedule: lr, batch_size, epochs, lr_step, lr_gamma, weight_decay)
+    (the paper's optimiser schedule: lr, batch_size, epochs, lr_step, lr_gamma, weight_decay;
+    a head whose paper trains the weak setting differently also sets ``weak_train_defaults``)
     and implement ``forward``."""
 
     name: ClassVar[str] = ""
