@@ -1,0 +1,289 @@
+"""Measurement: parameter count and accuracy of every event-localization head, as one table.
+
+``python -m train.headtable --config data/demo/pipeline.yaml --out /tmp/headtable/demo`` trains
+every head of task ``avel`` (or ``--heads``) in each ``--settings`` through the same task runner
+``avel-train`` uses (:func:`train.sweep.run_one` -> ``train.tasks.avel.run``), one run after the
+other in this process, and writes ``headtable.csv`` and ``headtable.md`` under ``--out`` after
+every run (a partial table survives an interruption). Columns: head, parameters (built for the
+number of classes of the store's manifests), setting, epochs, selected epoch, validation and test
+segment accuracy, the majority-class baseline of the test split (share of the most frequent
+segment label in the test manifest), and wall seconds of the run.
+
+``python -m train.headtable --make-synthetic DIR`` writes an AVE-sized synthetic store with
+learnable structure (see :func:`make_synthetic`) and its ``pipeline.yaml``; train on it with
+``--config DIR/pipeline.yaml``.
+
+Importing this module imports neither torch nor decord/librosa.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TASK = "avel"
+#: heads measured first (the papers' heads), the rest follow in name order
+PRIORITY = ("dmrn", "a+v-att", "coattention", "bmfn", "avltc")
+COLUMNS = ("head", "parameters", "setting", "epochs", "selected_epoch", "val_accuracy", "test_accuracy",
+           "test_majority_baseline", "beats_baseline", "wall_seconds", "error")
+
+# AVE's shape: 4143 videos of T = 10 one-second segments, 28 events + background
+SYN_T = 10
+SYN_EVENTS = 28
+SYN_SPLITS = {"train": 3339, "val": 402, "test": 402}
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic store
+
+
+def _synthetic_labels(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per video: event class [rows], onset [rows], offset [rows] (1 <= offset - onset <= T)."""
+    cats = rng.integers(0, SYN_EVENTS, rows)
+    length = rng.integers(2, SYN_T + 1, rows)
+    onsets = rng.integers(0, SYN_T - length + 1)
+    return cats, onsets, onsets + length
+
+
+def _one_modality_mask(rng: np.random.Generator, onsets: np.ndarray, offsets: np.ndarray, share: float) -> np.ndarray:
+    """[rows, T] int8: 0 = nothing, 1 = only the visual prototype, 2 = only the audio prototype,
+    drawn for a ``share`` of the background segments (outside [onset, offset)), which stay
+    labelled background, as in AVE (an event needs to be both audible and visible)."""
+    rows = len(onsets)
+    t = np.arange(SYN_T)[None, :]
+    background = (t < onsets[:, None]) | (t >= offsets[:, None])
+    chosen = background & (rng.random((rows, SYN_T)) < share)
+    which = rng.integers(1, 3, (rows, SYN_T)).astype(np.int8)
+    return np.where(chosen, which, 0).astype(np.int8)
+
+
+def _synthetic_features(rng, cats, onsets, offsets, one_modality, proto_v, proto_a, noise: float) -> dict[str, np.ndarray]:
+    """Features of some videos: visual [n, T, 7, 7, 512] float16 = ReLU-like noise + the class's
+    visual prototype (on a random 3x3 spatial patch) on event and visual-only segments; audio
+    [n, T, 128] float32 = noise + the class's audio prototype on event and audio-only segments."""
+    n = len(cats)
+    t = np.arange(SYN_T)[None, :]
+    event = (t >= onsets[:, None]) & (t < offsets[:, None])
+    has_v = event | (one_modality == 1)
+    has_a = event | (one_modality == 2)
+    visual = np.abs(rng.standard_normal((n, SYN_T, 7, 7, 512), dtype=np.float32)) * noise
+    for i in range(n):
+        y, x = rng.integers(0, 5, 2)
+        segs = np.flatnonzero(has_v[i])
+        visual[i, segs, y:y + 3, x:x + 3, :] += proto_v[cats[i]]
+    audio = rng.standard_normal((n, SYN_T, 128), dtype=np.float32) * noise
+    audio += has_a[:, :, None] * proto_a[cats][:, None, :]
+    return {"visual": visual.astype(np.float16), "audio": audio, "valid": np.ones((n, SYN_T), bool)}
+
+
+def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: float = 0.3, noise: float = 1.0,
+                   rows_per_shard: int = 64) -> Path:
+    """Write an AVE-sized synthetic store with learnable structure; returns its pipeline.yaml.
+
+    4143 videos (train/val/test = 3339/402/402) x T=10 segments, visual [7, 7, 512] float16,
+    audio [128], 28 event classes + background (29). Each video has one event class and one
+    contiguous event window [onset, offset) of 2..10 s. On event segments both modalities carry
+    the class prototype (visual: non-negative [512] vector on a 3x3 patch; audio: [128] vector);
+    elsewhere only noise, except a ``one_modality_share`` of the background segments that carry
+    the prototype in ONE modality and stay labelled background. Layout of ``directory``:
+    ``store.zarr``, ``manifests/{train,val,test}.csv`` + ``classes.txt``, ``pipeline.yaml``.
+    """
+    from extract.manifest import Sample, write_manifest
+    from extract.store import STATUS_DONE, core_specs, create_store
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = sum(SYN_SPLITS.values())
+    rng = np.random.default_rng(seed)
+    classes = [f"event{k:02d}" for k in range(SYN_EVENTS)]
+    ids = [f"syn{i:05d}" for i in range(rows)]
+    cats, onsets, offsets = _synthetic_labels(rng, rows)
+    one_modality = _one_modality_mask(rng, onsets, offsets, one_modality_share)
+    proto_v = np.abs(rng.standard_normal((SYN_EVENTS, 512), dtype=np.float32)) * 1.5
+    proto_a = rng.standard_normal((SYN_EVENTS, 128), dtype=np.float32) * 1.5
+    start = 0
+    for split, size in SYN_SPLITS.items():
+        samples = [Sample(ids[i], ids[i], f"{ids[i]}.mp4", classes[cats[i]], int(onsets[i]), int(offsets[i]), split)
+                   for i in range(start, start + size)]
+        write_manifest(directory / "manifests" / f"{split}.csv", samples, classes)
+        start += size
+    attrs = {"fingerprint": f"synthetic-headtable-{seed}", "extractor": {"name": "train.headtable synthetic"},
+             "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}}
+    store = create_store(directory / "store.zarr", ids, SYN_T, core_specs(SYN_T), attrs,
+                         rows_per_shard=rows_per_shard, compression_level=1, overwrite=True)
+    for shard in range(store.num_shards):
+        r = store.shard_rows(shard)
+        sl = slice(r.start, r.stop)
+        values = _synthetic_features(rng, cats[sl], onsets[sl], offsets[sl], one_modality[sl], proto_v, proto_a, noise)
+        store.write_shard(shard, values, np.full(len(r), STATUS_DONE, np.int8), [""] * len(r))
+    (directory / "pipeline.yaml").write_text(
+        "# synthetic AVE-sized store written by `python -m train.headtable --make-synthetic`\n"
+        "data:\n  splits:\n"
+        + "".join(f"    {s}: {{manifest: manifests/{s}.csv, video_root: videos}}\n" for s in SYN_SPLITS)
+        + "store:\n  path: store.zarr\n"
+    )
+    log.info("synthetic store %s: %d rows", directory / "store.zarr", rows)
+    return directory / "pipeline.yaml"
+
+
+# ------------------------------------------------------------------------------------------
+# baseline and runs
+
+
+def majority_baseline(pipeline, split: str, segments: int) -> float:
+    """Share of the most frequent segment label (background included) of ``split``'s manifest."""
+    from extract.manifest import read_manifest
+
+    from .data import split_manifest
+
+    labels = read_manifest(split_manifest(pipeline, split)).segment_labels(segments)
+    return float(np.bincount(labels.ravel()).max() / labels.size)
+
+
+def ordered_heads(names: Sequence[str]) -> list[str]:
+    """``names`` with the :data:`PRIORITY` heads first."""
+    first = [h for h in PRIORITY if h in names]
+    return first + [h for h in names if h not in first]
+
+
+def disable_plots() -> None:
+    """Replace the avel task's PNG writer by a no-op (matplotlib dominates short demo runs)."""
+    from .tasks import avel
+
+    avel.write_plots = lambda *args, **kwargs: None
+
+
+def measure(pipeline, heads: Sequence[str], settings: Sequence[str], seed: int, out: Path) -> list[dict[str, Any]]:
+    """Train every head x setting once (seed ``seed``); rewrite the tables after each run."""
+    from extract.store import open_store
+
+    from .sweep import RunSpec, _failed_row, run_one
+
+    cfg = pipeline.train
+    segments = open_store(pipeline.path(pipeline.store.path)).segments
+    baseline = majority_baseline(pipeline, cfg.test_split, segments)
+    state, base_dir, source = pipeline.to_dict(), str(pipeline.base_dir), pipeline.source
+    rows: list[dict[str, Any]] = []
+    for setting in settings:
+        for head in heads:
+            spec = RunSpec(head, setting, seed)
+            started = time.perf_counter()
+            try:
+                run = run_one(state, base_dir, source, spec)
+            except Exception as exc:  # noqa: BLE001 - a failed head is a row of the table
+                log.error("%s %s failed: %s", head, setting, exc)
+                run = _failed_row(TASK, spec, exc)
+            test = run.get("test_accuracy")
+            row = {"head": head, "parameters": run.get("param_count"), "setting": setting, "epochs": cfg.epochs or "head default",
+                   "selected_epoch": run.get("selected_epoch"), "val_accuracy": run.get("val_accuracy"),
+                   "test_accuracy": test, "test_majority_baseline": baseline,
+                   "beats_baseline": "" if test is None else ("yes" if test > baseline else "NO"),
+                   "wall_seconds": round(time.perf_counter() - started, 1), "error": run.get("error", "")}
+            rows.append(row)
+            click.echo(f"{head:<18} {setting:<10} params {row['parameters']} test {_fmt(test)} "
+                       f"(baseline {baseline:.4f}) {row['wall_seconds']} s {row['error']}", err=True)
+            write_tables(out, rows, pipeline)
+    return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def write_tables(out: Path, rows: Sequence[dict[str, Any]], pipeline) -> tuple[Path, Path]:
+    """``out/headtable.csv`` and ``out/headtable.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "headtable.csv", out / "headtable.md"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    lines = [f"store: `{pipeline.path(pipeline.store.path)}`, selection on {pipeline.train.select_on}, "
+             f"seed {pipeline.train.seeds[0]}", "",
+             "| head | parameters | setting | epochs | sel. epoch | val acc | test acc | test majority | beats | wall s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        params = "-" if r["parameters"] is None else f"{r['parameters']:,}"
+        beats = r["beats_baseline"] or f"failed: {r['error'][:60]}"
+        lines.append(f"| {r['head']} | {params} | {r['setting']} | {r['epochs']} | {r['selected_epoch'] or '-'} | "
+                     f"{_fmt(r['val_accuracy'])} | {_fmt(r['test_accuracy'])} | {r['test_majority_baseline']:.4f} | "
+                     f"{beats} | {r['wall_seconds']} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="pipeline.yaml of the store and splits (e.g. data/demo/pipeline.yaml).")
+@click.option("--heads", default=None, metavar="NAME[,NAME...]", help="Heads to measure (default: every avel head; dmrn, a+v-att, coattention, bmfn, avltc first).")
+@click.option("--settings", default="supervised", show_default=True, metavar="LIST", help="supervised, weak, or supervised,weak.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per run (default: train.epochs of --config, else each head's paper schedule).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (default: train.batch_size of --config, else the head's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The one seed of every run.")
+@click.option("--out", type=click.Path(file_okay=False), default="/tmp/avel-headtable", show_default=True, help="Folder for headtable.csv/.md; runs go to OUT/runs.")
+@click.option("--plots/--no-plots", default=False, show_default=True, help="Write each run's PNG plots.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
+@click.option("--make-synthetic", "synthetic_dir", type=click.Path(file_okay=False), default=None, help="Write the AVE-sized synthetic store + manifests + pipeline.yaml into this folder and exit.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any other pipeline override (repeatable), e.g. --set train.select_on=last.")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads, synthetic_dir, sets, verbose):
+    """Train every avel head on one store and write a table of parameters and accuracies
+    (val/test segment accuracy vs the test split's majority-class baseline).
+
+    \b
+    Examples:
+      python -m train.headtable --config data/demo/pipeline.yaml --out /tmp/headtable/demo
+      python -m train.headtable --make-synthetic /tmp/headtable/syn
+      python -m train.headtable --config /tmp/headtable/syn/pipeline.yaml --epochs 2 \\
+             --heads dmrn,a+v-att --out /tmp/headtable/syn-out
+    """
+    from extract.clitools import resolve, setup_logging
+
+    setup_logging(verbose)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if synthetic_dir:
+        click.echo(f"wrote {make_synthetic(synthetic_dir)}")
+        return
+    import torch
+
+    from . import loop
+    from .registry import head_names
+    from .sweep import parse_list
+
+    torch.set_num_threads(threads)
+    loop.SHOW_PROGRESS = False
+    known = head_names(task=TASK)
+    chosen = parse_list(heads) if heads else known
+    unknown = [h for h in chosen if h not in known]
+    if unknown:
+        raise click.BadParameter(f"not avel heads: {unknown}; known: {', '.join(known)}", param_hint="--heads")
+    out = Path(out)
+    train = {"task": TASK, "seeds": [seed], "runs_root": str((out / "runs").resolve())}
+    if epochs is not None:
+        train["epochs"] = epochs
+    if batch_size is not None:
+        train["batch_size"] = batch_size
+    pipeline = resolve(config, sets, {"train": train})
+    if not plots:
+        disable_plots()
+    rows = measure(pipeline, ordered_heads(chosen), parse_list(settings), seed, out)
+    click.echo((out / "headtable.md").read_text())
+    failed = [r["head"] for r in rows if r["error"]]
+    if failed:
+        click.echo(f"failed: {failed}", err=True)
+
+
+if __name__ == "__main__":
+    main()
