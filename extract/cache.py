@@ -294,13 +294,11 @@ def extract_with_cache(
     :func:`cache_root`.
     """
     from .lock import StoreLock
+    from .run import distinct_requests
 
     started = time.monotonic()
     cfg = pipeline.extract
-    distinct: dict[str, VideoRequest] = {}
-    for request in requests:
-        distinct.setdefault(request.key, request)
-    requests = list(distinct.values())
+    requests = distinct_requests(requests, allow_empty=True)
     project = Path(store_path) if store_path is not None else pipeline.path(pipeline.store.path)
     attrs = feature_set_attrs(cfg)
     set_id = attrs["fingerprint"]
@@ -368,20 +366,13 @@ def _prepare_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest
 def _fill_project(pipeline, project: Path, requests: list[VideoRequest], keys: dict[str, str],
                   unreadable: dict[str, str], cache_path: Path, attrs: dict, summary: CacheSummary) -> None:
     """Copy the requested rows from the cache into the project store, one whole shard at a time."""
-    from .lock import StoreLock
-    from .run import check_identity, ensure_store, grow_store
-    from .store import check_arrays
+    from .run import open_run_store
 
     cfg = pipeline.extract
     specs = store_specs(cfg)
     project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": summary.feature_set}}
-    ensure_store(project, [r.key for r in requests], cfg.segments, specs, project_attrs, pipeline.store)
-    with StoreLock(project):
-        store = open_store(project, mode="r+")
-        check_identity(store, attrs, cfg.segments)
-        check_arrays(store, specs)
-        present = set(store.ids.tolist())
-        grow_store(store, [r.key for r in requests if r.key not in present])
+    with open_run_store(project, [r.key for r in requests], cfg.segments, specs, attrs, pipeline.store,
+                        create_attrs=project_attrs) as store:
         store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
         cache = open_store(cache_path) if keys else None
         status = store.status()

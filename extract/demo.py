@@ -432,6 +432,7 @@ def pipeline_yaml(
     splits = "\n".join(
         f"    {name}: {{manifest: manifests/{name}.csv, video_root: videos}}" for name, _ in SPLIT_SHARES
     )
+    batch_frames = 2 * frames_per_segment * SECONDS  # two whole videos per VGG-19 forward
     return f"""\
 # avel demo pipeline, written by `avel-extract demo`. It overrides only what the demo needs; every
 # other key keeps avel's default (see them all with: avel-extract --config THIS_FILE config).
@@ -452,6 +453,8 @@ extract:
   # DEMO ONLY: {frames_per_segment} VGG-19 frame(s) per 1-s segment instead of AVE's 16, because VGG-19
   # on a CPU runs at a few frames per second. Real AVE features use 16.
   frames_per_segment: {frames_per_segment}
+  # VGG-19 forward batches are padded to batch_frames; two videos' frames per batch wastes nothing here
+  batch_frames: {batch_frames}
 
 train:
   runs_root: runs

@@ -19,7 +19,7 @@ writes its attributes and holds its lock (:mod:`extract.lock`); it then plans th
 :class:`ShardJob` objects, one per store shard that has missing requested rows
 (:func:`plan_jobs` checks that no shard is given to two jobs). A task owns shard k of EVERY array:
 it reads the shard, sets its requested rows and writes the shard whole, status last
-(:func:`extract.run._finish_shard`). Zarr 3 rewrites a whole shard on every write, so two writers
+(:func:`extract.run.finish_shard`). Zarr 3 rewrites a whole shard on every write, so two writers
 on one shard lose rows (``tests/test_distributed.py`` shows it); one writer per shard never does.
 
 **Fault tolerance.** A task that raises is retried ``dask.retries`` times (Dask ``retries``). A
@@ -123,9 +123,9 @@ def plan_jobs(store, requests: Sequence[VideoRequest], cfg, device: str, decode_
     Raises ``RuntimeError`` if the plan would give one shard (or one row) to two jobs or put a row
     into a shard it does not belong to (the one-writer-per-shard rule).
     """
-    from .run import _plan
+    from .run import plan_shards
 
-    todo, skipped = _plan(store, requests)
+    todo, skipped = plan_shards(store, requests)
     jobs = [ShardJob(str(store.path), shard, tuple(members), cfg, device, decode_fn, threads) for shard, members in todo]
     check_one_writer_per_shard(jobs, store.rows_per_shard)
     return jobs, skipped
@@ -242,7 +242,7 @@ def extract_shard(job: ShardJob) -> ShardResult:
     Returns at once (``already=True``) when every requested row of the shard is already done or
     failed in the store - an earlier attempt finished it before its worker died.
     """
-    from .run import _finish_shard
+    from .run import decode_inputs, finish_shard
     from .store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
 
     started = time.monotonic()
@@ -254,11 +254,10 @@ def extract_shard(job: ShardJob) -> ShardResult:
                            int(sum(status[r] == STATUS_FAILED for r in rows)), True, _worker_name(), _MODEL_LOADS,
                            time.monotonic() - started)
     extractors = worker_extractors(job.cfg, job.device, job.threads)
-    grids = list({g.name: g for g in (e.frame_grid for e in extractors) if g is not None}.values())
-    audio = any(e.uses_audio for e in extractors)
+    grids, audio = decode_inputs(extractors)
     timeout = float(job.cfg.decode_timeout_s) if job.cfg.decode_timeout_s else None
     decoded = [_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio, timeout) for _, request in job.members]
-    done, failed = _finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments)
+    done, failed = finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments)
     return ShardResult(job.shard, done, failed, False, _worker_name(), _MODEL_LOADS, time.monotonic() - started)
 
 
@@ -360,41 +359,23 @@ def run_extraction_dask(
     to kill a worker in the middle of a run). The driver loads no network: the store identity
     comes from the configuration (weights files are hashed, nothing is built).
     """
-    from .extractors import extractor_identity, get_extractor
-    from .lock import StoreLock
-    from .run import check_identity, ensure_store, grow_store, store_attrs
-    from .store import ArraySpec, check_arrays, core_specs, open_store
+    from .cache import store_specs
+    from .extractors import extractor_identity
+    from .run import distinct_requests, open_run_store, store_attrs
 
     started = time.monotonic()
     cfg, store_cfg = pipeline.extract, pipeline.store
     path = Path(store_path) if store_path is not None else pipeline.path(store_cfg.path)
-    distinct: dict[str, VideoRequest] = {}
-    for request in requests:
-        distinct.setdefault(request.key, request)  # first wins, as in extract.run
-    requests = list(distinct.values())
-    if not requests:
-        raise ConfigError("nothing to extract: the manifest(s) have no rows")
-    identities = extractor_identity(cfg)
-    attrs = store_attrs(cfg, identities)
-    specs: list[ArraySpec] = [s for s in core_specs(cfg.segments) if s.name == "valid"]
-    specs += [s for name in cfg.extractors for s in get_extractor(name).specs_for(cfg)]
-    keys = [r.key for r in requests]
-    ensure_store(path, keys, cfg.segments, specs, attrs, store_cfg)
-    lock = StoreLock(path).acquire()
-    try:
-        store = open_store(path, mode="r+")
-        check_identity(store, attrs, cfg.segments)
-        check_arrays(store, specs)
-        present = set(store.ids.tolist())
-        grow_store(store, [k for k in keys if k not in present])
+    requests = distinct_requests(requests)  # first wins, as in extract.run
+    attrs = store_attrs(cfg, extractor_identity(cfg))
+    specs = store_specs(cfg)
+    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg) as store:
         jobs, skipped = plan_jobs(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker)
         with contextlib.ExitStack() as stack:
             if client is None and jobs:
                 client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=_wants_gpu(cfg.device),
                                                          resolve_path=pipeline.path))
             summary = _run_jobs(client, store, jobs, skipped, requests, pipeline.dask, progress, on_result)
-    finally:
-        lock.release()
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -47,6 +47,7 @@ __all__ = [
     "extractor_identity",
     "resolve_device",
     "effective_precision",
+    "FrameCNNExtractor",
     "VGG19Extractor",
     "VGGishExtractor",
 ]
@@ -189,19 +190,23 @@ class Extractor:
 
 
 # ------------------------------------------------------------------------------------------
-# VGG-19 pool5
+# Frame CNNs (shared by vgg19 and sol_extractors.resnet152_maps)
 
 
-@register_extractor("vgg19")
-class VGG19Extractor(Extractor):
-    """VGG-19 pool5 averaged over each segment's frames -> ``visual`` [T, S, S, 512] float16 (S = image_size / 32).
+class FrameCNNExtractor(Extractor):
+    """Base of extractors that run an image CNN on the frames of a :class:`FrameGrid`.
 
-    A segment is valid when at least :attr:`min_valid_fraction` of its frames lie within the
-    video stream; its row is the mean of pool5 over those frames (channel-last), else zeros.
+    Shared: weights resolution (:attr:`weights_kind` from :meth:`weights_spec`), the effective
+    precision, model placement (channels_last on CUDA), the frame grid, the checks on the decoded
+    frames and the batched forward over fixed ``batch_frames``-sized chunks (the last one
+    zero-padded, so a video's numbers never depend on its neighbours). Subclasses set
+    :attr:`weights_kind` and implement :meth:`weights_spec`, :meth:`frames_per_segment`,
+    :meth:`input_size`, :meth:`build_model`, :meth:`specs_for`, :meth:`describe`, :meth:`compute`.
     """
 
     uses_audio = False
-    code_version = "1"
+    #: weights name for :func:`extract.weights.resolve_weights` and key of the weights identity
+    weights_kind: ClassVar[str] = ""
     #: a segment needs at least this fraction of its frames inside the stream
     min_valid_fraction: ClassVar[float] = 0.5
 
@@ -209,26 +214,134 @@ class VGG19Extractor(Extractor):
         super().__init__(cfg, device)
         import torch
 
-        from .nets import build_vgg19_pool5
         from .weights import resolve_weights
 
-        self.weights = resolve_weights(cfg.visual_weights, "vgg19", seed=cfg.random_seed)
+        self.weights = resolve_weights(self.weights_spec(cfg), self.weights_kind, seed=cfg.random_seed)
         self.precision = effective_precision(cfg.precision, self.device)
-        model = build_vgg19_pool5(self.weights)
+        model = self.build_model(self.weights)
         if self.device.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
-        log.info("vgg19 on %s, %s, weights %s", self.device, self.precision, self.weights.name)
+        log.info("%s on %s, %s, weights %s", self.name, self.device, self.precision, self.weights.name)
+
+    @classmethod
+    def weights_spec(cls, cfg: ExtractConfig) -> str:
+        """The configured weights spec ("imagenet", a path, "random")."""
+        raise NotImplementedError
+
+    @classmethod
+    def frames_per_segment(cls, cfg: ExtractConfig) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def input_size(cls, cfg: ExtractConfig) -> int:
+        """Side of the square network input, in pixels."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_model(weights):
+        """The frozen eval-mode network for a resolved ``WeightsSource``: [N, 3, h, w] -> [N, C, h/32, w/32]."""
+        raise NotImplementedError
+
+    @classmethod
+    def resolved_weights_identity(cls, cfg: ExtractConfig) -> dict[str, Any]:
+        """``{weights_kind: identity}`` of the configured weights (resolved and hashed, not loaded)."""
+        from .weights import resolve_weights
+
+        return {cls.weights_kind: resolve_weights(cls.weights_spec(cfg), cls.weights_kind, seed=cfg.random_seed).identity()}
 
     @classmethod
     def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
         from .frames import prepare_frames
 
+        per_segment, size = cls.frames_per_segment(cfg), cls.input_size(cfg)
         return FrameGrid(
-            per_segment=cfg.frames_per_segment,
-            prepare=functools.partial(prepare_frames, image_size=cfg.image_size, resize=cfg.resize),
-            name=f"rgb_f{cfg.frames_per_segment}_{cfg.image_size}_{cfg.resize}",
+            per_segment=per_segment,
+            prepare=functools.partial(prepare_frames, image_size=size, resize=cfg.resize),
+            name=f"rgb_f{per_segment}_{size}_{cfg.resize}",
         )
+
+    def _weights_identity(self) -> dict[str, Any]:
+        return {self.weights_kind: self.weights.identity()}
+
+    def _valid_frame_refs(self, videos: list[DecodedVideo], grid: str) -> list[tuple[int, int, int]]:
+        """(video, segment, frame) of every valid frame, in list order (fixes the chunk boundaries)."""
+        refs = []
+        size = self.input_size(self.cfg)
+        for v, video in enumerate(videos):
+            frames, valid = video.frames.get(grid), video.frame_valid.get(grid)
+            if frames is None or valid is None:
+                raise ValueError(f"{self.name}: video {video.key!r} has no frames for grid {grid!r} (has {sorted(video.frames)})")
+            self._check_segments(video, valid.shape[0], f"frame validity for {grid}")
+            if frames.shape[:2] != valid.shape or frames.shape[2:] != (size, size, 3) or frames.dtype != np.uint8:
+                raise ValueError(
+                    f"{self.name}: video {video.key!r}: frames {frames.dtype} {frames.shape} do not match validity "
+                    f"{valid.shape} and uint8 [T, F, {size}, {size}, 3]"
+                )
+            refs += [(v, int(t), int(f)) for t, f in zip(*np.nonzero(valid))]
+        return refs
+
+    def _chunks(self, refs: list) -> list[list]:
+        n = max(1, int(self.cfg.batch_frames))
+        return [refs[i: i + n] for i in range(0, len(refs), n)]
+
+    def _forward_chunks(self, videos: list[DecodedVideo], grid: str):
+        """Yield ``(chunk, features)``: ``chunk`` = (video, segment, frame) refs of at most
+        batch_frames valid frames, ``features`` float32 [len(chunk), C, s, s] of those frames."""
+        for chunk in self._chunks(self._valid_frame_refs(videos, grid)):
+            yield chunk, self._forward([videos[v].frames[grid][t, f] for v, t, f in chunk])
+
+    def _segment_valid(self, valid_frame_count: np.ndarray, per_segment: int) -> np.ndarray:
+        """[T] bool: at least :attr:`min_valid_fraction` of a segment's ``per_segment`` frames are valid."""
+        return valid_frame_count >= max(1, int(np.ceil(self.min_valid_fraction * per_segment)))
+
+    def _forward(self, frames: list[np.ndarray]) -> np.ndarray:
+        """uint8 [h, w, 3] frames (at most batch_frames) -> float32 [n, C, s, s]; zero-padded to batch_frames."""
+        import torch
+
+        from .nets import normalize_frames
+
+        n = len(frames)
+        batch = np.zeros((max(n, int(self.cfg.batch_frames)),) + frames[0].shape, np.uint8)
+        batch[:n] = np.stack(frames)
+        with torch.inference_mode(), _autocast(self.precision, self.device):
+            x = normalize_frames(torch.from_numpy(batch).to(self.device, non_blocking=True))
+            y = self.model(x)
+        return y[:n].float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# VGG-19 pool5
+
+
+@register_extractor("vgg19")
+class VGG19Extractor(FrameCNNExtractor):
+    """VGG-19 pool5 averaged over each segment's frames -> ``visual`` [T, S, S, 512] float16 (S = image_size / 32).
+
+    A segment is valid when at least :attr:`min_valid_fraction` of its frames lie within the
+    video stream; its row is the mean of pool5 over those frames (channel-last), else zeros.
+    """
+
+    code_version = "1"
+    weights_kind = "vgg19"
+
+    @classmethod
+    def weights_spec(cls, cfg: ExtractConfig) -> str:
+        return cfg.visual_weights
+
+    @classmethod
+    def frames_per_segment(cls, cfg: ExtractConfig) -> int:
+        return cfg.frames_per_segment
+
+    @classmethod
+    def input_size(cls, cfg: ExtractConfig) -> int:
+        return cfg.image_size
+
+    @staticmethod
+    def build_model(weights):
+        from .nets import build_vgg19_pool5
+
+        return build_vgg19_pool5(weights)
 
     @property
     def spatial(self) -> int:
@@ -242,9 +355,7 @@ class VGG19Extractor(Extractor):
     @classmethod
     def describe(cls, cfg: ExtractConfig, weights: dict[str, Any] | None = None) -> dict[str, Any]:
         if weights is None:
-            from .weights import resolve_weights
-
-            weights = {"vgg19": resolve_weights(cfg.visual_weights, "vgg19", seed=cfg.random_seed).identity()}
+            weights = cls.resolved_weights_identity(cfg)
         return {
             "name": "vgg19",
             "code_version": cls.code_version,
@@ -264,66 +375,25 @@ class VGG19Extractor(Extractor):
             "precision": cfg.precision,
         }
 
-    def _weights_identity(self) -> dict[str, Any]:
-        return {"vgg19": self.weights.identity()}
-
     def compute(self, videos: list[DecodedVideo]) -> list[dict[str, np.ndarray]]:
         """Pool5 of every valid frame of every video, in fixed ``batch_frames`` chunks; per-segment means."""
         grid = self.frame_grid.name
         T, s = self.cfg.segments, self.spatial
         sums = [np.zeros((T, 512, s, s), np.float64) for _ in videos]
         counts = [np.zeros(T, np.int64) for _ in videos]
-        refs = self._valid_frame_refs(videos, grid)
-        for chunk in self._chunks(refs):
-            pooled = self._forward([videos[v].frames[grid][t, f] for v, t, f in chunk])
+        for chunk, pooled in self._forward_chunks(videos, grid):
             for (v, t, _), feature in zip(chunk, pooled):
                 sums[v][t] += feature
                 counts[v][t] += 1
         out = []
         for video, total, count in zip(videos, sums, counts):
-            per_segment = video.frame_valid[grid].shape[1]
-            valid = count >= max(1, int(np.ceil(self.min_valid_fraction * per_segment)))
+            valid = self._segment_valid(count, video.frame_valid[grid].shape[1])
             mean = np.zeros((T, s, s, 512), np.float16)
             if valid.any():
                 m = total[valid] / count[valid][:, None, None, None]
                 mean[valid] = m.transpose(0, 2, 3, 1).astype(np.float16)
             out.append({"visual": mean, f"{self.name}_valid": valid})
         return out
-
-    def _valid_frame_refs(self, videos: list[DecodedVideo], grid: str) -> list[tuple[int, int, int]]:
-        """(video, segment, frame) of every valid frame, in list order (fixes the chunk boundaries)."""
-        refs = []
-        size = self.cfg.image_size
-        for v, video in enumerate(videos):
-            frames, valid = video.frames.get(grid), video.frame_valid.get(grid)
-            if frames is None or valid is None:
-                raise ValueError(f"vgg19: video {video.key!r} has no frames for grid {grid!r} (has {sorted(video.frames)})")
-            self._check_segments(video, valid.shape[0], f"frame validity for {grid}")
-            if frames.shape[:2] != valid.shape or frames.shape[2:] != (size, size, 3) or frames.dtype != np.uint8:
-                raise ValueError(
-                    f"vgg19: video {video.key!r}: frames {frames.dtype} {frames.shape} do not match validity {valid.shape} "
-                    f"and uint8 [T, F, {size}, {size}, 3]"
-                )
-            refs += [(v, int(t), int(f)) for t, f in zip(*np.nonzero(valid))]
-        return refs
-
-    def _chunks(self, refs: list) -> list[list]:
-        n = max(1, int(self.cfg.batch_frames))
-        return [refs[i: i + n] for i in range(0, len(refs), n)]
-
-    def _forward(self, frames: list[np.ndarray]) -> np.ndarray:
-        """uint8 [h, w, 3] frames (at most batch_frames) -> float32 [n, 512, s, s]; zero-padded to batch_frames."""
-        import torch
-
-        from .nets import normalize_frames
-
-        n = len(frames)
-        batch = np.zeros((max(n, int(self.cfg.batch_frames)),) + frames[0].shape, np.uint8)
-        batch[:n] = np.stack(frames)
-        with torch.inference_mode(), _autocast(self.precision, self.device):
-            x = normalize_frames(torch.from_numpy(batch).to(self.device, non_blocking=True))
-            y = self.model(x)
-        return y[:n].float().cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ failed videos are all zeros and all invalid.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -80,6 +81,11 @@ __all__ = [
     "requests_from_manifest",
     "run_extraction",
     "run_extraction_cli",
+    "distinct_requests",
+    "open_run_store",
+    "plan_shards",
+    "decode_inputs",
+    "finish_shard",
     "store_fingerprint_fields",
     "package_versions",
     "FAILURES_FILE",
@@ -276,6 +282,37 @@ def grow_store(store: FeatureStore, new_keys: Sequence[str]) -> None:
     log.info("%s: added %d rows (now %d)", store.path, len(new_keys), total)
 
 
+def distinct_requests(requests: Sequence[VideoRequest], allow_empty: bool = False) -> list[VideoRequest]:
+    """``requests`` without repeated keys (the first request of a key wins), in order.
+
+    Raises ``ConfigError`` when nothing is left, unless ``allow_empty``."""
+    distinct: dict[str, VideoRequest] = {}
+    for request in requests:
+        distinct.setdefault(request.key, request)  # first wins
+    if not distinct and not allow_empty:
+        raise ConfigError("nothing to extract: the manifest(s) have no rows")
+    return list(distinct.values())
+
+
+@contextlib.contextmanager
+def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
+                   attrs: dict[str, Any], store_cfg, create_attrs: dict[str, Any] | None = None):
+    """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock, open it
+    for writing, refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`)
+    and append rows for the ``keys`` it lacks; yields the open :class:`FeatureStore` while the lock
+    is held (released on exit)."""
+    from .lock import StoreLock
+
+    ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
+    with StoreLock(path):
+        store = open_store(path, mode="r+")
+        check_identity(store, attrs, segments)
+        check_arrays(store, specs)
+        present = set(store.ids.tolist())
+        grow_store(store, [k for k in keys if k not in present])
+        yield store
+
+
 # ------------------------------------------------------------------------------------------
 # running
 
@@ -425,17 +462,11 @@ def run_extraction(
     :func:`extract.extractors.build_extractors` of ``pipeline.extract``.
     """
     from .extractors import build_extractors, extractor_identity, resolve_device
-    from .lock import StoreLock
 
     started = time.monotonic()
     cfg, store_cfg = pipeline.extract, pipeline.store
     path = Path(store_path) if store_path is not None else pipeline.path(store_cfg.path)
-    distinct: dict[str, VideoRequest] = {}
-    for request in requests:
-        distinct.setdefault(request.key, request)  # first wins
-    requests = list(distinct.values())
-    if not requests:
-        raise ConfigError("nothing to extract: the manifest(s) have no rows")
+    requests = distinct_requests(requests)
     device = resolve_device(cfg.device)
     _set_cpu_threads(device)
     if decode_fn is decode_video:
@@ -445,22 +476,11 @@ def run_extraction(
     identities = {e.name: e.identity() for e in extractors} if extractors else extractor_identity(cfg)
     attrs = store_attrs(cfg, identities)
     specs = [s for s in core_specs(cfg.segments) if s.name == "valid"] + [s for e in extractors for s in e.arrays()]
-    keys = [r.key for r in requests]
-
-    ensure_store(path, keys, cfg.segments, specs, attrs, store_cfg)
-    lock = StoreLock(path).acquire()
-    try:
-        store = open_store(path, mode="r+")
-        check_identity(store, attrs, cfg.segments)
-        check_arrays(store, specs)
-        present = set(store.ids.tolist())
-        grow_store(store, [k for k in keys if k not in present])
+    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg) as store:
         return _run_shards(store, requests, extractors, cfg, progress, decode_fn, started)
-    finally:
-        lock.release()
 
 
-def _plan(store: FeatureStore, requests: Sequence[VideoRequest]) -> tuple[list[tuple[int, list[tuple[int, VideoRequest]]]], int]:
+def plan_shards(store: FeatureStore, requests: Sequence[VideoRequest]) -> tuple[list[tuple[int, list[tuple[int, VideoRequest]]]], int]:
     """Shards to compute, each with its requested ``(row, request)`` pairs; and the skipped count."""
     status = store.status()
     by_shard: dict[int, list[tuple[int, VideoRequest]]] = {}
@@ -477,15 +497,21 @@ def _plan(store: FeatureStore, requests: Sequence[VideoRequest]) -> tuple[list[t
     return todo, skipped
 
 
+def decode_inputs(extractors) -> tuple[list, bool]:
+    """What the decoder must deliver for ``extractors``: their distinct frame grids (first of each
+    name, in order) and whether any needs audio."""
+    grids = list({g.name: g for g in (e.frame_grid for e in extractors) if g is not None}.values())
+    return grids, any(e.uses_audio for e in extractors)
+
+
 def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) -> RunSummary:
     from tqdm import tqdm
 
     from .decode import DecodePool
 
-    todo, skipped = _plan(store, requests)
+    todo, skipped = plan_shards(store, requests)
     summary = RunSummary(store=store.path, requested=len(requests), skipped=skipped)
-    grids = list({g.name: g for g in (e.frame_grid for e in extractors) if g is not None}.values())
-    audio = any(e.uses_audio for e in extractors)
+    grids, audio = decode_inputs(extractors)
     tasks = [(request, grids, cfg.segments, audio) for _, members in todo for _, request in members]
     log.info("%s: %d videos to extract in %d shards, %d already done", store.path, len(tasks), len(todo), skipped)
     if tasks:
@@ -502,7 +528,7 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) 
             prefetch = _Prefetch(pool, decode_fn, tasks, maxsize=store.rows_per_shard + workers)
             for shard, members in todo:
                 decoded = [prefetch.get() for _ in members]
-                done, failed = _finish_shard(store, shard, members, decoded, extractors, cfg.segments)
+                done, failed = finish_shard(store, shard, members, decoded, extractors, cfg.segments)
                 summary.done += done
                 summary.failed += failed
                 bar.update(len(members))
@@ -519,8 +545,8 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) 
     return summary
 
 
-def _finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, VideoRequest]],
-                  decoded: list, extractors, segments: int) -> tuple[int, int]:
+def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, VideoRequest]],
+                 decoded: list, extractors, segments: int) -> tuple[int, int]:
     """Compute the decoded videos of a shard and write the whole shard. Returns (done, failed)."""
     ok = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, Failure)]
     computed = compute_videos(extractors, [d for _, d in ok], segments)

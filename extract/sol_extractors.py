@@ -27,14 +27,13 @@ numpy only at import; torch/torchvision where the networks are built and run.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .config import ExtractConfig
-from .extractors import DecodedVideo, Extractor, FrameGrid, _autocast, effective_precision, register_extractor
+from .extractors import DecodedVideo, Extractor, FrameCNNExtractor, register_extractor
 from .store import ArraySpec
 
 log = logging.getLogger(__name__)
@@ -84,40 +83,30 @@ def build_resnet152_trunk(weights, seed: int = 0):
 
 
 @register_extractor("resnet152_maps")
-class ResNet152MapsExtractor(Extractor):
+class ResNet152MapsExtractor(FrameCNNExtractor):
     """Per-frame ResNet-152 conv5 maps -> ``frame_maps`` [T, F, 8, 8, 2048] float16, plus
     ``frame_times`` [T, F] float32 and ``frame_index`` [T, F] int32 (see the module docstring)."""
 
-    uses_audio = False
     code_version = "1"
-    #: a segment needs at least this fraction of its frames inside the stream (as vgg19)
-    min_valid_fraction: ClassVar[float] = 0.5
+    weights_kind = "resnet152"
     #: network input size (paper: 256 -> 8 x 8 maps); a class attribute so tests can shrink it
     image_size: ClassVar[int] = SOL_IMAGE_SIZE
 
-    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
-        super().__init__(cfg, device)
-        import torch
-
-        from .weights import resolve_weights
-
-        self.weights = resolve_weights(cfg.sol_visual_weights, "resnet152", seed=cfg.random_seed)
-        self.precision = effective_precision(cfg.precision, self.device)
-        model = build_resnet152_trunk(self.weights)
-        if self.device.startswith("cuda"):
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.to(self.device)
-        log.info("resnet152_maps on %s, %s, weights %s", self.device, self.precision, self.weights.name)
+    @classmethod
+    def weights_spec(cls, cfg: ExtractConfig) -> str:
+        return cfg.sol_visual_weights
 
     @classmethod
-    def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
-        from .frames import prepare_frames
+    def frames_per_segment(cls, cfg: ExtractConfig) -> int:
+        return cfg.sol_frames_per_segment
 
-        return FrameGrid(
-            per_segment=cfg.sol_frames_per_segment,
-            prepare=functools.partial(prepare_frames, image_size=cls.image_size, resize=cfg.resize),
-            name=f"rgb_f{cfg.sol_frames_per_segment}_{cls.image_size}_{cfg.resize}",
-        )
+    @classmethod
+    def input_size(cls, cfg: ExtractConfig) -> int:
+        return cls.image_size
+
+    @staticmethod
+    def build_model(weights):
+        return build_resnet152_trunk(weights)
 
     @classmethod
     def specs_for(cls, cfg: ExtractConfig) -> list[ArraySpec]:
@@ -131,9 +120,7 @@ class ResNet152MapsExtractor(Extractor):
     @classmethod
     def describe(cls, cfg: ExtractConfig, weights: dict[str, Any] | None = None) -> dict[str, Any]:
         if weights is None:
-            from .weights import resolve_weights
-
-            weights = {"resnet152": resolve_weights(cfg.sol_visual_weights, "resnet152", seed=cfg.random_seed).identity()}
+            weights = cls.resolved_weights_identity(cfg)
         return {
             "name": "resnet152_maps",
             "code_version": cls.code_version,
@@ -153,9 +140,6 @@ class ResNet152MapsExtractor(Extractor):
             "precision": cfg.precision,
         }
 
-    def _weights_identity(self) -> dict[str, Any]:
-        return {"resnet152": self.weights.identity()}
-
     def compute(self, videos: list[DecodedVideo]) -> list[dict[str, np.ndarray]]:
         """Maps of every valid frame of every video, forwarded in fixed ``batch_frames`` chunks
         (zero-padded, so a video's numbers never depend on its neighbours)."""
@@ -163,11 +147,7 @@ class ResNet152MapsExtractor(Extractor):
         T, F = self.cfg.segments, self.cfg.sol_frames_per_segment
         s = self.image_size // 32
         maps = [np.zeros((T, F, s, s, RESNET_CHANNELS), np.float16) for _ in videos]
-        refs = self._valid_frame_refs(videos, grid)
-        n = max(1, int(self.cfg.batch_frames))
-        for lo in range(0, len(refs), n):
-            chunk = refs[lo: lo + n]
-            out = self._forward([videos[v].frames[grid][t, f] for v, t, f in chunk])
+        for chunk, out in self._forward_chunks(videos, grid):
             for (v, t, f), feature in zip(chunk, out):
                 maps[v][t, f] = feature.transpose(1, 2, 0).astype(np.float16)
         rows = []
@@ -177,7 +157,7 @@ class ResNet152MapsExtractor(Extractor):
                             "(expected only with untrained weights)", video.key)
             valid_frames = video.frame_valid[grid]
             times, index = self._frame_times(video, grid)
-            valid = valid_frames.sum(1) >= max(1, int(np.ceil(self.min_valid_fraction * F)))
+            valid = self._segment_valid(valid_frames.sum(1), F)
             rows.append({
                 "frame_maps": frame_maps,
                 "frame_times": times,
@@ -206,36 +186,6 @@ class ResNet152MapsExtractor(Extractor):
             est = np.floor(times * fps + 0.5 - 1e-9).astype(np.int64)  # nearest frame k/fps, ties earlier
             return times.astype(np.float32), est
         return times.astype(np.float32), np.full((T, F), -1, np.int64)
-
-    def _valid_frame_refs(self, videos: list[DecodedVideo], grid: str) -> list[tuple[int, int, int]]:
-        refs = []
-        size = self.image_size
-        for v, video in enumerate(videos):
-            frames, valid = video.frames.get(grid), video.frame_valid.get(grid)
-            if frames is None or valid is None:
-                raise ValueError(f"resnet152_maps: video {video.key!r} has no frames for grid {grid!r} (has {sorted(video.frames)})")
-            self._check_segments(video, valid.shape[0], f"frame validity for {grid}")
-            if frames.shape[:2] != valid.shape or frames.shape[2:] != (size, size, 3) or frames.dtype != np.uint8:
-                raise ValueError(
-                    f"resnet152_maps: video {video.key!r}: frames {frames.dtype} {frames.shape} do not match validity "
-                    f"{valid.shape} and uint8 [T, F, {size}, {size}, 3]"
-                )
-            refs += [(v, int(t), int(f)) for t, f in zip(*np.nonzero(valid))]
-        return refs
-
-    def _forward(self, frames: list[np.ndarray]) -> np.ndarray:
-        """uint8 [image_size, image_size, 3] frames (at most batch_frames) -> float32 [n, 2048, 8, 8]."""
-        import torch
-
-        from .nets import normalize_frames
-
-        n = len(frames)
-        batch = np.zeros((max(n, int(self.cfg.batch_frames)),) + frames[0].shape, np.uint8)
-        batch[:n] = np.stack(frames)
-        with torch.inference_mode(), _autocast(self.precision, self.device):
-            x = normalize_frames(torch.from_numpy(batch).to(self.device, non_blocking=True))
-            y = self.model(x)
-        return y[:n].float().cpu().numpy()
 
 
 @register_extractor("vggish_maps")
