@@ -251,6 +251,22 @@ class FrameCNNExtractor(Extractor):
         return {cls.weights_kind: resolve_weights(cls.weights_spec(cfg), cls.weights_kind, seed=cfg.random_seed).identity()}
 
     @classmethod
+    def frame_preprocessing(cls, cfg: ExtractConfig, aggregate: str) -> dict[str, Any]:
+        """The ``preprocessing`` part of :meth:`describe` (enters the fingerprint); ``aggregate``
+        says how the per-frame outputs are combined."""
+        return {
+            "segments": cfg.segments,
+            "frames_per_segment": cls.frames_per_segment(cfg),
+            "frame_times": "start + t + (i + 0.5) / F, nearest pts, ties earlier",
+            "image_size": cls.input_size(cfg),
+            "resize": cfg.resize,
+            "interpolation": "cv2 INTER_AREA when shrinking, else INTER_LINEAR",
+            "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "aggregate": aggregate,
+            "min_valid_fraction": cls.min_valid_fraction,
+        }
+
+    @classmethod
     def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
         from .frames import prepare_frames
 
@@ -361,17 +377,7 @@ class VGG19Extractor(FrameCNNExtractor):
             "code_version": cls.code_version,
             "weights": weights,
             "output": {"array": "visual", "layer": "pool5", "layout": "T,H,W,C", "dtype": "float16"},
-            "preprocessing": {
-                "segments": cfg.segments,
-                "frames_per_segment": cfg.frames_per_segment,
-                "frame_times": "start + t + (i + 0.5) / F, nearest pts, ties earlier",
-                "image_size": cfg.image_size,
-                "resize": cfg.resize,
-                "interpolation": "cv2 INTER_AREA when shrinking, else INTER_LINEAR",
-                "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                "aggregate": "mean over valid frames",
-                "min_valid_fraction": cls.min_valid_fraction,
-            },
+            "preprocessing": cls.frame_preprocessing(cfg, aggregate="mean over valid frames"),
             "precision": cfg.precision,
         }
 

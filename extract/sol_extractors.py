@@ -126,17 +126,7 @@ class ResNet152MapsExtractor(FrameCNNExtractor):
             "code_version": cls.code_version,
             "weights": weights,
             "output": {"array": "frame_maps", "layer": "layer4 (conv5_x)", "layout": "T,F,H,W,C", "dtype": "float16"},
-            "preprocessing": {
-                "segments": cfg.segments,
-                "frames_per_segment": cfg.sol_frames_per_segment,
-                "frame_times": "start + t + (i + 0.5) / F, nearest pts, ties earlier",
-                "image_size": cls.image_size,
-                "resize": cfg.resize,
-                "interpolation": "cv2 INTER_AREA when shrinking, else INTER_LINEAR",
-                "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                "aggregate": "none (one map per frame)",
-                "min_valid_fraction": cls.min_valid_fraction,
-            },
+            "preprocessing": cls.frame_preprocessing(cfg, aggregate="none (one map per frame)"),
             "precision": cfg.precision,
         }
 

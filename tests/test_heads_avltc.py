@@ -10,25 +10,7 @@ from train.heads.avltc import AVLTCHead, PositiveTimeResidualFusion, threshold_c
 from train.heads.layers import AudioGuidedVisualAttention
 from train.registry import get_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def linear(n_in: int, n_out: int, bias: bool = True) -> int:
-    return n_in * n_out + (n_out if bias else 0)
-
-
-def bilstm(n_in: int, hidden: int) -> int:
-    return 2 * (4 * hidden * n_in + 4 * hidden * hidden + 8 * hidden)
+from heads_testutils import bilstm, fit_one_batch, linear, n_params, one_thread  # noqa: F401  (one_thread: autouse)
 
 
 T, C = 10, 29
@@ -249,16 +231,6 @@ def test_both_settings_train_every_parameter_and_fit_a_batch(setting):
     g = torch.Generator().manual_seed(1)
     batch = {"labels": torch.randint(0, C, (4, T), generator=g), "video_label": torch.tensor([3, 5, 7, 9]),
              "valid": torch.ones(4, T, dtype=torch.bool)}
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
-    losses = []
-    for step in range(6):
-        opt.zero_grad()
-        out = head(audio, visual)
-        loss = head.loss(out, batch)
-        loss.backward()
-        if step == 0:
-            assert set(out.extras) == {"smap", "temporal_weights", "spatial_attention", "correlation"}
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-        opt.step()
-        losses.append(loss.item())
+    losses, first_out = fit_one_batch(head, audio, visual, batch, lr=1e-3, steps=6)
+    assert set(first_out.extras) == {"smap", "temporal_weights", "spatial_attention", "correlation"}
     assert losses[-1] < losses[0]

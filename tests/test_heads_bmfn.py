@@ -18,21 +18,7 @@ from train.heads.bmfn import (
 from train.heads.layers import mfb_pool
 from train.registry import get_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def linear(n_in: int, n_out: int, bias: bool = True) -> int:
-    return n_in * n_out + (n_out if bias else 0)
+from heads_testutils import fit_one_batch, linear, n_params, one_thread  # noqa: F401  (one_thread: autouse)
 
 
 C, d, dv, da, dm, nh, r, ffn = 29, 256, 512, 128, 2560, 4, 2, 2048
@@ -239,14 +225,5 @@ def test_variants_run_and_learn_a_small_batch(overrides):
     audio, visual = inputs(b=4, t=5, da=3, dv=4, side=2)
     batch = {"labels": torch.tensor([[3, 3, 28, 28, 3]] * 4), "video_label": torch.tensor([3] * 4),
              "valid": torch.ones(4, 5, dtype=torch.bool)}
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
-    losses = []
-    for step in range(8):
-        opt.zero_grad()
-        loss = head.loss(head(audio, visual), batch)
-        loss.backward()
-        if step == 0:
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = fit_one_batch(head, audio, visual, batch, lr=3e-3, steps=8)
     assert losses[-1] < losses[0]

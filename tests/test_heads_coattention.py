@@ -11,26 +11,7 @@ from train.heads.base import HeadOutput
 from train.heads.coattention import CoAttentionHead, soft_margin_segments
 from train.registry import get_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def linear(n_in: int, n_out: int) -> int:
-    return n_in * n_out + n_out
-
-
-def bilstm(n_in: int, hidden: int) -> int:
-    # per direction: W_ih 4H x I, W_hh 4H x H, b_ih 4H, b_hh 4H (PyTorch keeps two bias vectors)
-    return 2 * (4 * hidden * n_in + 4 * hidden * hidden + 8 * hidden)
+from heads_testutils import bilstm, fit_one_batch, linear, n_params, one_thread  # noqa: F401  (one_thread: autouse)
 
 
 # Table I, with C_a1 = 128, C_v1 = 512, H x W = 49 (Section IV-A)
@@ -214,15 +195,6 @@ def test_both_settings_train_every_parameter_and_fit_a_batch(setting):
     batch = batch_for(b=2, t=3)
     batch = {"labels": torch.cat([batch["labels"]] * 2), "video_label": torch.tensor([3, 5, 7, 9]),
              "valid": torch.ones(4, 3, dtype=torch.bool)}
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
-    losses = []
-    for step in range(8):
-        opt.zero_grad()
-        loss = head.loss(head(audio, visual), batch)
-        loss.backward()
-        if step == 0:
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = fit_one_batch(head, audio, visual, batch, lr=1e-3, steps=8)
     assert losses[-1] < losses[0]
     assert head.predict(head(audio, visual)).shape == (4, 3)

@@ -121,6 +121,24 @@ def train_one_epoch(model, optimizer, bank: FeatureBank, split: SplitData, batch
     return loss_sum / max(len(split), 1), correct / max(segments, 1)
 
 
+def optimize_batches(model, optimizer, batches, count_key: str) -> float:
+    """One Adam step per batch of ``batches`` (dicts with ``audio``, ``visual`` and the targets
+    of ``model.loss``), model in train mode; the mean loss per batch element, where a batch has
+    ``batch[count_key].shape[0]`` elements."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in batches:
+        out = model(batch["audio"], batch["visual"])
+        loss = model.loss(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = int(batch[count_key].shape[0])
+        total += float(loss.detach()) * n
+        count += n
+    return total / max(count, 1)
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the weights (kept in memory for the best epoch)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

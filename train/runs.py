@@ -29,6 +29,30 @@ from .checkpoint import save_checkpoint
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------
+# run setup (shared by the tasks)
+
+
+def splits_to_load(pipeline) -> list[str]:
+    """train + test, and val when configured (required when selecting on val); no repeats."""
+    cfg = pipeline.train
+    names = [cfg.train_split, cfg.test_split]
+    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
+        names.append(cfg.val_split)
+    return list(dict.fromkeys(names))
+
+
+def head_class_and_config(pipeline, head_name: str, task: str):
+    """The registered head class ``head_name`` (which must belong to ``task``) and its config
+    with the ``heads.<name>`` overrides of ``pipeline`` applied."""
+    from .registry import get_head
+
+    head_cls = get_head(head_name)
+    if head_cls.task != task:
+        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {task!r}")
+    return head_cls, head_cls.make_config((pipeline.heads or {}).get(head_name))
+
+
 def parse_seeds(text: str | Sequence[int]) -> list[int]:
     """``"0,1,2"``, ``"0-4"``, ``"0-2,7"`` -> list of ints (order kept, duplicates dropped)."""
     if not isinstance(text, str):

@@ -18,29 +18,17 @@ import torch
 from ..data import TaskData, load_from_pipeline, resolve_device
 from ..evaluate import EvalResult
 from ..loop import FitResult, count_parameters, fit, resolve_schedule, seed_everything
-from ..registry import get_head, register_task
-from ..runs import write_run
+from ..registry import register_task
+from ..runs import head_class_and_config, splits_to_load, write_run
 
 log = logging.getLogger(__name__)
 
 TASK = "avel"
 
 
-def splits_to_load(pipeline) -> list[str]:
-    """train + test, and val when configured (required when selecting on val)."""
-    cfg = pipeline.train
-    names = [cfg.train_split, cfg.test_split]
-    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
-        names.append(cfg.val_split)
-    return list(dict.fromkeys(names))
-
-
 def build_head(pipeline, head_name: str, num_classes: int, device: torch.device):
     """The registered head ``head_name`` with its ``heads.<name>`` overrides applied."""
-    head_cls = get_head(head_name)
-    if head_cls.task != TASK:
-        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {TASK!r}")
-    config = head_cls.make_config((pipeline.heads or {}).get(head_name))
+    head_cls, config = head_class_and_config(pipeline, head_name, TASK)
     return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config).to(device)
 
 

@@ -34,9 +34,10 @@ import torch
 
 from .. import cml
 from ..data import TaskData, load_from_pipeline, resolve_device
-from ..loop import count_parameters, make_optimizer, resolve_schedule, seed_everything, selection_label, state_copy
-from ..registry import get_head, register_task
-from ..runs import write_run
+from ..loop import (count_parameters, make_optimizer, optimize_batches, resolve_schedule, seed_everything,
+                    selection_label, state_copy)
+from ..registry import register_task
+from ..runs import head_class_and_config, splits_to_load, write_run
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,6 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
                     match.to(bank.device), valid, queries, np.asarray(query_video, dtype=np.int64), skipped)
 
 
-def splits_to_load(pipeline) -> list[str]:
-    """train + test, and val when configured (required when selecting on val)."""
-    cfg = pipeline.train
-    names = [cfg.train_split, cfg.test_split]
-    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
-        names.append(cfg.val_split)
-    return list(dict.fromkeys(names))
-
-
 # ---------------------------------------------------------------------------------------------
 # model
 
@@ -152,10 +144,7 @@ def splits_to_load(pipeline) -> list[str]:
 def build_head(pipeline, head_name: str, num_classes: int, device: torch.device):
     """The registered CML head with its ``heads.<name>`` overrides; a co-attention head with
     ``init_from`` is initialised from that supervised checkpoint (path relative to the pipeline)."""
-    head_cls = get_head(head_name)
-    if head_cls.task != TASK:
-        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {TASK!r}")
-    config = head_cls.make_config((pipeline.heads or {}).get(head_name))
+    head_cls, config = head_class_and_config(pipeline, head_name, TASK)
     head = head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
     init_from = getattr(config, "init_from", "")
     if init_from:
@@ -186,18 +175,7 @@ def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batc
 
 def train_one_epoch(model, optimizer, train: CmlSplit, flat, batch_size: int, generator: torch.Generator) -> float:
     """One pass; mean training loss per batch element."""
-    model.train()
-    total, count = 0.0, 0
-    for batch in training_batches(train, flat, batch_size, generator):
-        out = model(batch["audio"], batch["visual"])
-        loss = model.loss(out, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = int(batch["audio"].shape[0])
-        total += float(loss.detach()) * n
-        count += n
-    return total / max(count, 1)
+    return optimize_batches(model, optimizer, training_batches(train, flat, batch_size, generator), "audio")
 
 
 @dataclasses.dataclass

@@ -40,9 +40,10 @@ from extract.store import FeatureStore, StoreError, open_store
 
 from .. import sol
 from ..data import DataError, match_rows, resolve_device, split_manifest
-from ..loop import count_parameters, make_optimizer, resolve_schedule, seed_everything, selection_label, state_copy
-from ..registry import get_head, register_task
-from ..runs import write_run
+from ..loop import (count_parameters, make_optimizer, optimize_batches, resolve_schedule, seed_everything,
+                    selection_label, state_copy)
+from ..registry import register_task
+from ..runs import head_class_and_config, splits_to_load, write_run
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,7 @@ def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng:
 
 def train_one_epoch(model, optimizer, store, split: SolSplit, batch_size: int, rng, device) -> float:
     """One pass over the split; mean loss per sample."""
-    model.train()
-    total, count = 0.0, 0
-    for batch in training_batches(store, split, batch_size, rng, device):
-        out = model(batch["audio"], batch["visual"])
-        loss = model.loss(out, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = int(batch["labels"].shape[0])
-        total += float(loss.detach()) * n
-        count += n
-    return total / max(count, 1)
+    return optimize_batches(model, optimizer, training_batches(store, split, batch_size, rng, device), "labels")
 
 
 @torch.no_grad()
@@ -298,10 +288,7 @@ def write_frames_csv(path: Path, rows: Sequence[FrameRow]) -> Path:
 
 def build_head(pipeline, head_name: str, num_classes: int, channels: tuple[int, int], device):
     """The registered sol head with its ``heads.<name>`` overrides; the input channels must match the store's."""
-    head_cls = get_head(head_name)
-    if head_cls.task != TASK:
-        raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {TASK!r}")
-    config = head_cls.make_config((pipeline.heads or {}).get(head_name))
+    head_cls, config = head_class_and_config(pipeline, head_name, TASK)
     cv, ca = channels
     if getattr(config, "visual_channels", cv) != cv or getattr(config, "audio_channels", ca) != ca:
         raise ValueError(
@@ -309,14 +296,6 @@ def build_head(pipeline, head_name: str, num_classes: int, channels: tuple[int, 
             f"but the store's maps have {cv}/{ca} channels"
         )
     return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config).to(device)
-
-
-def splits_to_load(pipeline) -> list[str]:
-    cfg = pipeline.train
-    names = [cfg.train_split, cfg.test_split]
-    if cfg.select_on == "val" or cfg.val_split in pipeline.data.splits:
-        names.append(cfg.val_split)
-    return list(dict.fromkeys(names))
 
 
 @register_task(TASK)
