@@ -221,6 +221,20 @@ def write_tables(out: Path, rows: Sequence[dict[str, Any]], pipeline) -> tuple[P
     return csv_path, md_path
 
 
+def loss_overrides(heads: Sequence[str], loss: str) -> dict[str, dict[str, str]]:
+    """``{head: {"loss": loss}}`` for the heads whose config dataclass has a ``loss`` field."""
+    import dataclasses
+
+    from .registry import get_head
+
+    out = {}
+    for name in heads:
+        config = get_head(name).make_config(None)
+        if dataclasses.is_dataclass(config) and "loss" in {f.name for f in dataclasses.fields(config)}:
+            out[name] = {"loss": loss}
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # CLI
 
@@ -235,10 +249,11 @@ def write_tables(out: Path, rows: Sequence[dict[str, Any]], pipeline) -> tuple[P
 @click.option("--out", type=click.Path(file_okay=False), default="/tmp/avel-headtable", show_default=True, help="Folder for headtable.csv/.md; runs go to OUT/runs.")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Write each run's PNG plots.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
+@click.option("--loss", type=click.Choice(["ce", "reference"]), default=None, help="Set heads.<head>.loss for every chosen head whose config has a loss field (default: leave the config as is).")
 @click.option("--make-synthetic", "synthetic_dir", type=click.Path(file_okay=False), default=None, help="Write the AVE-sized synthetic store + manifests + pipeline.yaml into this folder and exit.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any other pipeline override (repeatable), e.g. --set train.select_on=last.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
-def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads, synthetic_dir, sets, verbose):
+def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads, loss, synthetic_dir, sets, verbose):
     """Train every avel head on one store and write a table of parameters and accuracies
     (val/test segment accuracy vs the test split's majority-class baseline).
 
@@ -275,7 +290,10 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
         train["epochs"] = epochs
     if batch_size is not None:
         train["batch_size"] = batch_size
-    pipeline = resolve(config, sets, {"train": train})
+    extra: dict[str, Any] = {"train": train}
+    if loss:
+        extra["heads"] = loss_overrides(chosen, loss)
+    pipeline = resolve(config, sets, extra)
     if not plots:
         disable_plots()
     rows = measure(pipeline, ordered_heads(chosen), parse_list(settings), seed, out)
