@@ -135,10 +135,11 @@ def manifest_ave(src, out, video_ext):
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="data/demo", show_default=True, help="Folder for the demo: videos/, manifests/, segments.csv, pipeline.yaml, README.txt.")
 @click.option("--videos", type=click.IntRange(min=15), default=50, show_default=True, help="Number of 10-s clips (>= 15), split 60/20/20 into train/val/test with every class in each split.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same --videos and --seed give the same dataset.")
+@click.option("--background-videos", type=click.IntRange(min=0), default=10, show_default=True, help="Extra background-only clips (no event second; a class object or sound appears in one modality at a time), split 60/20/20 like the others. Weakly supervised training learns background from them, as AVE's 178 'noisy' videos.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same --videos, --background-videos and --seed give the same dataset.")
 @click.option("--force", is_flag=True, help="Regenerate even if OUT already holds this demo; write into OUT even if it holds other files.")
 @click.pass_obj
-def demo(obj, out, videos, seed, force):
+def demo(obj, out, videos, background_videos, seed, force):
     """Generate the offline demo dataset: small AVE-like clips (real H.264/AAC files) whose events
     need both modalities, with manifests and a pipeline.yaml for extraction and training.
 
@@ -156,7 +157,7 @@ def demo(obj, out, videos, seed, force):
     from .demo import DEMO_FRAMES_PER_SEGMENT, DemoError, generate_demo, next_commands
 
     try:
-        summary = generate_demo(out, videos, seed, force=force, progress=sys.stderr.isatty())
+        summary = generate_demo(out, videos, seed, background_videos=background_videos, force=force, progress=sys.stderr.isatty())
     except DemoError as exc:
         raise click.UsageError(str(exc)) from None
     sizes = summary.split_sizes()
@@ -167,7 +168,7 @@ def demo(obj, out, videos, seed, force):
     )
     click.echo(
         f"demo settings: RANDOM VGG-19/VGGish weights; {DEMO_FRAMES_PER_SEGMENT} VGG-19 frame per 1-s "
-        f"segment instead of AVE's 16 (VGG-19 on a CPU is slow); short training, DMRN with cross-entropy "
+        f"segment instead of AVE's 16 (VGG-19 on a CPU is slow); short training, cross-entropy loss for the Tian et al. heads "
         f"- see {summary.pipeline}"
     )
     click.echo(f"majority-class baseline on the test seconds: {summary.baseline_accuracy:.3f}")

@@ -23,7 +23,11 @@ The cues are coarse on purpose: the demo extracts features with RANDOM VGG-19 / 
 (pretrained weights cannot be downloaded offline), so the classes differ in colour over large areas
 and in where their sound energy lies, which survive random convolutions.
 
-Everything is a function of ``(videos, seed)``: the plan comes from ``numpy`` generators seeded
+Besides the event clips there are background-only clips (empty category, like AVE's "noisy" videos
+that weakly supervised training needs): they show a class object or play a class sound, never both
+in the same second.
+
+Everything is a function of ``(videos, background_videos, seed)``: the plan comes from ``numpy`` generators seeded
 with ``(seed, video index)``, so the same arguments give byte-identical manifests and identical
 decoded media. This module needs numpy; rendering imports cv2 and writing imports PyAV.
 """
@@ -52,6 +56,12 @@ FPS = 10
 FRAME_SIZE = (128, 128)
 SAMPLE_RATE = 16000
 DEFAULT_VIDEOS = 50
+#: background-only clips added to the event clips (category "", no event second), split like them.
+#: AVE's weakly supervised training adds 178 such "noisy" videos: with video labels only, they are
+#: where a model learns what background looks and sounds like.
+DEFAULT_BACKGROUND_VIDEOS = 10
+#: guaranteed one-modality seconds of the class cue in a background-only clip (visual, audio)
+BACKGROUND_CLIP_ONE_MODALITY = 2
 DEFAULT_SEED = 0
 #: VGG-19 frames per 1-s segment in the demo config (AVE features: 16; VGG-19 on a CPU is slow)
 DEMO_FRAMES_PER_SEGMENT = 1
@@ -62,8 +72,11 @@ DEMO_BATCH_SIZE = 8
 SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 #: per-second cue of a modality that belongs to no class
 DISTRACTOR = "distractor"
-#: event length range in seconds (inclusive)
-EVENT_SECONDS = (3, 6)
+#: event length range in seconds (inclusive). AVE's events are long (8.3 s on average, two thirds
+#: fill the whole clip); 5-9 s keeps events most of an event clip's seconds, as weakly supervised
+#: training assumes, and leaves 1-5 background seconds (the first shows the object without its
+#: sound, the second plays the sound without the object)
+EVENT_SECONDS = (5, 9)
 #: how the non-event seconds are filled beyond the first visual-only and audio-only second
 BACKGROUND_ROLES = ("visual_only", "audio_only", "distractor", "empty")
 BACKGROUND_WEIGHTS = (0.25, 0.25, 0.3, 0.2)
@@ -74,7 +87,7 @@ NOISE_RMS = 0.004
 #: fade in/out at the ends of each run of audible seconds (no clicks spilling into other bands)
 EDGE_RAMP_SECONDS = 0.01
 #: bump when the media change for the same (videos, seed): an existing demo is then regenerated
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: x264 quality of the demo clips (the noisy texture makes lower values slow and large)
 CRF = 23
 #: encoder delay of FFmpeg's AAC encoder (samples before the signal in the decoded stream)
@@ -133,6 +146,15 @@ class DemoVideo:
     @property
     def path(self) -> str:
         return f"{self.video_id}.mp4"
+
+    @property
+    def cue_class(self) -> str:
+        """The class whose object / sound appears in the clip (its category; for a background-only
+        clip the class whose cues appear in one modality at a time)."""
+        for cue in self.visual + self.audio:
+            if cue and cue != DISTRACTOR:
+                return cue
+        return self.category
 
     def label(self, t: int) -> str:
         """The class of second ``t`` ("" = background)."""
@@ -206,9 +228,52 @@ def plan_timeline(category: str, rng: np.random.Generator) -> tuple[int, int, tu
     return onset, offset, tuple(visual), tuple(audio)
 
 
-def plan_demo(videos: int = DEFAULT_VIDEOS, seed: int = DEFAULT_SEED) -> list[DemoVideo]:
-    """The whole dataset's plan: videos ordered train, val, test; classes interleaved in each split."""
+def plan_background_timeline(cue_class: str, rng: np.random.Generator) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Draw ``(visual, audio)`` for a background-only clip: no second has both cues of a class.
+
+    :data:`BACKGROUND_CLIP_ONE_MODALITY` seconds show ``cue_class``'s object without its sound, as
+    many play its sound without the object; the other seconds are drawn from
+    :data:`BACKGROUND_ROLES` as in :func:`plan_timeline`.
+    """
+    visual = [""] * SECONDS
+    audio = [""] * SECONDS
+    order = [int(t) for t in rng.permutation(SECONDS)]
+    k = BACKGROUND_CLIP_ONE_MODALITY
+    roles = ["visual_only"] * k + ["audio_only"] * k
+    roles += list(rng.choice(BACKGROUND_ROLES, size=SECONDS - len(roles), p=BACKGROUND_WEIGHTS))
+    for t, role in zip(order, roles):
+        if role == "visual_only":
+            visual[t] = cue_class
+        elif role == "audio_only":
+            audio[t] = cue_class
+        elif role == "distractor":
+            which = int(rng.integers(0, 3))  # 0 ellipse, 1 chime, 2 both
+            if which in (0, 2):
+                visual[t] = DISTRACTOR
+            if which in (1, 2):
+                audio[t] = DISTRACTOR
+    return tuple(visual), tuple(audio)
+
+
+def background_split_counts(background_videos: int) -> dict[str, int]:
+    """Background-only clips per split: 60/20/20 like the event clips (val and test get one each
+    as soon as there are at least three)."""
+    if background_videos < 0:
+        raise DemoError(f"--background-videos must be >= 0, got {background_videos}")
+    if background_videos < 3:
+        return {"train": background_videos, "val": 0, "test": 0}
+    val = max(1, int(round(background_videos * SPLIT_SHARES[1][1])))
+    test = max(1, int(round(background_videos * SPLIT_SHARES[2][1])))
+    return {"train": background_videos - val - test, "val": val, "test": test}
+
+
+def plan_demo(
+    videos: int = DEFAULT_VIDEOS, seed: int = DEFAULT_SEED, background_videos: int = DEFAULT_BACKGROUND_VIDEOS
+) -> list[DemoVideo]:
+    """The whole dataset's plan: videos ordered train, val, test; in each split the event clips
+    (classes interleaved), then the background-only clips (their cue classes cycling)."""
     counts = split_counts(videos)
+    background = background_split_counts(background_videos)
     plan: list[DemoVideo] = []
     for split, _ in SPLIT_SHARES:
         remaining = list(counts[split])
@@ -220,6 +285,11 @@ def plan_demo(videos: int = DEFAULT_VIDEOS, seed: int = DEFAULT_SEED) -> list[De
                 index = len(plan)
                 onset, offset, visual, audio = plan_timeline(cls.name, _rng(seed, index, 0))
                 plan.append(DemoVideo(index, f"demo{index:03d}", split, cls.name, onset, offset, visual, audio))
+        for k in range(background[split]):
+            index = len(plan)
+            cue_class = CLASSES[k % len(CLASSES)].name
+            visual, audio = plan_background_timeline(cue_class, _rng(seed, index, 0))
+            plan.append(DemoVideo(index, f"demo{index:03d}", split, "", 0, 0, visual, audio))
     return plan
 
 
@@ -399,7 +469,7 @@ def render_audio(video: DemoVideo, seed: int, sample_rate: int = SAMPLE_RATE) ->
     class sound in the seconds whose audio cue is the class, the chime in distractor seconds."""
     rng = _rng(seed, video.index, 2)
     n = SECONDS * sample_rate
-    cls = class_by_name(video.category)
+    cls = class_by_name(video.cue_class)
     level = rng.uniform(*SOUND_RMS)
     wave = NOISE_RMS * rng.normal(size=n)
     wave += level * class_sound(cls, rng, n, sample_rate) * second_gate([a == cls.name for a in video.audio], sample_rate)
@@ -411,11 +481,12 @@ def render_audio(video: DemoVideo, seed: int, sample_rate: int = SAMPLE_RATE) ->
 # files
 
 
-def _params(videos: int, seed: int) -> dict:
+def _params(videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS) -> dict:
     return {
         "generator": "avel-extract demo",
         "generator_version": GENERATOR_VERSION,
         "videos": videos,
+        "background_videos": background_videos,
         "seed": seed,
         "seconds": SECONDS,
         "fps": FPS,
@@ -464,24 +535,28 @@ train:
   batch_size: {batch_size}
 
 heads:
-  # DEMO ONLY: cross-entropy on the logits instead of the reference MultiLabelSoftMargin-on-softmax
-  # loss, which learns too slowly for a schedule of a few hundred steps (it stays at the
-  # majority class here). Remove this to train with the papers' loss.
-  dmrn: {{loss: ce}}
+  # DEMO ONLY: every head with a `loss` option (the Tian et al. family) trains with cross-entropy
+  # on the logits instead of the reference MultiLabelSoftMargin-on-softmax loss, which learns too
+  # slowly for a schedule of a few hundred steps (it stays at the majority class here; on an
+  # AVE-sized store it needs several epochs). Remove this to train with the papers' loss.
+  "*": {{loss: ce}}
 """
 
 
-def readme_text(plan: Sequence[DemoVideo], videos: int, seed: int) -> str:
+def readme_text(plan: Sequence[DemoVideo], videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS) -> str:
     counts = {name: sum(v.split == name for v in plan) for name, _ in SPLIT_SHARES}
+    empty = {name: sum(v.split == name and not v.category for v in plan) for name, _ in SPLIT_SHARES}
     label, share = majority_baseline(plan, "test")
     classes = "\n".join(
         f"  {i}  {c.name:7s} {c.shape} {c.colour} that {c.motion}; sound: {c.sound}" for i, c in enumerate(CLASSES)
     )
     return f"""\
-avel demo dataset (generated offline by `avel-extract demo --videos {videos} --seed {seed}`)
+avel demo dataset (generated offline by `avel-extract demo --videos {videos} --background-videos {background_videos} --seed {seed}`)
 
 {len(plan)} clips of {SECONDS} s: H.264 video {FRAME_SIZE[1]}x{FRAME_SIZE[0]} at {FPS} fps, AAC mono audio at
-{SAMPLE_RATE} Hz. Splits: {counts['train']} train / {counts['val']} val / {counts['test']} test videos, one event class per video.
+{SAMPLE_RATE} Hz. Splits: {counts['train']} train / {counts['val']} val / {counts['test']} test videos. An event video has one
+event class; {empty['train']} / {empty['val']} / {empty['test']} of them are background-only videos (empty category, no event second,
+like AVE's "noisy" videos: they show a class object or play a class sound, never both at once).
 
 Classes (index = line of manifests/classes.txt; background = {len(CLASSES)}):
 {classes}
@@ -496,7 +571,7 @@ Majority-class baseline on the test seconds: {share:.3f} ({label or 'background'
 
 Files: videos/ (the clips), manifests/ (train/val/test.csv + classes.txt), segments.csv,
 pipeline.yaml (random VGG-19/VGGish weights, {DEMO_FRAMES_PER_SEGMENT} frame per segment instead of 16, a short
-training schedule, DMRN with cross-entropy loss), demo.json (generation parameters).
+training schedule, cross-entropy loss for the Tian et al. heads), demo.json (generation parameters).
 The feature store (store.zarr) and the training runs (runs/) appear here once made:
   avel-extract --config {{this folder}}/pipeline.yaml --split all
   avel-train --config {{this folder}}/pipeline.yaml --head dmrn
@@ -549,14 +624,14 @@ def write_video(video: DemoVideo, folder: Path, seed: int) -> Path:
     return final
 
 
-def write_metadata(out: Path, plan: Sequence[DemoVideo], videos: int, seed: int) -> None:
+def write_metadata(out: Path, plan: Sequence[DemoVideo], videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS) -> None:
     """Write everything but the clips: manifests + classes.txt, segments.csv, pipeline.yaml, README.txt."""
     classes = [c.name for c in CLASSES]
     for split, _ in SPLIT_SHARES:
         write_manifest(out / "manifests" / f"{split}.csv", [v.sample() for v in plan if v.split == split], classes)
     (out / "segments.csv").write_text(segments_csv(plan))
     (out / "pipeline.yaml").write_text(pipeline_yaml())
-    (out / "README.txt").write_text(readme_text(plan, videos, seed))
+    (out / "README.txt").write_text(readme_text(plan, videos, seed, background_videos))
 
 
 @dataclasses.dataclass
@@ -616,6 +691,7 @@ def generate_demo(
     videos: int = DEFAULT_VIDEOS,
     seed: int = DEFAULT_SEED,
     *,
+    background_videos: int = DEFAULT_BACKGROUND_VIDEOS,
     force: bool = False,
     progress: bool = False,
 ) -> DemoSummary:
@@ -626,8 +702,8 @@ def generate_demo(
     feature store removed.
     """
     out = Path(out)
-    params = _params(videos, seed)
-    plan = plan_demo(videos, seed)
+    params = _params(videos, seed, background_videos)
+    plan = plan_demo(videos, seed, background_videos)
     label, share = majority_baseline(plan, "test")
     started = time.perf_counter()
     if _check_out_folder(out, plan, params, force):
@@ -647,7 +723,7 @@ def generate_demo(
         items = tqdm(plan, desc="demo videos", unit="video")
     for video in items:
         write_video(video, video_dir, seed)
-    write_metadata(out, plan, videos, seed)
+    write_metadata(out, plan, videos, seed, background_videos)
     (out / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
     elapsed = time.perf_counter() - started
     log.info("wrote %d demo videos to %s in %.1f s", len(plan), out, elapsed)

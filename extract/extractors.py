@@ -418,7 +418,8 @@ class VGGishExtractor(Extractor):
     """
 
     uses_audio = True
-    code_version = "1"
+    #: 2: random weights use a scale-preserving init (see extract.nets._init_vggish_random)
+    code_version = "2"
 
     def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
         super().__init__(cfg, device)

@@ -209,10 +209,19 @@ class VGGishPCA(nn.Module):
 
 
 def _init_vggish_random(model: VGGish) -> None:
-    """Deterministic random init (PyTorch defaults for conv/linear, in module order)."""
+    """Deterministic random init, in module order, that keeps the activations' scale (He et al.):
+    convolutions Kaiming normal (fan_out, relu) as torchvision's VGGs and :func:`build_vgg19_pool5`,
+    linears Kaiming normal (fan_in, relu), zero biases. PyTorch's default init shrinks the
+    activations layer by layer: a random VGGish then gave demo embeddings that varied by ~2e-4
+    around ~4e-3 (nearly constant, so audio-only heads could not learn from them); with this init
+    they vary by ~0.02 around ~0.1 (measured on demo log-mel patches)."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.reset_parameters()
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
 
 
 def build_vggish(weights: str | WeightsSource, relu: bool = True, seed: int = 0) -> VGGish:

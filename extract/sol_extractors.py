@@ -187,7 +187,7 @@ class VGGishMapsExtractor(Extractor):
     """
 
     uses_audio = True
-    code_version = "1"
+    code_version = "2"  # 2: scale-preserving random init (extract.nets._init_vggish_random)
 
     def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
         super().__init__(cfg, device)

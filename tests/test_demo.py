@@ -17,20 +17,22 @@ from extract.cli import main
 from extract.manifest import read_manifest
 
 VIDEOS = 15
+BACKGROUND = 3  # one background-only clip per split
 SEED = 5
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--videos", str(VIDEOS), "--seed", str(SEED)])
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--videos", str(VIDEOS),
+                                       "--background-videos", str(BACKGROUND), "--seed", str(SEED)])
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.fixture(scope="module")
 def plan() -> list[demo.DemoVideo]:
-    return demo.plan_demo(VIDEOS, SEED)
+    return demo.plan_demo(VIDEOS, SEED, BACKGROUND)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_split_counts_keep_every_class_in_every_split():
 
 def test_same_seed_gives_byte_identical_files(demo_dir, plan, tmp_path):
     again = tmp_path / "again"
-    demo.write_metadata(again, demo.plan_demo(VIDEOS, SEED), VIDEOS, SEED)
+    demo.write_metadata(again, demo.plan_demo(VIDEOS, SEED, BACKGROUND), VIDEOS, SEED, BACKGROUND)
     names = ["manifests/train.csv", "manifests/val.csv", "manifests/test.csv", "manifests/classes.txt",
              "segments.csv", "pipeline.yaml", "README.txt"]
     for name in names:
@@ -72,7 +74,7 @@ def test_same_seed_gives_byte_identical_files(demo_dir, plan, tmp_path):
     assert filecmp.cmp(tmp_path / plan[1].path, demo_dir / "videos" / plan[1].path, shallow=False)
     # ...and the seed matters
     other = tmp_path / "other"
-    demo.write_metadata(other, demo.plan_demo(VIDEOS, SEED + 1), VIDEOS, SEED + 1)
+    demo.write_metadata(other, demo.plan_demo(VIDEOS, SEED + 1, BACKGROUND), VIDEOS, SEED + 1, BACKGROUND)
     assert (other / "segments.csv").read_bytes() != (demo_dir / "segments.csv").read_bytes()
 
 
@@ -85,24 +87,32 @@ def test_manifest_labels_agree_with_the_per_second_cues(demo_dir):
         manifest = read_manifest(demo_dir / "manifests" / f"{split}.csv")
         assert manifest.classes == classes
         labels = manifest.segment_labels(demo.SECONDS)
-        seen_splits[split] = {s.category for s in manifest.samples}
+        seen_splits[split] = {s.category for s in manifest.samples if s.category}
+        assert sum(not s.category for s in manifest.samples) == 1  # the background-only clip
         for sample, row_labels in zip(manifest.samples, labels):
             assert sample.split == split and sample.path == f"{sample.video_id}.mp4"
             assert (demo_dir / "videos" / sample.path).is_file()
             rows = segments[sample.video_id]
             assert [int(r["second"]) for r in rows] == list(range(demo.SECONDS))
-            assert demo.EVENT_SECONDS[0] <= sample.offset - sample.onset <= demo.EVENT_SECONDS[1]
+            if sample.category:
+                assert demo.EVENT_SECONDS[0] <= sample.offset - sample.onset <= demo.EVENT_SECONDS[1]
+                cue = sample.category
+            else:  # background only: no event second, one class's cues in one modality at a time
+                assert sample.onset == sample.offset == 0
+                cue = next(c for r in rows for c in (r["visual"], r["audio"]) if c and c != demo.DISTRACTOR)
             for t, r in enumerate(rows):
-                both = r["visual"] == r["audio"] == sample.category
+                both = r["visual"] == r["audio"] == sample.category != ""
                 # an event second is exactly one where the object is seen AND its sound heard
                 assert both == (sample.onset <= t < sample.offset)
                 assert r["label"] == (sample.category if both else "")
                 assert row_labels[t] == (classes.index(sample.category) if both else len(classes))
                 # only the video's own class or the neutral distractor ever appears
-                assert {r["visual"], r["audio"]} <= {"", demo.DISTRACTOR, sample.category}
-            # one-modality background seconds exist in every clip (the event is at most 6 s long)
-            assert any(r["visual"] == sample.category and r["audio"] != sample.category for r in rows)
-            assert any(r["audio"] == sample.category and r["visual"] != sample.category for r in rows)
+                assert {r["visual"], r["audio"]} <= {"", demo.DISTRACTOR, cue}
+            # every clip has a second showing the object without its sound, and every clip with
+            # two or more background seconds one playing the sound without the object
+            background = sum(not r["label"] for r in rows)
+            assert any(r["visual"] == cue and r["audio"] != cue for r in rows)
+            assert any(r["audio"] == cue and r["visual"] != cue for r in rows) == (background >= 2)
     assert all(cats == set(classes) for cats in seen_splits.values())
 
 
@@ -119,13 +129,18 @@ def test_pipeline_yaml_resolves_against_its_folder(demo_dir):
     assert pipeline.extract.visual_weights == pipeline.extract.audio_weights == "random"
     assert pipeline.extract.frames_per_segment == demo.DEMO_FRAMES_PER_SEGMENT < 16
     assert pipeline.train.epochs == demo.DEMO_EPOCHS and pipeline.train.batch_size == demo.DEMO_BATCH_SIZE
-    assert pipeline.heads == {"dmrn": {"loss": "ce"}}
+    assert pipeline.heads == {"*": {"loss": "ce"}}
+    from train.runs import head_class_and_config
+
+    for head in ("dmrn", "a+v-att", "gmu-decision"):  # every Tian et al. head trains with CE on the demo
+        assert head_class_and_config(pipeline, head, "avel")[1].loss == "ce"
     assert "instead of AVE's 16" in (demo_dir / "pipeline.yaml").read_text()
 
 
 def test_cli_reuses_the_demo_and_prints_the_next_commands(demo_dir, plan):
     before = {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*") if p.is_file()}
-    result = CliRunner().invoke(main, ["demo", "--out", str(demo_dir), "--videos", str(VIDEOS), "--seed", str(SEED)])
+    result = CliRunner().invoke(main, ["demo", "--out", str(demo_dir), "--videos", str(VIDEOS),
+                                       "--background-videos", str(BACKGROUND), "--seed", str(SEED)])
     assert result.exit_code == 0, result.output
     assert "already present" in result.output
     assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*") if p.is_file()} == before
@@ -199,15 +214,15 @@ def test_audio_energy_is_in_the_class_band_exactly_when_audible(plan, decoded):
         # floor sits ~40 dB below the class sounds)
         assert max(quiet) < 1e-3 * min(audible), cls.name
     for v in plan:
-        c = [x.name for x in demo.CLASSES].index(v.category)
+        c = [x.name for x in demo.CLASSES].index(v.cue_class)
         for t in range(demo.SECONDS):
             bp, total = power[v.video_id, t]
-            if v.audio[t] == v.category:
+            if v.audio[t] == v.cue_class:
                 assert bp[c] > 0.95 * total, (v.video_id, t)  # the class band holds the energy
             if v.audio[t] == demo.DISTRACTOR:
                 assert bp[-2:].sum() > 0.9 * total, (v.video_id, t)  # the chime, outside all bands
             if not v.audio[t]:  # only the noise floor, >= 26 dB below any class sound in total
-                assert total < 1e-2 * power[v.video_id, next(s for s in range(10) if v.audio[s] == v.category)][1]
+                assert total < 1e-2 * power[v.video_id, next(s for s in range(10) if v.audio[s] == v.cue_class)][1]
 
 
 def colour_share(frames: np.ndarray, colour) -> np.ndarray:
@@ -218,10 +233,10 @@ def colour_share(frames: np.ndarray, colour) -> np.ndarray:
 
 def test_object_is_visible_exactly_in_the_planned_seconds(plan, decoded):
     for v in plan:
-        cls = demo.class_by_name(v.category)
+        cls = demo.class_by_name(v.cue_class)
         share = colour_share(decoded[v.video_id][0], cls.colour).reshape(demo.SECONDS, demo.FPS)
         for t in range(demo.SECONDS):
-            if v.visual[t] == v.category:
+            if v.visual[t] == v.cue_class:
                 assert share[t].min() > 0.08, (v.video_id, t, share[t])
             else:
                 assert share[t].max() < 0.01, (v.video_id, t, share[t])

@@ -96,3 +96,21 @@ def check_gradients(head) -> None:
     assert not bad, f"non-finite gradient for {bad}"
     zero = [n for n, p in params if not p.grad.abs().sum() > 0]
     assert not zero, f"all-zero gradient for {zero}"
+
+
+@pytest.mark.parametrize("name", [n for n in head_names(task="avel") if "weak" in get_head(n).settings])
+def test_recorded_weak_pooling_is_the_one_the_loss_applies(name):
+    """metrics.json records ``head.weak_pooling(train.weak_pool)``: when a head reports the same
+    pooling for both requests its weak loss must not depend on the request, otherwise it must."""
+    batch = learnable_batch()
+    head = build(name, "weak")
+    out = eval_forward(head, batch)
+    with torch.no_grad():
+        by_request = {pool: float(head.loss(out, batch, pool)) for pool in ("mean", "max")}
+    reported = {pool: head.weak_pooling(pool) for pool in ("mean", "max")}
+    assert set(reported.values()) <= {"mean", "max"}
+    if reported["mean"] == reported["max"]:
+        assert by_request["mean"] == by_request["max"], (reported, by_request)
+    else:
+        assert reported == {"mean": "mean", "max": "max"}
+        assert by_request["mean"] != by_request["max"], by_request  # an ignored request gives equal bits

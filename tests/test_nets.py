@@ -153,6 +153,29 @@ def test_random_weights_are_seeded_and_leave_global_rng_alone():
     assert abs(w.std().item() - (2.0 / (512 * 9)) ** 0.5) < 0.02 * (2.0 / (512 * 9)) ** 0.5
 
 
+
+def test_random_vggish_keeps_the_activation_scale():
+    """He init in every layer (the PyTorch default shrank random embeddings to a near-constant):
+    weight std = sqrt(2 / fan) per layer, zero biases, and the embedding of varied inputs varies."""
+    state = torch.random.get_rng_state()
+    model = nets.build_vggish("random", seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    for name, p in model.state_dict().items():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif p.ndim == 4:  # conv: fan_out = out_channels * 3 * 3
+            expected = (2.0 / (p.shape[0] * 9)) ** 0.5
+            assert abs(p.std().item() - expected) < 0.05 * expected, name
+        else:  # linear: fan_in = in_features
+            expected = (2.0 / p.shape[1]) ** 0.5
+            assert abs(p.std().item() - expected) < 0.05 * expected, name
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 96, 64, generator=g) * 1.3 - 1.6  # log-mel patch statistics
+    with torch.inference_mode():
+        spread = model(x).std(dim=0).mean().item()
+    assert spread > 5e-3, spread
+
+
 # ---- preprocessing --------------------------------------------------------------------------
 
 

@@ -39,6 +39,9 @@ COLUMNS = ("head", "parameters", "setting", "epochs", "selected_epoch", "val_acc
 SYN_T = 10
 SYN_EVENTS = 28
 SYN_SPLITS = {"train": 3339, "val": 402, "test": 402}
+#: background-only videos added to the training split, as the 178 "noisy" videos of AVE's weakly
+#: supervised training: without them a model that sees only video labels never sees background
+SYN_BACKGROUND_TRAIN = 178
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,7 +91,8 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
                    rows_per_shard: int = 64) -> Path:
     """Write an AVE-sized synthetic store with learnable structure; returns its pipeline.yaml.
 
-    4143 videos (train/val/test = 3339/402/402) x T=10 segments, visual [7, 7, 512] float16,
+    4143 videos (train/val/test = 3339/402/402) plus :data:`SYN_BACKGROUND_TRAIN` background-only
+    training videos (empty category; AVE's 178 "noisy" videos) x T=10 segments, visual [7, 7, 512] float16,
     audio [128], 28 event classes + background (29). Each video has one event class and one
     contiguous event window [onset, offset) of 2..10 s. On event segments both modalities carry
     the class prototype (visual: non-negative [512] vector on a 3x3 patch; audio: [128] vector);
@@ -101,17 +105,24 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = sum(SYN_SPLITS.values())
+    sizes = dict(SYN_SPLITS, train=SYN_SPLITS["train"] + SYN_BACKGROUND_TRAIN)
+    rows = sum(sizes.values())
     rng = np.random.default_rng(seed)
     classes = [f"event{k:02d}" for k in range(SYN_EVENTS)]
     ids = [f"syn{i:05d}" for i in range(rows)]
     cats, onsets, offsets = _synthetic_labels(rng, rows)
+    # rows SYN_SPLITS["train"] .. sizes["train"] - 1: background only (no event window; their
+    # one-modality segments carry the prototypes of cats[i])
+    background_only = np.zeros(rows, bool)
+    background_only[SYN_SPLITS["train"]:sizes["train"]] = True
+    onsets[background_only] = offsets[background_only] = 0
     one_modality = _one_modality_mask(rng, onsets, offsets, one_modality_share)
     proto_v = np.abs(rng.standard_normal((SYN_EVENTS, 512), dtype=np.float32)) * 1.5
     proto_a = rng.standard_normal((SYN_EVENTS, 128), dtype=np.float32) * 1.5
     start = 0
-    for split, size in SYN_SPLITS.items():
-        samples = [Sample(ids[i], ids[i], f"{ids[i]}.mp4", classes[cats[i]], int(onsets[i]), int(offsets[i]), split)
+    for split, size in sizes.items():
+        samples = [Sample(ids[i], ids[i], f"{ids[i]}.mp4", "" if background_only[i] else classes[cats[i]],
+                          int(onsets[i]), int(offsets[i]), split)
                    for i in range(start, start + size)]
         write_manifest(directory / "manifests" / f"{split}.csv", samples, classes)
         start += size
@@ -235,6 +246,50 @@ def loss_overrides(heads: Sequence[str], loss: str) -> dict[str, dict[str, str]]
     return out
 
 
+def read_table(folder: str | Path) -> list[dict[str, str]]:
+    """The rows of ``folder/headtable.csv``."""
+    with (Path(folder) / "headtable.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def combined_markdown(stores: Sequence[tuple[str, Sequence[dict[str, str]]]], parameters: dict[str, int]) -> str:
+    """One row per head: ``parameters`` (e.g. built for AVE's 29 classes), then per (store, setting)
+    the test accuracy, with the test majority baseline of each column in its header. ``stores``:
+    (label, rows of :func:`read_table`); a head missing from a table shows "-", a failed run "failed",
+    an accuracy not above the baseline is marked "(NO)"."""
+    columns: list[tuple[str, str, float]] = []
+    cells: dict[tuple[str, str, str], str] = {}
+    heads: list[str] = []
+    for label, rows in stores:
+        for row in rows:
+            key = (label, row["setting"])
+            if key not in [(c[0], c[1]) for c in columns]:
+                columns.append((label, row["setting"], float(row["test_majority_baseline"])))
+            if row["head"] not in heads:
+                heads.append(row["head"])
+            if row.get("error"):
+                text = "failed"
+            else:
+                acc = float(row["test_accuracy"])
+                text = f"{acc:.3f}" + ("" if row["beats_baseline"] == "yes" else " (NO)")
+            cells[(label, row["setting"], row["head"])] = text
+    header = "| head | parameters (C = 29) | " + " | ".join(f"{lab} {st} (majority {b:.3f})" for lab, st, b in columns) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(columns)]
+    for head in ordered_heads(heads):
+        params = parameters.get(head)
+        lines.append(f"| `{head}` | {'-' if params is None else f'{params:,}'} | "
+                     + " | ".join(cells.get((lab, st, head), "-") for lab, st, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ave_parameter_counts(heads: Sequence[str], num_classes: int = SYN_EVENTS + 1) -> dict[str, int]:
+    """Parameter count of each head built for ``num_classes`` (AVE: 29), supervised setting."""
+    from .loop import count_parameters
+    from .registry import get_head
+
+    return {h: count_parameters(get_head(h)(num_classes, "supervised")) for h in heads}
+
+
 # ------------------------------------------------------------------------------------------
 # CLI
 
@@ -251,9 +306,10 @@ def loss_overrides(heads: Sequence[str], loss: str) -> dict[str, dict[str, str]]
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
 @click.option("--loss", type=click.Choice(["ce", "reference"]), default=None, help="Set heads.<head>.loss for every chosen head whose config has a loss field (default: leave the config as is).")
 @click.option("--make-synthetic", "synthetic_dir", type=click.Path(file_okay=False), default=None, help="Write the AVE-sized synthetic store + manifests + pipeline.yaml into this folder and exit.")
+@click.option("--combine", "combine", multiple=True, metavar="LABEL=DIR", help="Print one markdown table of earlier --out folders (repeatable, e.g. --combine demo=/tmp/ht/demo --combine synthetic=/tmp/ht/syn): per head its parameter count for 29 classes and the test accuracy of every store and setting; then exit.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any other pipeline override (repeatable), e.g. --set train.select_on=last.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
-def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads, loss, synthetic_dir, sets, verbose):
+def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads, loss, synthetic_dir, combine, sets, verbose):
     """Train every avel head on one store and write a table of parameters and accuracies
     (val/test segment accuracy vs the test split's majority-class baseline).
 
@@ -270,6 +326,16 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if synthetic_dir:
         click.echo(f"wrote {make_synthetic(synthetic_dir)}")
+        return
+    if combine:
+        stores = []
+        for item in combine:
+            label, sep, folder = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r}: expected LABEL=DIR", param_hint="--combine")
+            stores.append((label, read_table(folder)))
+        names = list(dict.fromkeys(r["head"] for _, rows in stores for r in rows))
+        click.echo(combined_markdown(stores, ave_parameter_counts(names)), nl=False)
         return
     import torch
 

@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -42,15 +43,40 @@ def splits_to_load(pipeline) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+#: ``heads: {"*": {loss: ce}}`` sets an option for every head whose config has it
+ALL_HEADS = "*"
+
+
+def head_overrides(heads: Mapping[str, Any] | None, head_name: str) -> dict[str, Any]:
+    """The options of section ``heads`` for ``head_name``: the ``"*"`` entry's keys that its
+    config has, then its own entry. Keys of ``heads`` that name no registered head, and ``"*"``
+    keys that no registered head has, are errors (a typo must not be ignored silently)."""
+    from .registry import HEADS, discover, get_head
+
+    discover()
+    heads = heads or {}
+    unknown = [name for name in heads if name != ALL_HEADS and name not in HEADS]
+    if unknown:
+        raise ValueError(f"heads.{unknown[0]}: no such head; registered: {', '.join(sorted(HEADS))}")
+    common = dict(heads.get(ALL_HEADS) or {})
+    known_fields = {f.name for cls in HEADS.values() if dataclasses.is_dataclass(cls.Config)
+                    for f in dataclasses.fields(cls.Config)}
+    for key in common:
+        if key not in known_fields:
+            raise ValueError(f'heads."{ALL_HEADS}".{key}: no registered head has an option {key!r}')
+    fields = {f.name for f in dataclasses.fields(get_head(head_name).Config)}
+    return {**{k: v for k, v in common.items() if k in fields}, **(heads.get(head_name) or {})}
+
+
 def head_class_and_config(pipeline, head_name: str, task: str):
     """The registered head class ``head_name`` (which must belong to ``task``) and its config
-    with the ``heads.<name>`` overrides of ``pipeline`` applied."""
+    with the ``heads."*"`` and ``heads.<name>`` overrides of ``pipeline`` applied."""
     from .registry import get_head
 
     head_cls = get_head(head_name)
     if head_cls.task != task:
         raise ValueError(f"head {head_name!r} belongs to task {head_cls.task!r}, not {task!r}")
-    return head_cls, head_cls.make_config((pipeline.heads or {}).get(head_name))
+    return head_cls, head_cls.make_config(head_overrides(pipeline.heads, head_name))
 
 
 def parse_seeds(text: str | Sequence[int]) -> list[int]:

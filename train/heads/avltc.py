@@ -221,6 +221,10 @@ class AVLTCHead(Head):
             fused = v_in + a_in
         return HeadOutput(scores=self.classifier(fused), extras=extras)
 
+    def weak_pooling(self, requested: str) -> str:
+        """``train.weak_pool`` is ignored: the paper fixes average pooling."""
+        return "mean"
+
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         """Supervised: CE over valid segments. Weak: average-pool the logits over valid segments, BCE
         against the one-hot video label. ``weak_pool`` is ignored (the paper fixes average pooling)."""

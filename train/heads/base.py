@@ -74,6 +74,12 @@ class Head(nn.Module):
             return weak_loss(out.scores, batch["video_label"], weak_pool)
         return segment_loss(out.scores, batch["labels"])
 
+    def weak_pooling(self, requested: str) -> str:
+        """The MIL pooling this head's weak loss really applies when the trainer asks for
+        ``requested`` (``train.weak_pool``); heads whose paper fixes the pooling return their own.
+        Recorded in metrics.json."""
+        return requested
+
     def predict(self, out: HeadOutput) -> torch.Tensor:
         """[B, T] predicted class per segment."""
         return out.scores.argmax(dim=-1)

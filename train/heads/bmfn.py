@@ -363,6 +363,10 @@ class BMFNHead(Head):
         category = s_c.argmax(dim=-1, keepdim=True).expand_as(s)
         return torch.where(torch.sigmoid(s) >= 0.5, category, torch.full_like(category, self.num_classes - 1))
 
+    def weak_pooling(self, requested: str) -> str:
+        """``train.weak_pool`` is ignored: heads.bmfn.weak_pool decides."""
+        return self.config.weak_pool
+
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         """Supervised: BCE(s, segment is an event) + CE(s_c, the video's event class). Weak: BCE of the
         MIL-pooled joint scores s_f against the one-hot foreground video label. ``weak_pool`` is ignored."""

@@ -211,6 +211,10 @@ class CoAttentionHead(Head):
         """lambda of the CSPA stream for the current setting (lambda_s or lambda_w)."""
         return self.config.lambda_weak if self.setting == "weak" else self.config.lambda_supervised
 
+    def weak_pooling(self, requested: str) -> str:
+        """``train.weak_pool`` is ignored: heads.coattention.weak_pool decides."""
+        return self.config.weak_pool
+
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         """L^S = lambda_s L^S1 + (1 - lambda_s) L^S2 (eq. 6) or L^W = lambda_w L^W1 + (1 - lambda_w) L^W2
         (eq. 7); with a single stream, that stream's loss. ``weak_pool`` is ignored (see module doc)."""

@@ -65,7 +65,8 @@ def build_metrics(pipeline, head_name: str, seed: int, model, data: TaskData, re
         "head_config": model.config_dict(),
         "param_count": count_parameters(model),
         "setting": cfg.setting,
-        "weak_pool": cfg.weak_pool if cfg.setting == "weak" else None,
+        # the pooling the head's weak loss really applies (heads whose paper fixes it ignore train.weak_pool)
+        "weak_pool": model.weak_pooling(cfg.weak_pool) if cfg.setting == "weak" else None,
         "seed": seed,
         "selection": result.selection,
         "selected_epoch": result.best_epoch,
