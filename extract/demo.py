@@ -213,19 +213,27 @@ def plan_timeline(category: str, rng: np.random.Generator) -> tuple[int, int, tu
     rest = [t for t in range(SECONDS) if not onset <= t < offset]
     rest = [rest[i] for i in rng.permutation(len(rest))]
     roles = ["visual_only", "audio_only"][: len(rest)]
-    roles += list(rng.choice(BACKGROUND_ROLES, size=len(rest) - len(roles), p=BACKGROUND_WEIGHTS))
-    for t, role in zip(rest, roles):
+    _fill_background(visual, audio, rest, roles, category, rng)
+    return onset, offset, tuple(visual), tuple(audio)
+
+
+def _fill_background(visual: list[str], audio: list[str], seconds: Sequence[int], roles: list[str], cue_class: str,
+                     rng: np.random.Generator) -> None:
+    """Give ``seconds`` (in order) the ``roles`` given, then roles drawn from
+    :data:`BACKGROUND_ROLES`: the class cue in one modality, the distractor (ellipse, chime or
+    both), or nothing. Writes into ``visual`` / ``audio``."""
+    roles = roles + list(rng.choice(BACKGROUND_ROLES, size=len(seconds) - len(roles), p=BACKGROUND_WEIGHTS))
+    for t, role in zip(seconds, roles):
         if role == "visual_only":
-            visual[t] = category
+            visual[t] = cue_class
         elif role == "audio_only":
-            audio[t] = category
+            audio[t] = cue_class
         elif role == "distractor":
             which = int(rng.integers(0, 3))  # 0 ellipse, 1 chime, 2 both
             if which in (0, 2):
                 visual[t] = DISTRACTOR
             if which in (1, 2):
                 audio[t] = DISTRACTOR
-    return onset, offset, tuple(visual), tuple(audio)
 
 
 def plan_background_timeline(cue_class: str, rng: np.random.Generator) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -239,19 +247,7 @@ def plan_background_timeline(cue_class: str, rng: np.random.Generator) -> tuple[
     audio = [""] * SECONDS
     order = [int(t) for t in rng.permutation(SECONDS)]
     k = BACKGROUND_CLIP_ONE_MODALITY
-    roles = ["visual_only"] * k + ["audio_only"] * k
-    roles += list(rng.choice(BACKGROUND_ROLES, size=SECONDS - len(roles), p=BACKGROUND_WEIGHTS))
-    for t, role in zip(order, roles):
-        if role == "visual_only":
-            visual[t] = cue_class
-        elif role == "audio_only":
-            audio[t] = cue_class
-        elif role == "distractor":
-            which = int(rng.integers(0, 3))  # 0 ellipse, 1 chime, 2 both
-            if which in (0, 2):
-                visual[t] = DISTRACTOR
-            if which in (1, 2):
-                audio[t] = DISTRACTOR
+    _fill_background(visual, audio, order, ["visual_only"] * k + ["audio_only"] * k, cue_class, rng)
     return tuple(visual), tuple(audio)
 
 
