@@ -232,20 +232,6 @@ def write_tables(out: Path, rows: Sequence[dict[str, Any]], pipeline) -> tuple[P
     return csv_path, md_path
 
 
-def loss_overrides(heads: Sequence[str], loss: str) -> dict[str, dict[str, str]]:
-    """``{head: {"loss": loss}}`` for the heads whose config dataclass has a ``loss`` field."""
-    import dataclasses
-
-    from .registry import get_head
-
-    out = {}
-    for name in heads:
-        config = get_head(name).make_config(None)
-        if dataclasses.is_dataclass(config) and "loss" in {f.name for f in dataclasses.fields(config)}:
-            out[name] = {"loss": loss}
-    return out
-
-
 def read_table(folder: str | Path) -> list[dict[str, str]]:
     """The rows of ``folder/headtable.csv``."""
     with (Path(folder) / "headtable.csv").open(newline="") as fh:
@@ -304,7 +290,7 @@ def ave_parameter_counts(heads: Sequence[str], num_classes: int = SYN_EVENTS + 1
 @click.option("--out", type=click.Path(file_okay=False), default="/tmp/avel-headtable", show_default=True, help="Folder for headtable.csv/.md; runs go to OUT/runs.")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Write each run's PNG plots.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
-@click.option("--loss", type=click.Choice(["ce", "reference"]), default=None, help="Set heads.<head>.loss for every chosen head whose config has a loss field (default: leave the config as is).")
+@click.option("--loss", type=click.Choice(["ce", "reference"]), default=None, help="Set heads.\"*\".loss: the loss of every head whose config has a loss option (default: leave the config as is).")
 @click.option("--make-synthetic", "synthetic_dir", type=click.Path(file_okay=False), default=None, help="Write the AVE-sized synthetic store + manifests + pipeline.yaml into this folder and exit.")
 @click.option("--combine", "combine", multiple=True, metavar="LABEL=DIR", help="Print one markdown table of earlier --out folders (repeatable, e.g. --combine demo=/tmp/ht/demo --combine synthetic=/tmp/ht/syn): per head its parameter count for 29 classes and the test accuracy of every store and setting; then exit.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any other pipeline override (repeatable), e.g. --set train.select_on=last.")
@@ -358,7 +344,7 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
         train["batch_size"] = batch_size
     extra: dict[str, Any] = {"train": train}
     if loss:
-        extra["heads"] = loss_overrides(chosen, loss)
+        extra["heads"] = {"*": {"loss": loss}}  # every head whose config has a loss option
     pipeline = resolve(config, sets, extra)
     if not plots:
         disable_plots()
