@@ -237,6 +237,13 @@ def test_dmrfe_averages_the_two_branch_probabilities():
     p_v = F.softmax(head.L2_video(torch.tanh(h_v + 0.5 * (bv.U_a(h_a) + bv.U_v(h_v)))), -1)
     torch.testing.assert_close(out.scores.exp(), 0.5 * (p_a + p_v))
     torch.testing.assert_close(out.scores.softmax(-1), 0.5 * (p_a + p_v))
+    # training: the mean of the members' own losses (cross-entropy here, by hand), not a loss of the average
+    ce = get_head("dmrfe")(C, config=FusionConfig(loss="ce")).double()
+    ce.load_state_dict(head.state_dict())
+    labels = torch.randint(0, C, (2, 5))
+    batch = {"labels": labels, "video_label": labels[:, 0], "valid": torch.ones(2, 5, dtype=torch.bool)}
+    nll = lambda p: -torch.log(p.gather(-1, labels.unsqueeze(-1))).mean()  # noqa: E731
+    torch.testing.assert_close(ce.loss(ce.eval()(audio, visual), batch), 0.5 * (nll(p_a) + nll(p_v)))
 
 
 def test_decision_fusion_fuses_the_per_modality_scores():
