@@ -243,14 +243,13 @@ def combined_markdown(stores: Sequence[tuple[str, Sequence[dict[str, str]]]], pa
     the test accuracy, with the test majority baseline of each column in its header. ``stores``:
     (label, rows of :func:`read_table`); a head missing from a table shows "-", a failed run "failed",
     an accuracy not above the baseline is marked "(NO)"."""
-    columns: list[tuple[str, str, float]] = []
+    baselines: dict[tuple[str, str], float] = {}  # (store label, setting) -> majority share, in column order
     cells: dict[tuple[str, str, str], str] = {}
     heads: list[str] = []
     for label, rows in stores:
         for row in rows:
             key = (label, row["setting"])
-            if key not in [(c[0], c[1]) for c in columns]:
-                columns.append((label, row["setting"], float(row["test_majority_baseline"])))
+            baselines.setdefault(key, float(row["test_majority_baseline"]))
             if row["head"] not in heads:
                 heads.append(row["head"])
             if row.get("error"):
@@ -259,12 +258,12 @@ def combined_markdown(stores: Sequence[tuple[str, Sequence[dict[str, str]]]], pa
                 acc = float(row["test_accuracy"])
                 text = f"{acc:.3f}" + ("" if row["beats_baseline"] == "yes" else " (NO)")
             cells[(label, row["setting"], row["head"])] = text
-    header = "| head | parameters (C = 29) | " + " | ".join(f"{lab} {st} (majority {b:.3f})" for lab, st, b in columns) + " |"
-    lines = [header, "|---|---:|" + "---:|" * len(columns)]
+    header = "| head | parameters (C = 29) | " + " | ".join(f"{lab} {st} (majority {b:.3f})" for (lab, st), b in baselines.items()) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(baselines)]
     for head in ordered_heads(heads):
         params = parameters.get(head)
         lines.append(f"| `{head}` | {'-' if params is None else f'{params:,}'} | "
-                     + " | ".join(cells.get((lab, st, head), "-") for lab, st, _ in columns) + " |")
+                     + " | ".join(cells.get((lab, st, head), "-") for lab, st in baselines) + " |")
     return "\n".join(lines) + "\n"
 
 
