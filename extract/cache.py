@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .decode import DecodeError, VideoRequest
+from .run import RunSummary
 from .store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -168,74 +169,7 @@ def _content_keys(requests: Sequence[VideoRequest]) -> tuple[dict[str, str], dic
     return keys, failures
 
 
-# ------------------------------------------------------------------------------------------
-# completeness
-
-
-def _shard_file(store: FeatureStore, name: str, shard: int) -> Path:
-    """The file of shard ``shard`` of array ``name`` (Zarr v3 default chunk key encoding)."""
-    ndim = len(store.array(name).shape)
-    return Path(store.path) / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1)))
-
-
-def verify_store(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
-    """Problems that keep ``store`` from being complete (empty list: complete and readable).
-
-    Checks: every row has a final status (done or failed); in every shard holding a row with a
-    valid segment, every feature array's shard file exists (its features cannot all equal the
-    fill value, so a missing file means lost writes); every shard of every array decodes. The
-    status of every row is always checked, the files and decoding only for ``shards`` (default:
-    all; a growing cache re-reads just the shards it wrote).
-    """
-    problems = []
-    n = len(store)
-    status = store.status()
-    missing = int((status == STATUS_MISSING).sum())
-    if missing:
-        problems.append(f"{missing} of {n} rows are not extracted (status missing)")
-    shards = range(store.num_shards) if shards is None else sorted(set(shards))
-    valid = store.read("valid") if "valid" in store.array_names() else np.zeros((n, 1), bool)
-    features = [name for name in store.array_names() if name not in ("ids", "status", "reason", "valid")]
-    for shard in shards:
-        rows = store.shard_rows(shard)
-        if not valid[rows.start: rows.stop].any():
-            continue
-        lost = [name for name in ["valid"] + features if not _shard_file(store, name, shard).is_file()]
-        if lost:
-            problems.append(f"shard {shard}: the shard files of {', '.join(lost)} are missing")
-    for name in store.array_names():
-        arr = store.array(name)
-        if arr.shape[0] != n:
-            problems.append(f"array {name} has {arr.shape[0]} rows, the store {n}")
-            continue
-        blocks = [store.shard_rows(k) for k in shards] if name != "ids" else [range(0, n)]
-        for rows in blocks:
-            try:
-                np.asarray(arr[rows.start: rows.stop])
-            except Exception as exc:  # noqa: BLE001 - zarr/codec errors of a damaged shard
-                problems.append(f"array {name}, rows {rows.start}-{rows.stop - 1}: unreadable ({type(exc).__name__}: {exc})")
-    return problems
-
-
-def mark_complete(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
-    """Verify ``store`` (:func:`verify_store`, ``shards``: the ones written since it was last
-    verified, default all) and set ``complete`` accordingly (the writer only, holding the store's
-    lock). Returns the problems (empty: marked complete)."""
-    problems = verify_store(store, shards)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    store.set_attrs(complete=not problems, verified=now if not problems else None)
-    if problems:
-        log.warning("%s: not complete: %s", store.path, "; ".join(problems[:5]))
-    return problems
-
-
-def require_complete(store: FeatureStore) -> None:
-    """Refuse a store whose ``complete`` attribute is false (rows still being added, or a run
-    stopped before it verified the store). Stores without the attribute are accepted."""
-    if store.attrs.get("complete") is False:
-        raise StoreError(
-            f"{store.path}: this feature set is incomplete (an avel-extract run is adding rows, or stopped before "
-            "it verified the store); run the same avel-extract command again to finish it, then retry")
+from .store import mark_complete, require_complete, verify_store  # noqa: E402,F401  (completeness is a store rule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,37 +177,22 @@ def require_complete(store: FeatureStore) -> None:
 
 
 @dataclasses.dataclass
-class CacheSummary:
-    """What :func:`extract_with_cache` did. ``computed`` = videos extracted now (cache misses);
-    ``reused`` = requested videos found in the cache."""
+class CacheSummary(RunSummary):
+    """What :func:`extract_with_cache` did: the project store's counts (:class:`RunSummary`, each
+    requested video once) plus ``reused`` = videos whose rows came from the cache and
+    ``computed`` = videos extracted now (cache misses, and failed cache rows, never reused)."""
 
-    store: Path
-    cache: Path
-    feature_set: str
-    requested: int
+    cache: Path = Path()
+    feature_set: str = ""
     reused: int = 0
     computed: int = 0
-    done: int = 0
-    failed: int = 0
-    missing: int = 0
-    seconds: float = 0.0
     run: Any = None
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed or self.missing else 0
+    now_label = "written now, from the cache"
 
     def text(self) -> str:
-        lines = [
-            f"avel-extract: {self.store} (feature set {self.feature_set}, cache {self.cache})",
-            f"  {self.requested} videos: {self.reused} reused from the cache, {self.computed} computed now",
-            f"  done {self.done}, failed {self.failed}" + (f", not extracted {self.missing}" if self.missing else ""),
-            f"  wall time {self.seconds:.1f} s",
-        ]
-        if self.failed:
-            lines.append("  reasons of the failed videos: the store's 'reason' array")
-        if self.missing:
-            lines.append("  some videos could not be computed (see the log); run the same command again")
+        lines = RunSummary.text(self).split("\n")
+        lines[0] += f" (feature set {self.feature_set}, cache {self.cache})"
+        lines.insert(1, f"  {self.requested} videos: {self.reused} reused from the cache, {self.computed} computed now")
         return "\n".join(lines)
 
 
@@ -285,137 +204,164 @@ def extract_with_cache(
     root: str | os.PathLike | None = None,
     progress: bool = True,
     runner: Callable[..., Any] | None = None,
+    retry_failed: bool = False,
+    wait: bool = False,
 ) -> CacheSummary:
     """Fill the project store from the shared cache, computing only the videos it lacks.
 
-    ``runner(pipeline, requests, store_path=..., progress=...)`` extracts the misses into the
-    cache store (default :func:`extract.run.run_extraction`; pass a ``functools.partial`` of
-    :func:`extract.distributed.run_extraction_dask` to use a cluster). ``root`` defaults to
-    :func:`cache_root`.
+    The project's rows to (re)fill are planned as without a cache (:func:`extract.run.plan_shards`:
+    missing rows, rows whose file changed, and failed rows with ``retry_failed``). Their files are
+    hashed; content the cache holds as done is copied, everything else is computed into the cache
+    by ``runner(pipeline, requests, store_path=..., progress=..., retry_failed=True)`` (default
+    :func:`extract.run.run_extraction`; a ``functools.partial`` of
+    :func:`extract.distributed.run_extraction_dask` uses a cluster). **The cache holds successes
+    only**: a failed cache row is never handed to a project, it is computed again by whoever asks
+    for it; failures are the project's record (its store and ``logs/failures.jsonl``, with its own
+    paths). The cache's lock is held from planning to verification, the project's for the whole run.
     """
+    from .extractors import resolve_device
     from .lock import StoreLock
-    from .run import distinct_requests
+    from .run import (
+        check_existing_store,
+        close_run,
+        distinct_requests,
+        effective_config,
+        ensure_store,
+        open_run_store,
+        plan_shards,
+    )
 
     started = time.monotonic()
-    cfg = pipeline.extract
+    cfg = effective_config(pipeline.extract, resolve_device(pipeline.extract.device))
     requests = distinct_requests(requests, allow_empty=True)
-    project = Path(store_path) if store_path is not None else pipeline.path(pipeline.store.path)
+    project = Path(os.path.abspath(store_path if store_path is not None else pipeline.path(pipeline.store.path)))
     attrs = feature_set_attrs(cfg)
     set_id = attrs["fingerprint"]
-    cache_path = feature_set_path(root if root is not None else cache_root(pipeline), set_id)
-    keys, unreadable = _content_keys(requests)
-    summary = CacheSummary(project, cache_path, set_id, requested=len(requests))
+    check_existing_store(project, attrs, cfg.segments)  # other settings: refused before any work
+    cache_path = feature_set_path(os.path.abspath(root if root is not None else cache_root(pipeline)), set_id)
+    specs = store_specs(cfg)
+    project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": set_id}}
+    with open_run_store(project, [r.key for r in requests], cfg.segments, specs, attrs, pipeline.store,
+                        create_attrs=project_attrs, wait=wait) as store:
+        plan = plan_shards(store, requests, retry_failed)
+        summary = CacheSummary(**dataclasses.asdict(plan.start_summary(project, len(requests))),
+                               cache=cache_path, feature_set=set_id)
+        wanted = [request for _, members in plan.shards for _, request in members]
+        keys, unreadable = _content_keys(wanted)
+        cache_requests = list({keys[r.key]: VideoRequest(keys[r.key], r.path, r.start, r.duration)
+                               for r in wanted if r.key in keys}.values())
+        if plan.shards:
+            store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
+        cache = None
+        if cache_requests:
+            cache_attrs = {**attrs, "cache": {"keys": "sha256 of the file bytes @ window start + duration"},
+                           "complete": False}
+            ensure_store(cache_path, [r.key for r in cache_requests], cfg.segments, specs, cache_attrs, pipeline.store)
+            with StoreLock(cache_path, wait=True):
+                todo, first_new_row = _prepare_cache(pipeline, cache_path, cache_requests, attrs)
+                summary.reused = sum(1 for r in wanted if r.key in keys and keys[r.key] not in todo)
+                if todo:
+                    run = (runner or _default_runner)(pipeline, [r for r in cache_requests if r.key in todo],
+                                                      store_path=cache_path, progress=progress, retry_failed=True)
+                    summary.run = run
+                    summary.computed = int(run.done + run.failed)
+                    summary.systemic = getattr(run, "systemic", "")
+                cache = open_store(cache_path, mode="r+")
+                if cache.attrs.get("complete") is not True:
+                    touched = {cache.shard_of(cache.row_of(k)) for k in todo}
+                    mark_complete(cache, None if first_new_row is None else sorted(touched))
+        for shard, members in plan.shards:
+            outcome = _copy_shard(store, shard, [r for _, r in members], keys, unreadable, cache, plan.sources)
+            for key, state in outcome.items():
+                summary.done += state == STATUS_DONE
+                summary.failed += state == STATUS_FAILED
+                summary.retried_ok += state == STATUS_DONE and key in plan.retried
+        return close_run(store, requests, summary, started)
 
-    cache_requests = list({keys[r.key]: VideoRequest(keys[r.key], r.path, r.start, r.duration)
-                           for r in requests if r.key in keys}.values())
-    if cache_requests:
-        todo, first_new_row = _prepare_cache(pipeline, cache_path, cache_requests, attrs)
-        summary.reused = sum(1 for r in requests if r.key in keys and keys[r.key] not in todo)
-        if todo:
-            run = (runner or _default_runner)(pipeline, [r for r in cache_requests if r.key in todo],
-                                              store_path=cache_path, progress=progress)
-            summary.run = run
-            summary.computed = int(getattr(run, "done", 0) + getattr(run, "failed", 0))
-        with StoreLock(cache_path):
-            cache = open_store(cache_path, mode="r+")
-            if cache.attrs.get("complete") is not True:
-                touched = {cache.shard_of(cache.row_of(k)) for k in todo}
-                mark_complete(cache, None if first_new_row is None else sorted(touched))
-    _fill_project(pipeline, project, requests, keys, unreadable, cache_path, attrs, summary)
-    summary.seconds = time.monotonic() - started
-    return summary
 
-
-def _default_runner(pipeline, requests, *, store_path, progress):
+def _default_runner(pipeline, requests, *, store_path, progress, retry_failed=False):
     from .run import run_extraction
 
-    return run_extraction(pipeline, requests, store_path=store_path, progress=progress)
+    return run_extraction(pipeline, requests, store_path=store_path, progress=progress, retry_failed=retry_failed)
 
 
 def _prepare_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest], attrs: dict
                    ) -> tuple[set[str], int | None]:
-    """Create/grow the cache store under its lock; mark it incomplete if rows are to be computed.
-    Returns the content keys still to compute, and (when the cache was complete before) its
-    former row count (only shards at or after it need verifying)."""
-    from .lock import StoreLock
-    from .run import check_identity, ensure_store, grow_store
+    """Grow the cache store (the caller holds its lock); mark it incomplete if rows are to be
+    computed. Returns the content keys to compute (new, missing, and failed: the cache never
+    hands out a failure), and (when the cache was complete before) its former row count."""
+    from .run import check_identity, grow_store
     from .store import check_arrays
 
     cfg = pipeline.extract
     specs = store_specs(cfg)
     keys = [r.key for r in cache_requests]
-    cache_attrs = {**attrs, "cache": {"keys": "sha256 of the file bytes @ window start + duration"}, "complete": False}
-    ensure_store(cache_path, keys, cfg.segments, specs, cache_attrs, pipeline.store)
-    with StoreLock(cache_path):
-        store = open_store(cache_path, mode="r+")
-        check_identity(store, attrs, cfg.segments)
-        check_arrays(store, specs)
-        present = set(store.ids.tolist())
-        new = [k for k in keys if k not in present]
-        status = store.status()
-        todo = set(new) | {k for k in keys if k in present and status[store.row_of(k)] == STATUS_MISSING}
-        # a cache that was complete before only needs its new shards verified afterwards
-        first_new_row = len(store) if store.attrs.get("complete") is True else None
-        if todo:
-            store.set_attrs(complete=False, verified=None)
-            grow_store(store, new)
+    store = open_store(cache_path, mode="r+")
+    check_identity(store, attrs, cfg.segments)
+    store.repair_growth()
+    check_arrays(store, specs)
+    present = set(store.ids.tolist())
+    new = [k for k in keys if k not in present]
+    status = store.status()
+    todo = set(new) | {k for k in keys if k in present and status[store.row_of(k)] != STATUS_DONE}
+    # a cache that was complete before only needs its new shards verified afterwards
+    first_new_row = len(store) if store.attrs.get("complete") is True else None
+    if todo:
+        store.set_attrs(complete=False, verified=None)
+        grow_store(store, new)
     log.info("%s: %d of %d videos are cached, %d to compute", cache_path, len(keys) - len(todo), len(keys), len(todo))
     return todo, first_new_row
 
 
-def _fill_project(pipeline, project: Path, requests: list[VideoRequest], keys: dict[str, str],
-                  unreadable: dict[str, str], cache_path: Path, attrs: dict, summary: CacheSummary) -> None:
-    """Copy the requested rows from the cache into the project store, one whole shard at a time."""
-    from .run import open_run_store
-
-    cfg = pipeline.extract
-    specs = store_specs(cfg)
-    project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": summary.feature_set}}
-    with open_run_store(project, [r.key for r in requests], cfg.segments, specs, attrs, pipeline.store,
-                        create_attrs=project_attrs) as store:
-        store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
-        cache = open_store(cache_path) if keys else None
-        status = store.status()
-        by_shard: dict[int, list[VideoRequest]] = {}
-        for request in requests:
-            row = store.row_of(request.key)
-            if status[row] == STATUS_MISSING:
-                by_shard.setdefault(store.shard_of(row), []).append(request)
-        for shard, members in sorted(by_shard.items()):
-            _copy_shard(store, shard, members, keys, unreadable, cache)
-        status = store.status()
-        rows = [store.row_of(r.key) for r in requests]
-        summary.done = int(sum(status[r] == STATUS_DONE for r in rows))
-        summary.failed = int(sum(status[r] == STATUS_FAILED for r in rows))
-        summary.missing = int(sum(status[r] == STATUS_MISSING for r in rows))
-        mark_complete(store)
-
-
 def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], keys: dict[str, str],
-                unreadable: dict[str, str], cache: FeatureStore | None) -> None:
+                unreadable: dict[str, str], cache: FeatureStore | None, sources: dict[str, str]) -> dict[str, int]:
+    """Write the project rows of ``members`` from the cache (done rows) or as failed (the cache
+    row failed now, or the file could not be read); other rows of the shard are kept. Returns
+    ``{key: status written}``; a member whose cache row is still missing is left as it was."""
+    from .run import FAILURES_FILE  # noqa: F401  (same failure log as the runner)
+    from .run import _append_failures
+
     rows = store.shard_rows(shard)
-    names = [name for name in store.array_names() if name not in ("ids", "status", "reason")]
+    names = store.feature_names()
     values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
     status = store.status()[rows.start: rows.stop].copy()
-    reason = store.reasons()[rows.start: rows.stop].astype(object)
+    records = {name: store.records(name)[rows.start: rows.stop].copy() for name in ("reason", "source", "ran")}
     cached = [r for r in members if r.key in keys]
     cache_rows = [cache.row_of(keys[r.key]) for r in cached] if cached else []
+    written: dict[str, int] = {}
+    failures = []
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if cached:
-        cache_status, cache_reason = cache.status()[cache_rows], cache.reasons()[cache_rows]
-        for name in names:
-            block = cache.read(name, cache_rows)
-            for i, request in enumerate(cached):
-                values[name][store.row_of(request.key) - rows.start] = block[i]
+        cache_status = cache.status()[cache_rows]
+        cache_reason, cache_ran = cache.records("reason")[cache_rows], cache.records("ran")[cache_rows]
+        blocks = {name: cache.read(name, cache_rows) for name in names}
         for i, request in enumerate(cached):
             local = store.row_of(request.key) - rows.start
-            status[local], reason[local] = cache_status[i], cache_reason[i]
+            if cache_status[i] == STATUS_MISSING:
+                continue  # not computed (environment error, lost task): stays as it was
+            for name in names:
+                values[name][local] = blocks[name][i] if cache_status[i] == STATUS_DONE else 0
+            status[local], records["reason"][local] = cache_status[i], cache_reason[i]
+            records["ran"][local] = cache_ran[i] if cache_status[i] == STATUS_DONE else ""
+            records["source"][local] = sources.get(request.key, "")
+            written[request.key] = int(cache_status[i])
+            if cache_status[i] == STATUS_FAILED:
+                failures.append({"time": now, "key": request.key, "path": request.path, "shard": shard,
+                                 "reason": str(cache_reason[i])})
     for request in members:
         if request.key in unreadable:
             local = store.row_of(request.key) - rows.start
             for name in names:
                 values[name][local] = 0
-            status[local], reason[local] = STATUS_FAILED, unreadable[request.key]
-    store.write_shard(shard, values, status, [str(r) for r in reason])
+            status[local], records["reason"][local] = STATUS_FAILED, unreadable[request.key]
+            records["ran"][local], records["source"][local] = "", sources.get(request.key, "")
+            written[request.key] = STATUS_FAILED
+            failures.append({"time": now, "key": request.key, "path": request.path, "shard": shard,
+                             "reason": unreadable[request.key]})
+    reason = [str(r) for r in records.pop("reason")]
+    store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
+    _append_failures(store.path, failures)
+    return written
 
 
 # ------------------------------------------------------------------------------------------
@@ -441,7 +387,7 @@ def list_cache(root: str | os.PathLike) -> list[dict[str, Any]]:
             entries.append(entry)
             continue
         attrs = store.attrs
-        fields = attrs.get("fingerprint_fields") or {}
+        fields = attrs.get("extractor") or {}  # the resolved extract section that made it
         extractors = attrs.get("extractors") or {}
         entry.update(
             videos=len(store), **store.summary(), complete=bool(attrs.get("complete")), verified=attrs.get("verified"),

@@ -23,14 +23,17 @@ log = logging.getLogger("avel")
 @click.option("--timeout", "timeout", type=float, default=None, help="Seconds one video may take to decode before its worker is killed and the video marked failed (default: extract.decode_timeout_s).")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on Dask: 'local' (an embedded LocalCluster on 127.0.0.1), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml or DASK_DISTRIBUTED__COMM__TLS__*). Default: dask.scheduler; unset = this machine's decode pool (fastest on one machine).")
 @click.option("--cache", "use_cache", is_flag=True, help="Use the feature cache shared by projects (store.cache_root, $AVEL_CACHE overrides): compute only the videos it lacks (by file content), then fill the store from it.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs and the final summary only).")
+@click.option("--retry-failed", is_flag=True, help="Extract the rows whose status is failed again (only those; rows whose file changed are always re-extracted). The summary says how many were retried and how many now succeed.")
+@click.option("--wait", is_flag=True, help="If another avel-extract is writing the store, queue behind it (saying so) instead of stopping with exit 2.")
+@click.option("--no-preflight", is_flag=True, help="Skip the environment check made before any store is touched (decode + resample of a generated clip, device). Not recommended.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and the final summary only). Without a terminal, progress is a log line every 30 s.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 @config_option
 @set_option
 @verbose_option
 @click.pass_context
 def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, timeout, scheduler, use_cache,
-         no_progress, print_config, config, sets, verbose):
+         retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
     \b
@@ -51,14 +54,22 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
     at a time (a second one is refused, naming the first).
 
     \b
-    Exit codes: 0 all requested videos extracted; 1 some video failed (see the summary);
-    2 the run could not start (configuration, manifest, store, lock or weights problem).
+    Before anything is written the environment is checked (decord decodes and the resampler
+    resamples a generated clip, the device works, the weights load); `avel-extract doctor`
+    prints that report. A file that changed since its row was made is extracted again;
+    `--retry-failed` retries failed rows. When the same environment error (a library that does
+    not load, CUDA, memory) hits several videos in a row the run stops: those rows stay missing.
+
+    \b
+    Exit codes: 0 all requested videos extracted; 1 some video failed or is not extracted (see
+    the summary); 2 the run could not start or was stopped (configuration, manifest, store,
+    lock, weights, environment).
     """
     extra: dict = {"extract": {}, "store": {}}
     if weights == "random":
-        extra["extract"].update(visual_weights="random", audio_weights="random")
+        extra["extract"].update(visual_weights="random", audio_weights="random", sol_visual_weights="random")
     elif weights == "pretrained":
-        extra["extract"].update(visual_weights="imagenet", audio_weights="vggish")
+        extra["extract"].update(visual_weights="imagenet", audio_weights="vggish", sol_visual_weights="imagenet")
     if device:
         extra["extract"]["device"] = device
     if precision:
@@ -74,16 +85,17 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
         return
     setup_logging(verbose)
     pipeline = resolve(config, sets, extra)
-    if print_config or verbose:
-        click.echo(pipeline.dump(), err=not print_config)
     if print_config:
+        click.echo(pipeline.dump())
         return
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
+    click.echo("# resolved configuration\n" + pipeline.dump(), err=True)
     from .distributed import run_cli
 
     sys.exit(run_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress,
-                     scheduler=scheduler, cache=use_cache))
+                     scheduler=scheduler, cache=use_cache, retry_failed=retry_failed, wait=wait,
+                     preflight=not no_preflight))
 
 
 @main.command("bench")
@@ -193,6 +205,29 @@ def list_cache_command(obj, root, as_json):
     path = root or cache_root(pipeline)
     entries = list_cache(path)
     click.echo(json.dumps(entries, indent=2) if as_json else format_cache_listing(entries, path))
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_obj
+def doctor(obj, as_json):
+    """Check this machine for extraction: package versions (and whether a fresh install would
+    resolve the same), devices, where each weights file was found, and a real decode, resample,
+    device and network check on a generated clip. Exit 0 when every check passes, else 2.
+
+    \b
+    Example:
+      avel-extract --weights random doctor
+    """
+    import json
+
+    from .preflight import doctor_json, render_doctor
+
+    setup_logging(obj["verbose"])
+    pipeline = resolve(obj["config"], obj["sets"], obj["extra"])
+    report = doctor_json(pipeline)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_doctor(report))
+    sys.exit(0 if report.get("ok") else 2)
 
 
 @main.command("config")

@@ -16,6 +16,9 @@ def setup_logging(verbose: int) -> None:
     """INFO by default, DEBUG with -v or more. Only the CLIs configure logging."""
     level = logging.WARNING - 10 * verbose if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # Dask's own INFO lines (cluster start, worker registration) only with -v
+        for name in ("distributed", "dask"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def resolve(config: str | None, sets: tuple[str, ...], extra: dict | None = None):
@@ -29,9 +32,15 @@ def resolve(config: str | None, sets: tuple[str, ...], extra: dict | None = None
                     overrides[sec].update(values)
                 else:
                     overrides[sec] = dict(values) if isinstance(values, dict) else values
-        return load_pipeline(config, overrides)
+        pipeline = load_pipeline(config, overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    import os
+
+    env_cache = os.environ.get("AVEL_CACHE")
+    if env_cache and hasattr(pipeline, "store"):  # show (and use) what really applies
+        pipeline.store.cache_root = env_cache
+    return pipeline
 
 
 config_option = click.option(

@@ -24,13 +24,15 @@ file, ``duration`` seconds long, default the first T seconds):
 
 - **Audio.** ``decord.AudioReader`` at the stream's native rate with the channels intact, the
   channels averaged (:func:`extract.audio.to_mono`, as VGGish's reference does) and resampled to
-  16 kHz with :func:`extract.audio.resample` (the reference's resampy ``kaiser_best`` filter).
-  decord's Python API does not expose the native rate, so it is read from the stream description
-  decord prints (:func:`_native_sample_rate`); if that ever fails we fall back to decord's own
-  libswresample resampling to 16 kHz and record ``info["audio_resampler"] = "decord"``. decord's
-  resampler is not the reference's filter: on the real clips of ../shared/media its 16 kHz output
-  differs from kaiser_best by 0.01 % (44.1 kHz v_ZNVhz7ctTq0) to 2.7 % (8 kHz nasa_13013,
-  upsampled) relative RMS, same length and no lag -- which is why it is only a fallback.
+  16 kHz with :func:`extract.audio.resample` (the reference's resampy ``kaiser_best`` filter, our
+  own torch implementation). decord's Python API does not expose the native rate, so
+  :func:`_native_sample_rate` reads it from the container with PyAV (the first audio stream,
+  the one decord decodes); nothing process-wide is touched, so this is safe in threaded (Dask)
+  workers. A rate that cannot be read makes the audio unusable (``audio=None``,
+  reason in ``info["audio_error"]``): decord's own libswresample resampling is never used, since
+  it is not the reference's filter (on the real clips of ../shared/media its 16 kHz output
+  differed from kaiser_best by 0.01 % (44.1 kHz v_ZNVhz7ctTq0) to 2.7 % (8 kHz nasa_13013,
+  upsampled) relative RMS).
   The waveform is then cut to the window: sample 0 = ``start``. No audio stream -> ``audio=None``
   (the video still gets its visual features; its segments are not valid, see
   :mod:`extract.run`). An audio stream that cannot be decoded is treated the same way, with the
@@ -59,8 +61,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
-import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -82,7 +82,7 @@ __all__ = [
 #: frames per ``get_batch`` call of the sorted forward pass
 FETCH_CHUNK = 32
 #: modules the forkserver imports once, so that workers start fast (torch before decord!)
-PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.frames", "decord", "extract.decode")
+PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.frames", "decord", "av", "extract.decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,30 +211,39 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
 # audio
 
 
-def _native_sample_rate(reader) -> int | None:
-    """The stream's native rate, parsed from ``AudioReader.get_info()`` (which only prints it).
+def _native_sample_rate(path: str) -> int:
+    """Native sample rate (Hz) of the audio stream decord decodes, read with PyAV.
 
-    Captures file descriptor 1 for the call (we run in our own worker process). None if absent.
+    decord's ``AudioReader`` decodes the *first* audio stream of the container (its
+    ``audio_reader.cc`` loops over the streams and stops at the first audio one; it does not call
+    ``av_find_best_stream``) and keeps its ``codecpar->sample_rate`` as the "original sample
+    rate". We open the container with PyAV and return that same value of that same stream.
+    ``streams.best("audio")`` would be wrong for files with several audio streams: on
+    ../shared/media/nasa_13013.mp4 (AAC 8 kHz stream #1, AAC 16 kHz stream #4) it picks #4.
+    Only this container's own objects are used: no file descriptors are redirected and no global
+    state is changed, so concurrent threads are unaffected. Raises ``ValueError`` (with the
+    reason) when there is no audio stream or its rate is missing; PyAV's own errors (``av.error.*``)
+    when the file cannot be opened.
     """
-    sys.stdout.flush()
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(1)
-        try:
-            os.dup2(tmp.fileno(), 1)
-            reader.get_info()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        tmp.seek(0)
-        text = tmp.read().decode("utf-8", "replace")
-    match = re.search(r"original sample rate:\s*(\d+)", text)
-    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
+    import av
+
+    with av.open(str(path)) as container:
+        audio = container.streams.audio
+        if not audio:
+            raise ValueError("PyAV finds no audio stream")
+        stream = audio[0]
+        rate = int(stream.codec_context.sample_rate or 0)
+    if rate <= 0:
+        raise ValueError(f"audio stream #{stream.index} declares no sample rate ({rate})")
+    return rate
 
 
 def read_audio(path: str, start: float, seconds: float) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Mono 16 kHz float32 waveform of ``[start, start + seconds)`` (shorter if the stream ends), or None.
 
-    None when the file has no audio stream or it cannot be decoded (reason in ``info``).
+    None when the file has no audio stream, it cannot be decoded or its native sample rate cannot
+    be read (reason in ``info["audio_error"]``). Otherwise ``info["audio_resampler"]`` is
+    ``"kaiser_best"`` (:func:`extract.audio.resample`).
     """
     from .audio import SAMPLE_RATE, resample, to_mono
 
@@ -247,30 +256,26 @@ def read_audio(path: str, start: float, seconds: float) -> tuple[np.ndarray | No
         info["audio_error"] = "no audio stream" if "find audio stream" in message.lower() else f"audio unreadable: {message}"
         return None, info
     channels, native_samples = reader.shape
-    rate = _native_sample_rate(reader)
     samples = np.asarray(reader._array, dtype=np.float32)  # [C, S]; decord keeps the decoded array here
     del reader
     if samples.size == 0:
         info["audio_error"] = "audio stream is empty"
         return None, info
-    if rate is not None:
-        mono = to_mono(samples)
-        first, last = int(round(start * rate)), int(round((start + seconds) * rate))
-        # a few samples of context either side keep the resampling filter's edges faithful
-        pad = int(rate // 100)
-        lo = max(0, first - pad)
-        piece = resample(mono[lo: last + pad], rate, SAMPLE_RATE)
-        offset = int(round((first - lo) * SAMPLE_RATE / rate))
-        wave = piece[offset: offset + int(round(seconds * SAMPLE_RATE))]
-        info["audio_resampler"] = "kaiser_best"
-    else:
-        resampled = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=SAMPLE_RATE, mono=False)
-        mono = to_mono(np.asarray(resampled._array, dtype=np.float32))
-        first = int(round(start * SAMPLE_RATE))
-        wave = mono[first: first + int(round(seconds * SAMPLE_RATE))]
-        info["audio_resampler"] = "decord"
-    info.update(audio_rate=rate, audio_channels=int(channels),
-                audio_seconds=float(native_samples / rate) if rate else float(len(mono) / SAMPLE_RATE))
+    try:
+        rate = _native_sample_rate(path)
+    except Exception as exc:  # noqa: BLE001 - av.error.*, ValueError: the audio is unusable
+        info["audio_error"] = f"audio sample rate unreadable: {_short(exc)}"
+        return None, info
+    mono = to_mono(samples)
+    first, last = int(round(start * rate)), int(round((start + seconds) * rate))
+    # a few samples of context either side keep the resampling filter's edges faithful
+    pad = int(rate // 100)
+    lo = max(0, first - pad)
+    piece = resample(mono[lo: last + pad], rate, SAMPLE_RATE)
+    offset = int(round((first - lo) * SAMPLE_RATE / rate))
+    wave = piece[offset: offset + int(round(seconds * SAMPLE_RATE))]
+    info.update(audio_resampler="kaiser_best", audio_rate=rate, audio_channels=int(channels),
+                audio_seconds=float(native_samples / rate))
     return np.ascontiguousarray(wave, dtype=np.float32), info
 
 

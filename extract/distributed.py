@@ -72,10 +72,6 @@ __all__ = [
     "LOCAL",
 ]
 
-#: ``--scheduler local``: an embedded LocalCluster on the loopback interface
-LOCAL = "local"
-#: the loopback address an embedded cluster listens on
-LOOPBACK = "127.0.0.1"
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,6 +94,13 @@ class ShardJob:
     device: str
     decode_fn: Callable = decode_video
     threads: int = 1
+    #: the run's lease token: the shard is written only while the store's lease still holds it
+    lease: str = ""
+    #: ``(key, file identity)`` of the members, recorded in the ``source`` row record
+    sources: tuple[tuple[str, str], ...] = ()
+    #: some member was final (done/failed) at planning: computed again on purpose (changed file,
+    #: --retry-failed), so "every member is final" does not mean an earlier attempt finished it
+    recompute: bool = False
 
 
 @dataclasses.dataclass
@@ -114,6 +117,10 @@ class ShardResult:
     #: how many times this worker process has built the networks so far (1 = loaded once)
     model_loads: int
     seconds: float
+    #: ``{key: status written}`` (None: a newer run owns the store, nothing was written)
+    written: dict | None = None
+    #: per member in row order: ``(key, reason of an environment error or None)``
+    events: tuple = ()
 
 
 def plan_jobs(store, requests: Sequence[VideoRequest], cfg, device: str, decode_fn: Callable = decode_video,
@@ -123,12 +130,24 @@ def plan_jobs(store, requests: Sequence[VideoRequest], cfg, device: str, decode_
     Raises ``RuntimeError`` if the plan would give one shard (or one row) to two jobs or put a row
     into a shard it does not belong to (the one-writer-per-shard rule).
     """
-    from .run import plan_shards
+    jobs, plan = plan_jobs_for(store, requests, cfg, device, decode_fn, threads)
+    return jobs, plan.skipped
 
-    todo, skipped = plan_shards(store, requests)
-    jobs = [ShardJob(str(store.path), shard, tuple(members), cfg, device, decode_fn, threads) for shard, members in todo]
+
+def plan_jobs_for(store, requests: Sequence[VideoRequest], cfg, device: str, decode_fn: Callable = decode_video,
+                  threads: int = 1, retry_failed: bool = False, lease: str = ""):
+    """:func:`plan_jobs` returning the whole :class:`extract.run.Plan` (skipped, retried, changed rows)."""
+    from .run import plan_shards
+    from .store import STATUS_MISSING
+
+    plan = plan_shards(store, requests, retry_failed)
+    status = store.status()
+    jobs = [ShardJob(str(store.path), shard, tuple(members), cfg, device, decode_fn, threads, lease,
+                     tuple((r.key, plan.sources.get(r.key, "")) for _, r in members),
+                     any(status[row] != STATUS_MISSING for row, _ in members))
+            for shard, members in plan.shards]
     check_one_writer_per_shard(jobs, store.rows_per_shard)
-    return jobs, skipped
+    return jobs, plan
 
 
 def check_one_writer_per_shard(jobs: Sequence[ShardJob], rows_per_shard: int) -> None:
@@ -245,91 +264,63 @@ def extract_shard(job: ShardJob) -> ShardResult:
     from .run import decode_inputs, finish_shard
     from .store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
 
+    from .run import as_system_failure
+
     started = time.monotonic()
     store = open_store(job.store, mode="r+")
+    _record_attempt(job)
     rows = [row for row, _ in job.members]
     status = store.status()
-    if all(status[row] != STATUS_MISSING for row in rows):
+    if not job.recompute and all(status[row] != STATUS_MISSING for row in rows):
         return ShardResult(job.shard, int(sum(status[r] == STATUS_DONE for r in rows)),
                            int(sum(status[r] == STATUS_FAILED for r in rows)), True, _worker_name(), _MODEL_LOADS,
                            time.monotonic() - started)
     extractors = worker_extractors(job.cfg, job.device, job.threads)
     grids, audio = decode_inputs(extractors)
     timeout = float(job.cfg.decode_timeout_s) if job.cfg.decode_timeout_s else None
-    decoded = [_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio, timeout) for _, request in job.members]
-    done, failed = finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments)
-    return ShardResult(job.shard, done, failed, False, _worker_name(), _MODEL_LOADS, time.monotonic() - started)
+    decoded = [as_system_failure(_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio, timeout))
+               for _, request in job.members]
+    written = finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments,
+                           sources=dict(job.sources), lease=job.lease or None)
+    # rows not written are environment errors (decode or compute): the driver's guard counts them
+    events = tuple((request.key, None if written is None or request.key in written else
+                    (result.reason if isinstance(result, Failure) else "not extracted (environment error)"))
+                   for (_, request), result in zip(job.members, decoded))
+    done = sum(1 for v in (written or {}).values() if v == STATUS_DONE)
+    failed = sum(1 for v in (written or {}).values() if v == STATUS_FAILED)
+    return ShardResult(job.shard, done, failed, False, _worker_name(), _MODEL_LOADS, time.monotonic() - started,
+                       written, events)
 
 
-# ------------------------------------------------------------------------------------------
-# connecting
+ATTEMPTS_FILE = "attempts.log"
 
 
-def security_from_config(dask_cfg, scheduler: str, resolve_path: Callable[[str], Path] = Path):
-    """A :class:`distributed.security.Security` for ``tls://`` addresses, or None.
+def _record_attempt(job: ShardJob) -> None:
+    """One line per task attempt (``<lease> <shard> <worker>``): the driver counts reschedules."""
+    from .lock import log_dir
 
-    Certificates come from ``dask.tls_*`` (paths resolved with ``resolve_path``) when any is set,
-    else from Dask's configuration/environment. A ``tls://`` scheduler without any CA file is a
-    :class:`ConfigError` naming the keys to set.
-    """
-    from distributed.security import Security
-
-    files = {"tls_ca_file": dask_cfg.tls_ca_file, "tls_client_cert": dask_cfg.tls_client_cert,
-             "tls_client_key": dask_cfg.tls_client_key}
-    given = {k: str(resolve_path(v)) for k, v in files.items() if v}
-    if not scheduler.startswith("tls://"):
-        if given:
-            log.warning("dask.tls_* are set but the scheduler %s is not a tls:// address; they are not used", scheduler)
-        return None
-    for key, path in given.items():
-        if not os.path.isfile(path):
-            raise ConfigError(f"dask.{key}: {path} does not exist")
-    if given:
-        return Security(require_encryption=True, **given)
-    security = Security()  # reads distributed.comm.tls.* (environment DASK_DISTRIBUTED__COMM__TLS__*)
-    if not security.tls_ca_file:
-        raise ConfigError(
-            f"--scheduler {scheduler}: a tls:// scheduler needs certificates: set dask.tls_ca_file, "
-            "dask.tls_client_cert and dask.tls_client_key in pipeline.yaml, or the environment variables "
-            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT, "
-            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY")
-    return security
-
-
-@contextlib.contextmanager
-def dask_client(dask_cfg, scheduler: str | None = None, *, gpu: bool = False,
-                resolve_path: Callable[[str], Path] = Path) -> Iterator[Any]:
-    """A :class:`distributed.Client` for ``scheduler`` (default ``dask.scheduler``; ``local`` or
-    None = an embedded LocalCluster on 127.0.0.1, closed on exit)."""
-    from distributed import Client, LocalCluster
-
-    address = scheduler or dask_cfg.scheduler or LOCAL
-    if address == LOCAL:
-        workers = dask_cfg.n_workers or (_gpu_count() if gpu else 0) or max(
-            1, (os.cpu_count() or 1) // max(1, dask_cfg.threads_per_worker))
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=dask_cfg.threads_per_worker, processes=True,
-                               host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", resources={"GPU": 1} if gpu else None)
-        try:
-            with Client(cluster) as client:
-                yield client
-        finally:
-            cluster.close()
+    if not job.lease:
         return
-    if "://" not in address:
-        raise ConfigError(f"--scheduler {address!r}: expected 'local', tcp://HOST:PORT or tls://HOST:PORT")
-    security = security_from_config(dask_cfg, address, resolve_path)
     try:
-        client = Client(address, security=security, timeout="30s")
-    except (OSError, TimeoutError) as exc:
-        raise ConfigError(f"cannot reach the Dask scheduler {address}: {exc}") from None
-    with client:
-        yield client
+        with open(log_dir(job.store) / ATTEMPTS_FILE, "a") as fh:
+            fh.write(f"{job.lease} {job.shard} {_worker_name()}\n")
+    except OSError as exc:  # bookkeeping only
+        log.debug("could not record the attempt: %s", exc)
 
 
-def _gpu_count() -> int:
-    import torch
+def count_reschedules(store_path, lease: str) -> int:
+    """Shard tasks of the run with ``lease`` that were started more than once."""
+    from .lock import LOG_GROUP
 
-    return torch.cuda.device_count()
+    try:
+        lines = (Path(store_path) / LOG_GROUP / ATTEMPTS_FILE).read_text().splitlines()
+    except OSError:
+        return 0
+    shards = [line.split()[1] for line in lines if line.startswith(lease + " ")]
+    return len(shards) - len(set(shards))
+
+
+from .daskclient import LOCAL, LOOPBACK, dask_client, security_from_config  # noqa: E402,F401  (shared with train/)
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,94 +341,154 @@ def run_extraction_dask(
     progress: bool = True,
     decode_fn: Callable = decode_video,
     on_result: Callable[[ShardResult, Any], None] | None = None,
+    retry_failed: bool = False,
+    wait: bool = False,
 ):
     """Extract ``requests`` into the store with one Dask task per shard; returns a
-    :class:`extract.run.RunSummary` (with ``lost`` = rows whose task failed for good).
+    :class:`extract.run.RunSummary`.
 
-    ``client`` = an existing :class:`distributed.Client` (else one from :func:`dask_client`);
-    ``on_result(result, client)`` is called in the driver after each finished task (tests use it
-    to kill a worker in the middle of a run). The driver loads no network: the store identity
-    comes from the configuration (weights files are hashed, nothing is built).
+    Everything that can be checked is checked before the store is created or touched: the
+    scheduler address and whether it answers (``dask.connect_timeout``), an existing store's
+    settings, and on every worker (``Client.run``) that the videos are readable and the store's
+    folder writable there (paths are absolute: workers run in other folders). ``client`` = an
+    existing :class:`distributed.Client` (else one from :func:`dask_client`; an embedded
+    ``local`` cluster is only started when there is work); ``on_result(result, client)`` is called
+    in the driver after each finished task (tests use it to kill a worker in the middle of a run).
+    The driver loads no network: the store identity comes from the configuration.
     """
     from .cache import store_specs
-    from .extractors import extractor_identity
-    from .run import distinct_requests, open_run_store, store_attrs
+    from .extractors import extractor_identity, resolve_device
+    from .run import check_existing_store, close_run, distinct_requests, effective_config, open_run_store, store_attrs
 
     started = time.monotonic()
-    cfg, store_cfg = pipeline.extract, pipeline.store
-    path = Path(store_path) if store_path is not None else pipeline.path(store_cfg.path)
-    requests = distinct_requests(requests)  # first wins, as in extract.run
+    store_cfg = pipeline.store
+    cfg = effective_config(pipeline.extract, resolve_device(pipeline.extract.device))
+    path = Path(os.path.abspath(store_path if store_path is not None else pipeline.path(store_cfg.path)))
+    requests = distinct_requests(requests, allow_empty=True)  # first wins, as in extract.run
     attrs = store_attrs(cfg, extractor_identity(cfg))
     specs = store_specs(cfg)
-    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg) as store:
-        jobs, skipped = plan_jobs(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker)
-        with contextlib.ExitStack() as stack:
+    check_existing_store(path, attrs, cfg.segments)
+    address = scheduler or pipeline.dask.scheduler or LOCAL
+    with contextlib.ExitStack() as stack:
+        if client is None and address != LOCAL:  # a remote cluster: reach it and check its workers first
+            client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
+                                                     resolve_path=pipeline.path))
+        if client is not None:
+            check_workers(client, [r.path for r in requests], [path.parent])
+        with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg, wait=wait) as store:
+            jobs, plan = plan_jobs_for(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker,
+                                       retry_failed, store.lease)
             if client is None and jobs:
-                client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=_wants_gpu(cfg.device),
+                client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
                                                          resolve_path=pipeline.path))
-            summary = _run_jobs(client, store, jobs, skipped, requests, pipeline.dask, progress, on_result)
-    summary.seconds = time.monotonic() - started
-    return summary
+            summary = _run_jobs(client, store, jobs, plan, requests, pipeline.dask, progress, on_result)
+            return close_run(store, requests, summary, started)
 
 
-def _run_jobs(client, store, jobs: list[ShardJob], skipped: int, requests, dask_cfg, progress: bool, on_result):
-    from tqdm import tqdm
+def _check_on_worker(paths: list[str], folders: list[str]) -> list[str]:
+    """Runs on a worker: problems with reading ``paths`` and writing into ``folders`` there."""
+    import tempfile
 
-    from .run import RunSummary
-    from .store import STATUS_FAILED, STATUS_MISSING
+    problems = [f"cannot read {p}" for p in paths if not os.access(p, os.R_OK)]
+    for folder in folders:
+        probe_dir = folder
+        while probe_dir and not os.path.isdir(probe_dir):  # the store's folder may not exist yet
+            probe_dir = os.path.dirname(probe_dir)
+        try:
+            with tempfile.NamedTemporaryFile(dir=probe_dir or "/", prefix=".avel-write-check-"):
+                pass
+        except OSError as exc:
+            problems.append(f"cannot write in {folder} ({exc.strerror or exc})")
+    return problems
 
-    summary = RunSummary(store=store.path, requested=len(requests), skipped=skipped)
-    summary.lost = 0  # type: ignore[attr-defined]
+
+def check_workers(client, paths: Sequence[str], folders: Sequence[os.PathLike]) -> None:
+    """Check on every worker that the videos are readable and the folders writable there; a
+    ConfigError naming the worker and the paths otherwise (before any row is written)."""
+    folders = [str(f) for f in folders]
+    # a file this process cannot read either is an input error (failed per video), not the cluster's
+    paths = [p for p in paths if os.access(p, os.R_OK)]
+    try:
+        answers = client.run(_check_on_worker, paths, folders)
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot run the check is a problem too
+        raise ConfigError(f"could not check the Dask workers: {type(exc).__name__}: {exc}") from None
+    if not answers:
+        raise ConfigError("the Dask cluster has no workers: start `dask worker SCHEDULER_ADDRESS` first")
+    bad = {worker: problems for worker, problems in answers.items() if problems}
+    if bad:
+        lines = []
+        for worker, problems in sorted(bad.items()):
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            lines.append(f"worker {worker}: {shown}")
+        raise ConfigError(
+            "the Dask workers cannot reach this run's files (a cluster needs the videos, the store and the cache on a "
+            "file system every worker sees, at the same absolute paths): " + " | ".join(lines))
+
+
+def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):
+    from .progress import progress_bar
+    from .run import SystemicError, SystemicGuard, _count
+
+    summary = plan.start_summary(store.path, len(requests))
     summary.workers = {}  # type: ignore[attr-defined]  worker -> model loads
     total = sum(len(job.members) for job in jobs)
-    log.info("%s: %d videos to extract in %d shard tasks, %d already done", store.path, total, len(jobs), skipped)
-    if jobs:
-        from distributed import as_completed
+    log.info("%s: %d videos to extract in %d shard tasks, %d already done", store.path, total, len(jobs), plan.skipped)
+    if not jobs:
+        return summary
+    from distributed import as_completed
 
-        token = uuid.uuid4().hex[:8]
-        resources = {"GPU": 1} if _wants_gpu(jobs[0].device) else None
-        futures = {}
-        for job in jobs:
-            future = client.submit(extract_shard, job, key=f"avel-shard-{job.shard}-{token}", pure=False,
-                                   retries=dask_cfg.retries, resources=resources)
-            futures[future.key] = (future, job)
-        steady = time.monotonic()
-        bar = tqdm(total=total, unit="video", disable=not progress, dynamic_ncols=True, mininterval=1.0, desc="extract")
-        try:
-            for future in as_completed([f for f, _ in futures.values()]):
-                job = futures[future.key][1]
-                try:
-                    result: ShardResult = future.result()
-                except Exception as exc:  # noqa: BLE001 - a task lost for good (retries / allowed-failures spent)
-                    summary.lost += len(job.members)  # type: ignore[attr-defined]
-                    log.error("shard %d (%d videos) could not be extracted: %s: %s; its rows stay missing, run "
-                              "again to retry them", job.shard, len(job.members), type(exc).__name__, exc)
-                    bar.update(len(job.members))
-                    continue
-                summary.done += result.done
-                summary.failed += result.failed
-                summary.workers[result.worker] = max(result.model_loads, summary.workers.get(result.worker, 0))  # type: ignore[attr-defined]
+    store.set_attrs(complete=False, verified=None)
+    token = uuid.uuid4().hex[:8]
+    resources = {"GPU": 1} if _wants_gpu(jobs[0].device) else None
+    workers_before = set(client.scheduler_info().get("workers", {}))
+    futures = {}
+    for job in jobs:
+        future = client.submit(extract_shard, job, key=f"avel-shard-{job.shard}-{token}", pure=False,
+                               retries=dask_cfg.retries, resources=resources)
+        futures[future.key] = (future, job)
+    steady = time.monotonic()
+    bar = progress_bar(total, progress, "extract")
+    guard = SystemicGuard()
+    try:
+        for future in as_completed([f for f, _ in futures.values()]):
+            job = futures[future.key][1]
+            try:
+                result: ShardResult = future.result()
+            except Exception as exc:  # noqa: BLE001 - a task lost for good (retries / allowed-failures spent)
+                log.error("shard %d (%d videos) could not be extracted: %s: %s; its rows stay missing, run "
+                          "again to retry them", job.shard, len(job.members), type(exc).__name__, exc)
                 bar.update(len(job.members))
-                bar.set_postfix(failed=summary.failed, refresh=False)
-                if on_result is not None:
-                    on_result(result, client)
-        finally:
-            bar.close()
-        summary.steady_seconds = time.monotonic() - steady
-    status = store.status()
-    rows = [store.row_of(r.key) for r in requests]
-    summary.failed_total = int(sum(status[r] in (STATUS_FAILED, STATUS_MISSING) for r in rows))
+                continue
+            for key, reason in result.events:
+                guard.observe(key, _SystemEvent(reason) if reason else None)
+            _count(summary, plan, result.written or {})
+            summary.workers[result.worker] = max(result.model_loads, summary.workers.get(result.worker, 0))  # type: ignore[attr-defined]
+            bar.update(len(job.members))
+            bar.set_postfix(failed=summary.failed, refresh=False)
+            if on_result is not None:
+                on_result(result, client)
+    except SystemicError as exc:
+        summary.systemic = str(exc)
+        log.error("%s", exc)
+        client.cancel([f for f, _ in futures.values()])
+    finally:
+        bar.close()
+    summary.steady_seconds = time.monotonic() - steady
+    summary.rescheduled = count_reschedules(store.path, store.lease)
+    with contextlib.suppress(Exception):
+        summary.workers_lost = len(workers_before - set(client.scheduler_info().get("workers", {})))
     return summary
+
+
+def _SystemEvent(reason: str):
+    from .run import SystemFailure
+
+    return SystemFailure(reason)
 
 
 def summary_text(summary) -> str:
-    """:meth:`RunSummary.text` plus the rows lost to failed tasks."""
-    text = summary.text()
-    lost = getattr(summary, "lost", 0)
-    if lost:
-        text += (f"\n  {lost} videos were not extracted: their tasks failed for good (see the log); "
-                 "run the same command again to compute them")
-    return text
+    """:meth:`RunSummary.text` (rows of tasks lost for good count as not extracted there)."""
+    return summary.text()
 
 
 def shard_files_equal(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
@@ -455,35 +506,67 @@ def shard_files_equal(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
 
 
 def run_cli(pipeline, *, split: str | None = None, manifest: str | None = None, video_root: str | None = None,
-            progress: bool = True, scheduler: str | None = None, cache: bool = False) -> int:
-    """``avel-extract`` main body with ``--scheduler`` / ``--cache``: run, print the summary,
-    return the exit code (0 ok, 1 some video failed or was not extracted, 2 the run could not
-    start). Without a scheduler (option or ``dask.scheduler``) and without the cache this is
-    :func:`extract.run.run_extraction_cli`, the single-machine path."""
+            progress: bool = True, scheduler: str | None = None, cache: bool = False, retry_failed: bool = False,
+            wait: bool = False, preflight: bool = True) -> int:
+    """``avel-extract`` main body: check, run, print the summary, return the exit code (0 ok, 1 some
+    video failed or was not extracted, 2 the run could not start or an environment error stopped it).
+
+    Before any store is created: the manifests are read (paths made absolute), the environment is
+    checked (:mod:`extract.preflight`: decode, resample, device; on a remote cluster on every
+    worker), a remote scheduler is reached and its workers checked. Then the single-machine path
+    (:func:`extract.run.run_extraction`), the Dask path (:func:`run_extraction_dask`) or the cache
+    (:func:`extract.cache.extract_with_cache`, computing its misses on either) runs."""
     import functools
     import sys
 
     from .lock import StoreLocked
     from .manifest import ManifestError
-    from .run import collect_requests, run_extraction_cli
+    from .preflight import PreflightError
+    from .run import collect_requests, run_extraction
     from .store import StoreError
 
     scheduler = scheduler or pipeline.dask.scheduler
-    if not scheduler and not cache:
-        return run_extraction_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=progress)
     try:
         requests = collect_requests(pipeline, split, manifest, video_root)
-        if cache:
-            from .cache import extract_with_cache
+        with contextlib.ExitStack() as stack:
+            client = None
+            if scheduler and scheduler != LOCAL:
+                client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=_wants_gpu(pipeline.extract.device),
+                                                         resolve_path=pipeline.path))
+            if preflight:
+                _preflight(pipeline, client)
+            common = {"progress": progress, "retry_failed": retry_failed}
+            if scheduler:
+                runner = functools.partial(run_extraction_dask, scheduler=scheduler, client=client)
+            else:
+                runner = run_extraction
+            if cache:
+                from .cache import cache_root, extract_with_cache
 
-            runner = functools.partial(run_extraction_dask, scheduler=scheduler) if scheduler else None
-            result = extract_with_cache(pipeline, requests, progress=progress, runner=runner)
-            text = result.text()
-        else:
-            result = run_extraction_dask(pipeline, requests, scheduler=scheduler, progress=progress)
-            text = summary_text(result)
-    except (ConfigError, ManifestError, StoreError, StoreLocked, FileNotFoundError, ValueError) as exc:
+                if client is not None:
+                    check_workers(client, [], [os.path.abspath(cache_root(pipeline))])
+                result = extract_with_cache(pipeline, requests, runner=runner, wait=wait, **common)
+            else:
+                result = runner(pipeline, requests, wait=wait, **common)
+    except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, FileNotFoundError, ValueError) as exc:
         print(f"avel-extract: error: {exc}", file=sys.stderr)
         return 2
-    print(text, file=sys.stderr)
+    print(result.text(), file=sys.stderr)
     return result.exit_code
+
+
+def _preflight(pipeline, client) -> None:
+    """The environment checks of :mod:`extract.preflight`, here (single machine, embedded cluster)
+    or on every worker of a remote cluster; PreflightError naming what failed where."""
+    from .preflight import PreflightError, check_environment, require_environment
+
+    cfg = pipeline.extract
+    if client is None:
+        require_environment(cfg, cfg.device, build_networks=False)
+        return
+    answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
+    failed = [f"worker {worker}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+              for worker, checks in sorted(answers.items()) for c in checks if not c.ok]
+    if failed:
+        raise PreflightError("the environment check failed on the Dask workers; nothing was written:\n  "
+                             + "\n  ".join(failed))

@@ -123,11 +123,13 @@ def requests_from_manifest(manifest_path: str | os.PathLike, video_root: str | o
     from .manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
-    root = Path(video_root) if video_root else Path(manifest_path).parent
+    # absolute from here on: Dask workers run in other working directories (and on other hosts)
+    root = Path(os.path.abspath(os.path.expanduser(video_root if video_root else Path(manifest_path).parent)))
     out = []
     for sample in manifest.videos():
         path = Path(os.path.expanduser(sample.path))
-        out.append(VideoRequest(sample.key, str(path if path.is_absolute() else root / path), sample.start, sample.duration))
+        out.append(VideoRequest(sample.key, os.path.normpath(str(path if path.is_absolute() else root / path)),
+                                sample.start, sample.duration))
     return out
 
 
@@ -186,18 +188,40 @@ def _source_version() -> str:
 
 
 def store_fingerprint_fields(cfg, identities: dict[str, Any]) -> dict[str, Any]:
-    """What the store fingerprint hashes: everything that changes the numbers, nothing else."""
+    """What the store fingerprint hashes: everything that changes the numbers, nothing else.
+
+    Only the store's own extractors enter it (each identity carries its weights, preprocessing and
+    precision), so a setting of an extractor the store does not hold (``frames_per_segment`` for
+    an audio-only store, say) neither refuses a run nor misses the cache."""
     return {
         "schema_version": SCHEMA_VERSION,
         "segments": cfg.segments,
-        "frames_per_segment": cfg.frames_per_segment,
-        "image_size": cfg.image_size,
-        "resize": cfg.resize,
-        "precision": cfg.precision,
-        "vggish_relu": cfg.vggish_relu,
-        "vggish_pca": cfg.vggish_pca,
         "extractors": identities,
     }
+
+
+def effective_config(cfg, device: str):
+    """``cfg`` with the precision that really runs on ``device`` (fp16 asked on a CPU runs fp32),
+    so that the store records, and fingerprints, what ran."""
+    from .extractors import effective_precision
+
+    precision = effective_precision(cfg.precision, device)
+    return cfg if precision == cfg.precision else dataclasses.replace(cfg, precision=precision)
+
+
+def file_identity(path: str) -> str:
+    """``size=<bytes>;mtime_ns=<ns>`` of a file, "" if it cannot be read: a row remembers the file
+    it was made from, and a changed file is extracted again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
+
+
+def ran_label(extractors) -> str:
+    """What computes a row: ``vgg19=cpu/fp32,vggish=cpu/fp32`` (stored per row in ``ran``)."""
+    return ",".join(f"{e.name}={e.device}/{getattr(e, 'precision', 'fp32')}" for e in extractors)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -266,20 +290,9 @@ def check_identity(store: FeatureStore, attrs: dict[str, Any], segments: int) ->
 
 
 def grow_store(store: FeatureStore, new_keys: Sequence[str]) -> None:
-    """Append rows for ``new_keys`` (status missing) to every array of the store."""
-    if not new_keys:
-        return
-    old = len(store)
-    total = old + len(new_keys)
-    for name, arr in store.group.arrays():
-        if name != "ids":
-            arr.resize((total,) + tuple(arr.shape[1:]))
-    ids = store.group["ids"]
-    ids.resize((total,))
-    ids[old:total] = np.asarray(list(new_keys), dtype=str)
-    store.set_attrs(num_rows=total)
-    store._ids = store._row_of = None
-    log.info("%s: added %d rows (now %d)", store.path, len(new_keys), total)
+    """Append rows for ``new_keys`` (status missing) to every array of the store (crash-safe:
+    :meth:`FeatureStore.grow`)."""
+    store.grow(list(new_keys))
 
 
 def distinct_requests(requests: Sequence[VideoRequest], allow_empty: bool = False) -> list[VideoRequest]:
@@ -294,43 +307,133 @@ def distinct_requests(requests: Sequence[VideoRequest], allow_empty: bool = Fals
     return list(distinct.values())
 
 
+def check_existing_store(path: Path, attrs: dict[str, Any], segments: int) -> None:
+    """Refuse early (before any work) when a store exists at ``path`` with other settings."""
+    if path.exists():
+        check_identity(open_store(path), attrs, segments)
+
+
 @contextlib.contextmanager
 def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
-                   attrs: dict[str, Any], store_cfg, create_attrs: dict[str, Any] | None = None):
-    """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock, open it
-    for writing, refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`)
-    and append rows for the ``keys`` it lacks; yields the open :class:`FeatureStore` while the lock
-    is held (released on exit)."""
-    from .lock import StoreLock
+                   attrs: dict[str, Any], store_cfg, create_attrs: dict[str, Any] | None = None,
+                   wait: bool = False):
+    """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock
+    (``wait``: queue behind another holder), open it for writing, repair an interrupted growth,
+    refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`),
+    append rows for the ``keys`` it lacks and take a new lease (fencing tasks of earlier runs);
+    yields the open :class:`FeatureStore` while the lock is held (released on exit). The store
+    is marked incomplete while the run works; the caller marks it complete at the end."""
+    from .lock import StoreLock, new_lease
 
     ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
-    with StoreLock(path):
+    with StoreLock(path, wait=wait):
         store = open_store(path, mode="r+")
         check_identity(store, attrs, segments)
+        store.repair_growth()
         check_arrays(store, specs)
         present = set(store.ids.tolist())
         grow_store(store, [k for k in keys if k not in present])
+        store.lease = new_lease(path)
         yield store
 
 
 # ------------------------------------------------------------------------------------------
 # running
 
+#: consecutive videos failing with the same environment error that stop a run (exit 2)
+SYSTEMIC_LIMIT = 3
+#: reason fragments of errors that come from this machine, not from the video
+_SYSTEM_MARKERS = ("ImportError", "ModuleNotFoundError", "Could not load", "undefined symbol", "cannot open shared object",
+                   "OutOfMemoryError", "out of memory", "CUDA error", "CUDA out of memory", "cuDNN", "CUBLAS",
+                   "No space left on device", "Read-only file system", "weights")
+
+
+class SystemFailure(Failure):
+    """A video that could not be computed because of the environment (a library that does not
+    load, CUDA, memory, disk): not the video's fault, so its row stays missing (never failed)."""
+
+
+class SystemicError(RuntimeError):
+    """The same environment error hit several videos in a row: the run stops (exit 2)."""
+
+
+def is_system_error(exc: BaseException | str) -> bool:
+    """Whether an exception (or a failure reason) comes from the environment rather than the input."""
+    if isinstance(exc, (ImportError, MemoryError)):
+        return True
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _SYSTEM_MARKERS)
+
+
+def as_system_failure(result):
+    """A decode :class:`Failure` whose reason is an environment error, as a :class:`SystemFailure`."""
+    if isinstance(result, Failure) and not isinstance(result, SystemFailure) and is_system_error(result.reason):
+        return SystemFailure(result.reason)
+    return result
+
+
+class SystemicGuard:
+    """Counts consecutive :class:`SystemFailure` s with the same reason; raises
+    :class:`SystemicError` at :data:`SYSTEMIC_LIMIT`. Any other outcome resets it."""
+
+    def __init__(self, limit: int = SYSTEMIC_LIMIT):
+        self.limit, self.count, self.reason, self.seen = limit, 0, None, 0
+
+    def observe(self, key: str, result) -> None:
+        if not isinstance(result, SystemFailure):
+            self.count, self.reason = 0, None
+            return
+        self.seen += 1
+        self.count = self.count + 1 if result.reason == self.reason else 1
+        self.reason = result.reason
+        if self.count >= self.limit:
+            raise SystemicError(
+                f"stopped: {self.count} videos in a row failed with the same error of this machine, not of the "
+                f"videos (last: {key}): {result.reason}. Their rows are left missing (not failed). Fix the environment "
+                "(`avel-extract doctor` checks it), then run the same command again.")
+
 
 @dataclasses.dataclass
 class RunSummary:
-    """What a run did. ``failed_total`` counts requested rows that are failed in the store at the
-    end (including ones failed by earlier runs and skipped now)."""
+    """What a run did; every requested row is counted exactly once.
+
+    ``done``/``failed`` = computed now; ``skipped_done``/``skipped_failed`` = already final in the
+    store and left alone; ``retried`` = failed rows computed again (``--retry-failed``), of which
+    ``retried_ok`` are now done; ``changed`` = rows computed again because their file changed;
+    ``missing`` = requested rows not extracted (environment error, lost tasks);
+    ``failed_total`` = requested rows that are failed at the end."""
 
     store: Path
     requested: int
     done: int = 0
     failed: int = 0
-    skipped: int = 0
+    skipped_done: int = 0
+    skipped_failed: int = 0
+    retried: int = 0
+    retried_ok: int = 0
+    changed: int = 0
+    missing: int = 0
     failed_total: int = 0
     seconds: float = 0.0
     #: seconds from "all decode workers started" to the end (throughput without start-up costs)
     steady_seconds: float = 0.0
+    #: the environment error that stopped the run, if any
+    systemic: str = ""
+    #: Dask: shard tasks that ran more than once (their worker died), and workers that left
+    rescheduled: int = 0
+    workers_lost: int = 0
+
+    #: what ``done``/``failed`` count, in the summary text
+    now_label = "computed now"
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_done + self.skipped_failed
+
+    @property
+    def lost(self) -> int:
+        """Requested rows not extracted at the end (Dask: their tasks failed for good)."""
+        return self.missing
 
     @property
     def videos_per_s(self) -> float:
@@ -338,27 +441,52 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed_total else 0
+        if self.systemic:
+            return 2
+        return 1 if self.failed_total or self.missing else 0
 
     def text(self) -> str:
         lines = [
             f"avel-extract: {self.store}",
-            f"  done {self.done}, skipped {self.skipped} (already in the store), failed {self.failed}"
-            f" of {self.requested} videos",
-            f"  {self.videos_per_s:.2f} videos/s, wall time {self.seconds:.1f} s",
+            f"  done {self.done}, failed {self.failed} ({self.now_label}); skipped {self.skipped} (already in the store)"
+            f" = {self.skipped_done} done + {self.skipped_failed} failed; of {self.requested} videos",
         ]
+        if self.retried:
+            lines.append(f"  retried {self.retried} failed videos: {self.retried_ok} now done")
+        if self.changed:
+            lines.append(f"  re-extracted {self.changed} videos whose file changed since their row was made")
+        if self.missing:
+            lines.append(f"  not extracted {self.missing}: run the same command again to compute them")
+        if self.rescheduled or self.workers_lost:
+            lines.append(f"  {self.workers_lost} Dask workers left during the run; {self.rescheduled} shard tasks "
+                         "were rescheduled (results unaffected)")
+        lines.append(f"  {self.videos_per_s:.2f} videos/s, wall time {self.seconds:.1f} s")
         if self.failed_total:
             lines.append(f"  {self.failed_total} requested videos are failed; reasons in {self.store / 'logs' / FAILURES_FILE}"
-                         " and the store's 'reason' array")
+                         " and the store's 'reason' array; `--retry-failed` extracts them again")
+        if self.systemic:
+            lines.append(f"  {self.systemic}")
         return "\n".join(lines)
 
 
-def _set_cpu_threads(device: str) -> None:
-    """On CPU, torch uses every core (logical CPUs) unless OMP_NUM_THREADS says otherwise."""
-    import torch
+@dataclasses.dataclass
+class Plan:
+    """The shards to compute, each with its ``(row, request)`` pairs, and why rows are (not) computed."""
 
-    if not str(device).startswith("cuda") and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(os.cpu_count() or 1)
+    shards: list[tuple[int, list[tuple[int, VideoRequest]]]]
+    sources: dict[str, str]
+    skipped_done: int = 0
+    skipped_failed: int = 0
+    retried: set = dataclasses.field(default_factory=set)
+    changed: set = dataclasses.field(default_factory=set)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_done + self.skipped_failed
+
+    def start_summary(self, store_path: Path, requested: int) -> RunSummary:
+        return RunSummary(store=store_path, requested=requested, skipped_done=self.skipped_done,
+                          skipped_failed=self.skipped_failed, retried=len(self.retried), changed=len(self.changed))
 
 
 def combine_rows(extractors, outputs: list[list[dict[str, np.ndarray]]], segments: int) -> list[dict[str, np.ndarray]]:
@@ -387,7 +515,8 @@ def compute_videos(extractors, videos: list, segments: int) -> list[dict[str, np
     except Exception as exc:  # noqa: BLE001
         if len(videos) == 1:
             log.warning("%s: compute failed: %s", videos[0].key, exc)
-            return [Failure(f"compute failed: {type(exc).__name__}: {exc}")]
+            reason = f"compute failed: {type(exc).__name__}: {exc}"
+            return [SystemFailure(reason) if is_system_error(exc) else Failure(reason)]
         log.warning("batch of %d videos failed (%s); computing them one by one", len(videos), exc)
         return [compute_videos(extractors, [v], segments)[0] for v in videos]
 
@@ -408,20 +537,24 @@ class _Prefetch:
         self.thread = threading.Thread(target=self._run, args=(pool, fn, tasks), name="avel-prefetch", daemon=True)
         self.thread.start()
 
+    def _put(self, item) -> bool:
+        """Put unless the consumer stopped (a full queue must never block an abort)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self, pool, fn, tasks) -> None:
         try:
             for result in pool.imap(fn, tasks):
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(result, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(result):
                     return
-            self.queue.put(self._END)
+            self._put(self._END)
         except BaseException as exc:  # noqa: BLE001 - hand it to the consumer
-            self.queue.put(exc)
+            self._put(exc)
 
     def get(self):
         item = self.queue.get()
@@ -435,6 +568,8 @@ class _Prefetch:
         self.stop.set()
         pool.cancel()
         self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            log.warning("the decode prefetch thread did not stop within 30 s")
 
 
 def _append_failures(path: Path, records: list[dict]) -> None:
@@ -446,6 +581,14 @@ def _append_failures(path: Path, records: list[dict]) -> None:
                 fh.write(json.dumps(record) + "\n")
 
 
+def _set_cpu_threads(device: str) -> None:
+    """On CPU, torch uses every core (logical CPUs) unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if not str(device).startswith("cuda") and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
 def run_extraction(
     pipeline,
     requests: Sequence[VideoRequest],
@@ -454,20 +597,25 @@ def run_extraction(
     progress: bool = True,
     decode_fn: Callable = decode_video,
     extractors: list | None = None,
+    retry_failed: bool = False,
+    wait: bool = False,
 ) -> RunSummary:
     """Extract ``requests`` into the store (see the module docstring). Returns a :class:`RunSummary`.
 
     ``decode_fn(request, grids, segments, audio)`` runs in the decode workers (tests inject slow or
     failing ones; it must be picklable); ``extractors`` defaults to
-    :func:`extract.extractors.build_extractors` of ``pipeline.extract``.
+    :func:`extract.extractors.build_extractors` of ``pipeline.extract``. ``retry_failed``: compute
+    failed rows again; ``wait``: queue behind another writer of the store instead of refusing.
     """
     from .extractors import build_extractors, extractor_identity, resolve_device
 
     started = time.monotonic()
-    cfg, store_cfg = pipeline.extract, pipeline.store
+    store_cfg = pipeline.store
+    device = resolve_device(pipeline.extract.device)
+    cfg = effective_config(pipeline.extract, device)
     path = Path(store_path) if store_path is not None else pipeline.path(store_cfg.path)
-    requests = distinct_requests(requests)
-    device = resolve_device(cfg.device)
+    path = Path(os.path.abspath(path))
+    requests = distinct_requests(requests, allow_empty=True)
     _set_cpu_threads(device)
     if decode_fn is decode_video:
         warm_up()  # the decode workers' forkserver imports its modules while the networks load
@@ -476,25 +624,35 @@ def run_extraction(
     identities = {e.name: e.identity() for e in extractors} if extractors else extractor_identity(cfg)
     attrs = store_attrs(cfg, identities)
     specs = [s for s in core_specs(cfg.segments) if s.name == "valid"] + [s for e in extractors for s in e.arrays()]
-    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg) as store:
-        return _run_shards(store, requests, extractors, cfg, progress, decode_fn, started)
+    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg, wait=wait) as store:
+        return _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, retry_failed)
 
 
-def plan_shards(store: FeatureStore, requests: Sequence[VideoRequest]) -> tuple[list[tuple[int, list[tuple[int, VideoRequest]]]], int]:
-    """Shards to compute, each with its requested ``(row, request)`` pairs; and the skipped count."""
+def plan_shards(store: FeatureStore, requests: Sequence[VideoRequest], retry_failed: bool = False) -> Plan:
+    """Which requested rows to compute, grouped by shard: rows that are missing; rows (done or
+    failed) whose file changed since they were made (its size or modification time differs from
+    the row's ``source``; a failed row made before its file existed counts as changed once the
+    file is there); and with ``retry_failed`` the failed rows. Every other row is skipped."""
     status = store.status()
+    recorded = store.records("source")
+    plan = Plan(shards=[], sources={r.key: file_identity(r.path) for r in requests})
     by_shard: dict[int, list[tuple[int, VideoRequest]]] = {}
     for request in requests:
         row = store.row_of(request.key)
+        state, now, then = status[row], plan.sources[request.key], recorded[row]
+        if state != STATUS_MISSING and now and now != then and (then or state == STATUS_FAILED):
+            plan.changed.add(request.key)
+        elif state == STATUS_FAILED and retry_failed:
+            plan.retried.add(request.key)
+        elif state == STATUS_DONE:
+            plan.skipped_done += 1
+            continue
+        elif state == STATUS_FAILED:
+            plan.skipped_failed += 1
+            continue
         by_shard.setdefault(store.shard_of(row), []).append((row, request))
-    todo, skipped = [], 0
-    for shard in sorted(by_shard):
-        members = sorted(by_shard[shard], key=lambda item: item[0])
-        if all(status[row] != STATUS_MISSING for row, _ in members):
-            skipped += len(members)
-        else:
-            todo.append((shard, members))
-    return todo, skipped
+    plan.shards = [(shard, sorted(members, key=lambda item: item[0])) for shard, members in sorted(by_shard.items())]
+    return plan
 
 
 def decode_inputs(extractors) -> tuple[list, bool]:
@@ -504,21 +662,22 @@ def decode_inputs(extractors) -> tuple[list, bool]:
     return grids, any(e.uses_audio for e in extractors)
 
 
-def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) -> RunSummary:
-    from tqdm import tqdm
-
+def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, retry_failed=False) -> RunSummary:
     from .decode import DecodePool
+    from .progress import progress_bar
 
-    todo, skipped = plan_shards(store, requests)
-    summary = RunSummary(store=store.path, requested=len(requests), skipped=skipped)
+    plan = plan_shards(store, requests, retry_failed)
+    summary = plan.start_summary(store.path, len(requests))
+    todo = plan.shards
     grids, audio = decode_inputs(extractors)
     tasks = [(request, grids, cfg.segments, audio) for _, members in todo for _, request in members]
-    log.info("%s: %d videos to extract in %d shards, %d already done", store.path, len(tasks), len(todo), skipped)
+    log.info("%s: %d videos to extract in %d shards, %d already done", store.path, len(tasks), len(todo), plan.skipped)
+    guard = SystemicGuard()
     if tasks:
+        store.set_attrs(complete=False, verified=None)
         workers = cfg.decode_workers or os.cpu_count() or 1
         workers = max(1, min(workers, len(tasks)))
-        bar = tqdm(total=len(tasks), unit="video", disable=not progress, dynamic_ncols=True, mininterval=1.0,
-                   desc="extract")
+        bar = progress_bar(len(tasks), progress, "extract")
         pool = DecodePool(workers, cfg.decode_timeout_s, ahead=2 * workers + store.rows_per_shard)
         prefetch = None
         try:
@@ -528,65 +687,119 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started) 
             prefetch = _Prefetch(pool, decode_fn, tasks, maxsize=store.rows_per_shard + workers)
             for shard, members in todo:
                 decoded = [prefetch.get() for _ in members]
-                done, failed = finish_shard(store, shard, members, decoded, extractors, cfg.segments)
-                summary.done += done
-                summary.failed += failed
+                outcome = finish_shard(store, shard, members, decoded, extractors, cfg.segments,
+                                       sources=plan.sources, guard=guard)
+                _count(summary, plan, outcome)
                 bar.update(len(members))
                 bar.set_postfix(failed=summary.failed, refresh=False)
             summary.steady_seconds = time.monotonic() - steady_start
+        except SystemicError as exc:
+            summary.systemic = str(exc)
+            log.error("%s", exc)
         finally:
             if prefetch is not None:
                 prefetch.close(pool)
             pool.close()
             bar.close()
+    return close_run(store, requests, summary, started)
+
+
+def _count(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> None:
+    """Add one shard's outcomes ({key: status written}) to the summary."""
+    for key, state in outcome.items():
+        if state == STATUS_DONE:
+            summary.done += 1
+            summary.retried_ok += key in plan.retried
+        elif state == STATUS_FAILED:
+            summary.failed += 1
+
+
+def close_run(store: FeatureStore, requests, summary: RunSummary, started: float) -> RunSummary:
+    """Final counts from the store, and the ``complete`` mark (the store is verified end to end)."""
+    from .store import mark_complete
+
     status = store.status()
-    summary.failed_total = int(sum(status[store.row_of(r.key)] == STATUS_FAILED for r in requests))
+    final = [status[store.row_of(r.key)] for r in requests]
+    summary.failed_total = int(sum(s == STATUS_FAILED for s in final))
+    summary.missing = int(sum(s == STATUS_MISSING for s in final))
+    if store.attrs.get("complete") is not True:
+        mark_complete(store)
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, VideoRequest]],
-                 decoded: list, extractors, segments: int) -> tuple[int, int]:
-    """Compute the decoded videos of a shard and write the whole shard. Returns (done, failed)."""
+                 decoded: list, extractors, segments: int, *, sources: dict[str, str] | None = None,
+                 guard: SystemicGuard | None = None, lease: str | None = None) -> dict[str, int] | None:
+    """Compute the decoded videos of a shard and write the whole shard.
+
+    Returns ``{key: status written}`` for the members (a :class:`SystemFailure` leaves its row as
+    it was and is not in the dict). ``guard`` sees every outcome in row order and may raise
+    :class:`SystemicError` before anything is written. With ``lease`` (Dask tasks) the shard is
+    written under its shard lock and only if the store's lease still holds that token; otherwise
+    nothing is written and None is returned (a newer run owns the store).
+    """
+    decoded = [as_system_failure(d) for d in decoded]
     ok = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, Failure)]
     computed = compute_videos(extractors, [d for _, d in ok], segments)
     outcome: dict[int, Any] = {i: d for i, d in enumerate(decoded) if isinstance(d, Failure)}
     for (i, video), row in zip(ok, computed):
         outcome[i] = (row, video) if not isinstance(row, Failure) else row
+    if guard is not None:
+        for i, (_, request) in enumerate(members):
+            guard.observe(request.key, outcome[i])
+    if lease is None:
+        return _write_shard(store, shard, members, outcome, sources or {}, ran_label(extractors))
+    from .lock import lease_token, shard_lock
 
+    with shard_lock(store.path, shard):
+        if lease_token(store.path) != lease:
+            log.warning("shard %d of %s: a newer run owns the store; this task's results are dropped", shard, store.path)
+            return None
+        return _write_shard(store, shard, members, outcome, sources or {}, ran_label(extractors))
+
+
+def _write_shard(store: FeatureStore, shard: int, members, outcome: dict[int, Any], sources: dict[str, str],
+                 ran: str) -> dict[str, int]:
     rows = store.shard_rows(shard)
-    names = [name for name, _ in store.group.arrays() if name not in ("ids", "status", "reason")]
+    names = store.feature_names()
     values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
     status = np.asarray(store.group["status"][rows.start: rows.stop], dtype=np.int8).copy()
-    reason = np.asarray([str(r) for r in store.group["reason"][rows.start: rows.stop]], dtype=object)
-    failures, done, failed = [], 0, 0
+    records = {name: store.records(name)[rows.start: rows.stop].copy() for name in ("reason", "source", "ran")}
+    failures, written = [], {}
     for i, (row, request) in enumerate(members):
         local = row - rows.start
         result = outcome[i]
+        if isinstance(result, SystemFailure):
+            log.warning("%s (%s): not extracted (environment error): %s", request.key, request.path, result.reason)
+            continue
         for name in names:
             values[name][local] = 0
+        records["source"][local] = sources.get(request.key, "")
         if isinstance(result, Failure):
-            status[local], reason[local] = STATUS_FAILED, result.reason
+            status[local], records["reason"][local], records["ran"][local] = STATUS_FAILED, result.reason, ""
             failures.append({"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                              "key": request.key, "path": request.path, "shard": shard, "reason": result.reason})
             log.warning("%s (%s): failed: %s", request.key, request.path, result.reason)
-            failed += 1
         else:
             features, video = result
             for name, value in features.items():
                 if name in values:
                     values[name][local] = value
-            status[local], reason[local] = STATUS_DONE, _note(video.info)
-            done += 1
-    store.write_shard(shard, values, status, [str(r) for r in reason])
+            status[local], records["reason"][local], records["ran"][local] = STATUS_DONE, _note(video.info), ran
+        written[request.key] = int(status[local])
+    reason = [str(r) for r in records.pop("reason")]
+    store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
     _append_failures(store.path, failures)
-    return done, failed
+    return written
 
 
 def run_extraction_cli(pipeline, split: str | None = None, manifest: str | None = None,
-                       video_root: str | None = None, progress: bool = True) -> int:
+                       video_root: str | None = None, progress: bool = True, retry_failed: bool = False,
+                       wait: bool = False) -> int:
     """``avel-extract`` main body: run, print the summary, return the exit code (0 ok, 1 some video
-    failed, 2 the run could not start: configuration, manifest, store, lock or weights problem)."""
+    failed, 2 the run could not start or was stopped by an environment error: configuration,
+    manifest, store, lock, weights, preflight)."""
     import sys
 
     from .lock import StoreLocked
@@ -594,7 +807,7 @@ def run_extraction_cli(pipeline, split: str | None = None, manifest: str | None 
 
     try:
         requests = collect_requests(pipeline, split, manifest, video_root)
-        summary = run_extraction(pipeline, requests, progress=progress)
+        summary = run_extraction(pipeline, requests, progress=progress, retry_failed=retry_failed, wait=wait)
     except (ConfigError, ManifestError, StoreError, StoreLocked, FileNotFoundError, ValueError) as exc:
         print(f"avel-extract: error: {exc}", file=sys.stderr)
         return 2

@@ -99,6 +99,8 @@ class DaskConfig:
     tls_client_key: str | None = None
     #: how many times a task is retried after an exception
     retries: int = 2
+    #: seconds to wait for a tcp:// / tls:// scheduler to answer before the run stops (exit 2)
+    connect_timeout: float = 10.0
 
 
 # --------------------------------------------------------------------------------------------

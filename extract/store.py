@@ -21,6 +21,7 @@ This module imports numpy and zarr only.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import json
 import logging
 from pathlib import Path
@@ -37,6 +38,13 @@ STATUS_MISSING = 0
 STATUS_DONE = 1
 STATUS_FAILED = 2
 STATUS_NAMES = {STATUS_MISSING: "missing", STATUS_DONE: "done", STATUS_FAILED: "failed"}
+
+#: per-row bookkeeping arrays (strings / status), not features: ``source`` = identity of the file a
+#: row was computed from (``size=<bytes>;mtime_ns=<ns>``, "" when unknown), ``ran`` = what computed
+#: it (``device=<kind>;precision=<p>``, "" for rows that were not computed)
+BOOKKEEPING = ("ids", "status", "reason", "source", "ran")
+#: bookkeeping string arrays that stores written before they existed may lack (added on open for writing)
+ROW_RECORDS = ("source", "ran")
 
 #: the arrays every AVE-style store has (row shape after N, with T as "T"), and their dtypes
 CORE_ARRAYS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -155,6 +163,16 @@ class FeatureStore:
     def reasons(self) -> np.ndarray:
         return np.array(self.group["reason"][:].tolist(), dtype=str)
 
+    def records(self, name: str) -> np.ndarray:
+        """A per-row string record (``source``, ``ran``, ``reason``); all "" if the store predates it."""
+        if name not in self.group:
+            return np.full(len(self), "", dtype=object)
+        return np.array(self.group[name][:].tolist(), dtype=object)
+
+    def feature_names(self) -> list[str]:
+        """Every per-row array that is not bookkeeping (``valid`` and the extractors' arrays)."""
+        return [name for name in self.array_names() if name not in BOOKKEEPING]
+
     def summary(self) -> dict[str, int]:
         status = self.status()
         return {STATUS_NAMES[k]: int((status == k).sum()) for k in STATUS_NAMES}
@@ -171,8 +189,10 @@ class FeatureStore:
     def num_shards(self) -> int:
         return -(-len(self) // self.rows_per_shard)
 
-    def write_shard(self, shard: int, values: Mapping[str, np.ndarray], status: np.ndarray, reason: Sequence[str]) -> None:
-        """Write every row of shard ``shard`` at once: feature arrays first, then status/reason.
+    def write_shard(self, shard: int, values: Mapping[str, np.ndarray], status: np.ndarray, reason: Sequence[str],
+                    records: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Write every row of shard ``shard`` at once: feature arrays first, then the row records
+        (``source``, ``ran``), reason, and status last.
 
         ``values[name]`` has shape [rows of the shard, *row_shape]. Status is written last, so a
         crash in between leaves the rows "missing" and they are recomputed on resume.
@@ -185,8 +205,68 @@ class FeatureStore:
             if value.shape != (len(rows),) + tuple(arr.shape[1:]):
                 raise StoreError(f"{self.path}/{name}: shard {shard} expects {(len(rows),) + tuple(arr.shape[1:])}, got {value.shape}")
             arr[sl] = value.astype(arr.dtype, copy=False)
+        for name, texts in (records or {}).items():
+            if name in self.group:
+                self.group[name][sl] = _strings(texts)
         self.group["reason"][sl] = _strings(reason)
         self.group["status"][sl] = np.asarray(status, dtype=np.int8)
+
+    # -- growth (the creator/driver only, holding the store's lock) -------------------------
+    def grow(self, new_keys: Sequence[str], *, _after_step=None) -> None:
+        """Append rows ``new_keys`` (status missing) to every array.
+
+        Order: every other array first, then ``ids`` (resized and written), then the ``num_rows``
+        attribute. ``ids`` is the commit point: a kill before it leaves arrays longer than ``ids``,
+        which :meth:`repair_growth` (run by every writer when it opens the store) cuts back, so the
+        same command then proceeds as if the growth never started. ``_after_step(name)`` is a test
+        hook called after each step.
+        """
+        if not new_keys:
+            return
+        old = len(self)
+        total = old + len(new_keys)
+        for name, arr in self.group.arrays():
+            if name != "ids" and arr.shape[0] != total:
+                arr.resize((total,) + tuple(arr.shape[1:]))
+                if _after_step:
+                    _after_step(name)
+        ids = self.group["ids"]
+        ids.resize((total,))
+        ids[old:total] = _strings(new_keys)
+        if _after_step:
+            _after_step("ids")
+        self.set_attrs(num_rows=total)
+        self._ids = self._row_of = None
+        log.info("%s: added %d rows (now %d)", self.path, len(new_keys), total)
+
+    def repair_growth(self) -> list[str]:
+        """Undo what an interrupted :meth:`grow` left (arrays longer than ``ids``, trailing empty
+        ids of a resize whose values were never written) and add row-record arrays that stores
+        from older avel versions lack. Returns what was repaired (empty: nothing to do)."""
+        repaired = []
+        ids = self.group["ids"]
+        keys = np.array(ids[:].tolist(), dtype=object) if ids.shape[0] else np.zeros(0, dtype=object)
+        n = len(keys)
+        while n and keys[n - 1] == "":
+            n -= 1
+        if n != ids.shape[0]:
+            ids.resize((n,))
+            repaired.append(f"ids {len(keys)} -> {n} rows")
+        for name, arr in self.group.arrays():
+            if name != "ids" and arr.shape[0] != n:
+                repaired.append(f"{name} {arr.shape[0]} -> {n} rows")
+                arr.resize((n,) + tuple(arr.shape[1:]))
+        for name in ROW_RECORDS:
+            if name not in self.group:
+                create_record_array(self.group, name, n, self.rows_per_shard)
+                repaired.append(f"added the {name} record")
+        if self.group.attrs.get("num_rows") != n:
+            repaired.append(f"num_rows {self.group.attrs.get('num_rows')} -> {n}")
+        if repaired:
+            self.set_attrs(num_rows=n)
+            self._ids = self._row_of = None
+            log.warning("%s: repaired an interrupted update: %s", self.path, "; ".join(repaired))
+        return repaired
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (the creator/driver only)."""
@@ -229,12 +309,12 @@ def create_store(
     group = zarr.open_group(str(path), mode="w" if overwrite else "w-")
     S = max(1, int(rows_per_shard))
     comp = _compressors(compression_level)
-    n_alloc = max(n, 1)
+    # every array has exactly n rows, also n = 0 (an empty manifest makes a valid, empty store)
     ids_array = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(1, n),), fill_value="")
     if n:
         ids_array[:] = _strings(ids)
     for spec in specs:
-        shape = (n_alloc,) + tuple(spec.row_shape)
+        shape = (n,) + tuple(spec.row_shape)
         group.create_array(
             spec.name,
             shape=shape,
@@ -244,8 +324,9 @@ def create_store(
             compressors=comp,
             fill_value=False if spec.dtype == "bool" else 0,
         )
-    group.create_array("status", shape=(n_alloc,), dtype="int8", chunks=(1,), shards=(S,), fill_value=0)
-    group.create_array("reason", shape=(n_alloc,), dtype=str, chunks=(1,), shards=(S,), fill_value="")
+    group.create_array("status", shape=(n,), dtype="int8", chunks=(1,), shards=(S,), fill_value=0)
+    for name in ("reason",) + ROW_RECORDS:
+        create_record_array(group, name, n, S)
     layout = {"rows_per_shard": S, "chunk_rows": 1, "codec": f"zstd-{compression_level}"}
     group.attrs.update(
         _jsonable(
@@ -261,6 +342,11 @@ def create_store(
     )
     log.info("created store %s with %d rows, %d per shard", path, n, S)
     return FeatureStore(group, path)
+
+
+def create_record_array(group, name: str, n: int, rows_per_shard: int) -> None:
+    """A per-row string array (``reason``, ``source``, ``ran``), sharded like every other array."""
+    group.create_array(name, shape=(n,), dtype=str, chunks=(1,), shards=(max(1, int(rows_per_shard)),), fill_value="")
 
 
 def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
@@ -302,3 +388,75 @@ def check_arrays(store: FeatureStore, expected: Iterable[ArraySpec]) -> None:
             problems.append(f"{spec.name} has dtype {arr.dtype}, expected {spec.dtype}")
     if problems:
         raise StoreError(f"{store.path}: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------
+# completeness (a store rule: readers refuse an incomplete store)
+
+
+def _shard_file(store: FeatureStore, name: str, shard: int) -> Path:
+    """The file of shard ``shard`` of array ``name`` (Zarr v3 default chunk key encoding)."""
+    ndim = len(store.array(name).shape)
+    return Path(store.path) / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1)))
+
+
+def verify_store(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
+    """Problems that keep ``store`` from being complete (empty list: complete and readable).
+
+    Checks: every row has a final status (done or failed); in every shard holding a row with a
+    valid segment, every feature array's shard file exists (its features cannot all equal the
+    fill value, so a missing file means lost writes); every shard of every array decodes. The
+    status of every row is always checked, the files and decoding only for ``shards`` (default:
+    all; a growing cache re-reads just the shards it wrote).
+    """
+    problems = []
+    n = len(store)
+    status = store.status()
+    missing = int((status == STATUS_MISSING).sum())
+    if missing:
+        problems.append(f"{missing} of {n} rows are not extracted (status missing)")
+    shards = range(store.num_shards) if shards is None else sorted(set(shards))
+    valid = store.read("valid") if "valid" in store.array_names() else np.zeros((n, 1), bool)
+    features = [name for name in store.feature_names() if name != "valid"]
+    for shard in shards:
+        rows = store.shard_rows(shard)
+        if not valid[rows.start: rows.stop].any():
+            continue
+        lost = [name for name in ["valid"] + features if not _shard_file(store, name, shard).is_file()]
+        if lost:
+            problems.append(f"shard {shard}: the shard files of {', '.join(lost)} are missing")
+    for name in store.array_names():
+        arr = store.array(name)
+        if arr.shape[0] != n:
+            problems.append(f"array {name} has {arr.shape[0]} rows, the store {n}")
+            continue
+        blocks = [store.shard_rows(k) for k in shards] if name != "ids" else [range(0, n)]
+        for rows in blocks:
+            try:
+                np.asarray(arr[rows.start: rows.stop])
+            except Exception as exc:  # noqa: BLE001 - zarr/codec errors of a damaged shard
+                problems.append(f"array {name}, rows {rows.start}-{rows.stop - 1}: unreadable ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def mark_complete(store: FeatureStore, shards: Sequence[int] | None = None) -> list[str]:
+    """Verify ``store`` (:func:`verify_store`, ``shards``: the ones written since it was last
+    verified, default all) and set ``complete`` accordingly (the writer only, holding the store's
+    lock). Returns the problems (empty: marked complete)."""
+    problems = verify_store(store, shards)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    store.set_attrs(complete=not problems, verified=now if not problems else None)
+    if problems:
+        log.warning("%s: not complete: %s", store.path, "; ".join(problems[:5]))
+    return problems
+
+
+def require_complete(store: FeatureStore) -> None:
+    """Refuse a store whose ``complete`` attribute is false (rows still being added, or a run
+    stopped before it verified the store). Stores without the attribute are accepted."""
+    if store.attrs.get("complete") is False:
+        raise StoreError(
+            f"{store.path}: this feature set is incomplete (an avel-extract run is adding rows, or stopped before "
+            "it verified the store); run the same avel-extract command again to finish it, then retry")
+
+

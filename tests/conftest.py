@@ -34,3 +34,24 @@ def media_dir(shared_dir) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent")
     return path
+
+
+_MEDIA_TESTS: set[str] = set()
+
+
+def pytest_collection_modifyitems(items):
+    _MEDIA_TESTS.update(item.nodeid for item in items if "media_dir" in getattr(item, "fixturenames", ()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying whether the tests on the real clips of ../shared/media ran (CI reads it)."""
+    outcomes: dict[str, int] = {}
+    for status in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(status, []):
+            if getattr(report, "nodeid", None) in _MEDIA_TESTS and getattr(report, "when", "call") in ("call", "setup"):
+                if status == "passed" and report.when != "call":
+                    continue
+                outcomes[status] = outcomes.get(status, 0) + 1
+    if _MEDIA_TESTS:
+        text = ", ".join(f"{n} {s}" for s, n in sorted(outcomes.items())) or "none run"
+        terminalreporter.write_line(f"real-media tests ({SHARED / 'media'}): {text} of {len(_MEDIA_TESTS)}")

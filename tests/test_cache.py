@@ -233,3 +233,79 @@ def test_cli_cache_run_and_listing(client, media, tmp_path, monkeypatch):
     listing = CliRunner().invoke(main, ["--config", str(tmp_path / "pipeline.yaml"), "list-cache"])
     assert listing.exit_code == 0, listing.output
     assert "1 feature sets" in listing.output and "2 videos (done 2, failed 0, missing 0)" in listing.output
+
+
+# ------------------------------------------------------------------------------------------
+# the cache holds successes only (issue 19, bugs 1 and 2)
+
+
+def failing_decode(request, grids, segments, audio):
+    from extract.decode import DecodeError
+
+    raise DecodeError("decode timed out after 0.01 s (worker killed)")
+
+
+def test_a_transient_failure_is_never_handed_to_another_project(media, tmp_path):
+    import json
+
+    pipeline, root = make_pipeline(), tmp_path / "cache"
+    from extract.cache import extract_with_cache
+    from extract.run import run_extraction
+
+    runner_a = functools.partial(run_extraction, decode_fn=failing_decode)
+    a = extract_with_cache(pipeline, requests(media / "one", ["a"]), store_path=tmp_path / "A.zarr", root=root,
+                           progress=False, runner=runner_a)
+    assert (a.computed, a.failed, a.exit_code) == (1, 1, 1)
+    # project A's failure is A's record: its store and its failures.jsonl, with A's own path
+    logged = [json.loads(line) for line in (tmp_path / "A.zarr" / "logs" / "failures.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["path"]) for r in logged] == [("a", str(media / "one" / "a.mp4"))]
+    # project B: the same file under another name, a working decoder -> computed, not reused
+    b = extract_with_cache(pipeline, requests(media / "two", ["x"]), store_path=tmp_path / "B.zarr", root=root,
+                           progress=False)
+    assert (b.reused, b.computed, b.done, b.failed, b.exit_code) == (0, 1, 1, 0, 0)
+    assert "0 reused from the cache, 1 computed now" in b.text()
+    assert open_store(tmp_path / "B.zarr").status().tolist() == [STATUS_DONE]
+    # A still has its failed row; --retry-failed now takes the good row from the cache
+    again = extract_with_cache(pipeline, requests(media / "one", ["a"]), store_path=tmp_path / "A.zarr", root=root,
+                               progress=False)
+    assert (again.skipped_failed, again.exit_code) == (1, 1)
+    retry = extract_with_cache(pipeline, requests(media / "one", ["a"]), store_path=tmp_path / "A.zarr", root=root,
+                               progress=False, retry_failed=True)
+    assert (retry.reused, retry.computed, retry.retried, retry.retried_ok, retry.exit_code) == (1, 0, 1, 1, 0)
+    np.testing.assert_array_equal(open_store(tmp_path / "A.zarr").read("visual"), open_store(tmp_path / "B.zarr").read("visual"))
+
+
+def test_a_fixed_file_reaches_the_project_store_through_the_cache(media, tmp_path):
+    from extract.cache import extract_with_cache
+
+    pipeline, root = make_pipeline(), tmp_path / "cache"
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "c.mp4").write_bytes(b"\x00\x01garbage" * 500)
+    first = extract_with_cache(pipeline, requests(tmp_path / "v", ["c"]), store_path=tmp_path / "P.zarr", root=root,
+                               progress=False)
+    assert (first.failed, first.exit_code) == (1, 1)
+    shutil.copy(media / "one" / "c.mp4", tmp_path / "v" / "c.mp4")
+    fixed = extract_with_cache(pipeline, requests(tmp_path / "v", ["c"]), store_path=tmp_path / "P.zarr", root=root,
+                               progress=False)
+    assert (fixed.changed, fixed.done, fixed.failed_total, fixed.exit_code) == (1, 1, 0, 0)
+    store = open_store(tmp_path / "P.zarr")
+    assert store.status().tolist() == [STATUS_DONE] and store.reasons().tolist() == [""]
+
+
+def test_a_settings_change_is_refused_before_any_feature_is_computed(media, tmp_path):
+    from extract.cache import extract_with_cache
+
+    root = tmp_path / "cache"
+    ok = extract_with_cache(make_pipeline(), requests(media / "one", ["a"]), store_path=tmp_path / "P.zarr", root=root,
+                            progress=False)
+    assert ok.exit_code == 0
+    called = []
+
+    def runner(*args, **kwargs):
+        called.append(1)
+        raise AssertionError("nothing may be computed")
+
+    with pytest.raises(StoreError, match="image_size"):
+        extract_with_cache(make_pipeline(image_size=64), requests(media / "one", ["a", "b"]),
+                           store_path=tmp_path / "P.zarr", root=root, progress=False, runner=runner)
+    assert not called and len(list(root.iterdir())) == 1  # no second feature set was started

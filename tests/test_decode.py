@@ -235,3 +235,154 @@ def test_decode_video_runs_in_the_pool(clips):
     direct = decode_video(request, [grid(2)], 2, True)
     np.testing.assert_array_equal(video.frames["id2"], direct.frames["id2"])
     np.testing.assert_array_equal(video.audio, direct.audio)
+
+
+# ------------------------------------------------------------------------------------------
+# the native audio rate (PyAV, no fd redirection) and the unusable-rate path
+
+
+def write_two_audio_streams(path, seconds: float = 2.0):
+    """Video + AAC 8 kHz mono (stream #1, not marked default) + AAC 48 kHz stereo (stream #2,
+    default, higher bitrate): FFmpeg's av_find_best_stream picks #2, decord decodes #1."""
+    import av
+
+    container = av.open(str(path), mode="w")
+    try:
+        video = container.add_stream("libx264", rate=FPS)
+        video.height = video.width = SIZE
+        video.pix_fmt = "yuv420p"
+        first = container.add_stream("aac", rate=8000)
+        first.layout, first.bit_rate = "mono", 24000
+        second = container.add_stream("aac", rate=48000)
+        second.layout, second.bit_rate = "stereo", 192000
+        first.disposition = av.stream.Disposition(0)
+        second.disposition = av.stream.Disposition.default
+        for k in range(int(seconds * FPS)):
+            image = np.full((SIZE, SIZE, 3), level_of(k), np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        for stream, rate, channels in [(first, 8000, 1), (second, 48000, 2)]:
+            wave = 0.3 * np.sin(2 * np.pi * 1000.0 * np.arange(int(seconds * rate)) / rate)
+            planar = np.repeat(wave[None].astype(np.float32), channels, axis=0)
+            for lo in range(0, planar.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, lo: lo + 1024]), format="fltp",
+                                                   layout=stream.layout.name)
+                frame.sample_rate = rate
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    finally:
+        container.close()
+    return path
+
+
+def peak_hz(wave: np.ndarray, rate: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.argmax(spectrum) * rate / len(wave))
+
+
+def test_native_sample_rate_is_the_stream_rate(clips):
+    from extract.decode import _native_sample_rate
+
+    assert _native_sample_rate(str(clips["six"])) == 48000
+    assert _native_sample_rate(str(clips["low"])) == 8000
+    assert _native_sample_rate(str(clips["full"])) == 16000
+    with pytest.raises(ValueError, match="no audio stream"):
+        _native_sample_rate(str(clips["silent"]))
+
+
+def test_native_sample_rate_is_that_of_the_stream_decord_decodes(tmp_path):
+    """With two audio streams decord decodes the first (not FFmpeg's "best"): the rate must be its."""
+    import av
+
+    from extract.decode import _native_sample_rate, read_audio
+
+    path = write_two_audio_streams(tmp_path / "two.mp4")
+    with av.open(str(path)) as container:
+        assert container.streams.best("audio").codec_context.sample_rate == 48000  # the trap
+    assert _native_sample_rate(str(path)) == 8000
+    wave, info = read_audio(str(path), 0.0, 2.0)
+    assert info["audio_rate"] == 8000 and info["audio_channels"] == 1 and info["audio_resampler"] == "kaiser_best"
+    assert wave.shape == (32000,)
+    # a wrong rate would move the 1 kHz tone (e.g. to 167 Hz if 8 kHz data were taken for 48 kHz)
+    assert abs(peak_hz(wave[2048:]) - 1000.0) < 2.0
+
+
+def test_native_sample_rate_on_the_real_two_stream_clip(media_dir):
+    from extract.decode import _native_sample_rate, read_audio
+
+    path = media_dir / "nasa_13013.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    assert _native_sample_rate(str(path)) == 8000  # stream #1; the "best" audio stream (#4) is 16 kHz
+    wave, info = read_audio(str(path), 0.0, 10.0)
+    assert info["audio_rate"] == 8000 and info["audio_channels"] == 2 and wave.shape == (160000,)
+
+
+def test_reading_the_rate_leaves_stdout_alone(tmp_path, capfd):
+    """Another thread writing to file descriptor 1 while audio is read loses nothing (the old code
+    pointed fd 1 of the whole process at a temporary file while decord printed its stream info,
+    so lines written meanwhile by other threads vanished, or broke the parse of the rate)."""
+    import threading
+
+    from extract.decode import _native_sample_rate, read_audio
+
+    path = write_indexed_clip(tmp_path / "tiny.mp4", 0.2, audio=tone(0.2, 48000, 440.0), sample_rate=48000)
+    capfd.readouterr()
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            os.write(1, f"line {k}\n".encode())
+            written.append(k)
+            k += 1
+            time.sleep(1e-5)  # let the reading thread run; the writes keep coming while it is in C
+
+    rates = []
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(60):
+            wave, info = read_audio(str(path), 0.0, 0.1)
+            rates.append((info.get("audio_rate"), info.get("audio_resampler"), None if wave is None else wave.shape))
+    finally:
+        stop.set()
+        thread.join()
+    out = capfd.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("line ")]
+    assert len(written) > 100
+    assert lines == [f"line {k}" for k in written], f"{len(written) - len(lines)} of {len(written)} lines lost"
+    assert rates == [(48000, "kaiser_best", (1600,))] * 60
+    assert _native_sample_rate(str(path)) == 48000
+
+
+def test_no_file_descriptor_is_redirected(clips, monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("process-wide file descriptor redirection")
+
+    with monkeypatch.context() as patch:  # undone before pytest's own capture swaps descriptors again
+        patch.setattr(os, "dup2", forbidden)
+        patch.setattr(os, "dup", forbidden)
+        video = decode_video(VideoRequest("six", str(clips["six"])), [grid(2)], segments=3, audio=True)
+    assert video.info["audio_rate"] == 48000 and video.audio.shape == (48000,)
+
+
+def test_unreadable_sample_rate_makes_the_audio_unusable(clips, monkeypatch):
+    """No decord fallback resampling: without the native rate there is no audio, with the reason."""
+    import extract.decode as decode
+
+    def unreadable(path):
+        raise ValueError("audio stream #1 declares no sample rate (0)")
+
+    monkeypatch.setattr(decode, "_native_sample_rate", unreadable)
+    wave, info = decode.read_audio(str(clips["six"]), 0.0, 3.0)
+    assert wave is None
+    assert info == {"audio_error": "audio sample rate unreadable: audio stream #1 declares no sample rate (0)"}
+    video = decode_video(VideoRequest("six", str(clips["six"])), [grid(2)], segments=3, audio=True)
+    assert video.audio is None and video.info["audio_error"].startswith("audio sample rate unreadable")
+    assert "audio_resampler" not in video.info and video.frame_valid["id2"].all()

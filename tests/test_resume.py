@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_the_same_store(tmp_path):
     assert f"skipped {killed_at} (already in the store)" in again.stderr
 
     want, got = read_arrays(full), read_arrays(resumed)
-    assert sorted(want) == sorted(got) == ["audio", "ids", "reason", "status", "valid", "visual"]
+    assert sorted(want) == sorted(got) == ["audio", "ids", "ran", "reason", "source", "status", "valid", "visual"]
     for name in want:
         assert want[name].dtype == got[name].dtype
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -1,0 +1,386 @@
+"""Crash safety and provenance of a store (issue 13, section 4) and what a rerun recomputes (issue 19):
+empty manifests, interrupted growth, what the fingerprint covers, what each row records, failed
+rows and changed files, environment errors, the lock's --wait and re-entrancy, fencing of orphaned
+shard writers."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_run import clip, make_pipeline
+
+from extract.decode import VideoRequest, decode_video
+from extract.lock import StoreLock, StoreLocked, lease_token, new_lease, shard_lock
+from extract.run import (
+    SYSTEMIC_LIMIT,
+    file_identity,
+    open_run_store,
+    plan_shards,
+    requests_from_manifest,
+    run_extraction,
+    store_attrs,
+)
+from extract.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, StoreError, core_specs, create_store, open_store
+
+
+def _attrs():
+    return {"fingerprint": "f", "fingerprint_fields": {}, "extractor": {}}
+
+
+def _specs(T=2):
+    return core_specs(T)
+
+
+def read_all(store):
+    return {name: store.read(name) for name in store.array_names()}
+
+
+# ------------------------------------------------------------------------------------------
+# empty manifests and interrupted growth
+
+
+def test_an_empty_store_opens_and_grows(tmp_path):
+    path = tmp_path / "empty.zarr"
+    create_store(path, [], 2, _specs(), _attrs(), rows_per_shard=2)
+    store = open_store(path, mode="r+")
+    assert len(store) == 0 and all(store.array(n).shape[0] == 0 for n in store.array_names())
+    from extract.store import check_arrays
+
+    check_arrays(store, _specs())  # the old code allocated max(n, 1) feature rows: refused here
+    store.grow(["a", "b", "c"])
+    again = open_store(path)
+    assert again.ids.tolist() == ["a", "b", "c"] and again.status().tolist() == [0, 0, 0]
+    check_arrays(again, _specs())
+
+
+def test_a_run_on_an_empty_manifest_makes_a_store_that_later_runs_fill(tmp_path):
+    pipeline = make_pipeline(tmp_path)
+    summary = run_extraction(pipeline, [], store_path=tmp_path / "s.zarr", progress=False)
+    assert summary.requested == 0 and summary.exit_code == 0
+    clip(tmp_path / "a.mp4", 3.0, seed=1)
+    later = run_extraction(pipeline, [VideoRequest("a", str(tmp_path / "a.mp4"))], store_path=tmp_path / "s.zarr",
+                           progress=False)
+    assert (later.done, later.exit_code) == (1, 0)
+    assert open_store(tmp_path / "s.zarr").status().tolist() == [STATUS_DONE]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_after", ["valid", "status", "reason", "source", "ids"])
+def test_growth_killed_at_any_step_then_the_same_command_gives_the_uninterrupted_store(tmp_path, kill_after):
+    keys, more = ["a", "b", "c"], ["d", "e"]
+    specs, attrs = _specs(), _attrs()
+
+    def build(path, interrupt):
+        create_store(path, keys, 2, specs, attrs, rows_per_shard=2)
+        store = open_store(path, mode="r+")
+        store.write_shard(0, {"valid": np.ones((2, 2), bool)}, np.array([1, 2]), ["", "bad"])
+
+        def hook(name):
+            if interrupt and name == kill_after:
+                raise Killed(name)
+
+        try:
+            store.grow(more, _after_step=hook)
+        except Killed:
+            pass
+        # the same command again: open under the lock, repair, grow what is still absent
+        with open_run_store(path, keys + more, 2, specs, attrs, type("S", (), {"rows_per_shard": 2,
+                                                                              "compression_level": 3})) as again:
+            return read_all(again), again.attrs["num_rows"]
+
+    clean, clean_rows = build(tmp_path / "clean.zarr", False)
+    resumed, resumed_rows = build(tmp_path / "resumed.zarr", True)
+    assert clean_rows == resumed_rows == 5
+    assert sorted(clean) == sorted(resumed)
+    for name in clean:
+        np.testing.assert_array_equal(np.asarray(clean[name]), np.asarray(resumed[name]), err_msg=name)
+
+
+def test_an_old_store_without_row_records_gets_them_when_opened_for_writing(tmp_path):
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    create_store(path, ["a"], 2, _specs(), _attrs(), rows_per_shard=2)
+    group = zarr.open_group(str(path), mode="r+")
+    del group["source"], group["ran"]
+    store = open_store(path, mode="r+")
+    assert store.records("source").tolist() == [""]  # readable as unknown
+    assert "added the source record" in "; ".join(store.repair_growth())
+    assert open_store(path).array("ran").shape == (1,)
+
+
+# ------------------------------------------------------------------------------------------
+# provenance: what the fingerprint covers, what each row records
+
+
+def test_fp16_asked_on_a_cpu_is_recorded_as_the_fp32_that_ran(tmp_path):
+    clip(tmp_path / "a.mp4", 3.0, seed=1)
+    requests = [VideoRequest("a", str(tmp_path / "a.mp4"))]
+    fp16 = run_extraction(make_pipeline(tmp_path, precision="fp16"), requests, store_path=tmp_path / "h.zarr",
+                          progress=False)
+    assert fp16.exit_code == 0
+    store = open_store(tmp_path / "h.zarr")
+    assert store.attrs["extractor"]["precision"] == "fp32"
+    assert store.attrs["extractors"]["vgg19"]["precision"] == "fp32"
+    assert store.records("ran").tolist() == ["vgg19=cpu/fp32,vggish=cpu/fp32"]
+    # the same numbers as an fp32 run: the same fingerprint, so an fp32 run reuses the store
+    fp32 = run_extraction(make_pipeline(tmp_path, precision="fp32"), requests, store_path=tmp_path / "h.zarr",
+                          progress=False)
+    assert (fp32.done, fp32.skipped) == (0, 1)
+    # bf16 really runs on a CPU: other numbers, refused on this store
+    with pytest.raises(StoreError, match="precision"):
+        run_extraction(make_pipeline(tmp_path, precision="bf16"), requests, store_path=tmp_path / "h.zarr",
+                       progress=False)
+
+
+def test_the_fingerprint_covers_only_the_stores_own_extractors(tmp_path):
+    from extract.extractors import extractor_identity
+
+    def fp(**extract):
+        cfg = make_pipeline(tmp_path, extractors=["vggish"], **extract).extract
+        return store_attrs(cfg, extractor_identity(cfg))["fingerprint"]
+
+    # VGG-19 settings do not change an audio-only store (the old fingerprint hashed them all)
+    assert fp() == fp(frames_per_segment=5) == fp(image_size=64) == fp(resize="crop")
+    assert fp() != fp(vggish_relu=False)
+    assert fp() != fp(segments=4)
+
+
+# ------------------------------------------------------------------------------------------
+# reruns: failed rows, changed files, --retry-failed
+
+
+@pytest.fixture()
+def videos(tmp_path):
+    clip(tmp_path / "a.mp4", 3.0, seed=1)
+    clip(tmp_path / "b.mp4", 3.0, seed=2)
+    (tmp_path / "c.mp4").write_bytes(b"not a video at all" * 100)
+    return [VideoRequest(k, str(tmp_path / f"{k}.mp4")) for k in "abc"]
+
+
+def test_a_fixed_file_reaches_the_store_and_the_summary_agrees_with_the_exit_code(tmp_path, videos):
+    pipeline, path = make_pipeline(tmp_path), tmp_path / "s.zarr"
+    first = run_extraction(pipeline, videos, store_path=path, progress=False)
+    assert (first.done, first.failed, first.failed_total, first.exit_code) == (2, 1, 1, 1)
+    again = run_extraction(pipeline, videos, store_path=path, progress=False)
+    assert (again.done, again.failed, again.skipped_done, again.skipped_failed, again.failed_total) == (0, 0, 2, 1, 1)
+    assert "skipped 3 (already in the store) = 2 done + 1 failed" in again.text() and again.exit_code == 1
+    clip(tmp_path / "c.mp4", 3.0, seed=3)  # the user replaces the broken file
+    fixed = run_extraction(pipeline, videos, store_path=path, progress=False)
+    assert (fixed.changed, fixed.done, fixed.failed_total, fixed.exit_code) == (1, 1, 0, 0)
+    assert "re-extracted 1 videos whose file changed" in fixed.text()
+    store = open_store(path)
+    assert store.status().tolist() == [STATUS_DONE] * 3 and store.reasons()[2] == ""
+    assert store.records("source")[2] == file_identity(str(tmp_path / "c.mp4"))
+    reference = run_extraction(pipeline, videos[2:], store_path=tmp_path / "ref.zarr", progress=False)
+    assert reference.done == 1
+    np.testing.assert_array_equal(store.read("visual", [2])[0], open_store(tmp_path / "ref.zarr").read("visual", [0])[0])
+
+
+def test_a_missing_file_that_appears_is_extracted_by_the_same_command(tmp_path, videos):
+    pipeline, path = make_pipeline(tmp_path), tmp_path / "s.zarr"
+    gone = [VideoRequest("d", str(tmp_path / "d.mp4"))]
+    assert run_extraction(pipeline, gone, store_path=path, progress=False).failed == 1
+    clip(tmp_path / "d.mp4", 3.0, seed=4)
+    later = run_extraction(pipeline, gone, store_path=path, progress=False)
+    assert (later.changed, later.done, later.exit_code) == (1, 1, 0)
+
+
+def slow_decode(request, grids, segments, audio):
+    time.sleep(0.5)
+    return decode_video(request, grids, segments, audio)
+
+
+def test_retry_failed_extracts_failed_rows_again_and_only_those(tmp_path, videos):
+    pipeline, path = make_pipeline(tmp_path, decode_timeout_s=0.2), tmp_path / "s.zarr"
+    first = run_extraction(pipeline, videos[:2], store_path=path, progress=False, decode_fn=slow_decode)
+    assert first.failed == 2 and "timed out" in open_store(path).reasons()[0]
+    pipeline = make_pipeline(tmp_path)
+    plain = run_extraction(pipeline, videos, store_path=path, progress=False)
+    assert (plain.done, plain.failed, plain.skipped_failed, plain.retried) == (0, 1, 2, 0)  # c is new: computed
+    plan = plan_shards(open_store(path), videos, retry_failed=True)
+    assert plan.retried == {"a", "b", "c"} and plan.skipped_done == 0
+    retry = run_extraction(pipeline, videos, store_path=path, progress=False, retry_failed=True)
+    assert (retry.retried, retry.retried_ok, retry.done, retry.failed, retry.exit_code) == (3, 2, 2, 1, 1)
+    assert "retried 3 failed videos: 2 now done" in retry.text()
+    assert open_store(path).status().tolist() == [STATUS_DONE, STATUS_DONE, STATUS_FAILED]
+
+
+# ------------------------------------------------------------------------------------------
+# an environment error is not a bad video
+
+
+def broken_library(request, grids, segments, audio):
+    raise OSError("Could not load this library: /venv/lib/libtorchaudio.so: undefined symbol: x")
+
+
+def test_the_same_environment_error_in_a_row_stops_the_run_and_fails_no_row(tmp_path):
+    names = [f"v{i}" for i in range(SYSTEMIC_LIMIT + 2)]
+    for i, name in enumerate(names):
+        clip(tmp_path / f"{name}.mp4", 2.0, seed=i)
+    requests = [VideoRequest(n, str(tmp_path / f"{n}.mp4")) for n in names]
+    pipeline, path = make_pipeline(tmp_path, segments=2), tmp_path / "s.zarr"
+    summary = run_extraction(pipeline, requests, store_path=path, progress=False, decode_fn=broken_library)
+    assert summary.exit_code == 2 and "libtorchaudio" in summary.systemic and "doctor" in summary.systemic
+    assert summary.failed == 0
+    store = open_store(path)
+    assert (store.status() == STATUS_MISSING).all()  # nothing recorded as failed: a rerun computes them
+    fixed = run_extraction(pipeline, requests, store_path=path, progress=False)
+    assert (fixed.done, fixed.exit_code) == (len(names), 0)
+
+
+def test_input_errors_keep_the_per_video_behaviour(tmp_path):
+    requests = [VideoRequest(f"m{i}", str(tmp_path / f"missing{i}.mp4")) for i in range(SYSTEMIC_LIMIT + 1)]
+    summary = run_extraction(make_pipeline(tmp_path), requests, store_path=tmp_path / "s.zarr", progress=False)
+    assert (summary.failed, summary.systemic, summary.exit_code) == (len(requests), "", 1)
+
+
+# ------------------------------------------------------------------------------------------
+# the lock: --wait, re-entrancy; fencing orphaned shard writers
+
+
+def test_wait_in_a_second_process(tmp_path):
+    import subprocess
+    import sys
+
+    create_store(tmp_path / "s.zarr", ["a"], 2, _specs(), _attrs())
+    code = ("import sys, time; from extract.lock import StoreLock; "
+            "l = StoreLock(sys.argv[1], wait=True).acquire(); print('got', time.time(), flush=True)")
+    refuse = "import sys; from extract.lock import StoreLock; StoreLock(sys.argv[1]).acquire()"
+    with StoreLock(tmp_path / "s.zarr"):
+        refused = subprocess.run([sys.executable, "-c", refuse, str(tmp_path / "s.zarr")], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0 and "StoreLocked" in refused.stderr and "--wait" in refused.stderr
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s.zarr")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # still queued
+        released = time.time()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and float(out.split()[1]) >= released
+    assert "waiting for the store's lock" in err
+
+
+def test_the_lock_is_reentrant_in_one_process(tmp_path):
+    create_store(tmp_path / "s.zarr", ["a"], 2, _specs(), _attrs())
+    with StoreLock(tmp_path / "s.zarr"):
+        with StoreLock(tmp_path / "s.zarr"):  # the old lock refused its own holder here
+            pass
+        # still held after the inner release: another open file cannot take it
+        import fcntl
+
+        with open(tmp_path / "s.zarr" / "logs" / "extract.lock", "a+") as fh:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    StoreLock(tmp_path / "s.zarr").acquire().release()
+
+
+def test_an_orphaned_task_of_an_earlier_run_writes_nothing(tmp_path, videos):
+    """A task carries its run's lease; after a newer run took the store it drops its results."""
+    from extract.distributed import extract_shard, plan_jobs_for
+
+    pipeline, path = make_pipeline(tmp_path), tmp_path / "s.zarr"
+    cfg = pipeline.extract
+    from extract.cache import store_specs
+    from extract.extractors import extractor_identity
+
+    attrs = store_attrs(cfg, extractor_identity(cfg))
+    with open_run_store(path, [r.key for r in videos], cfg.segments, store_specs(cfg), attrs, pipeline.store) as store:
+        old_jobs, _ = plan_jobs_for(store, videos, cfg, "cpu", lease=store.lease)
+    newer = new_lease(path)  # the next run starts (e.g. the client was killed and started again)
+    assert lease_token(path) == newer != old_jobs[0].lease
+    result = extract_shard(old_jobs[0])
+    assert result.written is None and result.done == 0
+    assert (open_store(path).status() == STATUS_MISSING).all()
+    current = dataclasses.replace(old_jobs[0], lease=newer)
+    assert extract_shard(current).done == 2
+    with shard_lock(path, 0):  # the shard lock is a plain exclusive lock
+        pass
+
+
+def test_requests_have_absolute_paths_whatever_the_working_directory(tmp_path, monkeypatch):
+    from extract.manifest import Sample, write_manifest
+
+    (tmp_path / "proj" / "videos").mkdir(parents=True)
+    write_manifest(tmp_path / "proj" / "m.csv", [Sample("s", "v", "v.mp4", "", 0, 0, "test")], classes=["x"])
+    monkeypatch.chdir(tmp_path / "proj")
+    requests = requests_from_manifest("m.csv", "videos")
+    assert requests[0].path == str(tmp_path / "proj" / "videos" / "v.mp4")
+    assert os.path.isabs(requests_from_manifest("m.csv", None)[0].path)
+
+
+def test_aborting_with_a_full_prefetch_queue_does_not_stall(tmp_path):
+    """The old thread put its end marker with a blocking put on a full queue: close() waited 30 s."""
+    from extract.decode import DecodePool
+    from extract.run import _Prefetch
+
+    clip(tmp_path / "a.mp4", 1.0, seed=1)
+    request = VideoRequest("a", str(tmp_path / "a.mp4"))
+    with DecodePool(1, 60.0, ahead=4) as pool:
+        pool.start()
+        pool.wait_ready()
+        prefetch = _Prefetch(pool, decode_video, [(request, [], 1, False)], maxsize=1)
+        deadline = time.monotonic() + 60
+        while not prefetch.queue.full() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the pool has finished its tasks; the thread now holds the end marker
+        assert prefetch.queue.full()
+        started = time.monotonic()
+        prefetch.close(pool)
+        assert time.monotonic() - started < 5 and not prefetch.thread.is_alive()
+
+
+# ------------------------------------------------------------------------------------------
+# the command line: checks before any store exists
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["garbage", "tcp://127.0.0.1", "http://127.0.0.1:8786", "refused"])
+def test_a_bad_scheduler_stops_before_the_store_exists(tmp_path, address):
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    clip(tmp_path / "a.mp4", 1.0, seed=1)
+    (tmp_path / "m.csv").write_text("sample_id,video_id,path,category,onset,offset,split\ns,a,a.mp4,,0,0,test\n")
+    if address == "refused":
+        address = f"tcp://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["--manifest", str(tmp_path / "m.csv"), "--weights", "random", "--no-progress",
+                                       "--store", str(tmp_path / "s.zarr"), "--scheduler", address])
+    assert result.exit_code == 2, result.output
+    assert "scheduler" in result.output and not (tmp_path / "s.zarr").exists()
+    assert time.monotonic() - started < 15  # a refused port is known at once (the old client retried 30 s)
+
+
+def test_weights_random_means_every_network(tmp_path):
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    out = CliRunner().invoke(main, ["--weights", "random", "--print-config"]).output
+    for key in ("visual_weights", "audio_weights", "sol_visual_weights"):
+        assert f"{key}: random" in out, key
+
+
+def test_config_shows_the_cache_root_that_applies(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "shared-cache"))
+    assert f"cache_root: {tmp_path / 'shared-cache'}" in CliRunner().invoke(main, ["config"]).output
