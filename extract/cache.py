@@ -48,8 +48,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from .decode import DecodeError, VideoRequest
 from .run import RunSummary
 from .store import (
@@ -119,7 +117,7 @@ def feature_set_attrs(cfg) -> dict[str, Any]:
     """Store attributes of the feature set of ``cfg`` (``fingerprint``, ``fingerprint_fields``,
     ``extractor``, ``weights``, ``versions`` ...), as :func:`extract.run.store_attrs` makes them."""
     from .extractors import extractor_identity
-    from .run import store_attrs
+    from .provenance import store_attrs
 
     return store_attrs(cfg, extractor_identity(cfg))
 
@@ -221,15 +219,10 @@ def extract_with_cache(
     """
     from .extractors import resolve_device
     from .lock import StoreLock
-    from .run import (
-        check_existing_store,
-        close_run,
-        distinct_requests,
-        effective_config,
-        ensure_store,
-        open_run_store,
-        plan_shards,
-    )
+    from .prepare import check_existing_store, ensure_store, open_run_store
+    from .provenance import effective_config
+    from .requests import distinct_requests
+    from .run import close_run, plan_shards
 
     started = time.monotonic()
     cfg = effective_config(pipeline.extract, resolve_device(pipeline.extract.device))
@@ -290,7 +283,7 @@ def _prepare_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest
     """Grow the cache store (the caller holds its lock); mark it incomplete if rows are to be
     computed. Returns the content keys to compute (new, missing, and failed: the cache never
     hands out a failure), and (when the cache was complete before) its former row count."""
-    from .run import check_identity, grow_store
+    from .prepare import check_identity, grow_store
     from .store import check_arrays
 
     cfg = pipeline.extract
@@ -318,8 +311,7 @@ def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], ke
     """Write the project rows of ``members`` from the cache (done rows) or as failed (the cache
     row failed now, or the file could not be read); other rows of the shard are kept. Returns
     ``{key: status written}``; a member whose cache row is still missing is left as it was."""
-    from .run import FAILURES_FILE  # noqa: F401  (same failure log as the runner)
-    from .run import _append_failures
+    from .run import append_failures
 
     rows = store.shard_rows(shard)
     names = store.feature_names()
@@ -360,7 +352,7 @@ def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], ke
                              "reason": unreadable[request.key]})
     reason = [str(r) for r in records.pop("reason")]
     store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
-    _append_failures(store.path, failures)
+    append_failures(store.path, failures)
     return written
 
 

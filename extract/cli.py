@@ -91,11 +91,81 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
     click.echo("# resolved configuration\n" + pipeline.dump(), err=True)
-    from .distributed import run_cli
-
-    sys.exit(run_cli(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress,
+    sys.exit(run_command(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress,
                      scheduler=scheduler, cache=use_cache, retry_failed=retry_failed, wait=wait,
                      preflight=not no_preflight))
+
+
+def run_command(pipeline, *, split: str | None = None, manifest: str | None = None, video_root: str | None = None,
+            progress: bool = True, scheduler: str | None = None, cache: bool = False, retry_failed: bool = False,
+            wait: bool = False, preflight: bool = True) -> int:
+    """``avel-extract`` main body: check, run, print the summary, return the exit code (0 ok, 1 some
+    video failed or was not extracted, 2 the run could not start or an environment error stopped it).
+
+    Before any store is created: the manifests are read (paths made absolute), the environment is
+    checked (:mod:`extract.preflight`: decode, resample, device; on a remote cluster on every
+    worker), a remote scheduler is reached and its workers checked. Then the single-machine path
+    (:func:`extract.run.run_extraction`), the Dask path (:func:`run_extraction_dask`) or the cache
+    (:func:`extract.cache.extract_with_cache`, computing its misses on either) runs."""
+    import contextlib
+    import functools
+    import os
+
+    from .daskclient import LOCAL, dask_client
+    from .distributed import check_workers, run_extraction_dask
+    from .lock import StoreLocked
+    from .manifest import ManifestError
+    from .preflight import PreflightError
+    from .requests import collect_requests
+    from .run import run_extraction
+    from .settings import ConfigError
+    from .store import StoreError
+
+    scheduler = scheduler or pipeline.dask.scheduler
+    try:
+        requests = collect_requests(pipeline, split, manifest, video_root)
+        with contextlib.ExitStack() as stack:
+            client = None
+            if scheduler and scheduler != LOCAL:
+                client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=str(pipeline.extract.device).startswith("cuda"),
+                                                         resolve_path=pipeline.path))
+            if preflight:
+                _preflight(pipeline, client)
+            common = {"progress": progress, "retry_failed": retry_failed}
+            if scheduler:
+                runner = functools.partial(run_extraction_dask, scheduler=scheduler, client=client)
+            else:
+                runner = run_extraction
+            if cache:
+                from .cache import cache_root, extract_with_cache
+
+                if client is not None:
+                    check_workers(client, [], [os.path.abspath(cache_root(pipeline))])
+                result = extract_with_cache(pipeline, requests, runner=runner, wait=wait, **common)
+            else:
+                result = runner(pipeline, requests, wait=wait, **common)
+    except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, FileNotFoundError, ValueError) as exc:
+        print(f"avel-extract: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.text(), file=sys.stderr)
+    return result.exit_code
+
+
+def _preflight(pipeline, client) -> None:
+    """The environment checks of :mod:`extract.preflight`, here (single machine, embedded cluster)
+    or on every worker of a remote cluster; PreflightError naming what failed where."""
+    from .preflight import PreflightError, check_environment, require_environment
+
+    cfg = pipeline.extract
+    if client is None:
+        require_environment(cfg, cfg.device, build_networks=False)
+        return
+    answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
+    failed = [f"worker {worker}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+              for worker, checks in sorted(answers.items()) for c in checks if not c.ok]
+    if failed:
+        raise PreflightError("the environment check failed on the Dask workers; nothing was written:\n  "
+                             + "\n  ".join(failed))
 
 
 @main.command("bench")

@@ -17,6 +17,10 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:  # Dask's own INFO lines (cluster start, worker registration) only with -v
+        import os
+
+        # read by distributed when it is imported, here and in the worker processes it starts
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         for name in ("distributed", "dask"):
             logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -53,7 +53,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from .decode import DecodeError, Failure, VideoRequest, decode_video
 from .settings import ConfigError, fingerprint, to_dict
@@ -320,7 +320,7 @@ def count_reschedules(store_path, lease: str) -> int:
     return len(shards) - len(set(shards))
 
 
-from .daskclient import LOCAL, LOOPBACK, dask_client, security_from_config  # noqa: E402,F401  (shared with train/)
+from .daskclient import LOCAL, LOOPBACK, dask_client, security_from_config  # noqa: E402,F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,7 +358,10 @@ def run_extraction_dask(
     """
     from .cache import store_specs
     from .extractors import extractor_identity, resolve_device
-    from .run import check_existing_store, close_run, distinct_requests, effective_config, open_run_store, store_attrs
+    from .prepare import check_existing_store, open_run_store
+    from .provenance import effective_config, store_attrs
+    from .requests import distinct_requests
+    from .run import close_run
 
     started = time.monotonic()
     store_cfg = pipeline.store
@@ -427,7 +430,7 @@ def check_workers(client, paths: Sequence[str], folders: Sequence[os.PathLike]) 
 
 def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):
     from .progress import progress_bar
-    from .run import SystemicError, SystemicGuard, _count
+    from .run import SystemicError, SystemicGuard, count_outcomes
 
     summary = plan.start_summary(store.path, len(requests))
     summary.workers = {}  # type: ignore[attr-defined]  worker -> model loads
@@ -461,7 +464,7 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
                 continue
             for key, reason in result.events:
                 guard.observe(key, _SystemEvent(reason) if reason else None)
-            _count(summary, plan, result.written or {})
+            count_outcomes(summary, plan, result.written or {})
             summary.workers[result.worker] = max(result.model_loads, summary.workers.get(result.worker, 0))  # type: ignore[attr-defined]
             bar.update(len(job.members))
             bar.set_postfix(failed=summary.failed, refresh=False)
@@ -500,73 +503,3 @@ def shard_files_equal(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
     return sorted(str(f) for f in files
                   if not ((a / f).is_file() and (b / f).is_file() and (a / f).read_bytes() == (b / f).read_bytes()))
 
-
-# ------------------------------------------------------------------------------------------
-# command line
-
-
-def run_cli(pipeline, *, split: str | None = None, manifest: str | None = None, video_root: str | None = None,
-            progress: bool = True, scheduler: str | None = None, cache: bool = False, retry_failed: bool = False,
-            wait: bool = False, preflight: bool = True) -> int:
-    """``avel-extract`` main body: check, run, print the summary, return the exit code (0 ok, 1 some
-    video failed or was not extracted, 2 the run could not start or an environment error stopped it).
-
-    Before any store is created: the manifests are read (paths made absolute), the environment is
-    checked (:mod:`extract.preflight`: decode, resample, device; on a remote cluster on every
-    worker), a remote scheduler is reached and its workers checked. Then the single-machine path
-    (:func:`extract.run.run_extraction`), the Dask path (:func:`run_extraction_dask`) or the cache
-    (:func:`extract.cache.extract_with_cache`, computing its misses on either) runs."""
-    import functools
-    import sys
-
-    from .lock import StoreLocked
-    from .manifest import ManifestError
-    from .preflight import PreflightError
-    from .run import collect_requests, run_extraction
-    from .store import StoreError
-
-    scheduler = scheduler or pipeline.dask.scheduler
-    try:
-        requests = collect_requests(pipeline, split, manifest, video_root)
-        with contextlib.ExitStack() as stack:
-            client = None
-            if scheduler and scheduler != LOCAL:
-                client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=_wants_gpu(pipeline.extract.device),
-                                                         resolve_path=pipeline.path))
-            if preflight:
-                _preflight(pipeline, client)
-            common = {"progress": progress, "retry_failed": retry_failed}
-            if scheduler:
-                runner = functools.partial(run_extraction_dask, scheduler=scheduler, client=client)
-            else:
-                runner = run_extraction
-            if cache:
-                from .cache import cache_root, extract_with_cache
-
-                if client is not None:
-                    check_workers(client, [], [os.path.abspath(cache_root(pipeline))])
-                result = extract_with_cache(pipeline, requests, runner=runner, wait=wait, **common)
-            else:
-                result = runner(pipeline, requests, wait=wait, **common)
-    except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, FileNotFoundError, ValueError) as exc:
-        print(f"avel-extract: error: {exc}", file=sys.stderr)
-        return 2
-    print(result.text(), file=sys.stderr)
-    return result.exit_code
-
-
-def _preflight(pipeline, client) -> None:
-    """The environment checks of :mod:`extract.preflight`, here (single machine, embedded cluster)
-    or on every worker of a remote cluster; PreflightError naming what failed where."""
-    from .preflight import PreflightError, check_environment, require_environment
-
-    cfg = pipeline.extract
-    if client is None:
-        require_environment(cfg, cfg.device, build_networks=False)
-        return
-    answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
-    failed = [f"worker {worker}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
-              for worker, checks in sorted(answers.items()) for c in checks if not c.ok]
-    if failed:
-        raise PreflightError("the environment check failed on the Dask workers; nothing was written:\n  "
-                             + "\n  ".join(failed))

@@ -1,32 +1,36 @@
 """The extraction runner behind ``avel-extract``: manifests -> decode workers -> networks -> store.
 
-How a run goes:
+How a run goes (the single-machine path; :mod:`extract.distributed` runs the same shards as Dask
+tasks, :mod:`extract.cache` fills a project store from a shared cache):
 
-1. The split(s) (``--split train``, ``--split train,val``, ``--split all``) or ``--manifest`` give
-   the video windows to extract: one per distinct feature key (:meth:`Manifest.videos`).
-2. The extractors are built (weights loaded; missing pretrained weights stop the run here, before
-   the store is touched). The store (``store.path``) is created if absent (atomically: built under
-   a temporary name, then renamed), then locked (:mod:`extract.lock`: a second ``avel-extract``
-   on the same store is refused with the holder's pid, host and start time). An existing store
-   must have the same **fingerprint** (a hash of everything that changes the numbers: extractor
-   identities with weights sha256 or "random", segments, frames per segment, image size and
-   resize, precision, VGGish ReLU/PCA, schema version; not workers, batch sizes, device or shard
-   layout); otherwise the run is refused with the differing fields named. Keys new to the store
-   are appended as new rows (only this driver process resizes arrays or writes attributes).
-3. Work unit = one store **shard** (rows ``k*S .. k*S+S-1``, ``store.rows_per_shard``): a shard is
-   skipped when all its requested rows are done or failed, otherwise all its requested rows are
-   decoded and computed again, together, and the shard is written whole
-   (:meth:`FeatureStore.write_shard`, status last). Each shard has exactly one writer and the
-   batches a video is computed in are always the same, so a run that is killed at any point and
-   started again ends with a store identical, bit for bit, to an uninterrupted run's.
+1. :mod:`extract.requests` turns the split(s) or ``--manifest`` into video windows with absolute
+   paths, one per distinct feature key.
+2. The extractors are built (missing pretrained weights stop the run here, before the store is
+   touched); the precision recorded is the one that runs on the device
+   (:func:`extract.provenance.effective_config`). :mod:`extract.prepare` creates the store if
+   absent (atomically), takes its lock (:mod:`extract.lock`; ``wait`` queues behind another
+   writer), repairs an interrupted growth, refuses a store of another **fingerprint**
+   (:mod:`extract.provenance`: the store's extractors' identities - weights, preprocessing,
+   precision - segments and schema version; nothing else) naming the differing fields, appends
+   the keys it lacks and takes a new lease (tasks of earlier runs no longer write).
+3. :func:`plan_shards` picks the rows to compute: missing rows, rows whose file changed since
+   they were made (size or modification time differ from the row's ``source`` record), and with
+   ``retry_failed`` the failed rows; every other requested row is skipped. Work unit = one store
+   **shard** (rows ``k*S .. k*S+S-1``): its planned rows are decoded and computed together and the
+   shard is written whole (:meth:`FeatureStore.write_shard`, status last), so a run that is killed
+   at any point and started again ends with a store identical, bit for bit, to an uninterrupted
+   run's.
 4. Decode worker processes (:class:`extract.decode.DecodePool`, ``extract.decode_workers``, default
    all cores) run ahead of the networks through a bounded queue; a decode that takes longer than
    ``extract.decode_timeout_s`` is killed and its video marked failed. The main process runs the
    extractors on all decoded videos of a shard at once (frames batched across videos).
-5. Failures (missing/corrupt/unreadable files, timeouts, compute errors) never stop the run: the
-   row gets status ``failed``, the reason goes to the ``reason`` array and to
-   ``<store>/logs/failures.jsonl``. A progress bar shows videos/s and the ETA; the run ends with a summary, and the exit
-   code is non-zero only when some requested video is failed.
+5. A bad video never stops the run: its row gets status ``failed``, the reason goes to the
+   ``reason`` array and to ``<store>/logs/failures.jsonl``. An error of the environment (a library
+   that does not load, CUDA, memory: :func:`is_system_error`) is not the video's fault: its row
+   stays missing, and when the same one hits :data:`SYSTEMIC_LIMIT` videos in a row the run stops
+   (exit 2). Every row records its file identity (``source``) and what computed it (``ran``). The
+   run ends by verifying the store and marking it ``complete``, then a summary that counts every
+   requested video once; the exit code is 1 when some requested video is failed or missing.
 
 **The ``valid`` flags.** ``valid[t]`` is true when segment t has both modalities: the video covers
 it (at least half of its sampled frame times lie inside the video stream and inside the manifest
@@ -39,304 +43,52 @@ failed videos are all zeros and all invalid.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import logging
 import os
-import platform
 import queue
-import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .decode import Failure, VideoRequest, decode_video, warm_up
-from .settings import ConfigError, fingerprint, to_dict
+from .prepare import open_run_store
+from .provenance import effective_config, file_identity, ran_label, store_attrs
+from .requests import distinct_requests
 from .store import (
-    SCHEMA_VERSION,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
-    ArraySpec,
     FeatureStore,
-    StoreError,
-    check_arrays,
     core_specs,
-    create_store,
-    open_store,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "RunSummary",
-    "resolve_splits",
-    "collect_requests",
-    "requests_from_manifest",
+    "Plan",
+    "SystemFailure",
+    "SystemicError",
+    "SystemicGuard",
     "run_extraction",
-    "run_extraction_cli",
-    "distinct_requests",
-    "open_run_store",
     "plan_shards",
     "decode_inputs",
     "finish_shard",
-    "store_fingerprint_fields",
-    "package_versions",
+    "count_outcomes",
+    "close_run",
+    "append_failures",
     "FAILURES_FILE",
 ]
 
 #: failure log, one JSON object per line, under ``<store>/logs/``
 FAILURES_FILE = "failures.jsonl"
 #: packages whose versions are recorded in the store (distribution name -> label)
-VERSIONED = {"torch": "torch", "torchvision": "torchvision", "decord2": "decord", "zarr": "zarr",
-             "numpy": "numpy", "librosa": "librosa", "avel": "avel"}
-
-
-# ------------------------------------------------------------------------------------------
-# what to extract
-
-
-def resolve_splits(pipeline, split: str) -> list[str]:
-    """``"train"``, ``"train,val"`` or ``"all"`` (every configured split) -> split names."""
-    configured = list(pipeline.data.splits)
-    if split.strip() == "all":
-        if not configured:
-            raise ConfigError("--split all: no splits are configured under data.splits in pipeline.yaml")
-        return configured
-    names = [s.strip() for s in split.split(",") if s.strip()]
-    if not names:
-        raise ConfigError(f"--split {split!r}: give a split name, a comma list or 'all'")
-    for name in names:
-        pipeline.split(name)  # ConfigError naming the known splits
-    return names
-
-
-def requests_from_manifest(manifest_path: str | os.PathLike, video_root: str | os.PathLike | None) -> list[VideoRequest]:
-    """One :class:`VideoRequest` per distinct feature key of a manifest; paths resolved against
-    ``video_root`` (default: the manifest's folder)."""
-    from .manifest import read_manifest
-
-    manifest = read_manifest(manifest_path)
-    # absolute from here on: Dask workers run in other working directories (and on other hosts)
-    root = Path(os.path.abspath(os.path.expanduser(video_root if video_root else Path(manifest_path).parent)))
-    out = []
-    for sample in manifest.videos():
-        path = Path(os.path.expanduser(sample.path))
-        out.append(VideoRequest(sample.key, os.path.normpath(str(path if path.is_absolute() else root / path)),
-                                sample.start, sample.duration))
-    return out
-
-
-def collect_requests(pipeline, split: str | None = None, manifest: str | None = None,
-                     video_root: str | None = None) -> list[VideoRequest]:
-    """The video windows of ``--split`` (comma list / all) or ``--manifest``, distinct keys in order."""
-    sources: list[tuple[Path, Path | None]] = []
-    if manifest:
-        sources.append((Path(manifest), Path(video_root) if video_root else None))
-    if split:
-        for name in resolve_splits(pipeline, split):
-            cfg = pipeline.split(name)
-            if not cfg.manifest:
-                raise ConfigError(f"data.splits.{name}.manifest is empty; set it in pipeline.yaml")
-            root = video_root or (pipeline.path(cfg.video_root) if cfg.video_root else None)
-            sources.append((pipeline.path(cfg.manifest), Path(root) if root else None))
-    if not sources:
-        raise ConfigError("nothing to extract: give --split NAME or --manifest FILE")
-    seen: dict[str, VideoRequest] = {}
-    for path, root in sources:
-        for request in requests_from_manifest(path, root):
-            first = seen.setdefault(request.key, request)
-            if first.path != request.path:
-                log.warning("%s: key %r also comes from %s; keeping %s", path, request.key, request.path, first.path)
-    return list(seen.values())
-
-
-# ------------------------------------------------------------------------------------------
-# store identity
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of python and the packages that make the numbers (``"absent"`` if not installed)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist, label in VERSIONED.items():
-        try:
-            out[label] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[label] = _source_version() if label == "avel" else "absent"
-    return out
-
-
-def _source_version() -> str:
-    """avel's version from setup.cfg when running from a source checkout (not installed)."""
-    import configparser
-
-    setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(setup_cfg)
-        return f"{parser['metadata']['version']} (source)"
-    except (KeyError, configparser.Error):
-        return "absent"
-
-
-def store_fingerprint_fields(cfg, identities: dict[str, Any]) -> dict[str, Any]:
-    """What the store fingerprint hashes: everything that changes the numbers, nothing else.
-
-    Only the store's own extractors enter it (each identity carries its weights, preprocessing and
-    precision), so a setting of an extractor the store does not hold (``frames_per_segment`` for
-    an audio-only store, say) neither refuses a run nor misses the cache."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "segments": cfg.segments,
-        "extractors": identities,
-    }
-
-
-def effective_config(cfg, device: str):
-    """``cfg`` with the precision that really runs on ``device`` (fp16 asked on a CPU runs fp32),
-    so that the store records, and fingerprints, what ran."""
-    from .extractors import effective_precision
-
-    precision = effective_precision(cfg.precision, device)
-    return cfg if precision == cfg.precision else dataclasses.replace(cfg, precision=precision)
-
-
-def file_identity(path: str) -> str:
-    """``size=<bytes>;mtime_ns=<ns>`` of a file, "" if it cannot be read: a row remembers the file
-    it was made from, and a changed file is extracted again."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ""
-    return f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
-
-
-def ran_label(extractors) -> str:
-    """What computes a row: ``vgg19=cpu/fp32,vggish=cpu/fp32`` (stored per row in ``ran``)."""
-    return ",".join(f"{e.name}={e.device}/{getattr(e, 'precision', 'fp32')}" for e in extractors)
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: obj}
-
-
-def differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two fingerprint-field dicts, as ``key: old -> new``."""
-    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def store_attrs(cfg, identities: dict[str, Any]) -> dict[str, Any]:
-    fields = store_fingerprint_fields(cfg, identities)
-    return {
-        "extractor": to_dict(cfg),
-        "fingerprint": fingerprint(fields),
-        "fingerprint_fields": fields,
-        "extractors": identities,
-        "weights": {name: ident.get("weights") for name, ident in identities.items()},
-        "versions": package_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-# ------------------------------------------------------------------------------------------
-# store preparation (driver only)
-
-
-def ensure_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
-                 attrs: dict[str, Any], store_cfg) -> bool:
-    """Create the store at ``path`` if absent (built under a temporary name, then renamed, so a
-    concurrent run never sees half a store). Returns True when this call created it."""
-    if path.exists():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
-    create_store(tmp, keys, segments, specs, attrs, rows_per_shard=store_cfg.rows_per_shard,
-                 compression_level=store_cfg.compression_level)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # somebody else created it meanwhile: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        return False
-    return True
-
-
-def check_identity(store: FeatureStore, attrs: dict[str, Any], segments: int) -> None:
-    """Refuse a store made with other settings (names the store and the differing fields)."""
-    if store.segments != segments:
-        raise StoreError(f"{store.path}: store has segments={store.segments}, this run extract.segments={segments}; "
-                         "use another store.path or the store's settings")
-    if store.fingerprint != attrs["fingerprint"]:
-        old = store.attrs.get("fingerprint_fields") or {}
-        diffs = differing_fields(old, attrs["fingerprint_fields"]) if old else ["(the store records no fingerprint fields)"]
-        raise StoreError(
-            f"{store.path}: refusing to write: the store was made with other extraction settings "
-            f"(fingerprint {store.fingerprint} != {attrs['fingerprint']}); differing: " + "; ".join(diffs[:12])
-            + ". Use another store.path, or the store's settings (see its 'extractor' attribute)."
-        )
-
-
-def grow_store(store: FeatureStore, new_keys: Sequence[str]) -> None:
-    """Append rows for ``new_keys`` (status missing) to every array of the store (crash-safe:
-    :meth:`FeatureStore.grow`)."""
-    store.grow(list(new_keys))
-
-
-def distinct_requests(requests: Sequence[VideoRequest], allow_empty: bool = False) -> list[VideoRequest]:
-    """``requests`` without repeated keys (the first request of a key wins), in order.
-
-    Raises ``ConfigError`` when nothing is left, unless ``allow_empty``."""
-    distinct: dict[str, VideoRequest] = {}
-    for request in requests:
-        distinct.setdefault(request.key, request)  # first wins
-    if not distinct and not allow_empty:
-        raise ConfigError("nothing to extract: the manifest(s) have no rows")
-    return list(distinct.values())
-
-
-def check_existing_store(path: Path, attrs: dict[str, Any], segments: int) -> None:
-    """Refuse early (before any work) when a store exists at ``path`` with other settings."""
-    if path.exists():
-        check_identity(open_store(path), attrs, segments)
-
-
-@contextlib.contextmanager
-def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
-                   attrs: dict[str, Any], store_cfg, create_attrs: dict[str, Any] | None = None,
-                   wait: bool = False):
-    """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock
-    (``wait``: queue behind another holder), open it for writing, repair an interrupted growth,
-    refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`),
-    append rows for the ``keys`` it lacks and take a new lease (fencing tasks of earlier runs);
-    yields the open :class:`FeatureStore` while the lock is held (released on exit). The store
-    is marked incomplete while the run works; the caller marks it complete at the end."""
-    from .lock import StoreLock, new_lease
-
-    ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
-    with StoreLock(path, wait=wait):
-        store = open_store(path, mode="r+")
-        check_identity(store, attrs, segments)
-        store.repair_growth()
-        check_arrays(store, specs)
-        present = set(store.ids.tolist())
-        grow_store(store, [k for k in keys if k not in present])
-        store.lease = new_lease(path)
-        yield store
-
-
 # ------------------------------------------------------------------------------------------
 # running
 
@@ -572,7 +324,7 @@ class _Prefetch:
             log.warning("the decode prefetch thread did not stop within 30 s")
 
 
-def _append_failures(path: Path, records: list[dict]) -> None:
+def append_failures(path: Path, records: list[dict]) -> None:
     from .lock import log_dir
 
     if records:
@@ -689,7 +441,7 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, 
                 decoded = [prefetch.get() for _ in members]
                 outcome = finish_shard(store, shard, members, decoded, extractors, cfg.segments,
                                        sources=plan.sources, guard=guard)
-                _count(summary, plan, outcome)
+                count_outcomes(summary, plan, outcome)
                 bar.update(len(members))
                 bar.set_postfix(failed=summary.failed, refresh=False)
             summary.steady_seconds = time.monotonic() - steady_start
@@ -704,7 +456,7 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, 
     return close_run(store, requests, summary, started)
 
 
-def _count(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> None:
+def count_outcomes(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> None:
     """Add one shard's outcomes ({key: status written}) to the summary."""
     for key, state in outcome.items():
         if state == STATUS_DONE:
@@ -790,26 +542,5 @@ def _write_shard(store: FeatureStore, shard: int, members, outcome: dict[int, An
         written[request.key] = int(status[local])
     reason = [str(r) for r in records.pop("reason")]
     store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
-    _append_failures(store.path, failures)
+    append_failures(store.path, failures)
     return written
-
-
-def run_extraction_cli(pipeline, split: str | None = None, manifest: str | None = None,
-                       video_root: str | None = None, progress: bool = True, retry_failed: bool = False,
-                       wait: bool = False) -> int:
-    """``avel-extract`` main body: run, print the summary, return the exit code (0 ok, 1 some video
-    failed, 2 the run could not start or was stopped by an environment error: configuration,
-    manifest, store, lock, weights, preflight)."""
-    import sys
-
-    from .lock import StoreLocked
-    from .manifest import ManifestError
-
-    try:
-        requests = collect_requests(pipeline, split, manifest, video_root)
-        summary = run_extraction(pipeline, requests, progress=progress, retry_failed=retry_failed, wait=wait)
-    except (ConfigError, ManifestError, StoreError, StoreLocked, FileNotFoundError, ValueError) as exc:
-        print(f"avel-extract: error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.text(), file=sys.stderr)
-    return summary.exit_code

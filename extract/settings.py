@@ -21,8 +21,12 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-#: modules that define sections; imported before a pipeline is resolved (they are light).
-SECTION_MODULES = ("extract.settings", "extract.config", "train.config")
+#: entry-point group through which each installed stage names the (light) modules that register
+#: its sections (setup.cfg ``[options.entry_points] avel.config_sections``): the stages never name
+#: each other here, and a third package can add a section the same way
+SECTIONS_GROUP = "avel.config_sections"
+#: this stage's own section modules (also loaded when avel runs from an uninstalled source tree)
+SECTION_MODULES = ("extract.settings", "extract.config")
 
 #: section name -> dataclass type
 SECTIONS: dict[str, type] = {}
@@ -130,14 +134,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for alt in args:
             if alt is type(None):
                 continue
             try:
                 return coerce(value, alt, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -306,8 +309,14 @@ class Pipeline:
 
 
 def load_sections() -> dict[str, type]:
+    """Import every module that registers sections: this stage's and every installed entry point
+    of :data:`SECTIONS_GROUP` (e.g. ``train = train.config``)."""
+    from importlib.metadata import entry_points
+
     for module in SECTION_MODULES:
         importlib.import_module(module)
+    for entry in entry_points(group=SECTIONS_GROUP):
+        importlib.import_module(entry.value)
     return SECTIONS
 
 

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
-from .extractors import DecodedVideo, Extractor, FrameCNNExtractor, register_extractor
+from .extractor_base import DecodedVideo, Extractor, FrameCNNExtractor, register_extractor
 from .store import ArraySpec
 
 log = logging.getLogger(__name__)

@@ -116,7 +116,7 @@ def test_two_writers_on_one_shard_lose_rows_but_one_writer_per_shard_never_does(
 
 def test_the_task_plan_gives_every_shard_to_one_task(tmp_path, videos):
     from extract.distributed import ShardJob, check_one_writer_per_shard, plan_jobs
-    from extract.run import grow_store
+    from extract.prepare import grow_store
     from extract.cache import store_specs
 
     pipeline = make_pipeline()

@@ -68,7 +68,7 @@ def extractors(data):
 
 
 def requests_of(data, manifest):
-    from extract.run import requests_from_manifest
+    from extract.requests import requests_from_manifest
 
     return requests_from_manifest(data / manifest, None)
 
@@ -150,7 +150,7 @@ def test_refuses_a_store_made_with_other_settings(data, extractors, tmp_path):
 
 def test_fingerprint_ignores_layout_and_runtime_settings(data):
     from extract.extractors import extractor_identity
-    from extract.run import store_attrs
+    from extract.provenance import store_attrs
 
     base = make_pipeline(data).extract
     same = make_pipeline(data, batch_frames=64, decode_workers=7, device="cuda", decode_timeout_s=5.0).extract
@@ -209,7 +209,7 @@ def test_a_hung_decode_is_killed_and_the_run_goes_on(data, extractors, tmp_path)
 
 
 def test_split_names_comma_lists_and_all(tmp_path):
-    from extract.run import collect_requests, resolve_splits
+    from extract.requests import collect_requests, resolve_splits
 
     for name in ("one", "two"):
         write_manifest(tmp_path / f"{name}.csv", [Sample(f"s{name}", f"v{name}", f"{name}.mp4", "", 0, 0, name)])

@@ -15,15 +15,10 @@ from test_run import clip, make_pipeline
 
 from extract.decode import VideoRequest, decode_video
 from extract.lock import StoreLock, StoreLocked, lease_token, new_lease, shard_lock
-from extract.run import (
-    SYSTEMIC_LIMIT,
-    file_identity,
-    open_run_store,
-    plan_shards,
-    requests_from_manifest,
-    run_extraction,
-    store_attrs,
-)
+from extract.prepare import open_run_store
+from extract.provenance import file_identity, store_attrs
+from extract.requests import requests_from_manifest
+from extract.run import SYSTEMIC_LIMIT, plan_shards, run_extraction
 from extract.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, StoreError, core_specs, create_store, open_store
 
 

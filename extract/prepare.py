@@ -1,0 +1,86 @@
+"""Store preparation, by the driver only (the process that holds the store's lock): create the
+store atomically, refuse one made with other settings, repair an interrupted growth, append rows,
+take a new lease. Workers never do any of this; they only write whole shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from .provenance import differing_fields
+from .store import ArraySpec, FeatureStore, StoreError, check_arrays, create_store, open_store
+
+__all__ = ["ensure_store", "check_identity", "grow_store", "check_existing_store", "open_run_store"]
+
+
+def ensure_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
+                 attrs: dict[str, Any], store_cfg) -> bool:
+    """Create the store at ``path`` if absent (built under a temporary name, then renamed, so a
+    concurrent run never sees half a store). Returns True when this call created it."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+    create_store(tmp, keys, segments, specs, attrs, rows_per_shard=store_cfg.rows_per_shard,
+                 compression_level=store_cfg.compression_level)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # somebody else created it meanwhile: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
+
+
+def check_identity(store: FeatureStore, attrs: dict[str, Any], segments: int) -> None:
+    """Refuse a store made with other settings (names the store and the differing fields)."""
+    if store.segments != segments:
+        raise StoreError(f"{store.path}: store has segments={store.segments}, this run extract.segments={segments}; "
+                         "use another store.path or the store's settings")
+    if store.fingerprint != attrs["fingerprint"]:
+        old = store.attrs.get("fingerprint_fields") or {}
+        diffs = differing_fields(old, attrs["fingerprint_fields"]) if old else ["(the store records no fingerprint fields)"]
+        raise StoreError(
+            f"{store.path}: refusing to write: the store was made with other extraction settings "
+            f"(fingerprint {store.fingerprint} != {attrs['fingerprint']}); differing: " + "; ".join(diffs[:12])
+            + ". Use another store.path, or the store's settings (see its 'extractor' attribute)."
+        )
+
+
+def grow_store(store: FeatureStore, new_keys: Sequence[str]) -> None:
+    """Append rows for ``new_keys`` (status missing) to every array of the store (crash-safe:
+    :meth:`FeatureStore.grow`)."""
+    store.grow(list(new_keys))
+
+
+def check_existing_store(path: Path, attrs: dict[str, Any], segments: int) -> None:
+    """Refuse early (before any work) when a store exists at ``path`` with other settings."""
+    if path.exists():
+        check_identity(open_store(path), attrs, segments)
+
+
+@contextlib.contextmanager
+def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
+                   attrs: dict[str, Any], store_cfg, create_attrs: dict[str, Any] | None = None,
+                   wait: bool = False):
+    """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock
+    (``wait``: queue behind another holder), open it for writing, repair an interrupted growth,
+    refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`),
+    append rows for the ``keys`` it lacks and take a new lease (fencing tasks of earlier runs);
+    yields the open :class:`FeatureStore` while the lock is held (released on exit). The store
+    is marked incomplete while the run works; the caller marks it complete at the end."""
+    from .lock import StoreLock, new_lease
+
+    ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
+    with StoreLock(path, wait=wait):
+        store = open_store(path, mode="r+")
+        check_identity(store, attrs, segments)
+        store.repair_growth()
+        check_arrays(store, specs)
+        present = set(store.ids.tolist())
+        grow_store(store, [k for k in keys if k not in present])
+        store.lease = new_lease(path)
+        yield store
