@@ -9,7 +9,7 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
 - ``local``: an embedded :class:`distributed.LocalCluster` whose scheduler, workers, nannies and
   dashboard all listen on 127.0.0.1 only (random ports), ``dask.n_workers`` processes (default:
   one per GPU with ``extract.device`` cuda, else one per ``dask.threads_per_worker`` cores);
-- ``tcp://host:8786``: an existing scheduler (e.g. started by dask-jobqueue on SLURM, see README);
+- ``tcp://host:8786``: an existing scheduler (e.g. started by dask-jobqueue on SLURM, see docs/cluster.md);
 - ``tls://host:8786``: the same with Dask's TLS security, certificates from ``dask.tls_ca_file``,
   ``dask.tls_client_cert``, ``dask.tls_client_key`` or from Dask's own configuration/environment
   (``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``..._CLIENT__CERT``, ``..._CLIENT__KEY``).

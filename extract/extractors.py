@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import extractor_base as _base
 from .config import ExtractConfig
 from .extractor_base import (  # noqa: F401  (re-exported: the public names of the extractor API)
     EXTRACTORS,
@@ -44,21 +45,7 @@ from .store import ArraySpec
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FrameGrid",
-    "DecodedVideo",
-    "Extractor",
-    "EXTRACTORS",
-    "register_extractor",
-    "get_extractor",
-    "build_extractors",
-    "extractor_identity",
-    "resolve_device",
-    "effective_precision",
-    "FrameCNNExtractor",
-    "VGG19Extractor",
-    "VGGishExtractor",
-]
+__all__ = _base.__all__ + ["build_extractors", "extractor_identity", "VGG19Extractor", "VGGishExtractor"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The feature store contract: the only thing the two stages share.
 
-A store is a Zarr v3 group per feature set (see README, "Feature store contract"):
+A store is a Zarr v3 group per feature set (see docs/store.md):
 
 - root attributes: ``schema`` ("avel-features"), ``schema_version``, ``segments`` (T),
   ``extractor`` (the full extractor configuration), ``fingerprint`` (hash of what changes the

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.avel import FusionConfig, pool_scores
+from train.heads.avel import ResidualFusionConfig
+from train.heads.layers import pool_over_time
 from train.registry import get_head
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest (no spin-waiting on a busy machine)
@@ -201,7 +202,7 @@ def test_att_net_outputs_match(name):
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_dmrn_outputs_match_tbmrf_net(blocks):
-    config = FusionConfig(blocks=blocks)
+    config = ResidualFusionConfig(blocks=blocks)
     ours, ref = build_pair("dmrn", lambda: RefTBMRFNet(nb_block=blocks), config=config)
     audio, visual = random_inputs(blocks)
     with torch.no_grad():
@@ -214,11 +215,11 @@ def test_dmrn_outputs_match_tbmrf_net(blocks):
 def test_dmrn_two_blocks_follow_the_code_not_eq_5_6():
     """With two blocks the reference's stream swap matters: a model that updated each stream with
     its own residual (eq. 5-6 literally) gives different outputs, ours gives the code's."""
-    config = FusionConfig(blocks=2)
+    config = ResidualFusionConfig(blocks=2)
     ours, ref = build_pair("dmrn", lambda: RefTBMRFNet(nb_block=2), config=config)
     audio, visual = random_inputs(5)
-    h_a = ours.lstm_audio(audio)[0]
-    h_v = ours.lstm_video(ours.attention(audio, visual)[0])[0]
+    h_a = ours.lstm_audio(audio)
+    h_v = ours.lstm_video(ours.attend_map(audio, visual)[0])
     fusion = ours.fusion
     a, v = h_a, h_v
     for _ in range(2):
@@ -238,7 +239,7 @@ def test_weak_att_net_scores_and_max_pooling_match():
         pooled_ref, score_ref = ref(audio, visual)
         out = ours(audio, visual)
     torch.testing.assert_close(out.scores, score_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(pool_scores(out.scores, None, "max").softmax(-1), pooled_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pool_over_time(out.scores, None, "max").softmax(-1), pooled_ref, rtol=1e-10, atol=1e-12)
     # at test time the reference argmaxes the per-segment score
     assert torch.equal(ours.predict(out), score_ref.argmax(-1))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from extract.manifest import Sample
-from train import cml
+from train import cml_metrics as cml
 from train.registry import get_head, head_names
 
 torch.set_num_threads(1)
@@ -251,7 +251,7 @@ def test_avdln_forward_by_hand():
 
 
 def test_contrastive_loss_against_hand_formula():
-    from train.heads.cml import contrastive_loss
+    from train.heads.cml_heads import contrastive_loss
 
     d = torch.tensor([0.5, 1.0, 2.5, 0.25])
     y = torch.tensor([1.0, 0.0, 0.0, 0.0])
@@ -272,7 +272,7 @@ def test_avdln_loss_is_contrastive_loss_of_same_segment_pairs():
 
 
 def test_cca_correlation_matches_numpy_reference():
-    from train.heads.cml import cca_correlation
+    from train.heads.cml_heads import cca_correlation
 
     rng = np.random.default_rng(0)
     z = rng.standard_normal((200, 2))

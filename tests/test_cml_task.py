@@ -90,7 +90,7 @@ def runs(dataset):
     out = {}
     for head in ("avdln", "dcca", "coattention-cml"):
         run_dir = dataset["root"] / "runs" / head
-        metrics = get_task("cml")(pipeline_for(dataset, head), head, 0, run_dir)
+        metrics = get_task("cml").run(pipeline_for(dataset, head), head, 0, run_dir)
         out[head] = (metrics, run_dir)
     return out
 
@@ -125,7 +125,7 @@ def test_run_directory_checkpoint_and_predictions_agree(runs, dataset, head):
     assert np.mean(v2a) == pytest.approx(metrics["test_v2a_accuracy"])
     # the checkpoint rebuilds the head; its distances give the same predictions
     from train.checkpoint import build_head
-    from train.tasks.cml import evaluate, make_cml_split
+    from train.tasks.cml_task import evaluate, make_cml_split
     from train.data import load_from_pipeline
 
     model, meta = build_head(run_dir / "checkpoint.safetensors")
@@ -152,7 +152,7 @@ def test_epochs_csv_has_val_accuracies_and_selected_epoch_is_best(runs):
 
 def test_training_pairs_and_queries_of_a_split(dataset):
     from train.data import load_from_pipeline
-    from train.tasks.cml import make_cml_split
+    from train.tasks.cml_task import make_cml_split
 
     data = load_from_pipeline(pipeline_for(dataset, "avdln"), ["train", "val", "test"])
     split = make_cml_split(data, "train", pooled_visual=True)
@@ -230,7 +230,7 @@ def test_task_initialises_coattention_from_a_relative_init_from_path(dataset):
         "heads": {"coattention-cml": {**SMALL_COATTENTION, "init_from": "sup.safetensors"}},
     }
     run_dir = dataset["root"] / "runs" / "init"
-    get_task("cml")(load_pipeline(dataset["pipeline"], overrides), "coattention-cml", 0, run_dir)
+    get_task("cml").run(load_pipeline(dataset["pipeline"], overrides), "coattention-cml", 0, run_dir)
     state, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
     assert meta["head_config"]["init_from"] == "sup.safetensors"
     sup_state = supervised.state_dict()
@@ -242,7 +242,7 @@ def test_task_initialises_coattention_from_a_relative_init_from_path(dataset):
 
 def test_queries_of_videos_with_missing_segments_are_skipped_and_their_pairs_masked(tmp_path):
     from train.data import load_task_data
-    from train.tasks.cml import make_cml_split
+    from train.tasks.cml_task import make_cml_split
 
     rng = np.random.default_rng(0)
     rows = [Sample(f"s{i}", f"v{i}", "x.mp4", "event", on, off, "test") for i, (on, off) in enumerate([(1, 4), (2, 5), (0, 3)])]

@@ -12,8 +12,9 @@ from torch.nn import functional as F
 
 from extract.settings import ConfigError
 from train.heads import fusion as fz
-from train.heads.avel import (AGVA, POSITIONS, SUPERVISED_SCHEDULE, AvelConfig, FusionConfig, avel_loss,
-                              pool_scores)
+from train.heads.avel import POSITIONS, SUPERVISED_SCHEDULE, AvelConfig, FusionConfig, avel_loss
+from train.heads.layers import AudioGuidedVisualAttention as AGVA
+from train.heads.layers import pool_over_time
 from train.registry import get_head, head_names
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest (no spin-waiting on a busy machine)
@@ -101,20 +102,20 @@ def agva_by_matrices(att: AGVA, audio_t, visual_t, paper: bool):
 @pytest.mark.parametrize("axis", ["region", "hidden"])
 def test_agva_matches_eq_4_per_segment(axis):
     torch.manual_seed(0)
-    att = AGVA(att_dim=16, audio_term_axis=axis).double()
+    att = AGVA(hidden=16, audio_term_axis=axis).double()
     att.xavier_init()
     audio = torch.randn(2, 3, 128, dtype=torch.float64)
     visual = torch.rand(2, 3, 7, 7, 512, dtype=torch.float64)
-    attended, weights = att(audio, visual)
+    attended, weights = att(audio, visual.flatten(2, 3))
     for b in range(2):
         for t in range(3):
             ctx, w = agva_by_matrices(att, audio[b, t], visual[b, t], paper=(axis == "hidden"))
             torch.testing.assert_close(weights[b, t], w)
             torch.testing.assert_close(attended[b, t], ctx)
     # the two conventions really differ
-    other = AGVA(att_dim=16, audio_term_axis="hidden" if axis == "region" else "region").double()
+    other = AGVA(hidden=16, audio_term_axis="hidden" if axis == "region" else "region").double()
     other.load_state_dict(att.state_dict())
-    assert not torch.allclose(other(audio, visual)[1], weights)
+    assert not torch.allclose(other(audio, visual.flatten(2, 3))[1], weights)
 
 
 def test_attention_map_is_a_distribution_over_the_grid():
@@ -230,15 +231,15 @@ def test_dmrfe_averages_the_two_branch_probabilities():
     head = get_head("dmrfe")(C).double().eval()
     audio, visual = torch.randn(2, 5, 128, dtype=torch.float64), torch.rand(2, 5, 7, 7, 512, dtype=torch.float64)
     out = head(audio, visual)
-    h_a = head.lstm_audio(audio)[0]
-    h_v = head.lstm_video(head.attention(audio, visual)[0])[0]
+    h_a = head.lstm_audio(audio)
+    h_v = head.lstm_video(head.attend_map(audio, visual)[0])
     ba, bv = head.block_audio, head.block_video
     p_a = F.softmax(head.L2_audio(torch.tanh(h_a + 0.5 * (ba.U_a(h_a) + ba.U_v(h_v)))), -1)
     p_v = F.softmax(head.L2_video(torch.tanh(h_v + 0.5 * (bv.U_a(h_a) + bv.U_v(h_v)))), -1)
     torch.testing.assert_close(out.scores.exp(), 0.5 * (p_a + p_v))
     torch.testing.assert_close(out.scores.softmax(-1), 0.5 * (p_a + p_v))
     # training: the mean of the members' own losses (cross-entropy here, by hand), not a loss of the average
-    ce = get_head("dmrfe")(C, config=FusionConfig(loss="ce")).double()
+    ce = get_head("dmrfe")(C, config=AvelConfig(loss="ce")).double()
     ce.load_state_dict(head.state_dict())
     labels = torch.randint(0, C, (2, 5))
     batch = {"labels": labels, "video_label": labels[:, 0], "valid": torch.ones(2, 5, dtype=torch.bool)}
@@ -251,8 +252,8 @@ def test_decision_fusion_fuses_the_per_modality_scores():
     torch.manual_seed(0)
     head = get_head("additive-decision")(C).double().eval()
     audio, visual = torch.randn(2, 5, 128, dtype=torch.float64), torch.rand(2, 5, 7, 7, 512, dtype=torch.float64)
-    m_a = head.classifier_audio(head.lstm_audio(audio)[0])
-    m_v = head.classifier_video(head.lstm_video(head.attention(audio, visual)[0])[0])
+    m_a = head.classifier_audio(head.lstm_audio(audio))
+    m_v = head.classifier_video(head.lstm_video(head.attend_map(audio, visual)[0]))
     fused = lin(head.fusion.proj_a, m_a) + lin(head.fusion.proj_v, m_v)
     torch.testing.assert_close(head(audio, visual).scores, lin(head.L2, fused))
 
@@ -268,14 +269,14 @@ def test_early_fusion_is_before_the_lstm():
 # losses, pooling, masks
 
 
-def test_pool_scores_mean_and_max_with_mask():
+def test_pool_over_time_mean_and_max_with_mask():
     scores = torch.tensor([[[1.0, 5.0], [3.0, -1.0], [100.0, 100.0]]])  # [1, 3, 2]
     valid = torch.tensor([[True, True, False]])
-    torch.testing.assert_close(pool_scores(scores, valid, "mean"), torch.tensor([[2.0, 2.0]]))
-    torch.testing.assert_close(pool_scores(scores, valid, "max"), torch.tensor([[3.0, 5.0]]))
-    torch.testing.assert_close(pool_scores(scores, None, "max"), torch.tensor([[100.0, 100.0]]))
+    torch.testing.assert_close(pool_over_time(scores, valid, "mean"), torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(pool_over_time(scores, valid, "max"), torch.tensor([[3.0, 5.0]]))
+    torch.testing.assert_close(pool_over_time(scores, None, "max"), torch.tensor([[100.0, 100.0]]))
     with pytest.raises(ValueError, match="weak_pool"):
-        pool_scores(scores, valid, "median")
+        pool_over_time(scores, valid, "median")
 
 
 @pytest.mark.parametrize("kind", ["reference", "ce"])

@@ -58,11 +58,11 @@ def test_ablation_switches_change_the_parameter_count(overrides, expected):
 def test_agva_matches_eq_4_on_a_hand_made_example(axis):
     agva = AudioGuidedVisualAttention(audio_dim=1, visual_dim=2, hidden=1, regions=2, audio_term_axis=axis)
     with torch.no_grad():
-        agva.u_audio[0].weight.fill_(1.0), agva.u_audio[0].bias.fill_(0.0)  # U_a(a) = relu(a)
-        agva.u_visual[0].weight.copy_(torch.tensor([[1.0, 0.0]])), agva.u_visual[0].bias.fill_(0.0)  # relu(v_0)
-        agva.w_visual.weight.copy_(torch.tensor([[1.0], [0.0]]))  # W_v U_v(v_i) = [v_i0, 0]
-        agva.w_audio.weight.copy_(torch.tensor([[0.0], [1.0]]))  # W_a U_a(a) = [0, a]
-        agva.w_f.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        agva.affine_audio.weight.fill_(1.0), agva.affine_audio.bias.fill_(0.0)  # U_a(a) = relu(a)
+        agva.affine_video.weight.copy_(torch.tensor([[1.0, 0.0]])), agva.affine_video.bias.fill_(0.0)  # relu(v_0)
+        agva.affine_v.weight.copy_(torch.tensor([[1.0], [0.0]]))  # W_v U_v(v_i) = [v_i0, 0]
+        agva.affine_g.weight.copy_(torch.tensor([[0.0], [1.0]]))  # W_a U_a(a) = [0, a]
+        agva.affine_h.weight.copy_(torch.tensor([[1.0, 2.0]]))
     audio = torch.tensor([[[0.5]]])
     visual = torch.tensor([[[[1.0, 3.0], [2.0, -1.0]]]])  # two regions, v_00 = 1, v_10 = 2
     th = lambda x: torch.tanh(torch.tensor(x))  # noqa: E731
@@ -71,26 +71,17 @@ def test_agva_matches_eq_4_on_a_hand_made_example(axis):
     else:  # reference code: region i gets the i-th audio entry on every hidden unit
         x = torch.stack([th(1.0 + 0.0) + 2 * th(0.0 + 0.0), th(2.0 + 0.5) + 2 * th(0.0 + 0.5)])
     w = torch.softmax(x, 0)
-    attended, logits = agva(audio, visual)
+    attended, weights = agva(audio, visual)
+    logits = agva.logits(audio, visual)
     torch.testing.assert_close(logits[0, 0], x)
+    torch.testing.assert_close(weights[0, 0], w)
     torch.testing.assert_close(attended[0, 0], w[0] * visual[0, 0, 0] + w[1] * visual[0, 0, 1])
 
 
-def test_agva_equals_the_avel_heads_agva_with_the_same_weights():
-    avel = pytest.importorskip("train.heads.avel")
-    torch.manual_seed(0)
-    theirs = avel.AGVA()
-    ours = AudioGuidedVisualAttention()
-    with torch.no_grad():
-        for mine, other in ((ours.u_audio[0], theirs.affine_audio), (ours.u_visual[0], theirs.affine_video),
-                            (ours.w_visual, theirs.affine_v), (ours.w_audio, theirs.affine_g),
-                            (ours.w_f, theirs.affine_h)):
-            mine.load_state_dict(other.state_dict())
-        audio, visual = torch.randn(2, 3, 128), torch.rand(2, 3, 7, 7, 512)
-        attended, logits = ours(audio, visual.flatten(2, 3))
-        their_attended, their_weights = theirs(audio, visual)
-    torch.testing.assert_close(attended, their_attended)
-    torch.testing.assert_close(logits.softmax(-1), their_weights)
+def test_avltc_and_the_avel_heads_share_one_agva():
+    """One implementation of AGVA (train.heads.layers) serves the Tian et al. heads and AVLTC's TSGA."""
+    assert type(get_head("a+v-att")(29).attention) is AudioGuidedVisualAttention
+    assert type(AVLTCHead(29).spatial.agva) is AudioGuidedVisualAttention
 
 
 def inputs(b=2, t=T, seed=0):

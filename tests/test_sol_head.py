@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import sol
+from train import sol_metrics as sol
 from train.heads import stm
 from train.registry import get_head
 

@@ -1,4 +1,4 @@
-"""Sounding-object localization maths (train/sol.py): cIoU, IoU, Otsu + contour boxes, proposal
+"""Sounding-object localization maths (train/sol_metrics.py): cIoU, IoU, Otsu + contour boxes, proposal
 scores, the CVAT box reader and the drawing helpers, against hand-computed values and cv2."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import sol
+from train import sol_metrics as sol
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import yaml
 
 from extract.manifest import Sample, write_manifest
 from extract.store import ArraySpec, StoreError, create_store
-from train import sol
+from train import sol_metrics as sol
 
 torch.set_num_threads(1)
 
@@ -179,7 +179,7 @@ def test_scores_recomputed_from_the_checkpoint(project, trained):
 
 
 def test_store_without_maps_is_refused(tmp_path):
-    from train.tasks.sol import open_map_store
+    from train.tasks.sol_task import open_map_store
 
     create_store(tmp_path / "s.zarr", ["a"], T, [ArraySpec("valid", (T,), "bool")], {"fingerprint": "x"})
     with pytest.raises(StoreError, match=r"resnet152_maps,vggish_maps"):
@@ -210,3 +210,18 @@ def test_render_sol_draws_frames(project, trained, tmp_path):
     x0, y0, x1, y1 = project["boxes"]["test00"][k]
     # the ground-truth outline is drawn last, in red
     assert (image[y0, x0:x1] == [255, 0, 0]).all() and (image[y0:y1, x1 - 1] == [255, 0, 0]).all()
+
+
+def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
+    """``--task sol`` checks completeness (``require_complete``) like avel and cml."""
+    import shutil
+
+    from extract.settings import load_pipeline
+    from extract.store import open_store
+    from train.registry import get_task
+
+    shutil.copytree(project["root"] / "maps.zarr", tmp_path / "maps.zarr")
+    open_store(tmp_path / "maps.zarr", mode="r+").set_attrs(complete=False)
+    pipeline = load_pipeline(project["root"] / "pipeline.yaml", {"store": {"path": str(tmp_path / "maps.zarr")}})
+    with pytest.raises(StoreError, match="incomplete"):
+        get_task("sol").prepare(pipeline, torch.device("cpu"))

@@ -173,6 +173,7 @@ def test_a_fixed_file_reaches_the_store_and_the_summary_agrees_with_the_exit_cod
     assert "re-extracted 1 videos whose file changed" in fixed.text()
     store = open_store(path)
     assert store.status().tolist() == [STATUS_DONE] * 3 and store.reasons()[2] == ""
+    assert store.attrs["complete"] is True and store.attrs["verified"]  # also without --cache
     assert store.records("source")[2] == file_identity(str(tmp_path / "c.mp4"))
     reference = run_extraction(pipeline, videos[2:], store_path=tmp_path / "ref.zarr", progress=False)
     assert reference.done == 1
@@ -379,3 +380,14 @@ def test_config_shows_the_cache_root_that_applies(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "shared-cache"))
     assert f"cache_root: {tmp_path / 'shared-cache'}" in CliRunner().invoke(main, ["config"]).output
+
+
+def test_dask_logs_are_quiet_unless_verbose(monkeypatch):
+    import logging
+
+    from extract.clitools import setup_logging
+
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
+    setup_logging(0)
+    assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "warning"  # read by the worker processes too
+    assert logging.getLogger("distributed.scheduler").getEffectiveLevel() == logging.WARNING

@@ -32,7 +32,7 @@ def ds(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def test_head():
+def linear_head():
     with registered_test_head() as cls:
         yield cls
 

@@ -148,3 +148,37 @@ def test_read_rows_in_blocks_equals_fancy_indexing(ds):
     for block in (1, 2, 5, 256):
         got = read_rows(store, "audio", rows, block=block)
         np.testing.assert_array_equal(got, ds["audio"][rows])
+
+
+def test_rewritten_row_is_read_again_by_the_next_load(tmp_path):
+    """A long-lived process (a sweep worker) keeps the last bank in memory; re-extracting a row
+    in place (same fingerprint, no zarr.json touched) must make the next load read it again."""
+    from extract.settings import load_pipeline
+    from extract.store import open_store
+    from train.data import load_from_pipeline, store_token
+
+    d = make_dataset(tmp_path, T=T, sizes=(4, 2, 2))
+    pipeline = load_pipeline(d["pipeline"])
+    first = load_from_pipeline(pipeline, ["train"])
+    key = d["samples"]["train"][0].key
+    row = d["ids"].index(key)
+    metadata = {p: p.stat().st_mtime_ns for p in d["store"].rglob("zarr.json")}
+    token = store_token(d["store"])
+
+    store = open_store(d["store"], mode="r+")
+    shard = store.shard_of(row)
+    rows = store.shard_rows(shard)
+    audio = d["audio"][rows.start:rows.stop].copy()
+    audio[row - rows.start] += 10.0
+    store.write_shard(shard, {"visual": d["visual"][rows.start:rows.stop], "audio": audio,
+                              "valid": np.ones((len(rows), T), bool)}, store.status()[rows.start:rows.stop],
+                      [""] * len(rows))
+    assert open_store(d["store"]).fingerprint == "test"
+    assert {p: p.stat().st_mtime_ns for p in d["store"].rglob("zarr.json")} == metadata
+    assert store_token(d["store"]) != token
+
+    second = load_from_pipeline(pipeline, ["train"])
+    assert second is not first
+    bank_row = second.bank.keys.index(key)
+    np.testing.assert_array_equal(second.bank.audio[bank_row].numpy(), audio[row - rows.start])
+    assert load_from_pipeline(pipeline, ["train"]) is second  # unchanged store: served from memory

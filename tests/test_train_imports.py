@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
             raise SystemExit(f"blocker failed for {{name}}")
 
     import train, train.cli, train.loop, train.data, train.evaluate, train.runs, train.checkpoint
-    import train.plots, train.import_h5, train.bench
+    import train.plots, train.bench, train.tasks.base, extract.import_h5
     from train import registry
     registry.discover()
     assert "avel" in registry.TASKS, sorted(registry.TASKS)

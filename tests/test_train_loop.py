@@ -11,6 +11,7 @@ from extract.settings import load_pipeline
 from train.data import load_task_data
 from train.evaluate import evaluate_split
 from train.loop import TEST_SELECTION_LABEL, fit, resolve_schedule, seed_everything
+from train.tasks.avel_task import AvelTask
 from train_testutils import LinearTestHead, make_dataset
 
 torch.set_num_threads(1)
@@ -32,7 +33,7 @@ def run_fit(ds, seed=0, **kw):
     seed_everything(seed)
     model = LinearTestHead(4, cfg.setting)
     schedule = resolve_schedule(cfg, LinearTestHead)
-    return model, fit(model, ds["data"], cfg, schedule, seed)
+    return model, fit(model, AvelTask(ds["data"], cfg), schedule, seed)
 
 
 def test_schedule_takes_head_defaults_for_null_fields():

@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from extract.manifest import Sample, write_manifest
 from extract.store import STATUS_DONE, core_specs, create_store
-from train.heads.base import Head, HeadOutput
+from train.heads.base import Head, HeadOutput, segment_loss
+from train.heads.layers import pool_over_time
 from train.registry import HEADS, register_head
 
 TEST_HEAD = "test-linear"
@@ -41,6 +43,14 @@ class LinearTestHead(Head):
         """audio [B, T, 128], visual [B, T, 7, 7, 512] -> scores [B, T, C]."""
         pooled = visual.mean(dim=(2, 3))
         return HeadOutput(self.fc(torch.cat([audio, pooled], dim=-1)) * self.config.scale)
+
+    def loss(self, out, batch, weak_pool="mean"):
+        """Supervised: per-segment cross-entropy; weak: NLL of the video class under the softmax
+        probabilities pooled over time (``weak_pool``)."""
+        if self.setting == "weak":
+            pooled = pool_over_time(out.scores.softmax(dim=-1), None, weak_pool)
+            return F.nll_loss(torch.log(pooled.clamp_min(1e-8)), batch["video_label"])
+        return segment_loss(out.scores, batch["labels"])
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ made once under ``workdir``) and the same features written as the reference code
 ``train_order.h5`` / ``test_order.h5``). Timed, on the same machine in one process:
 
 - **this trainer**: load the store once into memory (:func:`train.data.load_task_data`), then
-  :func:`train.loop.train_one_epoch` (+ one validation pass per epoch, as ``fit`` does);
+  :func:`train.loop.train_epoch` of the avel task (+ one validation pass per epoch, as ``fit`` does);
 - **reference-style loop** (YapengTian/AVE-ECCV18 ``dataloader.AVEDataset`` + ``supervised_main``):
   read the h5 arrays, then for every batch copy its samples one by one into a float32 numpy batch,
   wrap it as tensors, move it to the device, forward/backward/step; evaluate the 402 test videos in
@@ -139,24 +139,27 @@ def _build(head_name: str, device: torch.device, seed: int = 0):
 def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
     """Load once (``load``), assemble an epoch of batches (``data_epoch``), train (``epoch``),
     one validation pass (``eval``)."""
+    from extract.settings import load_pipeline
+
     from .data import iterate_batches, load_task_data
-    from .evaluate import evaluate_split
-    from .loop import train_one_epoch
+    from .loop import train_epoch
+    from .tasks.avel_task import AvelTask
 
     timed = Stopwatch(device)
     with timed("load"):
         data = load_task_data(paths["store"], {k: paths["manifests"][k] for k in ("train", "val")}, device=device)
     model, optimizer = _build(head_name, device)
-    gen = torch.Generator().manual_seed(0)
+    task = AvelTask(data, load_pipeline(search=False).train)
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     for key in ("warm_up", "data_epoch"):  # the second pass is the one reported
         with timed(key):
             for batch in iterate_batches(data.bank, data.splits["train"], batch_size, shuffle=True, generator=gen):
                 batch["visual"].sum()  # touch the batch, as a forward pass would
     with timed("epoch", epochs):
         for _ in range(epochs):
-            train_one_epoch(model, optimizer, data.bank, data.splits["train"], batch_size, gen)
+            train_epoch(model, optimizer, task, batch_size, gen, rng)
     with timed("eval"):
-        evaluate_split(model, data.bank, data.splits["val"], data.num_classes)
+        task.evaluate(model, "val")
     del data
     return timed.times
 

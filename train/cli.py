@@ -1,6 +1,7 @@
 """`avel-train`: train and evaluate localization heads on a feature store.
 
-Subcommands: ``import-h5`` (public AVE feature files -> store), ``bench`` (speed benchmark).
+Subcommands: ``bench`` (speed benchmark), ``render-sol`` (sounding-object maps as PNG). The public AVE
+h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extract.import_h5`).
 """
 from __future__ import annotations
 
@@ -109,8 +110,6 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
       avel-train --head a+v-att --setting weak --set train.weak_pool=max
       avel-train --list-heads
       avel-train --head dmrn,bmfn --seeds 0-4 --scheduler local     # sweep, mean ± std table
-      avel-train import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
-                 --annotations Annotations.txt --store data/stores/ave-public.zarr
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "sets": sets, "verbose": verbose}
@@ -141,19 +140,17 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
     click.echo(accuracy_line(results))
     from .registry import get_task
 
-    task_report = getattr(get_task(pipeline.train.task), "report_lines", None)  # e.g. cml: A2V / V2A / chance
-    if task_report is not None:
-        click.echo(task_report(results))
+    report = get_task(pipeline.train.task).report_lines(results)  # e.g. cml: A2V / V2A / chance
+    if report:
+        click.echo(report)
 
 
 def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: str | None, verbose: int) -> int:
     """Every head x setting x seed (train.sweep), then the results table; exit code 1 if a run failed."""
-    from . import loop
     from .sweep import expand_runs, run_sweep, sweep_markdown, sweep_table, write_sweep
 
     cfg = pipeline.train
     specs = expand_runs(heads or [cfg.head], settings or [cfg.setting], cfg.seeds)
-    loop.SHOW_PROGRESS = False
     where = f"Dask scheduler {scheduler}" if scheduler else "this process, one after the other"
     click.echo(f"sweep: {len(specs)} runs ({where})", err=True)
     try:
@@ -189,29 +186,28 @@ def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, b
 
 
 def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
-    """Run the configured task/head once per seed; write summary.json/.md for several seeds."""
-    from . import loop
+    """Run the configured task/head once per seed; write summary.json/.md for several seeds.
+    The epoch progress bar is shown on a terminal; elsewhere each evaluated epoch logs a line."""
     from .registry import get_head, get_task
     from .runs import group_dir, make_run_dir, summarize, write_summary
 
     cfg = pipeline.train
     try:
         head_cls = get_head(cfg.head)
-        task_fn = get_task(cfg.task)
+        task_cls = get_task(cfg.task)
     except KeyError as exc:
         raise click.UsageError(str(exc.args[0])) from None
     if head_cls.task != cfg.task:
         raise click.UsageError(f"head {cfg.head!r} is a {head_cls.task!r} head; use --task {head_cls.task} or pick another head")
     if cfg.setting not in head_cls.settings:
         raise click.UsageError(f"head {cfg.head!r} supports --setting {'/'.join(head_cls.settings)}, not {cfg.setting!r}")
-    loop.SHOW_PROGRESS = sys.stderr.isatty() or verbose > 0
     runs_root = pipeline.path(cfg.runs_root)
     results = []
     for seed in cfg.seeds:
         run_dir = make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed)
         click.echo(f"seed {seed}: {run_dir}", err=True)
         try:
-            metrics = task_fn(pipeline, cfg.head, seed, run_dir)
+            metrics = task_cls.run(pipeline, cfg.head, seed, run_dir, progress=True)
         except BaseException:
             _remove_if_empty(run_dir)
             raise
@@ -255,15 +251,11 @@ def results_table(results: list[dict]) -> str:
 
 def accuracy_line(results: list[dict]) -> str:
     """``test accuracy: 0.xxxx`` (one seed) or ``test accuracy: 0.xxxx ± 0.xxxx (n seeds)``."""
-    from .runs import mean_std
+    from .runs import mean_std_text
 
     values = [r["test_accuracy"] for r in results if r.get("test_accuracy") is not None]
-    if not values:
-        return "test accuracy: n/a"
-    if len(values) == 1:
-        return f"test accuracy: {values[0]:.4f}"
-    mean, std = mean_std(values)
-    return f"test accuracy: {mean:.4f} ± {std:.4f} ({len(values)} seeds)"
+    seeds = f" ({len(values)} seeds)" if len(values) > 1 else ""
+    return f"test accuracy: {mean_std_text(values)}{seeds}"
 
 
 def heads_table() -> str:
@@ -287,35 +279,6 @@ def heads_table() -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-@main.command("import-h5")
-@click.option("--visual", required=True, type=click.Path(exists=True, dir_okay=False), help="visual_feature.h5 (key avadataset, [N, 10, 7, 7, 512]).")
-@click.option("--audio", required=True, type=click.Path(exists=True, dir_okay=False), help="audio_feature.h5 (key avadataset, [N, 10, 128]).")
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="The AVE Annotations.txt whose rows the h5 rows follow.")
-@click.option("--store", required=True, type=click.Path(), help="Zarr store to create.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --store.")
-@click.option("--rows-per-shard", type=click.IntRange(min=1), default=None, help="Videos per shard (default: store.rows_per_shard).")
-@click.pass_obj
-def import_h5_command(obj, visual, audio, annotations, store, overwrite, rows_per_shard):
-    """Import the public AVE feature files into a feature store (one row per video).
-
-    Rows of the h5 files follow Annotations.txt; a video with several annotation lines gets the
-    features of its first line. Features are stored as the store contract says (visual float16).
-    """
-    from .import_h5 import import_ave_h5
-
-    setup_logging(obj["verbose"])
-    pipeline = resolve(obj["config"], obj["sets"])
-    try:
-        result = import_ave_h5(
-            visual, audio, annotations, store, overwrite=overwrite,
-            rows_per_shard=rows_per_shard or pipeline.store.rows_per_shard,
-            compression_level=pipeline.store.compression_level,
-        )
-    except _user_errors() as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"imported {len(result)} videos into {result.path} (fingerprint {result.fingerprint})")
 
 
 @main.command("bench")
@@ -363,7 +326,7 @@ def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_r
       avel-train render-sol --run data/runs/sol-stm-supervised/seed0-... \\
                  --video=-5EoTUVneQA --out data/renders --store data/stores/ave_sol.zarr
     """
-    from .tasks.sol import render_videos
+    from .tasks.sol_task import render_videos
 
     setup_logging(obj["verbose"])
     pipeline = resolve(obj["config"], obj["sets"])

@@ -18,7 +18,9 @@ samples whose row is not extracted yet (error, or skipped with a warning when
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 
 from extract.manifest import Manifest, read_manifest
-from extract.store import STATUS_DONE, STATUS_NAMES, FeatureStore, StoreError, check_arrays, core_specs, open_store
+from extract.store import (BOOKKEEPING, STATUS_DONE, STATUS_NAMES, FeatureStore, StoreError, check_arrays, core_specs,
+                           open_store, require_complete)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +131,6 @@ def open_checked_store(path: str | Path, segments: int | None = None) -> Feature
     file and every mismatch.
     """
     store = open_store(path)
-    from extract.cache import require_complete
-
     require_complete(store)  # a feature set still being written (complete: false) is refused
     T = store.segments
     if segments is not None and T != segments:
@@ -363,8 +364,7 @@ def load_from_pipeline(pipeline, split_names: Sequence[str], device: torch.devic
     manifests = {name: split_manifest(pipeline, name) for name in dict.fromkeys(split_names)}
     key = (
         str(store_path.resolve()),
-        _mtime(store_path / "zarr.json"),
-        _mtime(store_path / "status" / "zarr.json"),
+        store_token(store_path),
         tuple((n, str(p.resolve()), _mtime(p)) for n, p in manifests.items()),
         bool(pipeline.train.skip_incomplete),
         str(device),
@@ -373,6 +373,36 @@ def load_from_pipeline(pipeline, split_names: Sequence[str], device: torch.devic
         _CACHE.clear()
         _CACHE[key] = load_task_data(store_path, manifests, skip_incomplete=pipeline.train.skip_incomplete, device=device)
     return _CACHE[key]
+
+
+#: the arrays :func:`load_task_data` reads besides the bookkeeping ones
+BANK_ARRAYS = ("audio", "visual", "valid")
+
+
+def store_token(store_path: Path, arrays: Sequence[str] = BANK_ARRAYS + BOOKKEEPING) -> str:
+    """A digest that changes whenever a row the bank reads is rewritten: the store's attributes
+    (``fingerprint``, ``complete``), and the path, size and modification time of every file of
+    ``arrays`` (their metadata and every shard file; zarr replaces a shard file when one of its
+    rows is written, so re-extracting a row in place changes its file's time and usually size,
+    though neither the fingerprint nor any zarr.json changes)."""
+    digest = hashlib.sha256()
+    for name in ("zarr.json",) + tuple(arrays):
+        root = store_path / name
+        entries = [root] if root.is_file() else sorted(_files_under(root))
+        for path in entries:
+            st = path.stat()
+            digest.update(f"{path.relative_to(store_path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    if not root.is_dir():
+        return
+    for entry in os.scandir(root):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _files_under(Path(entry.path))
+        else:
+            yield Path(entry.path)
 
 
 def _mtime(path: Path) -> int:

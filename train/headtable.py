@@ -2,7 +2,7 @@
 
 ``python -m train.headtable --config data/demo/pipeline.yaml --out /tmp/headtable/demo`` trains
 every head of task ``avel`` (or ``--heads``) in each ``--settings`` through the same task runner
-``avel-train`` uses (:func:`train.sweep.run_one` -> ``train.tasks.avel.run``), one run after the
+``avel-train`` uses (:func:`train.sweep.run_one` -> ``AvelTask.run`` of :mod:`train.tasks.avel_task`), one run after the
 other in this process, and writes ``headtable.csv`` and ``headtable.md`` under ``--out`` after
 every run (a partial table survives an interruption). Columns: head, parameters (built for the
 number of classes of the store's manifests), setting, epochs, selected epoch, validation and test
@@ -324,12 +324,10 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
         return
     import torch
 
-    from . import loop
     from .registry import head_names
     from .sweep import parse_list
 
     torch.set_num_threads(threads)
-    loop.SHOW_PROGRESS = False
     known = head_names(task=TASK)
     chosen = parse_list(heads) if heads else known
     unknown = [h for h in chosen if h not in known]

@@ -1,8 +1,9 @@
-"""The training loop: seeds, Adam with step decay, per-epoch metrics, model selection.
+"""The training loop of every task: seeds, Adam with step decay, per-epoch metrics, model selection.
 
 One run = :func:`fit`: train for ``epochs`` epochs on the train split, evaluate the selection split
 after every ``eval_every`` epochs, keep the weights of the best epoch in memory (highest selection
-accuracy; the earliest on ties), then evaluate validation and test ONCE with those weights.
+score; the earliest on ties), then evaluate validation and test ONCE with those weights. What is
+trained on and how it is scored comes from a task (:class:`train.tasks.base.Task`: avel, cml, sol).
 
 Selection (``train.select_on``): ``val`` (default, honest), ``last`` (the final epoch) or ``test``
 (only to compare with published numbers, which most public AVE code selects on test; results are
@@ -14,14 +15,17 @@ import dataclasses
 import logging
 import os
 import random
+import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from .data import FeatureBank, SplitData, TaskData, iterate_batches
-from .evaluate import EvalResult, evaluate_split
+from extract.progress import progress_bar
+
+if TYPE_CHECKING:
+    from .tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +33,6 @@ TEST_SELECTION_LABEL = "test (optimistic, not a fair estimate)"
 SCHEDULE_KEYS = ("lr", "batch_size", "epochs", "lr_step", "lr_gamma", "weight_decay")
 SCHEDULE_FALLBACK = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": None, "lr_gamma": 0.1, "weight_decay": 0.0}
 EVAL_BATCH = 256
-
-#: the CLI turns the epoch progress bar on (library default: off)
-SHOW_PROGRESS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,41 +103,32 @@ def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> tuple[torch.op
     return optimizer, scheduler
 
 
-def train_one_epoch(model, optimizer, bank: FeatureBank, split: SplitData, batch_size: int, generator: torch.Generator, weak_pool: str = "mean") -> tuple[float, float]:
-    """One pass over the shuffled train split. Returns (mean loss per sample, segment accuracy of
-    the training predictions, taken before each step)."""
+def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torch.Generator,
+                rng: np.random.Generator) -> dict[str, float]:
+    """One Adam step per batch of ``task.train_batches`` (model in train mode).
+
+    Returns the epoch-row entries ``train_loss`` (mean loss per batch element, a batch having
+    ``batch["audio"].shape[0]`` elements) and, for tasks whose :meth:`~train.tasks.base.Task.batch_accuracy`
+    counts hits, ``train_accuracy`` (of the training predictions, taken before each step)."""
     model.train()
-    loss_sum, correct, segments = 0.0, 0, 0
-    for batch in iterate_batches(bank, split, batch_size, shuffle=True, generator=generator):
+    loss_sum, count, correct, total, counted = 0.0, 0, 0, 0, False
+    for batch in task.train_batches(model, batch_size, generator, rng):
         out = model(batch["audio"], batch["visual"])
-        loss = model.loss(out, batch, weak_pool)
+        loss = task.loss(model, out, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = len(batch["index"])
+        n = int(batch["audio"].shape[0])
         loss_sum += float(loss.detach()) * n
-        with torch.no_grad():
-            correct += int((model.predict(out) == batch["labels"]).sum())
-        segments += batch["labels"].numel()
-    return loss_sum / max(len(split), 1), correct / max(segments, 1)
-
-
-def optimize_batches(model, optimizer, batches, count_key: str) -> float:
-    """One Adam step per batch of ``batches`` (dicts with ``audio``, ``visual`` and the targets
-    of ``model.loss``), model in train mode; the mean loss per batch element, where a batch has
-    ``batch[count_key].shape[0]`` elements."""
-    model.train()
-    total, count = 0.0, 0
-    for batch in batches:
-        out = model(batch["audio"], batch["visual"])
-        loss = model.loss(out, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = int(batch[count_key].shape[0])
-        total += float(loss.detach()) * n
         count += n
-    return total / max(count, 1)
+        hits = task.batch_accuracy(model, out, batch)
+        if hits is not None:
+            counted = True
+            correct, total = correct + hits[0], total + hits[1]
+    row = {"train_loss": loss_sum / max(count, 1)}
+    if counted:
+        row["train_accuracy"] = correct / max(total, 1)
+    return row
 
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,14 +138,15 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclasses.dataclass
 class FitResult:
-    """What :func:`fit` returns. ``epochs`` = one dict per epoch (the rows of epochs.csv)."""
+    """What :func:`fit` returns. ``epochs`` = one dict per epoch (the rows of epochs.csv);
+    ``results`` = the task's evaluation result (``Evaluation.result``) per role "val" / "test"."""
 
     schedule: Schedule
     selection: str
     best_epoch: int
     best_state: dict[str, torch.Tensor]
     epochs: list[dict[str, Any]]
-    results: dict[str, EvalResult]
+    results: dict[str, Any]
     train_seconds: float
 
 
@@ -163,88 +156,80 @@ def selection_label(select_on: str) -> str:
 
 def fit(
     model,
-    data: TaskData,
-    train_cfg,
+    task: "Task",
     schedule: Schedule,
     seed: int,
     *,
+    progress: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``data.splits[train_split]``, select an epoch, evaluate val/test once.
+    """Train ``model`` on the task's train split, select an epoch, evaluate val/test once.
 
-    Splits used: ``train_cfg.train_split``, ``test_split`` and ``val_split`` when present in
-    ``data.splits``. ``select_on`` = "val" needs the val split.
+    The loop owns the epochs, the optimiser and its schedule, the selection (``train.select_on``
+    of ``task.train_cfg``: the epoch whose evaluation scores highest on the selection split,
+    the earliest on ties; or the last epoch), the best weights, timing and logging; the task
+    supplies the batches, the loss and the evaluation (:class:`train.tasks.base.Task`).
+
+    ``progress``: a tqdm bar over the epochs when stderr is a terminal. Without a bar (off, or a
+    log file on a cluster) every evaluated epoch writes one INFO log line (epoch, losses, the
+    selection split's metrics, seconds), so a long run is never silent.
     """
-    generator = seed_everything(seed, data.bank.device)
-    bank, C, pool = data.bank, data.num_classes, train_cfg.weak_pool
-    train_split = data.splits[train_cfg.train_split]
-    select_on = train_cfg.select_on
-    select_name = {"val": train_cfg.val_split, "test": train_cfg.test_split}.get(select_on)
-    if select_name is not None and select_name not in data.splits:
+    cfg = task.train_cfg
+    generator = seed_everything(seed, task.device)
+    rng = np.random.default_rng(seed)  # store-side draws (task sol: one second per video)
+    select_on = cfg.select_on
+    select_name = {"val": cfg.val_split, "test": cfg.test_split}.get(select_on)
+    if select_name is not None and select_name not in task.splits:
         raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not loaded")
     optimizer, scheduler = make_optimizer(model, schedule)
     log.info("%s; selection on %s", schedule.describe(), selection_label(select_on))
-    best_acc, best_epoch, best_state, rows = -1.0, 0, state_copy(model), []
+    best_score, best_epoch, best_state, rows = float("-inf"), 0, state_copy(model), []
     started = time.perf_counter()
-    bar = _progress(schedule.epochs)
+    terminal = progress and sys.stderr.isatty()
+    bar = progress_bar(schedule.epochs, terminal, "train", unit="epoch")
     for epoch in range(1, schedule.epochs + 1):
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, optimizer, bank, train_split, schedule.batch_size, generator, pool)
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng))
         if scheduler is not None:
             scheduler.step()
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc}
-        evaluate_now = select_name is not None and (epoch % train_cfg.eval_every == 0 or epoch == schedule.epochs)
+        evaluate_now = select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs)
         if evaluate_now:
-            sel = evaluate_split(model, bank, data.splits[select_name], C, EVAL_BATCH, pool)
-            row.update({f"{select_name}_loss": sel.loss, f"{select_name}_accuracy": sel.accuracy})
-            if sel.accuracy > best_acc:
-                best_acc, best_epoch, best_state = sel.accuracy, epoch, state_copy(model)
+            task.prepare_evaluation(model)
+            sel = task.evaluate(model, select_name)
+            row.update({f"{select_name}_{key}": value for key, value in sel.columns.items()})
+            if sel.score > best_score:
+                best_score, best_epoch, best_state = sel.score, epoch, state_copy(model)
         if select_on == "last":
             best_epoch = epoch
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        _advance(bar, row, select_name)
+        bar.set_postfix(refresh=False, **{k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr"})
+        bar.update(1)
+        if not terminal and (evaluate_now or select_name is None):
+            log.info("epoch %d/%d: %s", epoch, schedule.epochs, epoch_line(row))
         if on_epoch is not None:
             on_epoch(row)
-    if bar is not None:
-        bar.close()
-    if select_on != "last":
-        model.load_state_dict(best_state)
-    else:
+    bar.close()
+    if select_on == "last":
+        task.prepare_evaluation(model)
         best_state = state_copy(model)
+    else:
+        model.load_state_dict(best_state)
     train_seconds = time.perf_counter() - started
-    results = final_evaluation(model, data, train_cfg)
+    results = {}
+    for role in ("val", "test"):
+        name = getattr(cfg, f"{role}_split")
+        if name in task.splits:
+            results[role] = task.evaluate(model, name).result
     return FitResult(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds)
 
 
-def final_evaluation(model, data: TaskData, train_cfg) -> dict[str, EvalResult]:
-    """Evaluate the selected weights once on val (if loaded) and test."""
-    out = {}
-    for role in ("val", "test"):
-        name = getattr(train_cfg, f"{role}_split")
-        if name in data.splits:
-            out[role] = evaluate_split(model, data.bank, data.splits[name], data.num_classes, EVAL_BATCH, train_cfg.weak_pool)
-    return out
-
-
-def _progress(total: int):
-    if not SHOW_PROGRESS:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="epoch", desc="train", dynamic_ncols=True)
-
-
-def _advance(bar, row: dict[str, Any], select_name: str | None) -> None:
-    if bar is None:
-        return
-    post = {"loss": f"{row['train_loss']:.4f}", "train_acc": f"{row['train_accuracy']:.3f}"}
-    if select_name and f"{select_name}_accuracy" in row:
-        post[f"{select_name}_acc"] = f"{row[f'{select_name}_accuracy']:.3f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
+def epoch_line(row: dict[str, Any]) -> str:
+    """``train_loss=0.4121, val_loss=0.52, val_accuracy=0.7312, seconds=3.2`` (the float entries)."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr")
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters (the figure of metrics.json and the head docstrings)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

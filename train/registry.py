@@ -2,16 +2,17 @@
 
 Head and task modules under ``train/heads/`` and ``train/tasks/`` are discovered automatically
 (every module in those packages is imported once on first lookup), so adding a head is adding a
-module with a ``@register_head("name")`` class. The CLI's choices come from these dicts.
+module with a ``@register_head("name")`` class, and adding a task a module with a
+``@register_task("name")`` subclass of :class:`train.tasks.base.Task`. The CLI's choices come from these dicts.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable
+from typing import Callable
 
 HEADS: dict[str, type] = {}
-TASKS: dict[str, Callable[..., Any]] = {}
+TASKS: dict[str, type] = {}
 _discovered = False
 
 
@@ -28,14 +29,15 @@ def register_head(name: str) -> Callable[[type], type]:
     return add
 
 
-def register_task(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Function decorator: add a task runner ``run(pipeline, head, seed, run_dir) -> metrics``."""
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator: add a :class:`train.tasks.base.Task` subclass under ``name``."""
 
-    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def add(cls: type) -> type:
         if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__module__}")
-        TASKS[name] = fn
-        return fn
+            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__module__}.{TASKS[name].__qualname__}")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
 
     return add
 
@@ -66,7 +68,8 @@ def get_head(name: str) -> type:
         raise KeyError(f"unknown head {name!r}; registered: {', '.join(sorted(HEADS))}") from None
 
 
-def get_task(name: str) -> Callable[..., Any]:
+def get_task(name: str) -> type:
+    """The registered :class:`train.tasks.base.Task` subclass ``name`` (``.run(...)`` trains one head)."""
     discover()
     try:
         return TASKS[name]

@@ -223,6 +223,16 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def mean_std_text(values: Sequence[float], digits: int = 4, unit: str = "") -> str:
+    """``0.7312`` for one value, ``0.7312 ± 0.0100`` (sample std) for several, ``n/a`` for none."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, Any]:
     """Mean +- std of ``keys`` over runs (each a metrics dict with ``seed`` and ``run_dir``)."""
     out: dict[str, Any] = {"seeds": [r.get("seed") for r in runs], "runs": [str(r.get("run_dir", "")) for r in runs]}

@@ -10,7 +10,7 @@ Where they run:
 - no ``--scheduler``: one after the other in this process;
 - ``--scheduler local``: an embedded LocalCluster on 127.0.0.1 (``dask.n_workers`` processes,
   ``dask.threads_per_worker`` threads; keep 1 thread: runs seed torch's global generator);
-- ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.distributed`
+- ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.daskclient`
   for TLS). Runs on ``train.device`` cuda ask for the resource ``GPU=1``.
 
 The results are gathered in the driver into ``runs_root/sweep-<task>-<time>/``: ``runs.csv``
@@ -104,7 +104,7 @@ def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunS
     cfg = pipeline.train
     check_spec(cfg.task, spec)
     run_dir = make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed)
-    metrics = get_task(cfg.task)(pipeline, spec.head, spec.seed, run_dir)
+    metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, run_dir)
     row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(run_dir), "error": ""}
     row.update({key: metrics.get(key) for key in RESULT_KEYS})
     return row
@@ -144,7 +144,7 @@ def run_sweep(pipeline, specs: Sequence[RunSpec], *, scheduler: str | None = Non
                 on_result(rows[spec])
         return [rows[spec] for spec in specs]
 
-    from extract.distributed import dask_client
+    from extract.daskclient import dask_client
 
     with dask_client(pipeline.dask, scheduler) if client is None else contextlib.nullcontext(client) as c:
         from distributed import as_completed

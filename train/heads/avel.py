@@ -10,7 +10,7 @@ Inputs and outputs of every head here (T = segments, C = classes incl. backgroun
 
 Building blocks
 ---------------
-* :class:`AGVA`, audio-guided visual attention, eq. 2-4, layer by layer as ``att_Net`` in
+* AGVA (:class:`train.heads.layers.AudioGuidedVisualAttention`), audio-guided visual attention, eq. 2-4, layer by layer as ``att_Net`` in
   ``models.py``: ``U_a = ReLU(Linear(128, 512))``, ``U_v = ReLU(Linear(512, 512))`` applied to each of
   the k = 49 region vectors (``video.view(B*T, -1, 512)``: regions in row-major (h, w) order),
   ``W_v = Linear(512, 49, bias=False)``, ``W_a = Linear(512, 49, bias=False)``,
@@ -54,8 +54,7 @@ then softmax. Our heads reproduce this: ``loss="reference"`` (default) is the Mu
 on softmax probabilities, ``loss="ce"`` is cross-entropy on the logits; in the weak setting the
 logits are pooled over time (``weak_pool`` "mean" = eq. 7, "max" = reference code), then either
 loss is applied to the pooled [B, C] scores. Segments with ``valid`` False are left out of the loss
-and of the pooling. (The base class's default weak loss pools softmax probabilities, which matches
-neither the paper nor the reference; these heads override it.)
+and of the pooling.
 
 Schedule (``train_defaults``): Adam lr 1e-3, batch 64, 300 epochs, no weight decay; the reference's
 ``StepLR(step_size=15000, gamma=0.1)`` steps per ITERATION: with 3339 training videos and the last
@@ -83,7 +82,8 @@ from torch.nn import functional as F
 
 from ..registry import register_head
 from .base import Head, HeadOutput
-from .fusion import DMRN, FUSIONS, make_fusion
+from .fusion import DMRN, FUSIONS, RESIDUAL, make_fusion
+from .layers import AudioGuidedVisualAttention, BiLSTM, masked_mean, pool_over_time
 
 log = logging.getLogger(__name__)
 
@@ -138,62 +138,18 @@ class FusionConfig(AvelConfig):
     #: width of the fused vector at early / late positions (decision fuses at C); DMRN's late
     #: fusion is residual over the BiLSTM outputs, so the reference has fusion_dim = 2 * hidden
     fusion_dim: int = 256
+
+
+@dataclasses.dataclass
+class ResidualFusionConfig(FusionConfig):
+    """Options of the MRN / DMRN fusion heads (the methods built of residual blocks)."""
+
     #: residual blocks of MRN / DMRN (the paper uses one)
     blocks: int = 1
 
 
 # ----------------------------------------------------------------------------------------------
 # building blocks
-
-
-class AGVA(nn.Module):
-    """Audio-guided visual attention (eq. 2-4; reference ``att_Net.forward`` first half).
-
-    audio [B, T, 128], visual [B, T, g, g, 512] -> (v_att [B, T, 512], weights [B, T, g*g]).
-    Layer names are the reference's. Parameters at the defaults: 66,048 + 262,656 + 2 * 25,088 + 49
-    = 378,929."""
-
-    def __init__(self, audio_dim: int = AUDIO_DIM, visual_dim: int = VISUAL_DIM, att_dim: int = 512,
-                 regions: int = 49, audio_term_axis: str = "region"):
-        super().__init__()
-        if audio_term_axis not in ("region", "hidden"):
-            raise ValueError(f"audio_term_axis must be 'region' or 'hidden', got {audio_term_axis!r}")
-        self.audio_term_axis = audio_term_axis
-        self.affine_audio = nn.Linear(audio_dim, att_dim)  # U_a
-        self.affine_video = nn.Linear(visual_dim, att_dim)  # U_v
-        self.affine_v = nn.Linear(att_dim, regions, bias=False)  # W_v
-        self.affine_g = nn.Linear(att_dim, regions, bias=False)  # W_a
-        self.affine_h = nn.Linear(regions, 1, bias=False)  # W_f
-
-    def xavier_init(self) -> None:
-        """``att_Net.init_weights``: Xavier-uniform weights of every affine layer."""
-        for layer in (self.affine_v, self.affine_g, self.affine_h, self.affine_audio, self.affine_video):
-            nn.init.xavier_uniform_(layer.weight)
-
-    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        regions = visual.flatten(2, 3)  # [B, T, k, 512], row-major (h, w) as view(B*T, -1, 512)
-        u_v = F.relu(self.affine_video(regions))  # [B, T, k, d]
-        u_a = F.relu(self.affine_audio(audio))  # [B, T, d]
-        content = self.affine_v(u_v)  # [B, T, k regions, k]
-        audio_term = self.affine_g(u_a)  # [B, T, k]
-        if self.audio_term_axis == "region":
-            content = content + audio_term.unsqueeze(-1)  # reference: indexed by region
-        else:
-            content = content + audio_term.unsqueeze(-2)  # eq. 4: indexed by W_f's axis
-        logits = self.affine_h(torch.tanh(content)).squeeze(-1)  # [B, T, k]
-        weights = logits.softmax(dim=-1)
-        attended = torch.einsum("btk,btkc->btc", weights, regions)
-        return attended, weights
-
-
-def bilstm(input_size: int, hidden: int) -> nn.LSTM:
-    """One-layer bidirectional batch-first LSTM (output 2 * hidden), as in the reference."""
-    return nn.LSTM(input_size, hidden, 1, batch_first=True, bidirectional=True)
-
-
-def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
-    """[B, T, in] -> [B, T, 2 * hidden] with zero initial state."""
-    return lstm(x)[0]
 
 
 class MLPClassifier(nn.Module):
@@ -216,28 +172,6 @@ class MLPClassifier(nn.Module):
 # losses
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` over the entries where ``mask`` is True (all when mask is None)."""
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def pool_scores(scores: torch.Tensor, valid: torch.Tensor | None, how: str) -> torch.Tensor:
-    """MIL pooling of per-segment logits [B, T, C] -> [B, C] over the valid segments:
-    "mean" (eq. 7) or "max" (reference ``MaxPool1d``)."""
-    if valid is None:
-        valid = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)
-    keep = valid.unsqueeze(-1)
-    if how == "mean":
-        return (scores * keep).sum(1) / keep.sum(1).clamp_min(1)
-    if how == "max":
-        pooled = scores.masked_fill(~keep, float("-inf")).max(dim=1).values
-        return torch.where(valid.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
-    raise ValueError(f"weak_pool must be 'mean' or 'max', got {how!r}")
-
-
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample loss: logits [..., C], target [...] class indices -> [...].
 
@@ -258,7 +192,7 @@ def avel_loss(scores: torch.Tensor, batch: Mapping[str, torch.Tensor], setting: 
     scores [B, T, C]; batch: ``labels`` [B, T], ``video_label`` [B], optional ``valid`` [B, T]."""
     valid = batch.get("valid")
     if setting == "weak":
-        pooled = pool_scores(scores, valid, weak_pool)
+        pooled = pool_over_time(scores, valid, weak_pool)
         per_video = classification_loss(pooled, batch["video_label"], kind)
         return masked_mean(per_video, None if valid is None else valid.any(1))
     labels = batch["labels"]
@@ -287,9 +221,13 @@ class AvelHead(Head):
             raise ValueError(f"head {self.name!r}: visual must be [B, T, {grid}, {grid}, {VISUAL_DIM}] with the audio's "
                              f"B, T = {list(audio.shape[:2])}, got {list(visual.shape)}")
 
-    def make_attention(self) -> AGVA:
+    def make_attention(self) -> AudioGuidedVisualAttention:
         cfg = self.config
-        return AGVA(AUDIO_DIM, VISUAL_DIM, cfg.att_dim, cfg.grid * cfg.grid, cfg.audio_term_axis)
+        return AudioGuidedVisualAttention(AUDIO_DIM, VISUAL_DIM, cfg.att_dim, cfg.grid * cfg.grid, cfg.audio_term_axis)
+
+    def attend_map(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AGVA over the g x g map: (v_att [B, T, 512], weights [B, T, g*g])."""
+        return self.attention(audio, visual.flatten(2, 3))
 
     def attention_extras(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = self.config.grid
@@ -316,9 +254,9 @@ class VariantHead(AvelHead):
         if self.attend:
             self.attention = self.make_attention()
         if self.uses_audio:
-            self.lstm_audio = bilstm(AUDIO_DIM, cfg.hidden)
+            self.lstm_audio = BiLSTM(AUDIO_DIM, cfg.hidden)
         if self.uses_visual:
-            self.lstm_video = bilstm(VISUAL_DIM, cfg.hidden)
+            self.lstm_video = BiLSTM(VISUAL_DIM, cfg.hidden)
         streams = int(self.uses_audio) + int(self.uses_visual)
         self.classifier = MLPClassifier(2 * cfg.hidden * streams, cfg.classifier_hidden, num_classes)
         if self.attend:
@@ -329,14 +267,14 @@ class VariantHead(AvelHead):
         self.check_inputs(audio, visual)
         streams, extras = [], {}
         if self.uses_audio:
-            streams.append(run_lstm(self.lstm_audio, audio))
+            streams.append(self.lstm_audio(audio))
         if self.uses_visual:
             if self.attend:
-                pooled, weights = self.attention(audio, visual)
+                pooled, weights = self.attend_map(audio, visual)
                 extras = self.attention_extras(weights)
             else:
                 pooled = visual.mean(dim=(2, 3))
-            streams.append(run_lstm(self.lstm_video, pooled))
+            streams.append(self.lstm_video(pooled))
         hidden = streams[0] if len(streams) == 1 else torch.cat(streams, dim=-1)
         return HeadOutput(self.classifier(hidden), extras)
 
@@ -414,21 +352,22 @@ class FusionHead(AvelHead):
         super().__init__(num_classes, setting, config)
         cfg = self.config
         streams = 2 * cfg.hidden
+        blocks = getattr(cfg, "blocks", None)  # ResidualFusionConfig: the residual methods only
         self.attention = self.make_attention()
         if self.position == "early":
-            self.fusion = make_fusion(self.method, AUDIO_DIM, VISUAL_DIM, cfg.fusion_dim, cfg.blocks)
-            self.lstm = bilstm(cfg.fusion_dim, cfg.hidden)
+            self.fusion = make_fusion(self.method, AUDIO_DIM, VISUAL_DIM, cfg.fusion_dim, blocks)
+            self.lstm = BiLSTM(cfg.fusion_dim, cfg.hidden)
             self.L2 = nn.Linear(streams, num_classes)
         else:
-            self.lstm_audio = bilstm(AUDIO_DIM, cfg.hidden)
-            self.lstm_video = bilstm(VISUAL_DIM, cfg.hidden)
+            self.lstm_audio = BiLSTM(AUDIO_DIM, cfg.hidden)
+            self.lstm_video = BiLSTM(VISUAL_DIM, cfg.hidden)
             if self.position == "late":
-                self.fusion = make_fusion(self.method, streams, streams, cfg.fusion_dim, cfg.blocks)
+                self.fusion = make_fusion(self.method, streams, streams, cfg.fusion_dim, blocks)
                 self.L2 = nn.Linear(cfg.fusion_dim, num_classes)
             elif self.position == "decision":
                 self.classifier_audio = MLPClassifier(streams, cfg.classifier_hidden, num_classes)
                 self.classifier_video = MLPClassifier(streams, cfg.classifier_hidden, num_classes)
-                self.fusion = make_fusion(self.method, num_classes, num_classes, num_classes, cfg.blocks)
+                self.fusion = make_fusion(self.method, num_classes, num_classes, num_classes, blocks)
                 self.L2 = nn.Linear(num_classes, num_classes)
             else:
                 raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
@@ -436,12 +375,12 @@ class FusionHead(AvelHead):
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
         self.check_inputs(audio, visual)
-        attended, weights = self.attention(audio, visual)
+        attended, weights = self.attend_map(audio, visual)
         if self.position == "early":
-            fused = run_lstm(self.lstm, self.fusion(audio, attended))
+            fused = self.lstm(self.fusion(audio, attended))
         else:
-            h_a = run_lstm(self.lstm_audio, audio)
-            h_v = run_lstm(self.lstm_video, attended)
+            h_a = self.lstm_audio(audio)
+            h_v = self.lstm_video(attended)
             if self.position == "decision":
                 h_a, h_v = self.classifier_audio(h_a), self.classifier_video(h_v)
             fused = self.fusion(h_a, h_v)
@@ -468,7 +407,8 @@ def _register_fusion_heads() -> None:
                 continue
             name = f"{method}-{position}"
             cls_name = "Fusion_" + name.replace("-", "_")
-            cls = type(cls_name, (FusionHead,), {"method": method, "position": position,
+            config = ResidualFusionConfig if method in RESIDUAL else FusionConfig
+            cls = type(cls_name, (FusionHead,), {"method": method, "position": position, "Config": config,
                                                  "__doc__": _fusion_docstring(method, position, paper_name),
                                                  "__module__": __name__})
             globals()[cls_name] = register_head(name)(cls)
@@ -484,12 +424,13 @@ class DMRNHead(FusionHead):
     Linear(256,256)) -> [B,T,256]; L2 = Linear(256, C) -> [B,T,C] logits (reference: their softmax).
     extras["attention"] [B,T,7,7]. 1,571,150 parameters at C = 29, as TBMRF_Net."""
 
+    Config = ResidualFusionConfig
     method = "dmrn"
     position = "late"
 
 
 @register_head("dmrfe")
-class DMRFEHead(FusionHead):
+class DMRFEHead(AvelHead):
     """DMRFE, late (Table 2: 73.3%): two residual blocks, probabilities averaged.
 
     Dual multimodal residual fusion ensemble, Tian et al. Sec. 6.2.
@@ -509,14 +450,13 @@ class DMRFEHead(FusionHead):
     through its softmax and the averaged probability stays tied (measured: supervised on the
     synthetic AVE-sized store, 8 epochs at the majority class)."""
 
-    method = "dmrn"
-    position = "late"
-
-    def __init__(self, num_classes: int, setting: str = "supervised", config: FusionConfig | None = None):
+    def __init__(self, num_classes: int, setting: str = "supervised", config: AvelConfig | None = None):
         super().__init__(num_classes, setting, config)
         cfg = self.config
         streams = 2 * cfg.hidden
-        del self.fusion, self.L2
+        self.attention = self.make_attention()
+        self.lstm_audio = BiLSTM(AUDIO_DIM, cfg.hidden)
+        self.lstm_video = BiLSTM(VISUAL_DIM, cfg.hidden)
         self.block_audio = DMRN(streams, streams, streams, blocks=1)
         self.block_video = DMRN(streams, streams, streams, blocks=1)
         self.L2_audio = nn.Linear(streams, num_classes)
@@ -530,9 +470,9 @@ class DMRFEHead(FusionHead):
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
         self.check_inputs(audio, visual)
-        attended, weights = self.attention(audio, visual)
-        h_a = run_lstm(self.lstm_audio, audio)
-        h_v = run_lstm(self.lstm_video, attended)
+        attended, weights = self.attend_map(audio, visual)
+        h_a = self.lstm_audio(audio)
+        h_v = self.lstm_video(attended)
         logits_a = self.L2_audio(self.residual_update(self.block_audio, h_a, h_a, h_v))
         logits_v = self.L2_video(self.residual_update(self.block_video, h_v, h_a, h_v))
         scores = torch.logaddexp(logits_a.log_softmax(-1), logits_v.log_softmax(-1)) - math.log(2.0)

@@ -60,8 +60,8 @@ from train.heads.layers import (
     AudioGuidedVisualAttention,
     BiLSTM,
     masked_mean,
-    masked_mean_over_time,
     one_hot_targets,
+    pool_over_time,
     valid_mask,
 )
 from train.registry import register_head
@@ -230,7 +230,7 @@ class AVLTCHead(Head):
         against the one-hot video label. ``weak_pool`` is ignored (the paper fixes average pooling)."""
         valid = valid_mask(batch, out.scores)
         if self.setting == "weak":
-            video = masked_mean_over_time(out.scores, valid)
+            video = pool_over_time(out.scores, valid, "mean")
             target = one_hot_targets(batch["video_label"], self.num_classes).to(video.device)
             return F.binary_cross_entropy_with_logits(video, target)
         labels = batch["labels"].to(out.scores.device)

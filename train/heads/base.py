@@ -7,8 +7,8 @@ A head maps per-segment features to per-segment class scores::
     ->  HeadOutput.scores [B, T, C]   C = event classes + background (AVE: 29), logits
         HeadOutput.extras {name: tensor}   attention maps and other by-products
 
-``loss`` turns an output and a batch into the training loss for a setting; the default is the
-AVEL recipe (see ``segment_loss`` / ``weak_loss``), heads with their own objective override it.
+``loss`` turns an output and a batch into the training loss for a setting; every head implements
+its own (``segment_loss`` is plain per-segment cross-entropy).
 Heads of other tasks (cross-modality matching, sounding-object maps) subclass Head with their own
 ``task`` and document their own forward signature.
 """
@@ -68,11 +68,12 @@ class Head(nn.Module):
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
-        """Training loss. ``batch['labels']`` [B, T] segment classes; ``batch['video_label']`` [B]."""
-        if self.setting == "weak":
-            return weak_loss(out.scores, batch["video_label"], weak_pool)
-        return segment_loss(out.scores, batch["labels"])
+    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:  # pragma: no cover
+        """Training loss of a batch in the head's setting (every head implements its paper's
+        objective). ``batch['labels']`` [B, T] segment classes, ``batch['video_label']`` [B],
+        ``batch['valid']`` [B, T]; ``weak_pool`` = ``train.weak_pool`` for heads whose weak loss
+        lets the trainer choose the MIL pooling."""
+        raise NotImplementedError
 
     def weak_pooling(self, requested: str) -> str:
         """The MIL pooling this head's weak loss really applies when the trainer asks for
@@ -88,19 +89,3 @@ class Head(nn.Module):
 def segment_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over all segments: scores [B, T, C], labels [B, T]."""
     return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1))
-
-
-def pool_over_time(probs: torch.Tensor, how: str) -> torch.Tensor:
-    """MIL pooling [B, T, C] -> [B, C]: "mean" (Tian et al. eq. 7) or "max" (reference code)."""
-    if how == "mean":
-        return probs.mean(dim=1)
-    if how == "max":
-        return probs.max(dim=1).values
-    raise ValueError(f"weak_pool must be 'mean' or 'max', got {how!r}")
-
-
-def weak_loss(scores: torch.Tensor, video_label: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """Video-level loss for weak supervision: softmax per segment, MIL-pool over time, NLL of the
-    video's class. scores [B, T, C], video_label [B]."""
-    pooled = pool_over_time(scores.softmax(dim=-1), how)
-    return F.nll_loss(torch.log(pooled.clamp_min(1e-8)), video_label)

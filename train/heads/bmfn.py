@@ -68,9 +68,8 @@ from torch.nn import functional as F
 from train.heads.base import Head, HeadOutput
 from train.heads.layers import (
     activation,
-    masked_max_over_time,
     masked_mean,
-    masked_mean_over_time,
+    pool_over_time,
     mfb_pool,
     valid_mask,
 )
@@ -389,9 +388,9 @@ def weak_joint_loss(s: torch.Tensor, s_c: torch.Tensor, video_label: torch.Tenso
     one-hot foreground class (all zeros for a background-only video)."""
     joint = torch.sigmoid(s).unsqueeze(-1) * s_c.softmax(dim=-1).unsqueeze(1)
     if pool == "max":
-        video = masked_max_over_time(joint, valid)
+        video = pool_over_time(joint, valid, "max")
     elif pool == "mean":
-        video = masked_mean_over_time(joint, valid)
+        video = pool_over_time(joint, valid, "mean")
     else:
         raise ValueError(f"heads.bmfn.weak_pool must be 'max' or 'mean', got {pool!r}")
     foreground = s_c.shape[-1]

@@ -48,9 +48,8 @@ from train.heads.base import Head, HeadOutput
 from train.heads.layers import (
     MLP,
     BiLSTM,
-    masked_max_over_time,
     masked_mean,
-    masked_mean_over_time,
+    pool_over_time,
     one_hot_targets,
     valid_mask,
 )
@@ -242,9 +241,9 @@ def soft_margin_weak(scores: torch.Tensor, target: torch.Tensor, valid: torch.Te
     """Eq. 7: v[i] = max_t e_t[i] over valid segments (or the mean when ``pool`` = mean), then the
     multilabel soft-margin loss against the video's one-hot label [B,C]."""
     if pool == "max":
-        video = masked_max_over_time(scores, valid)
+        video = pool_over_time(scores, valid, "max")
     elif pool == "mean":
-        video = masked_mean_over_time(scores, valid)
+        video = pool_over_time(scores, valid, "mean")
     else:
         raise ValueError(f"heads.coattention.weak_pool must be 'max' or 'mean', got {pool!r}")
     return F.multilabel_soft_margin_loss(video, target)

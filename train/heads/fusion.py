@@ -46,7 +46,7 @@ from torch.nn import functional as F
 class Additive(nn.Module):
     """``W_a a + W_v v + b`` -> [..., dim]."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.proj_a = nn.Linear(dim_a, dim)
         self.proj_v = nn.Linear(dim_v, dim, bias=False)
@@ -58,7 +58,7 @@ class Additive(nn.Module):
 class MaxPooling(nn.Module):
     """Element-wise ``max(W_a a + b_a, W_v v + b_v)`` -> [..., dim]."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.proj_a = nn.Linear(dim_a, dim)
         self.proj_v = nn.Linear(dim_v, dim)
@@ -70,7 +70,7 @@ class MaxPooling(nn.Module):
 class Gated(nn.Module):
     """``(W_v v + b_v) * sigmoid(W_g a + b_g)`` -> [..., dim] (audio gates vision)."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.proj_v = nn.Linear(dim_v, dim)
         self.gate_a = nn.Linear(dim_a, dim)
@@ -82,7 +82,7 @@ class Gated(nn.Module):
 class MultimodalBilinear(nn.Module):
     """``y_k = a^T W_k v + b_k`` -> [..., dim]; ``dim_a * dim_v * dim + dim`` parameters."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.bilinear = nn.Bilinear(dim_a, dim_v, dim)
 
@@ -97,7 +97,7 @@ class MultimodalBilinear(nn.Module):
 class GatedMultimodalBilinear(MultimodalBilinear):
     """``(a^T W_k v + b_k) * sigmoid(W_g a + b_g)`` -> [..., dim]."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__(dim_a, dim_v, dim)
         self.gate_a = nn.Linear(dim_a, dim)
 
@@ -109,7 +109,7 @@ class GMU(nn.Module):
     """Gated multimodal unit (Arevalo et al. 2017): ``z * tanh(W_a a) + (1 - z) * tanh(W_v v)``,
     ``z = sigmoid(W_z [a; v])`` -> [..., dim]."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.proj_a = nn.Linear(dim_a, dim, bias=False)
         self.proj_v = nn.Linear(dim_v, dim, bias=False)
@@ -123,7 +123,7 @@ class GMU(nn.Module):
 class Concat(nn.Module):
     """``W [a; v] + b`` -> [..., dim]."""
 
-    def __init__(self, dim_a: int, dim_v: int, dim: int, blocks: int = 1):
+    def __init__(self, dim_a: int, dim_v: int, dim: int):
         super().__init__()
         self.proj = nn.Linear(dim_a + dim_v, dim)
 
@@ -206,10 +206,17 @@ FUSIONS: dict[str, tuple[type[nn.Module], str]] = {
 }
 
 
-def make_fusion(method: str, dim_a: int, dim_v: int, dim: int, blocks: int = 1) -> nn.Module:
-    """Build fusion ``method`` (a key of :data:`FUSIONS`) for inputs of width dim_a / dim_v."""
+#: the methods made of stacked residual blocks (the only ones with a ``blocks`` option)
+RESIDUAL = ("mrn", "dmrn")
+
+
+def make_fusion(method: str, dim_a: int, dim_v: int, dim: int, blocks: int | None = None) -> nn.Module:
+    """Build fusion ``method`` (a key of :data:`FUSIONS`) for inputs of width dim_a / dim_v;
+    ``blocks`` is given for the residual methods (:data:`RESIDUAL`) and only for them."""
     try:
         cls = FUSIONS[method][0]
     except KeyError:
         raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(FUSIONS)}") from None
-    return cls(dim_a, dim_v, dim, blocks=blocks)
+    if (blocks is not None) != (method in RESIDUAL):
+        raise ValueError(f"fusion {method!r}: blocks is an option of {', '.join(RESIDUAL)} only")
+    return cls(dim_a, dim_v, dim, blocks=blocks) if blocks is not None else cls(dim_a, dim_v, dim)

@@ -1,18 +1,16 @@
-"""Building blocks shared by the co-attention, BMFN and AVLTC heads.
+"""Building blocks shared by the heads (one implementation each, used by every head).
 
 Every layer is created once in ``__init__`` (nothing is built inside ``forward``).
 
 * :class:`BiLSTM` — a batch-first bidirectional LSTM returning only its per-step outputs.
 * :class:`MLP` — a stack of fully connected layers with an activation between (and optionally after) them.
-* :class:`AudioGuidedVisualAttention` — AGVA of Tian et al. (ECCV 2018) eq. 2-4, with the sizes of the
-  authors' reference code (YapengTian/AVE-ECCV18: d = 512; W_v, W_a, W_f without bias).
-  AVLTC's TSGA builds on it. ``train.heads.avel.AGVA`` computes the same function with the reference
-  code's layer names (tests/test_heads_avltc.py checks the two agree); this one also exposes the
-  pre-softmax map x_t that TSGA mixes over time.
+* :class:`AudioGuidedVisualAttention` — AGVA of Tian et al. (ECCV 2018) eq. 2-4 as the authors'
+  reference code (YapengTian/AVE-ECCV18) builds it, with its layer names; the Tian et al. heads,
+  AVLTC's TSGA (which mixes its pre-softmax map x_t over time) use it.
 * :func:`mfb_pool` — the sum-pooling + power + L2 normalisation of multi-modal factorized bilinear
   pooling (Yu et al. ICCV 2017), BMFN eq. 2.
-* :func:`masked_mean`, :func:`masked_max_over_time`, :func:`one_hot_targets` — loss helpers that honour the
-  batch's ``valid`` mask [B, T].
+* :func:`valid_mask`, :func:`masked_mean`, :func:`pool_over_time`, :func:`one_hot_targets` — loss
+  helpers that honour the batch's ``valid`` mask [B, T].
 """
 from __future__ import annotations
 
@@ -33,15 +31,17 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
-class BiLSTM(nn.Module):
-    """Batch-first bidirectional LSTM: [B, T, input_size] -> [B, T, 2 * hidden]."""
+class BiLSTM(nn.LSTM):
+    """One-layer batch-first bidirectional LSTM with a zero initial state, returning only its
+    per-step outputs: [B, T, input_size] -> [B, T, 2 * hidden]. (The AVEL reference's
+    ``nn.LSTM(in, hidden, 1, batch_first=True, bidirectional=True)``; the parameters keep
+    nn.LSTM's names.)"""
 
     def __init__(self, input_size: int, hidden: int):
-        super().__init__()
-        self.lstm = nn.LSTM(input_size, hidden, batch_first=True, bidirectional=True)
+        super().__init__(input_size, hidden, 1, batch_first=True, bidirectional=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lstm(x)[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
 
 
 class MLP(nn.Sequential):
@@ -61,17 +61,23 @@ class MLP(nn.Sequential):
 
 
 class AudioGuidedVisualAttention(nn.Module):
-    """Audio-guided visual attention (Tian et al. 2018, eq. 2-4).
+    """Audio-guided visual attention (Tian et al. 2018, eq. 2-4), layer by layer as ``att_Net`` of
+    the reference code (YapengTian/AVE-ECCV18), with its layer names:
 
+    ``U_a = ReLU(affine_audio)``, ``U_v = ReLU(affine_video)`` (Linear to ``hidden``, applied to
+    every region vector), ``W_v = affine_v``, ``W_a = affine_g`` (hidden -> regions, no bias),
+    ``W_f = affine_h`` (regions -> 1, no bias);
     ``x_t = W_f tanh(W_v U_v(v_t) + (W_a U_a(a_t)) 1^T)``, ``w_t = softmax(x_t)``,
-    ``v_t^att = sum_i w_t^i v_t^i``. U_v, U_a: Linear + ReLU to ``hidden``; W_v, W_a: hidden -> regions;
-    W_f: regions -> 1 (no bias, as in the reference code).
+    ``v_t^att = sum_i w_t^i v_t^i`` (a weighted sum of the RAW region vectors, not of U_v).
 
     ``audio_term_axis``: in eq. 4 the audio term W_a U_a(a_t) 1^T is indexed by the axis that W_f
-    contracts ("hidden"); the reference code (YapengTian/AVE-ECCV18) adds it along the region axis
-    ("region", the default, as in :class:`train.heads.avel.AGVA`).
+    contracts ("hidden", the paper); the reference code adds it along the region axis
+    (``affine_g(a_t).unsqueeze(2)``: "region", the default).
 
-    forward(audio [B, T, Da], visual [B, T, R, Dv]) -> (attended [B, T, Dv], logits x [B, T, R]).
+    Shapes: audio [B, T, Da], regions [B, T, R, Dv] (a g x g map flattened row-major, as the
+    reference's ``view(B*T, -1, 512)``) -> :meth:`logits` x [B, T, R];
+    forward -> (attended [B, T, Dv], weights softmax(x) [B, T, R]).
+    Parameters at the reference sizes (128, 512, d = 512, R = 49): 66,048 + 262,656 + 2 * 25,088 + 49.
     """
 
     def __init__(self, audio_dim: int = 128, visual_dim: int = 512, hidden: int = 512, regions: int = 49,
@@ -80,23 +86,27 @@ class AudioGuidedVisualAttention(nn.Module):
         if audio_term_axis not in ("region", "hidden"):
             raise ValueError(f"audio_term_axis must be 'region' or 'hidden', got {audio_term_axis!r}")
         self.audio_term_axis = audio_term_axis
-        self.u_audio = nn.Sequential(nn.Linear(audio_dim, hidden), nn.ReLU())
-        self.u_visual = nn.Sequential(nn.Linear(visual_dim, hidden), nn.ReLU())
-        self.w_visual = nn.Linear(hidden, regions, bias=False)
-        self.w_audio = nn.Linear(hidden, regions, bias=False)
-        self.w_f = nn.Linear(regions, 1, bias=False)
+        self.affine_audio = nn.Linear(audio_dim, hidden)  # U_a
+        self.affine_video = nn.Linear(visual_dim, hidden)  # U_v
+        self.affine_v = nn.Linear(hidden, regions, bias=False)  # W_v
+        self.affine_g = nn.Linear(hidden, regions, bias=False)  # W_a
+        self.affine_h = nn.Linear(regions, 1, bias=False)  # W_f
 
-    def logits(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """x_t of eq. 4: [B, T, R] (before the softmax of eq. 3)."""
-        content = self.w_visual(self.u_visual(visual))  # [B, T, R regions, k]
-        audio_term = self.w_audio(self.u_audio(audio))  # [B, T, k]
+    def xavier_init(self) -> None:
+        """``att_Net.init_weights``: Xavier-uniform weights of every affine layer."""
+        for layer in (self.affine_v, self.affine_g, self.affine_h, self.affine_audio, self.affine_video):
+            nn.init.xavier_uniform_(layer.weight)
+
+    def logits(self, audio: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """x_t of eq. 4, before the softmax of eq. 3: [B, T, R]."""
+        content = self.affine_v(F.relu(self.affine_video(regions)))  # [B, T, R regions, R]
+        audio_term = self.affine_g(F.relu(self.affine_audio(audio)))  # [B, T, R]
         axis = -1 if self.audio_term_axis == "region" else -2
-        return self.w_f(torch.tanh(content + audio_term.unsqueeze(axis))).squeeze(-1)
+        return self.affine_h(torch.tanh(content + audio_term.unsqueeze(axis))).squeeze(-1)
 
-    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.logits(audio, visual)
-        weights = x.softmax(dim=-1)
-        return torch.einsum("btr,btrd->btd", weights, visual), x
+    def forward(self, audio: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.logits(audio, regions).softmax(dim=-1)
+        return torch.einsum("btr,btrd->btd", weights, regions), weights
 
 
 def mfb_pool(product: torch.Tensor, k: int) -> torch.Tensor:
@@ -117,22 +127,28 @@ def valid_mask(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.T
     return valid.to(device=like.device, dtype=torch.bool)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` [B, T] over the entries where ``mask`` [B, T] is true."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (any shape) over the entries where ``mask`` (same shape) is true; all
+    entries when ``mask`` is None; 0 when no entry is."""
+    if mask is None:
+        return values.mean()
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def masked_max_over_time(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max over the segments of ``scores`` [B, T, C] where ``mask`` [B, T] is true -> [B, C]."""
-    fill = torch.finfo(scores.dtype).min
-    return scores.masked_fill(~mask.unsqueeze(-1), fill).max(dim=1).values
-
-
-def masked_mean_over_time(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the segments of ``scores`` [B, T, C] where ``mask`` [B, T] is true -> [B, C]."""
-    m = mask.unsqueeze(-1).to(scores.dtype)
-    return (scores * m).sum(1) / m.sum(1).clamp_min(1.0)
+def pool_over_time(scores: torch.Tensor, valid: torch.Tensor | None, how: str) -> torch.Tensor:
+    """MIL pooling over the valid segments: scores [B, T, C], valid [B, T] bool (None: all) ->
+    [B, C]. "mean" (Tian et al. eq. 7) or "max" (the AVEL reference's ``MaxPool1d``). A row
+    without any valid segment pools to 0 either way."""
+    if valid is None:
+        valid = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)
+    keep = valid.unsqueeze(-1)
+    if how == "mean":
+        return (scores * keep).sum(1) / keep.sum(1).clamp_min(1)
+    if how == "max":
+        pooled = scores.masked_fill(~keep, float("-inf")).max(dim=1).values
+        return torch.where(valid.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+    raise ValueError(f"weak_pool must be 'mean' or 'max', got {how!r}")
 
 
 def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ Every CML head has the forward::
 and is trained with pairs (audio_t, visual_t) of the same segment, ``batch['match']`` [B, T] = 1
 inside the event (the two match), 0 elsewhere, ``batch['valid']`` [B, T] masking segments without
 features. Inference uses :meth:`CmlHead.distance_matrix` ([B, T, T], audio i vs visual j; the mean
-over streams), searched by :mod:`train.cml`.
+over streams), searched by :mod:`train.cml_metrics`.
 
 Heads:
 
@@ -145,9 +145,9 @@ class CmlHead(Head):
         return total
 
     def predict(self, out: CmlOutput) -> torch.Tensor:
-        """CML heads have no per-segment class prediction: localize with :func:`train.cml.predict_starts`
+        """CML heads have no per-segment class prediction: localize with :func:`train.cml_metrics.predict_starts`
         on :meth:`distance_matrix`."""
-        raise TypeError(f"head {self.name!r} (task cml) predicts window starts: use train.cml.predict_starts(head.distance_matrix(out), ...)")
+        raise TypeError(f"head {self.name!r} (task cml) predicts window starts: use train.cml_metrics.predict_starts(head.distance_matrix(out), ...)")
 
     def prepare_eval(self, audio: torch.Tensor, visual: torch.Tensor, match: torch.Tensor, valid: torch.Tensor) -> None:
         """Hook the cml task runs before each evaluation of a segment-wise head, with the training

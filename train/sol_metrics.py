@@ -1,6 +1,6 @@
 """Sounding object localization: maps -> boxes, metrics, the CVAT box reader, drawing.
 
-Pure functions used by the ``sol`` task (``train/tasks/sol.py``) and ``avel-train render-sol``.
+Pure functions used by the ``sol`` task (``train/tasks/sol_task.py``) and ``avel-train render-sol``.
 Everything follows Li, Tian & Xu, "Space-Time Memory Network for Sounding Object Localization in
 Videos" (BMVC 2021), sections 3.3 and 4.2, and the public code of that paper
 (sizhe-li/Space-Time-Memory-Network-for-Sounding-Object-Localization-in-Videos, ``sol/models``):

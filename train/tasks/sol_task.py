@@ -1,6 +1,6 @@
 """Task "sol": sounding object localization with the STM head (Li, Tian & Xu, BMVC 2021).
 
-``run(pipeline, head_name, seed, run_dir)``:
+``SolTask.run(pipeline, head_name, seed, run_dir)``:
 
 1. reads the train / val / test manifests against a store that holds the per-frame maps
    (``frame_maps`` [N, T, F, 8, 8, 2048], ``frame_index`` [N, T, F], ``audio_maps``
@@ -15,7 +15,7 @@
 4. evaluates localization on the test videos that have a box file under ``sol.boxes_root``:
    each video runs as one sequence of T x F frames (causal memory), and every sampled frame that
    is annotated (``frame_index`` is the annotation's frame number) is scored with cIoU and box IoU
-   (:func:`train.sol.evaluate_frame`), giving cIoU@0.5 and IoU@0.5 (share of frames >= 0.5);
+   (:func:`train.sol_metrics.evaluate_frame`), giving cIoU@0.5 and IoU@0.5 (share of frames >= 0.5);
 5. writes the run directory (config.yaml, metrics.json, epochs.csv, checkpoint.safetensors,
    learning_curves.png) plus ``localization_test.csv`` (one row per scored frame).
 
@@ -27,8 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import platform
-import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,18 +34,16 @@ import numpy as np
 import torch
 
 from extract.manifest import read_manifest
-from extract.store import FeatureStore, StoreError, open_store
+from extract.store import FeatureStore, StoreError, open_store, require_complete
 
-from .. import sol
-from ..data import DataError, match_rows, resolve_device, split_manifest
-from ..loop import (count_parameters, make_optimizer, optimize_batches, resolve_schedule, seed_everything,
-                    selection_label, state_copy)
+from .. import sol_metrics as sol
+from ..data import DataError, match_rows, split_manifest
 from ..registry import register_task
-from ..runs import head_class_and_config, splits_to_load, write_run
+from ..runs import head_class_and_config, splits_to_load
+from .base import Evaluation, Task
 
 log = logging.getLogger(__name__)
 
-TASK = "sol"
 #: the store arrays the task reads
 MAP_ARRAYS = ("frame_maps", "frame_index", "audio_maps", "valid")
 #: threads reading (decompressing) store rows for a batch
@@ -81,8 +77,10 @@ class SolSplit:
 
 
 def open_map_store(path: str | Path) -> FeatureStore:
-    """Open a store and check it has the sounding-object arrays with consistent shapes."""
+    """Open a store, refuse it when incomplete (as every reader of a store does) and check it has
+    the sounding-object arrays with consistent shapes."""
     store = open_store(path)
+    require_complete(store)
     names = store.array_names()
     missing = [a for a in MAP_ARRAYS if a not in names]
     if missing:
@@ -165,11 +163,6 @@ def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng:
         audio = torch.from_numpy(a).to(device).float()[:, None].expand(-1, F, -1, -1, -1)
         labels = torch.from_numpy(split.labels[idx, seconds]).to(device)[:, None].expand(-1, F)
         yield {"audio": audio, "visual": visual, "labels": labels}
-
-
-def train_one_epoch(model, optimizer, store, split: SolSplit, batch_size: int, rng, device) -> float:
-    """One pass over the split; mean loss per sample."""
-    return optimize_batches(model, optimizer, training_batches(store, split, batch_size, rng, device), "labels")
 
 
 @torch.no_grad()
@@ -286,112 +279,101 @@ def write_frames_csv(path: Path, rows: Sequence[FrameRow]) -> Path:
 # the task
 
 
-def build_head(pipeline, head_name: str, num_classes: int, channels: tuple[int, int], device):
-    """The registered sol head with its ``heads.<name>`` overrides; the input channels must match the store's."""
-    head_cls, config = head_class_and_config(pipeline, head_name, TASK)
-    cv, ca = channels
-    if getattr(config, "visual_channels", cv) != cv or getattr(config, "audio_channels", ca) != ca:
-        raise ValueError(
-            f"heads.{head_name}: visual_channels/audio_channels = {config.visual_channels}/{config.audio_channels}, "
-            f"but the store's maps have {cv}/{ca} channels"
-        )
-    return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config).to(device)
+@dataclasses.dataclass
+class ClassificationResult:
+    """Per-frame event classification of a split (the selection metric)."""
+
+    accuracy: float
+    loss: float
 
 
-@register_task(TASK)
-def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one sounding-object head with one seed; write ``run_dir``; return the metrics."""
-    started = time.perf_counter()
-    cfg, scfg = pipeline.train, pipeline.sol
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    store = open_map_store(pipeline.path(pipeline.store.path))
-    splits, classes = {}, None
-    for name in splits_to_load(pipeline):
-        splits[name], cls = load_split(store, name, split_manifest(pipeline, name), cfg.skip_incomplete)
-        if classes is not None and cls != classes:
-            raise DataError(f"{split_manifest(pipeline, name)}: its class list differs from the other splits'")
-        classes = cls
-    num_classes = len(classes or []) + 1
-    channels = (int(store.array("frame_maps").shape[-1]), int(store.array("audio_maps").shape[-1]))
-    seed_everything(seed, device)
-    rng = np.random.default_rng(seed)
-    model = build_head(pipeline, head_name, num_classes, channels, device)
-    schedule = resolve_schedule(cfg, type(model))
-    log.info("head %s: %d parameters, %s", head_name, count_parameters(model), schedule.describe())
+@register_task("sol")
+class SolTask(Task):
+    """Sounding-object localization: trained on per-frame event classes (one random valid second
+    per video and epoch, read from the store as needed), selected on per-frame classification
+    accuracy, measured by cIoU / IoU of the test videos that have boxes."""
 
-    select_on = cfg.select_on
-    select_name = {"val": cfg.val_split, "test": cfg.test_split}.get(select_on)
-    if select_name is not None and select_name not in splits:
-        raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not configured")
-    optimizer, scheduler = make_optimizer(model, schedule)
-    train = splits[cfg.train_split]
-    best_acc, best_epoch, best_state, rows = -1.0, 0, state_copy(model), []
-    t_train = time.perf_counter()
-    for epoch in range(1, schedule.epochs + 1):
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row["train_loss"] = train_one_epoch(model, optimizer, store, train, schedule.batch_size, rng, device)
-        if scheduler is not None:
-            scheduler.step()
-        if select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs):
-            acc, loss = classification_accuracy(model, store, splits[select_name], scfg.eval_batch, device)
-            row.update({f"{select_name}_loss": loss, f"{select_name}_accuracy": acc})
-            if acc > best_acc:
-                best_acc, best_epoch, best_state = acc, epoch, state_copy(model)
-        if select_on == "last":
-            best_epoch, best_state = epoch, None
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    if best_state is None:
-        best_state = state_copy(model)
-    model.load_state_dict(best_state)
-    train_seconds = time.perf_counter() - t_train
+    selection_metric = "per-frame event classification accuracy (background included)"
 
-    metrics: dict[str, Any] = {
-        "task": TASK, "head": head_name, "head_config": model.config_dict(), "param_count": count_parameters(model),
-        "setting": cfg.setting, "seed": seed, "selection": selection_label(select_on),
-        "selection_metric": "per-frame event classification accuracy (background included)",
-        "selected_epoch": best_epoch, "epochs": schedule.epochs,
-        "schedule": {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
-                     "weight_decay": schedule.weight_decay, "source": schedule.source, "batch_unit": "seconds (T = F frames)"},
-        "store": str(store.path), "store_fingerprint": store.fingerprint,
-        "samples": {n: len(s) for n, s in splits.items()},
-        "device": str(device), "train_seconds": train_seconds, "run_dir": str(run_dir),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "sol": dataclasses.asdict(scfg),
-    }
-    for role in ("val", "test"):
-        name = getattr(cfg, f"{role}_split")
-        metrics[f"{role}_accuracy"] = None
-        if name in splits:
-            metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = classification_accuracy(model, store, splits[name], scfg.eval_batch, device)
-    test = splits[cfg.test_split]
-    boxes_root = pipeline.path(scfg.boxes_root)
-    boxes = load_boxes(boxes_root, sorted(set(test.keys)))
-    frames = localize_split(model, store, test, boxes, scfg, device)
-    summary = sol.summarize([r.ciou for r in frames], [r.iou for r in frames], scfg.success_threshold)
-    tag = f"{scfg.success_threshold:g}"
-    metrics.update({
-        f"test_ciou@{tag}": summary[f"ciou@{tag}"], f"test_iou@{tag}": summary[f"iou@{tag}"],
-        "test_mean_ciou": summary["mean_ciou"], "test_mean_iou": summary["mean_iou"],
-        "test_frames": summary["frames"], "test_videos_with_boxes": len(boxes), "boxes_root": str(boxes_root),
-    })
-    log.info("test localization: cIoU@%s %.4f, IoU@%s %.4f over %d annotated frames of %d videos",
-             tag, summary[f"ciou@{tag}"], tag, summary[f"iou@{tag}"], summary["frames"], len(boxes))
-    if not frames:
-        log.warning("no annotated frame of the test split was scored (box files under %s: %d of %d test videos)",
-                    boxes_root, len(boxes), len(set(test.keys)))
-    metrics["wall_seconds"] = time.perf_counter() - started
-    checkpoint_meta = {"task": TASK, "head": head_name, "head_config": model.config_dict(), "num_classes": num_classes,
-                       "setting": cfg.setting, "seed": seed, "selected_epoch": best_epoch, "classes": list(classes or [])}
-    write_run(run_dir, pipeline, metrics, rows, best_state, checkpoint_meta)
-    write_frames_csv(run_dir / "localization_test.csv", frames)
-    from .. import plots
+    def __init__(self, store: FeatureStore, splits: dict[str, SolSplit], classes: list[str], train_cfg, sol_cfg,
+                 device, pipeline=None):
+        super().__init__(train_cfg, device, splits, len(classes) + 1, pipeline)
+        self.store, self.classes, self.sol_cfg = store, list(classes), sol_cfg
+        self.frames: list[FrameRow] = []
 
-    plots.plot_learning_curves(rows, run_dir / "learning_curves.png", f"{TASK} / {head_name}", best_epoch)
-    return metrics
+    @classmethod
+    def prepare(cls, pipeline, device: torch.device) -> "SolTask":
+        """Open the map store (refused when incomplete) and match every split's manifest to it."""
+        cfg = pipeline.train
+        store = open_map_store(pipeline.path(pipeline.store.path))
+        splits, classes = {}, None
+        for name in splits_to_load(pipeline):
+            splits[name], found = load_split(store, name, split_manifest(pipeline, name), cfg.skip_incomplete)
+            if classes is not None and found != classes:
+                raise DataError(f"{split_manifest(pipeline, name)}: its class list differs from the other splits'")
+            classes = found
+        return cls(store, splits, classes or [], cfg, pipeline.sol, device, pipeline)
+
+    def build_head(self, head_name: str):
+        """The registered sol head with its overrides; the input channels must match the store's."""
+        head_cls, config = head_class_and_config(self.pipeline, head_name, self.name)
+        cv, ca = int(self.store.array("frame_maps").shape[-1]), int(self.store.array("audio_maps").shape[-1])
+        if getattr(config, "visual_channels", cv) != cv or getattr(config, "audio_channels", ca) != ca:
+            raise ValueError(
+                f"heads.{head_name}: visual_channels/audio_channels = {config.visual_channels}/{config.audio_channels}, "
+                f"but the store's maps have {cv}/{ca} channels"
+            )
+        return head_cls(num_classes=self.num_classes, setting=self.train_cfg.setting, config=config).to(self.device)
+
+    def train_batches(self, model, batch_size, generator, rng):
+        return training_batches(self.store, self.splits[self.train_cfg.train_split], batch_size, rng, self.device)
+
+    def evaluate(self, model, split_name: str) -> Evaluation:
+        acc, loss = classification_accuracy(model, self.store, self.splits[split_name], self.sol_cfg.eval_batch, self.device)
+        return Evaluation(acc, {"loss": loss, "accuracy": acc}, ClassificationResult(acc, loss))
+
+    def store_identity(self) -> dict[str, Any]:
+        return {"store": str(self.store.path), "store_fingerprint": self.store.fingerprint}
+
+    def metrics(self, model, result) -> dict[str, Any]:
+        """Samples per split, val/test classification, and the localization of the test videos
+        that have a box file (kept for :meth:`write_outputs`)."""
+        cfg, scfg = self.train_cfg, self.sol_cfg
+        metrics: dict[str, Any] = {
+            "schedule": {"batch_unit": "seconds (T = F frames)"},
+            "samples": {n: len(s) for n, s in self.splits.items()},
+            "sol": dataclasses.asdict(scfg),
+        }
+        for role in ("val", "test"):
+            res = result.results.get(role)
+            metrics[f"{role}_accuracy"] = None
+            if res is not None:
+                metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = res.accuracy, res.loss
+        test = self.splits[cfg.test_split]
+        boxes_root = self.pipeline.path(scfg.boxes_root)
+        boxes = load_boxes(boxes_root, sorted(set(test.keys)))
+        self.frames = localize_split(model, self.store, test, boxes, scfg, self.device)
+        summary = sol.summarize([r.ciou for r in self.frames], [r.iou for r in self.frames], scfg.success_threshold)
+        tag = f"{scfg.success_threshold:g}"
+        metrics.update({
+            f"test_ciou@{tag}": summary[f"ciou@{tag}"], f"test_iou@{tag}": summary[f"iou@{tag}"],
+            "test_mean_ciou": summary["mean_ciou"], "test_mean_iou": summary["mean_iou"],
+            "test_frames": summary["frames"], "test_videos_with_boxes": len(boxes), "boxes_root": str(boxes_root),
+        })
+        log.info("test localization: cIoU@%s %.4f, IoU@%s %.4f over %d annotated frames of %d videos",
+                 tag, summary[f"ciou@{tag}"], tag, summary[f"iou@{tag}"], summary["frames"], len(boxes))
+        if not self.frames:
+            log.warning("no annotated frame of the test split was scored (box files under %s: %d of %d test videos)",
+                        boxes_root, len(boxes), len(set(test.keys)))
+        return metrics
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"classes": self.classes}
+
+    def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
+        """learning_curves.png and localization_test.csv."""
+        super().write_outputs(run_dir, title, model, result)
+        write_frames_csv(run_dir / "localization_test.csv", self.frames)
 
 
 # ---------------------------------------------------------------------------------------------

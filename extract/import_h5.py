@@ -6,18 +6,21 @@ under the key ``avadataset``, row i = line i of ``Annotations.txt`` (header excl
 one row per video, so a video with several annotation lines (AVE: 45 videos with 2-3 events) takes
 the features of its first line. Every imported row is ``valid`` and ``done``; the store's
 attributes name the source files and their sha256.
+
+A stage-1 job (it writes a store), so it lives in ``extract``; ``avel-extract import-h5`` calls
+:func:`import_ave_h5`.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from extract.ave import read_annotations
-from extract.settings import fingerprint as config_fingerprint
-from extract.store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
+from .ave import read_annotations
+from .settings import fingerprint as config_fingerprint
+from .store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
+from .weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +28,6 @@ H5_KEY = "avadataset"
 WEIGHTS_IDENTITY = "AVE public features (VGG-19 ImageNet, VGGish AudioSet)"
 VISUAL_ROW = (7, 7, 512)
 AUDIO_ROW = (128,)
-
-
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dataset(h5file, path: Path, row_shape: tuple[int, ...]):
@@ -83,9 +78,9 @@ def import_ave_h5(
         T = int(vis.shape[1])
         log.info("hashing %s and %s", visual_h5, audio_h5)
         sources = {
-            "visual": {"file": str(visual_h5.resolve()), "sha256": sha256_file(visual_h5), "key": H5_KEY, "dtype": str(vis.dtype)},
-            "audio": {"file": str(audio_h5.resolve()), "sha256": sha256_file(audio_h5), "key": H5_KEY, "dtype": str(aud.dtype)},
-            "annotations": {"file": str(annotations.resolve()), "sha256": sha256_file(annotations)},
+            "visual": {"file": str(visual_h5.resolve()), "sha256": file_sha256(visual_h5), "key": H5_KEY, "dtype": str(vis.dtype)},
+            "audio": {"file": str(audio_h5.resolve()), "sha256": file_sha256(audio_h5), "key": H5_KEY, "dtype": str(aud.dtype)},
+            "annotations": {"file": str(annotations.resolve()), "sha256": file_sha256(annotations)},
         }
         store = create_store(
             store_path, ids, T, core_specs(T), store_attrs(sources, len(lines)),

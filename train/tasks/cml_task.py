@@ -1,12 +1,12 @@
 """Task "cml": cross-modality localization (Tian et al. ECCV 2018 sec. 5 / Table 3; Xue et al.
 TMM 2021 sec. III-D) on a feature store.
 
-``run(pipeline, head_name, seed, run_dir)``:
+``CmlTask.run(pipeline, head_name, seed, run_dir)``:
 
 1. loads the store and the train / val / test manifests (:func:`train.data.load_from_pipeline`,
    shared with the avel task);
 2. builds training pairs: every valid segment of every training video, label 1 inside an event
-   of that video (:func:`train.cml.match_labels`). Segment-wise heads (AVDLN, DCCA) train on
+   of that video (:func:`train.cml_metrics.match_labels`). Segment-wise heads (AVDLN, DCCA) train on
    shuffled single segments as the reference ``cmm_train.py`` does; sequence heads (co-attention)
    on whole videos;
 3. evaluates A2V / V2A exact-match accuracy on the queries of a split (samples with an event of
@@ -24,24 +24,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import platform
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .. import cml
-from ..data import TaskData, load_from_pipeline, resolve_device
-from ..loop import (count_parameters, make_optimizer, optimize_batches, resolve_schedule, seed_everything,
-                    selection_label, state_copy)
+from .. import cml_metrics as cml
+from ..data import TaskData, load_from_pipeline
 from ..registry import register_task
-from ..runs import head_class_and_config, splits_to_load, write_run
+from ..runs import splits_to_load
+from .base import Evaluation, Task, head_for_task
 
 log = logging.getLogger(__name__)
 
-TASK = "cml"
 #: videos per forward pass when computing distance matrices
 EVAL_BATCH = 128
 
@@ -138,21 +134,6 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
 
 
 # ---------------------------------------------------------------------------------------------
-# model
-
-
-def build_head(pipeline, head_name: str, num_classes: int, device: torch.device):
-    """The registered CML head with its ``heads.<name>`` overrides; a co-attention head with
-    ``init_from`` is initialised from that supervised checkpoint (path relative to the pipeline)."""
-    head_cls, config = head_class_and_config(pipeline, head_name, TASK)
-    head = head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
-    init_from = getattr(config, "init_from", "")
-    if init_from:
-        head.init_from_checkpoint(pipeline.path(init_from))
-    return head.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # training and evaluation
 
 
@@ -171,11 +152,6 @@ def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batc
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx]}
-
-
-def train_one_epoch(model, optimizer, train: CmlSplit, flat, batch_size: int, generator: torch.Generator) -> float:
-    """One pass; mean training loss per batch element."""
-    return optimize_batches(model, optimizer, training_batches(train, flat, batch_size, generator), "audio")
 
 
 @dataclasses.dataclass
@@ -197,7 +173,7 @@ class CmlResult:
 
 
 @torch.no_grad()
-def evaluate(model, split: CmlSplit) -> CmlResult:
+def evaluate(model, split: CmlSplit, weak_pool: str = "mean") -> CmlResult:
     """Distance matrices of the split's videos, the window search for every query, the metric,
     and the mean loss of the split's pairs."""
     model.eval()
@@ -212,7 +188,7 @@ def evaluate(model, split: CmlSplit) -> CmlResult:
         out = model(split.audio[sl], split.visual(sl))
         dists.append(model.distance_matrix(out).float().cpu())
         n = int(split.audio[sl].shape[0])
-        loss_sum += float(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]})) * n
+        loss_sum += float(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]}, weak_pool)) * n
         n_sum += n
     dist = torch.cat(dists).numpy()[split.query_video]
     onsets = [q.onset for q in split.queries]
@@ -222,152 +198,111 @@ def evaluate(model, split: CmlSplit) -> CmlResult:
     return CmlResult(metrics, preds, dist, loss_sum / max(n_sum, 1))
 
 
-def prepare_eval(model, flat: dict[str, torch.Tensor] | None) -> None:
-    """Run the head's pre-evaluation hook (DCCA: fit its linear CCA) on the training pairs."""
-    if flat is not None:
-        model.prepare_eval(flat["audio"], flat["visual"], flat["match"], flat["valid"])
-
-
-@dataclasses.dataclass
-class CmlFit:
-    schedule: Any
-    selection: str
-    best_epoch: int
-    best_state: dict[str, torch.Tensor]
-    epochs: list[dict[str, Any]]
-    results: dict[str, CmlResult]
-    train_seconds: float
-
-
-def fit(model, splits: dict[str, CmlSplit], train_cfg, schedule, seed: int) -> CmlFit:
-    """Train on the train split; select the epoch with the best mean of A2V and V2A accuracy on the
-    selection split (earliest on ties); evaluate val and test once with the selected weights."""
-    generator = seed_everything(seed)
-    train = splits[train_cfg.train_split]
-    flat = train.flat_segments() if model.segment_wise else None
-    select_on = train_cfg.select_on
-    select_name = {"val": train_cfg.val_split, "test": train_cfg.test_split}.get(select_on)
-    if select_name is not None and select_name not in splits:
-        raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not loaded")
-    optimizer, scheduler = make_optimizer(model, schedule)
-    log.info("%s; selection on %s", schedule.describe(), selection_label(select_on))
-    best_acc, best_epoch, best_state, rows = -1.0, 0, state_copy(model), []
-    started = time.perf_counter()
-    for epoch in range(1, schedule.epochs + 1):
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row["train_loss"] = train_one_epoch(model, optimizer, train, flat, schedule.batch_size, generator)
-        if scheduler is not None:
-            scheduler.step()
-        if select_name is not None and (epoch % train_cfg.eval_every == 0 or epoch == schedule.epochs):
-            prepare_eval(model, flat)
-            res = evaluate(model, splits[select_name])
-            m = res.metrics
-            row.update({
-                f"{select_name}_loss": res.loss,
-                f"{select_name}_a2v_accuracy": m["a2v_acc"] / 100,
-                f"{select_name}_v2a_accuracy": m["v2a_acc"] / 100,
-                f"{select_name}_chance_accuracy": m["chance_acc"] / 100,
-            })
-            if m["mean_acc"] > best_acc:
-                best_acc, best_epoch, best_state = m["mean_acc"], epoch, state_copy(model)
-        if select_on == "last":
-            best_epoch = epoch
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    if select_on == "last":
-        prepare_eval(model, flat)
-        best_state = state_copy(model)
-    else:
-        model.load_state_dict(best_state)
-    train_seconds = time.perf_counter() - started
-    results = {}
-    for role in ("val", "test"):
-        name = getattr(train_cfg, f"{role}_split")
-        if name in splits:
-            results[role] = evaluate(model, splits[name])
-    return CmlFit(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds)
-
-
 # ---------------------------------------------------------------------------------------------
 # the task
 
 
-@register_task(TASK)
-def run(pipeline, head_name: str, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one CML head with one seed; write ``run_dir``; return the metrics."""
-    started = time.perf_counter()
-    cfg = pipeline.train
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    data = load_from_pipeline(pipeline, splits_to_load(pipeline), device)
-    seed_everything(seed)
-    model = build_head(pipeline, head_name, data.num_classes, device)
-    pooled = not model.uses_spatial
-    splits = {name: make_cml_split(data, name, pooled) for name in data.splits}
-    schedule = resolve_schedule(cfg, type(model))
-    log.info("head %s: %d parameters, %s", head_name, count_parameters(model), schedule.describe())
-    result = fit(model, splits, cfg, schedule, seed)
-    metrics = build_metrics(pipeline, head_name, seed, model, data, splits, result, device, run_dir)
-    metrics["wall_seconds"] = time.perf_counter() - started
-    checkpoint_meta = {
-        "task": TASK, "head": head_name, "head_config": model.config_dict(), "num_classes": data.num_classes,
-        "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch,
-    }
-    write_run(run_dir, pipeline, metrics, result.epochs, result.best_state, checkpoint_meta)
-    for role, res in result.results.items():
-        write_predictions(run_dir / f"predictions_{role}.csv", splits[getattr(cfg, f"{role}_split")], res)
-    write_plots(run_dir, pipeline, head_name, splits, result)
-    return metrics
+@register_task("cml")
+class CmlTask(Task):
+    """Cross-modality localization: matched (audio t, visual t) pairs of every training video,
+    scored by A2V / V2A exact-match accuracy of the window search on a split's queries. The data
+    is the avel task's :class:`train.data.TaskData`; :meth:`attach` turns its splits into
+    :class:`CmlSplit` (visual maps pre-pooled for heads without spatial input)."""
 
+    selection_metric = "mean of A2V and V2A exact-match accuracy"
 
-def build_metrics(pipeline, head_name, seed, model, data: TaskData, splits: dict[str, CmlSplit], result: CmlFit,
-                  device, run_dir: Path) -> dict[str, Any]:
-    """metrics.json: run identity, selection, and per split A2V / V2A / chance.
+    def __init__(self, data: TaskData, train_cfg, pipeline=None):
+        super().__init__(train_cfg, data.bank.device, data.splits, data.num_classes, pipeline)
+        self.data = data
+        self.flat: dict[str, torch.Tensor] | None = None
 
-    ``<role>_accuracy`` = mean of A2V and V2A (fraction, what the CLI table shows);
-    ``<role>_a2v_accuracy``, ``<role>_v2a_accuracy``, ``<role>_chance_accuracy`` (fractions)."""
-    cfg, s = pipeline.train, result.schedule
-    metrics: dict[str, Any] = {
-        "task": TASK,
-        "head": head_name,
-        "head_config": model.config_dict(),
-        "param_count": count_parameters(model),
-        "setting": cfg.setting,
-        "seed": seed,
-        "selection": result.selection,
-        "selection_metric": "mean of A2V and V2A exact-match accuracy",
-        "selected_epoch": result.best_epoch,
-        "epochs": s.epochs,
-        "schedule": {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
-                     "lr_gamma": s.lr_gamma, "weight_decay": s.weight_decay, "source": s.source,
-                     "batch_unit": "segments" if model.segment_wise else "videos"},
-        "store": str(data.bank.store_path),
-        "store_fingerprint": data.bank.fingerprint,
-        "videos": {name: len(sp.keys) for name, sp in splits.items()},
-        "training_pairs": int(splits[cfg.train_split].valid.sum()),
-        "queries": {name: len(sp.queries) for name, sp in splits.items()},
-        "skipped_queries": {name: len(sp.skipped_queries) for name, sp in splits.items()},
-        "skipped_samples": {name: len(split.skipped) for name, split in data.splits.items()},
-        "device": str(device),
-        "train_seconds": result.train_seconds,
-        "run_dir": str(run_dir),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    for role in ("val", "test"):
-        res = result.results.get(role)
-        for key in ("accuracy", "a2v_accuracy", "v2a_accuracy", "chance_accuracy"):
-            metrics[f"{role}_{key}"] = None
-        if res is None:
-            continue
+    @classmethod
+    def prepare(cls, pipeline, device: torch.device) -> "CmlTask":
+        return cls(load_from_pipeline(pipeline, splits_to_load(pipeline), device), pipeline.train, pipeline)
+
+    def build_head(self, head_name: str):
+        """The registered CML head with its overrides; a co-attention head with ``init_from`` is
+        initialised from that supervised checkpoint (path relative to the pipeline)."""
+        head = head_for_task(self.pipeline, head_name, self.name, self.num_classes)
+        init_from = getattr(head.config, "init_from", "")
+        if init_from:
+            head.init_from_checkpoint(self.pipeline.path(init_from))
+        return head.to(self.device)
+
+    def attach(self, model) -> None:
+        """The CML view of every split; for segment-wise heads also the flat training pairs."""
+        self.splits = {name: make_cml_split(self.data, name, not model.uses_spatial) for name in self.data.splits}
+        train = self.splits[self.train_cfg.train_split]
+        self.flat = train.flat_segments() if model.segment_wise else None
+
+    def train_batches(self, model, batch_size, generator, rng):
+        return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator)
+
+    def prepare_evaluation(self, model) -> None:
+        """The head's pre-evaluation hook (DCCA: fit its linear CCA) on the training pairs."""
+        if self.flat is not None:
+            flat = self.flat
+            model.prepare_eval(flat["audio"], flat["visual"], flat["match"], flat["valid"])
+
+    def evaluate(self, model, split_name: str) -> Evaluation:
+        res = evaluate(model, self.splits[split_name], self.train_cfg.weak_pool)
         m = res.metrics
-        metrics[f"{role}_accuracy"] = m["mean_acc"] / 100
-        metrics[f"{role}_a2v_accuracy"] = m["a2v_acc"] / 100
-        metrics[f"{role}_v2a_accuracy"] = m["v2a_acc"] / 100
-        metrics[f"{role}_chance_accuracy"] = m["chance_acc"] / 100
-        metrics[role] = res.to_json()
-    return metrics
+        columns = {"loss": res.loss, "a2v_accuracy": m["a2v_acc"] / 100, "v2a_accuracy": m["v2a_acc"] / 100,
+                   "chance_accuracy": m["chance_acc"] / 100}
+        return Evaluation(m["mean_acc"], columns, res)
+
+    def store_identity(self) -> dict[str, Any]:
+        return {"store": str(self.data.bank.store_path), "store_fingerprint": self.data.bank.fingerprint}
+
+    def metrics(self, model, result) -> dict[str, Any]:
+        """Videos, pairs and queries per split, and per split A2V / V2A / chance:
+        ``<role>_accuracy`` = mean of A2V and V2A (fraction, what the CLI table shows);
+        ``<role>_a2v_accuracy``, ``<role>_v2a_accuracy``, ``<role>_chance_accuracy`` (fractions)."""
+        splits = self.splits
+        metrics: dict[str, Any] = {
+            "schedule": {"batch_unit": "segments" if model.segment_wise else "videos"},
+            "videos": {name: len(sp.keys) for name, sp in splits.items()},
+            "training_pairs": int(splits[self.train_cfg.train_split].valid.sum()),
+            "queries": {name: len(sp.queries) for name, sp in splits.items()},
+            "skipped_queries": {name: len(sp.skipped_queries) for name, sp in splits.items()},
+            "skipped_samples": {name: len(split.skipped) for name, split in self.data.splits.items()},
+        }
+        for role in ("val", "test"):
+            res = result.results.get(role)
+            for key in ("accuracy", "a2v_accuracy", "v2a_accuracy", "chance_accuracy"):
+                metrics[f"{role}_{key}"] = None
+            if res is None:
+                continue
+            m = res.metrics
+            metrics[f"{role}_accuracy"] = m["mean_acc"] / 100
+            metrics[f"{role}_a2v_accuracy"] = m["a2v_acc"] / 100
+            metrics[f"{role}_v2a_accuracy"] = m["v2a_acc"] / 100
+            metrics[f"{role}_chance_accuracy"] = m["chance_acc"] / 100
+            metrics[role] = res.to_json()
+        return metrics
+
+    def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
+        """learning_curves.png, predictions_<role>.csv, distances_test.png."""
+        super().write_outputs(run_dir, title, model, result)
+        cfg = self.train_cfg
+        for role, res in result.results.items():
+            write_predictions(run_dir / f"predictions_{role}.csv", self.splits[getattr(cfg, f"{role}_split")], res)
+        test = result.results.get("test")
+        if test is not None:
+            plot_distances(test, self.splits[cfg.test_split], run_dir / "distances_test.png", title, cfg.timeline_videos)
+
+    @staticmethod
+    def report_lines(results: list[dict[str, Any]]) -> str:
+        """Test A2V and V2A exact-match accuracy (%) with the chance level of the same queries,
+        mean ± std over seeds."""
+        from ..runs import mean_std_text
+
+        def cell(key: str) -> str:
+            return mean_std_text([100 * r[key] for r in results if r.get(key) is not None], 1, "%")
+
+        n = len(results)
+        return (f"test A2V {cell('test_a2v_accuracy')}, V2A {cell('test_v2a_accuracy')} "
+                f"(chance {cell('test_chance_accuracy')}; exact start match{f', {n} seeds' if n > 1 else ''})")
 
 
 def write_predictions(path: Path, split: CmlSplit, res: CmlResult) -> Path:
@@ -378,18 +313,6 @@ def write_predictions(path: Path, split: CmlSplit, res: CmlResult) -> Path:
         for q, a2v, v2a in zip(split.queries, res.predictions["a2v"], res.predictions["v2a"]):
             writer.writerow([q.sample_id, q.key, q.onset, q.length, int(a2v), int(v2a), int(a2v == q.onset), int(v2a == q.onset)])
     return path
-
-
-def write_plots(run_dir: Path, pipeline, head_name: str, splits: dict[str, CmlSplit], result: CmlFit) -> None:
-    """learning_curves.png (train.plots) and distances_test.png."""
-    from .. import plots
-
-    cfg = pipeline.train
-    title = f"{TASK} / {head_name} — selection: {result.selection}"
-    plots.plot_learning_curves(result.epochs, run_dir / "learning_curves.png", title, result.best_epoch)
-    test = result.results.get("test")
-    if test is not None:
-        plot_distances(test, splits[cfg.test_split], run_dir / "distances_test.png", title, cfg.timeline_videos)
 
 
 def plot_distances(res: CmlResult, split: CmlSplit, path: Path, title: str, count: int) -> Path | None:
@@ -425,25 +348,3 @@ def plot_distances(res: CmlResult, split: CmlSplit, path: Path, title: str, coun
     from ..plots import _save
 
     return _save(fig, path, plt)
-
-
-def report_lines(results: list[dict[str, Any]]) -> str:
-    """What `avel-train --task cml` prints after the table: test A2V and V2A exact-match
-    accuracy (%) with the chance level of the same queries, mean ± std over seeds."""
-    from ..runs import mean_std
-
-    def cell(key: str) -> str:
-        values = [100 * r[key] for r in results if r.get(key) is not None]
-        if not values:
-            return "n/a"
-        if len(values) == 1:
-            return f"{values[0]:.1f}%"
-        mean, std = mean_std(values)
-        return f"{mean:.1f} ± {std:.1f}%"
-
-    n = len(results)
-    return (f"test A2V {cell('test_a2v_accuracy')}, V2A {cell('test_v2a_accuracy')} "
-            f"(chance {cell('test_chance_accuracy')}; exact start match{f', {n} seeds' if n > 1 else ''})")
-
-
-run.report_lines = report_lines

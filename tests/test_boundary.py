@@ -1,0 +1,57 @@
+"""The boundary between the stages: ``train/`` imports from ``extract/`` only the store contract
+and the shared plumbing, never the extractors, the cache, the AVE parser or the Dask set-up of
+stage 1. Every import of every ``train`` module is read with ``ast`` (module level and inside
+functions, absolute and relative)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TRAIN = Path(__file__).resolve().parents[1] / "train"
+#: what train may import from extract: the store contract and the shared plumbing
+ALLOWED = {"extract.store", "extract.manifest", "extract.settings", "extract.clitools", "extract.daskclient",
+           "extract.progress"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path``; ``from pkg import name`` counts as
+    ``pkg.name`` too, so ``from extract import cache`` is caught."""
+    package = ".".join(path.relative_to(TRAIN.parent).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if base == "extract"]
+    return found
+
+
+def train_modules() -> list[Path]:
+    return sorted(TRAIN.rglob("*.py"))
+
+
+def test_the_scan_sees_function_level_and_package_imports(tmp_path):
+    source = "import os\nfrom extract import cache\n\ndef f():\n    from extract.run import main\n"
+    path = TRAIN / "_boundary_probe.py"
+    try:
+        path.write_text(source)
+        names = [name for _, name in imported_modules(path)]
+    finally:
+        path.unlink()
+    assert "extract.cache" in names and "extract.run" in names
+
+
+@pytest.mark.parametrize("path", train_modules(), ids=lambda p: str(p.relative_to(TRAIN.parent)))
+def test_train_imports_only_the_store_contract_and_plumbing_of_extract(path):
+    bad = [f"line {line}: {name}" for line, name in imported_modules(path)
+           if (name == "extract" or name.startswith("extract.")) and name != "extract"
+           and not any(name == ok or name.startswith(ok + ".") for ok in ALLOWED)]
+    assert not bad, f"{path}: imports outside the extract contract: {bad}"

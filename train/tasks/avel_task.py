@@ -1,0 +1,113 @@
+"""Task "avel": audio-visual event localization (Tian et al., ECCV 2018) on a feature store.
+
+``AvelTask.run(pipeline, head_name, seed, run_dir)`` loads the store + splits (once per process,
+cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
+config.yaml, metrics.json, epochs.csv, checkpoint.safetensors, learning_curves.png,
+confusion_test.png, timeline_test.png. Returns the metrics dict.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import TaskData, iterate_batches, load_from_pipeline
+from ..evaluate import EvalResult, evaluate_split
+from ..loop import FitResult
+from ..registry import register_task
+from ..runs import splits_to_load
+from .base import Evaluation, Task, head_for_task
+
+log = logging.getLogger(__name__)
+
+#: samples per forward pass when evaluating a split
+EVAL_BATCH = 256
+
+
+@register_task("avel")
+class AvelTask(Task):
+    """Event localization: every segment classified (events + background), scored by segment
+    accuracy. The data is a :class:`train.data.TaskData` (the store's rows in memory)."""
+
+    selection_metric = "segment accuracy (background included)"
+
+    def __init__(self, data: TaskData, train_cfg, pipeline=None):
+        super().__init__(train_cfg, data.bank.device, data.splits, data.num_classes, pipeline)
+        self.data = data
+
+    @classmethod
+    def prepare(cls, pipeline, device: torch.device) -> "AvelTask":
+        """The store rows of every split in memory (cached across seeds, see
+        :func:`train.data.load_from_pipeline`)."""
+        return cls(load_from_pipeline(pipeline, splits_to_load(pipeline), device), pipeline.train, pipeline)
+
+    def build_head(self, head_name: str):
+        return head_for_task(self.pipeline, head_name, self.name, self.num_classes).to(self.device)
+
+    def train_batches(self, model, batch_size, generator, rng):
+        split = self.splits[self.train_cfg.train_split]
+        return iterate_batches(self.data.bank, split, batch_size, shuffle=True, generator=generator)
+
+    def batch_accuracy(self, model, out, batch):
+        with torch.no_grad():
+            return int((model.predict(out) == batch["labels"]).sum()), batch["labels"].numel()
+
+    def evaluate(self, model, split_name: str) -> Evaluation:
+        res = evaluate_split(model, self.data.bank, self.splits[split_name], self.num_classes, EVAL_BATCH,
+                             self.train_cfg.weak_pool)
+        return Evaluation(res.accuracy, {"loss": res.loss, "accuracy": res.accuracy}, res)
+
+    def store_identity(self) -> dict[str, Any]:
+        return {"store": str(self.data.bank.store_path), "store_fingerprint": self.data.bank.fingerprint}
+
+    def metrics(self, model, result: FitResult) -> dict[str, Any]:
+        """Class list, samples per split, and val/test segment accuracy of the selected weights."""
+        cfg, data = self.train_cfg, self.data
+        metrics: dict[str, Any] = {
+            # the pooling the head's weak loss really applies (heads whose paper fixes it ignore train.weak_pool)
+            "weak_pool": model.weak_pooling(cfg.weak_pool) if cfg.setting == "weak" else None,
+            "num_classes": data.num_classes,
+            "class_names": data.class_names,
+            "samples": {name: len(split) for name, split in data.splits.items()},
+            "skipped_samples": {name: len(split.skipped) for name, split in data.splits.items()},
+            # segments without real features (video shorter than T s); they still count in accuracy
+            "invalid_segments": {name: int((~split.valid).sum()) for name, split in data.splits.items()},
+        }
+        for role in ("val", "test"):
+            res: EvalResult | None = result.results.get(role)
+            metrics[f"{role}_accuracy"] = res.accuracy if res is not None else None
+            if res is not None:
+                metrics[role] = res.to_json(data.class_names)
+        return metrics
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"class_names": self.data.class_names}
+
+    def write_outputs(self, run_dir: Path, title: str, model, result: FitResult) -> None:
+        """learning_curves.png, confusion_test.png, timeline_test.png."""
+        super().write_outputs(run_dir, title, model, result)
+        write_plots(run_dir, title, self.train_cfg, self.data, result)
+
+
+def write_plots(run_dir: Path, title: str, cfg, data: TaskData, result: FitResult) -> None:
+    """confusion_test.png and timeline_test.png of the test evaluation."""
+    from .. import plots
+
+    test = result.results.get("test")
+    if test is None:
+        return
+    names = data.class_names
+    plots.plot_confusion(test.confusion, names, run_dir / "confusion_test.png", f"{title}\ntest accuracy {test.accuracy:.4f}")
+    split = data.splits[cfg.test_split]
+    labels = split.labels.cpu().numpy()
+    chosen = plots.choose_timeline_samples(labels, data.num_classes - 1, cfg.timeline_videos)
+    if chosen:
+        sample_names = [f"{sid} ({key})" for sid, key in zip(split.sample_ids, _keys(split))]
+        plots.plot_timelines(test.predictions, labels, sample_names, names, run_dir / "timeline_test.png", chosen, title)
+
+
+def _keys(split) -> list[str]:
+    by_id = {s.sample_id: s.key for s in split.manifest.samples}
+    return [by_id[sid] for sid in split.sample_ids]

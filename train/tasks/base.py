@@ -1,0 +1,203 @@
+"""What a task is: the interface :func:`train.loop.fit` and :meth:`Task.run` drive.
+
+A task (avel, cml, sol) is a subclass of :class:`Task` registered under its name
+(``@register_task("cml")``). An instance holds the data of one run; the life of a run is
+:meth:`Task.run`::
+
+    task = TaskClass.prepare(pipeline, device)   # data preparation: store + split manifests
+    model = task.build_head(head_name)           # the registered head with its heads.<name> overrides
+    task.attach(model)                           # data that depends on the head (default: nothing)
+    result = fit(model, task, schedule, seed)    # the one training loop (train.loop)
+    metrics = {...common..., **task.metrics(model, result)}
+    write_run(...)                               # config.yaml, metrics.json, epochs.csv, checkpoint
+    task.write_outputs(run_dir, title, model, result)   # learning curves + the task's own files
+
+and the CLI prints ``TaskClass.report_lines(results)`` under its results table.
+
+What :func:`train.loop.fit` asks of a task:
+
+- ``train_cfg`` (the ``train`` section), ``device``, ``splits`` (the loaded splits by name);
+- :meth:`train_batches`: the shuffled batches of one epoch of the train split, dicts holding
+  ``audio`` [B, ...] and ``visual`` [B, ...] (the head's inputs) and the targets of the loss;
+- :meth:`loss` (default: the head's loss with ``train.weak_pool``) and, optionally,
+  :meth:`batch_accuracy` (hits of the training predictions, for the ``train_accuracy`` column);
+- :meth:`prepare_evaluation` (before every evaluation; default nothing) and :meth:`evaluate`, which
+  scores one split as an :class:`Evaluation`: the number selection maximises, the epoch-row
+  columns, and the task's full result (what ``FitResult.results`` holds for val and test).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One split scored by a task.
+
+    ``score``: what model selection maximises (higher is better); ``columns``: the entries of the
+    epoch row, named without the split (``{"loss": .., "accuracy": ..}`` becomes ``val_loss``,
+    ``val_accuracy``); ``result``: the task's full result (per-class tables, predictions...)."""
+
+    score: float
+    columns: dict[str, float]
+    result: Any
+
+
+class Task:
+    """Base class of the tasks; see the module docstring for the life of a run.
+
+    Subclasses set ``selection_metric`` (a description for metrics.json) and implement
+    :meth:`prepare`, :meth:`build_head`, :meth:`train_batches`, :meth:`evaluate` and
+    :meth:`metrics`; the other methods have defaults."""
+
+    #: set by :func:`train.registry.register_task`
+    name: ClassVar[str] = ""
+    #: what selection maximises, in words (metrics.json ``selection_metric``)
+    selection_metric: ClassVar[str] = ""
+
+    def __init__(self, train_cfg, device: torch.device | str, splits: Mapping[str, Any], num_classes: int,
+                 pipeline=None):
+        self.train_cfg = train_cfg
+        self.device = torch.device(device)
+        self.splits = dict(splits)
+        self.num_classes = int(num_classes)
+        self.pipeline = pipeline
+
+    # -- data preparation -------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, pipeline, device: torch.device) -> "Task":  # pragma: no cover - interface
+        """Read the store and the split manifests of ``pipeline`` (refusing an incomplete store)."""
+        raise NotImplementedError
+
+    def build_head(self, head_name: str):  # pragma: no cover - interface
+        """The registered head ``head_name`` of this task with its ``heads.<name>`` overrides, on
+        :attr:`device`."""
+        raise NotImplementedError
+
+    def attach(self, model) -> None:
+        """Prepare what depends on the built head (cml: visual maps pre-pooled for heads without
+        spatial input). Default: nothing."""
+
+    # -- training ---------------------------------------------------------------------------
+    def train_batches(self, model, batch_size: int, generator: torch.Generator,
+                      rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:  # pragma: no cover
+        """Shuffled batches of the train split for one epoch (order drawn from ``generator``, or
+        from ``rng`` for draws made in numpy)."""
+        raise NotImplementedError
+
+    def loss(self, model, out, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch: the head's loss, with ``train.weak_pool``."""
+        return model.loss(out, batch, self.train_cfg.weak_pool)
+
+    def batch_accuracy(self, model, out, batch: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+        """(correct, counted) predictions of a training batch, or None when the task has no
+        training accuracy (default)."""
+        return None
+
+    # -- evaluation -------------------------------------------------------------------------
+    def prepare_evaluation(self, model) -> None:
+        """Run before every evaluation, with the weights to evaluate. Default: nothing."""
+
+    def evaluate(self, model, split_name: str) -> Evaluation:  # pragma: no cover - interface
+        """Score the split ``split_name`` with the current weights."""
+        raise NotImplementedError
+
+    # -- outputs ----------------------------------------------------------------------------
+    def store_identity(self) -> dict[str, Any]:
+        """``store`` and ``store_fingerprint`` of metrics.json."""
+        return {"store": "", "store_fingerprint": ""}
+
+    def metrics(self, model, result) -> dict[str, Any]:  # pragma: no cover - interface
+        """The task's entries of metrics.json (its data counts and val/test figures). An entry
+        ``schedule`` is merged into the common schedule entry."""
+        raise NotImplementedError
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Entries of the checkpoint metadata beside the common ones (task, head, head_config,
+        num_classes, setting, seed, selected_epoch)."""
+        return {}
+
+    def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
+        """Files beside config.yaml / metrics.json / epochs.csv / checkpoint: learning_curves.png
+        here, each task adds its own."""
+        from .. import plots
+
+        plots.plot_learning_curves(result.epochs, run_dir / "learning_curves.png", title, result.best_epoch)
+
+    @staticmethod
+    def report_lines(results: list[dict[str, Any]]) -> str | None:
+        """What ``avel-train`` prints after the results table for the runs' metrics (default:
+        nothing)."""
+        return None
+
+    # -- one run ----------------------------------------------------------------------------
+    @classmethod
+    def run(cls, pipeline, head_name: str, seed: int, run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
+        """Train and evaluate one head with one seed; write ``run_dir``; return the metrics."""
+        from ..data import resolve_device
+        from ..loop import count_parameters, fit, resolve_schedule, seed_everything
+        from ..runs import write_run
+
+        started = time.perf_counter()
+        cfg = pipeline.train
+        run_dir = Path(run_dir)
+        device = resolve_device(cfg.device)
+        task = cls.prepare(pipeline, device)
+        seed_everything(seed, device)
+        model = task.build_head(head_name)
+        task.attach(model)
+        schedule = resolve_schedule(cfg, type(model))
+        log.info("head %s: %d parameters", head_name, count_parameters(model))
+        result = fit(model, task, schedule, seed, progress=progress)
+        own = task.metrics(model, result)
+        s = result.schedule
+        schedule_entry = {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
+                          "lr_gamma": s.lr_gamma, "weight_decay": s.weight_decay, "source": s.source,
+                          **own.pop("schedule", {})}
+        metrics: dict[str, Any] = {
+            "task": cls.name,
+            "head": head_name,
+            "head_config": model.config_dict(),
+            "param_count": count_parameters(model),
+            "setting": cfg.setting,
+            "seed": seed,
+            "selection": result.selection,
+            "selection_metric": cls.selection_metric,
+            "selected_epoch": result.best_epoch,
+            "epochs": s.epochs,
+            "schedule": schedule_entry,
+            **task.store_identity(),
+            "device": str(device),
+            "train_seconds": result.train_seconds,
+            "run_dir": str(run_dir),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            **own,
+        }
+        metrics["wall_seconds"] = time.perf_counter() - started
+        checkpoint_meta = {
+            "task": cls.name, "head": head_name, "head_config": model.config_dict(), "num_classes": task.num_classes,
+            "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch, **task.checkpoint_meta(),
+        }
+        write_run(run_dir, pipeline, metrics, result.epochs, result.best_state, checkpoint_meta)
+        title = f"{cls.name} / {head_name} / {cfg.setting} — selection: {result.selection}"
+        task.write_outputs(run_dir, title, model, result)
+        return metrics
+
+
+def head_for_task(pipeline, head_name: str, task: str, num_classes: int):
+    """The registered head ``head_name`` of ``task`` built with its overrides (not yet moved to a
+    device)."""
+    from ..runs import head_class_and_config
+
+    head_cls, config = head_class_and_config(pipeline, head_name, task)
+    return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
