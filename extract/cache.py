@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import logging
 import os
 import time
@@ -85,8 +84,6 @@ __all__ = [
 CACHE_ENV = "AVEL_CACHE"
 #: the store of a feature set inside ``<cache root>/<feature set id>/``
 FEATURES_NAME = "features.zarr"
-#: bytes read per step when hashing a file
-HASH_BLOCK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,13 +128,7 @@ def feature_set_path(root: str | os.PathLike, set_id: str) -> Path:
     return Path(root) / set_id / FEATURES_NAME
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from .weights import file_sha256  # noqa: E402  (one implementation: cached per path, mtime and size)
 
 
 def content_key(request: VideoRequest, digest: str | None = None) -> str:

@@ -20,6 +20,7 @@ log = logging.getLogger("avel")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: extract.device; auto = cuda if available). On CPU torch uses all cores.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision); part of the store fingerprint.")
 @click.option("--workers", type=int, default=None, help="Decode worker processes (default: extract.decode_workers, else all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for the networks on a CPU (default: extract.threads, else every core). Bounds avel-extract on a shared machine.")
 @click.option("--timeout", "timeout", type=float, default=None, help="Seconds one video may take to decode before its worker is killed and the video marked failed (default: extract.decode_timeout_s).")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on Dask: 'local' (an embedded LocalCluster on 127.0.0.1), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml or DASK_DISTRIBUTED__COMM__TLS__*). Default: dask.scheduler; unset = this machine's decode pool (fastest on one machine).")
 @click.option("--cache", "use_cache", is_flag=True, help="Use the feature cache shared by projects (store.cache_root, $AVEL_CACHE overrides): compute only the videos it lacks (by file content), then fill the store from it.")
@@ -32,7 +33,7 @@ log = logging.getLogger("avel")
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, timeout, scheduler, use_cache,
+def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, threads, timeout, scheduler, use_cache,
          retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
@@ -78,6 +79,8 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
         extra["extract"]["decode_workers"] = workers
     if timeout is not None:
         extra["extract"]["decode_timeout_s"] = timeout
+    if threads is not None:
+        extra["extract"]["threads"] = threads
     if store:
         extra["store"]["path"] = store
     if ctx.invoked_subcommand is not None:
@@ -157,15 +160,28 @@ def _preflight(pipeline, client) -> None:
     from .preflight import PreflightError, check_environment, require_environment
 
     cfg = pipeline.extract
-    if client is None:
+    if client is None:  # the weights are resolved here too, when the store's identity is computed
         require_environment(cfg, cfg.device, build_networks=False)
         return
     answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
     failed = [f"worker {worker}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
               for worker, checks in sorted(answers.items()) for c in checks if not c.ok]
+    weights = client.run(_weights_problem, cfg)  # every worker loads its networks from its own disk
+    failed += [f"worker {worker}: weights: {problem}" for worker, problem in sorted(weights.items()) if problem]
     if failed:
         raise PreflightError("the environment check failed on the Dask workers; nothing was written:\n  "
                              + "\n  ".join(failed))
+
+
+def _weights_problem(cfg) -> str:
+    """Runs on a worker: "" when every configured network's weights resolve there, else why not."""
+    from .extractors import extractor_identity
+
+    try:
+        extractor_identity(cfg)  # resolves (and hashes) every weights file, loads nothing
+    except Exception as exc:  # noqa: BLE001 - reported, with the worker's name, by the caller
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 @main.command("bench")
@@ -298,6 +314,38 @@ def doctor(obj, as_json):
     report = doctor_json(pipeline)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_doctor(report))
     sys.exit(0 if report.get("ok") else 2)
+
+
+@main.command("import-h5")
+@click.option("--visual", required=True, type=click.Path(exists=True, dir_okay=False), help="visual_feature.h5 of the public AVE features ([4143, 10, 7, 7, 512], dataset 'avadataset').")
+@click.option("--audio", required=True, type=click.Path(exists=True, dir_okay=False), help="audio_feature.h5 ([4143, 10, 128]).")
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="AVE Annotations.txt: row i of the h5 files is annotation line i; one store row per video.")
+@click.option("--store", "store_path", default=None, help="The store to write (default: the main --store, else store.path).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at the path.")
+@click.pass_obj
+def import_h5(obj, visual, audio, annotations, store_path, overwrite):
+    """Write a feature store from the public AVE feature files instead of extracting the videos.
+
+    \b
+    The store (--store, default store.path) has the contract's arrays and records the h5 files'
+    sha256 as its weights identity, so it is never mistaken for features avel extracted.
+    Example:
+      avel-extract import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
+          --annotations /path/to/AVE/Annotations.txt --store data/stores/ave_h5.zarr
+    """
+    from .import_h5 import import_ave_h5
+    from .store import StoreError
+
+    setup_logging(obj["verbose"])
+    pipeline = resolve(obj["config"], obj["sets"], obj["extra"])
+    try:
+        store = import_ave_h5(visual, audio, annotations, store_path or pipeline.path(pipeline.store.path),
+                              rows_per_shard=pipeline.store.rows_per_shard,
+                              compression_level=pipeline.store.compression_level, overwrite=overwrite)
+    except StoreError as exc:
+        click.echo(f"avel-extract import-h5: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"imported {len(store)} videos into {store.path} (fingerprint {store.fingerprint})")
 
 
 @main.command("config")

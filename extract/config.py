@@ -36,6 +36,8 @@ class ExtractConfig:
     device: str = "auto"
     #: frames per VGG-19 forward batch
     batch_frames: int = 128
+    #: torch threads for the networks on a CPU (null = every core; OMP_NUM_THREADS also bounds it)
+    threads: int | None = None
     #: decode worker processes (null = all cores)
     decode_workers: int | None = None
     #: seconds a single video may take to decode before it is killed and marked failed

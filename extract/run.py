@@ -333,11 +333,16 @@ def append_failures(path: Path, records: list[dict]) -> None:
                 fh.write(json.dumps(record) + "\n")
 
 
-def _set_cpu_threads(device: str) -> None:
-    """On CPU, torch uses every core (logical CPUs) unless OMP_NUM_THREADS says otherwise."""
+def _set_cpu_threads(device: str, threads: int | None = None) -> None:
+    """On CPU, torch uses ``threads`` threads (``extract.threads``, ``--threads``), else every core
+    (logical CPUs) unless OMP_NUM_THREADS says otherwise."""
     import torch
 
-    if not str(device).startswith("cuda") and not os.environ.get("OMP_NUM_THREADS"):
+    if str(device).startswith("cuda"):
+        return
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(os.cpu_count() or 1)
 
 
@@ -368,7 +373,7 @@ def run_extraction(
     path = Path(store_path) if store_path is not None else pipeline.path(store_cfg.path)
     path = Path(os.path.abspath(path))
     requests = distinct_requests(requests, allow_empty=True)
-    _set_cpu_threads(device)
+    _set_cpu_threads(device, cfg.threads)
     if decode_fn is decode_video:
         warm_up()  # the decode workers' forkserver imports its modules while the networks load
     if extractors is None:

@@ -391,3 +391,27 @@ def test_dask_logs_are_quiet_unless_verbose(monkeypatch):
     setup_logging(0)
     assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "warning"  # read by the worker processes too
     assert logging.getLogger("distributed.scheduler").getEffectiveLevel() == logging.WARNING
+
+
+def test_threads_bound_the_networks_on_a_cpu(tmp_path):
+    import torch
+
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        run_extraction(make_pipeline(tmp_path, threads=1), [], store_path=tmp_path / "s.zarr", progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "threads: 3" in CliRunner().invoke(main, ["--threads", "3", "--print-config"]).output
+
+
+def test_the_worker_weights_check_names_a_missing_file(tmp_path):
+    from extract.cli import _weights_problem
+
+    assert _weights_problem(make_pipeline(tmp_path).extract) == ""  # random weights: nothing to find
+    problem = _weights_problem(make_pipeline(tmp_path, visual_weights=str(tmp_path / "vgg19.pth")).extract)
+    assert "vgg19.pth" in problem
