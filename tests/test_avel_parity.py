@@ -175,8 +175,8 @@ def build_pair(name, ref_factory, setting="supervised", config=None):
 
 
 def test_reference_counts_match_the_published_layer_sizes():
-    assert n_params(RefAttNet()) == ATT_NET_PARAMS == 1_335_246
-    assert n_params(RefTBMRFNet()) == TBMRF_PARAMS == 1_571_150
+    assert n_params(RefAttNet()) == ATT_NET_PARAMS
+    assert n_params(RefTBMRFNet()) == TBMRF_PARAMS
 
 
 @pytest.mark.parametrize("name,factory,count", [

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 TRAIN = Path(__file__).resolve().parents[1] / "train"
-#: what train may import from extract: the store contract and the shared plumbing
+#: what train may import from extract: the store contract and the shared plumbing (the synthetic
+#: store factory writes through the contract only)
 ALLOWED = {"extract.store", "extract.manifest", "extract.settings", "extract.clitools", "extract.daskclient",
-           "extract.progress"}
+           "extract.progress", "extract.synthetic"}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -55,3 +56,10 @@ def test_train_imports_only_the_store_contract_and_plumbing_of_extract(path):
            if (name == "extract" or name.startswith("extract.")) and name != "extract"
            and not any(name == ok or name.startswith(ok + ".") for ok in ALLOWED)]
     assert not bad, f"{path}: imports outside the extract contract: {bad}"
+
+
+def test_the_synthetic_factory_uses_only_the_store_contract():
+    """train may import ``extract.synthetic`` because it imports nothing of stage 1 beyond the contract."""
+    path = TRAIN.parent / "extract" / "synthetic.py"
+    names = {name for _, name in imported_modules(path) if name.startswith("extract")}
+    assert names and names <= {"extract.store", "extract.manifest"}, names

@@ -12,6 +12,8 @@ from extract.manifest import Sample
 from train import cml_metrics as cml
 from train.registry import get_head, head_names
 
+from heads_testutils import linear, n_params
+
 torch.set_num_threads(1)
 
 
@@ -229,9 +231,9 @@ def test_cml_head_is_deterministic(name):
 
 def test_avdln_architecture_and_parameter_count():
     head = make_head("avdln")
-    # visual 512*128+128 + 128*64+64, audio 128*128+128 + 128*64+64 (reference scmm_net)
-    expected = (512 * 128 + 128 + 128 * 64 + 64) + (128 * 128 + 128 + 128 * 64 + 64)
-    assert sum(p.numel() for p in head.parameters()) == expected == 98688
+    # visual 512 -> 128 -> 64, audio 128 -> 128 -> 64 (reference scmm_net)
+    expected = (linear(512, 128) + linear(128, 64)) + (linear(128, 128) + linear(128, 64))
+    assert n_params(head) == expected
     slopes = [m.negative_slope for m in head.modules() if isinstance(m, torch.nn.LeakyReLU)]
     assert slopes == [0.3, 0.3]
     assert head.config.margin == 2.0
@@ -317,9 +319,8 @@ def test_coattention_cml_parameters_are_the_event_heads_minus_classifiers_plus_m
     head = make_head("coattention-cml")
     classifier = sum(p.numel() for n, p in supervised.named_parameters() if ".classifier." in n)
     # Xue et al. Fig. 2(b): per stream and modality Dense(256 -> 128) and Dense(128 -> 64)
-    matching = 2 * 2 * ((256 * 128 + 128) + (128 * 64 + 64))
-    total = sum(p.numel() for p in head.parameters())
-    assert total == sum(p.numel() for p in supervised.parameters()) - classifier + matching
+    matching = 2 * 2 * (linear(256, 128) + linear(128, 64))
+    assert n_params(head) == n_params(supervised) - classifier + matching
     assert head.stream_weights() == [0.6, 0.4] and head.config.margin == 2.0
 
 

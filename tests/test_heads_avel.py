@@ -17,26 +17,16 @@ from train.heads.layers import AudioGuidedVisualAttention as AGVA
 from train.heads.layers import pool_over_time
 from train.registry import get_head, head_names
 
+from heads_testutils import bilstm, linear, n_params
+
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest (no spin-waiting on a busy machine)
 C = 29
 
 
-def linear_params(n_in, n_out, bias=True):
-    return n_in * n_out + (n_out if bias else 0)
-
-
-def bilstm_params(n_in, h):
-    return 2 * (4 * h * (n_in + h) + 8 * h)
-
-
-ATTENTION = linear_params(128, 512) + linear_params(512, 512) + 2 * linear_params(512, 49, False) + 49
-CLASSIFIER_1 = linear_params(256, 64) + linear_params(64, C)
-CLASSIFIER_2 = linear_params(512, 64) + linear_params(64, C)
-LSTM_A, LSTM_V = bilstm_params(128, 128), bilstm_params(512, 128)
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
+ATTENTION = linear(128, 512) + linear(512, 512) + 2 * linear(512, 49, False) + 49
+CLASSIFIER_1 = linear(256, 64) + linear(64, C)
+CLASSIFIER_2 = linear(512, 64) + linear(64, C)
+LSTM_A, LSTM_V = bilstm(128, 128), bilstm(512, 128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,10 +52,10 @@ def test_every_table_cell_is_registered():
     ("v-att", ATTENTION + LSTM_V + CLASSIFIER_1),
     ("a+v", LSTM_A + LSTM_V + CLASSIFIER_2),
     ("a+v-att", ATTENTION + LSTM_A + LSTM_V + CLASSIFIER_2),
-    ("dmrfe", ATTENTION + LSTM_A + LSTM_V + 2 * 4 * linear_params(256, 256) + 2 * linear_params(256, C)),
-    ("gmu-late", ATTENTION + LSTM_A + LSTM_V + 3 * 256 * 256 + 256 * 256 + linear_params(256, C)),
-    ("mb-decision", ATTENTION + LSTM_A + LSTM_V + 2 * CLASSIFIER_1 + C * C * C + C + linear_params(C, C)),
-    ("additive-early", ATTENTION + linear_params(128, 256) + 512 * 256 + bilstm_params(256, 128) + linear_params(256, C)),
+    ("dmrfe", ATTENTION + LSTM_A + LSTM_V + 2 * 4 * linear(256, 256) + 2 * linear(256, C)),
+    ("gmu-late", ATTENTION + LSTM_A + LSTM_V + 3 * 256 * 256 + 256 * 256 + linear(256, C)),
+    ("mb-decision", ATTENTION + LSTM_A + LSTM_V + 2 * CLASSIFIER_1 + C * C * C + C + linear(C, C)),
+    ("additive-early", ATTENTION + linear(128, 256) + 512 * 256 + bilstm(256, 128) + linear(256, C)),
 ])
 def test_parameter_counts_follow_the_layer_sizes(name, expected):
     assert n_params(get_head(name)(C)) == expected
@@ -239,7 +229,7 @@ def test_dmrfe_averages_the_two_branch_probabilities():
     torch.testing.assert_close(out.scores.exp(), 0.5 * (p_a + p_v))
     torch.testing.assert_close(out.scores.softmax(-1), 0.5 * (p_a + p_v))
     # training: the mean of the members' own losses (cross-entropy here, by hand), not a loss of the average
-    ce = get_head("dmrfe")(C, config=AvelConfig(loss="ce")).double()
+    ce = get_head("dmrfe")(C, config=get_head("dmrfe").make_config({"loss": "ce"})).double()
     ce.load_state_dict(head.state_dict())
     labels = torch.randint(0, C, (2, 5))
     batch = {"labels": labels, "video_label": labels[:, 0], "valid": torch.ones(2, 5, dtype=torch.bool)}
@@ -329,6 +319,12 @@ def test_config_overrides_are_strict_and_change_the_model():
     with pytest.raises(ConfigError):
         get_head("a+v-att").make_config({"audio_term_axis": "diagonal"})
     assert isinstance(get_head("a").make_config(), AvelConfig)
+    # an option belongs only to the heads that use it
+    for name, option in (("gmu-early", "classifier_hidden"), ("dmrn", "classifier_hidden"), ("dmrfe", "classifier_hidden"),
+                         ("gmu-decision", "fusion_dim"), ("a", "att_dim"), ("a+v", "grid"), ("gmu-late", "blocks")):
+        with pytest.raises(ConfigError, match="unknown key"):
+            get_head(name).make_config({option: 32})
+    assert get_head("gmu-decision").make_config({"classifier_hidden": 32}).classifier_hidden == 32
 
 
 def test_wrong_input_shapes_name_the_head_and_the_shape():

@@ -12,11 +12,9 @@ from train import sol_metrics as sol
 from train.heads import stm
 from train.registry import get_head
 
+from heads_testutils import linear, n_params
+
 torch.set_num_threads(1)
-
-
-def _linear(i, o):
-    return i * o + o
 
 
 def _conv_bn(i, o):
@@ -30,14 +28,14 @@ def test_registered_and_parameter_count():
     expected = (
         _conv_bn(512, 256) + _conv_bn(256, D)  # audio 512 -> 256 -> 256
         + _conv_bn(2048, 1024) + _conv_bn(1024, 512) + _conv_bn(512, D)  # visual 2048 -> 1024 -> 512 -> 256
-        + 3 * 2 * _linear(D, D)  # three temporal attentions (audio, visual, cross), query + key
-        + _linear(2 * D, 256) + _linear(256, 29)  # classifier
+        + 3 * 2 * linear(D, D)  # three temporal attentions (audio, visual, cross), query + key
+        + linear(2 * D, 256) + linear(256, 29)  # classifier
     )
-    assert sum(p.numel() for p in head.parameters()) == expected
+    assert n_params(head) == expected
     uni = stm.STMHead(29, config=stm.STMHead.make_config({"memory": "uni"}))
     none = stm.STMHead(29, config=stm.STMHead.make_config({"memory": "none"}))
-    assert sum(p.numel() for p in uni.parameters()) == expected - 2 * _linear(D, D)
-    assert sum(p.numel() for p in none.parameters()) == expected - 6 * _linear(D, D)
+    assert n_params(uni) == expected - 2 * linear(D, D)
+    assert n_params(none) == expected - 6 * linear(D, D)
     assert stm.STMHead.train_defaults["lr"] == 1e-4 and stm.STMHead.train_defaults["batch_size"] == 128
     assert stm.STMHead.train_defaults["epochs"] == 30
 

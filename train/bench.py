@@ -1,7 +1,7 @@
 """Speed benchmark: this trainer vs a reference-style per-batch loop, same head, same data.
 
-One synthetic AVE-sized store (``rows`` videos x 10 x 7x7x512 float16 + 10 x 128 audio, random,
-made once under ``workdir``) and the same features written as the reference code's h5 files
+One synthetic AVE-sized store (``rows`` videos x 10 x 7x7x512 float16 + 10 x 128 audio, from
+:func:`extract.synthetic.make_synthetic`, made once under ``workdir``) and the same features written as the reference code's h5 files
 (``visual_feature.h5`` float32, ``audio_feature.h5``, ``labels.h5`` one-hot [N, 10, 29],
 ``train_order.h5`` / ``test_order.h5``). Timed, on the same machine in one process:
 
@@ -30,9 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.manifest import Sample, write_manifest
-from extract.store import STATUS_DONE, core_specs, create_store
-
 log = logging.getLogger(__name__)
 
 T = 10
@@ -50,58 +47,58 @@ def _split_sizes(rows: int) -> dict[str, int]:
 
 
 def make_synthetic(workdir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
-    """Create (once) the synthetic store, manifests and reference h5 files under ``workdir``."""
+    """Create (once) the synthetic store, manifests and reference h5 files under ``workdir``.
+
+    The store is :func:`extract.synthetic.make_synthetic`'s (28 classes, AVE's split proportions);
+    the h5 files hold the same numbers (visual as float32) and the manifests' labels."""
+    from extract.synthetic import make_synthetic as write_synthetic
+
     workdir.mkdir(parents=True, exist_ok=True)
-    store_path = workdir / f"ave-synthetic-{rows}.zarr"
-    done = workdir / f"ave-synthetic-{rows}.done"
-    rng = np.random.default_rng(seed)
-    classes = [f"event{k:02d}" for k in range(NUM_EVENTS)]
-    ids = [f"vid{i:05d}" for i in range(rows)]
-    cats = rng.integers(0, NUM_EVENTS, rows)
-    onsets = rng.integers(0, T // 2, rows)
-    offsets = np.minimum(T, onsets + rng.integers(1, T + 1, rows))
     sizes = _split_sizes(rows)
-    bounds = np.cumsum([0] + list(sizes.values()))
-    manifests = {}
-    for (split, _), lo, hi in zip(sizes.items(), bounds[:-1], bounds[1:]):
-        samples = [Sample(f"s{i:05d}", ids[i], f"{ids[i]}.mp4", classes[cats[i]], int(onsets[i]), int(offsets[i]), split) for i in range(lo, hi)]
-        manifests[split] = write_manifest(workdir / "manifests" / f"{split}.csv", samples, classes)
     h5 = {name: workdir / f"{name}.h5" for name in ("visual_feature", "audio_feature", "labels", "train_order", "val_order", "test_order")}
-    if not done.exists():
-        log.info("creating the synthetic store %s and h5 files (once)", store_path)
-        _write_synthetic(store_path, h5, ids, cats, onsets, offsets, bounds, rng)
-        done.write_text("ok\n")
-    return {"store": store_path, "manifests": manifests, "h5": h5, "sizes": sizes}
+    manifests = {split: workdir / "manifests" / f"{split}.csv" for split in sizes}
+    store_name = f"ave-synthetic-{rows}.zarr"
+    # the manifests and h5 files are shared by every size: remake everything unless the last
+    # completed write was of this size and seed
+    done, stamp = workdir / "ave-synthetic.done", f"rows {rows} seed {seed}\n"
+    if not (done.exists() and done.read_text() == stamp):
+        log.info("creating the synthetic store %s and h5 files (once)", workdir / store_name)
+        done.unlink(missing_ok=True)  # an interrupted rewrite must not pass for the previous one
+        written = write_synthetic(workdir, splits=sizes, store_name=store_name, classes=[f"event{k:02d}" for k in range(NUM_EVENTS)], segments=T,
+                                  seed=seed, rows_per_shard=64,
+                                  attrs={"fingerprint": f"synthetic-bench-{seed}", "extractor": {"name": "train.bench synthetic"},
+                                         "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}})
+        _write_h5(written.store, manifests, h5)
+        done.write_text(stamp)
+    return {"store": workdir / store_name, "manifests": manifests, "h5": h5, "sizes": sizes}
 
 
-def _write_synthetic(store_path: Path, h5: dict[str, Path], ids, cats, onsets, offsets, bounds, rng) -> None:
+def _write_h5(store_path: Path, manifests: dict[str, Path], h5: dict[str, Path]) -> None:
+    """The reference code's h5 files of the store's rows (store rows = manifest rows, in order)."""
     import h5py
 
-    rows = len(ids)
-    store = create_store(store_path, ids, T, core_specs(T), {"fingerprint": "synthetic-bench", "extractor": {"name": "synthetic random"}},
-                         rows_per_shard=64, compression_level=1, overwrite=True)
-    labels = np.zeros((rows, T, NUM_EVENTS + 1), np.float32)
-    labels[:, :, NUM_EVENTS] = 1
-    for i in range(rows):
-        labels[i, onsets[i] : offsets[i], NUM_EVENTS] = 0
-        labels[i, onsets[i] : offsets[i], cats[i]] = 1
+    from extract.manifest import read_manifest
+    from extract.store import open_store
+
+    store = open_store(store_path)
+    rows = len(store)
+    segment_labels = np.concatenate([read_manifest(manifests[split]).segment_labels(T) for split in manifests])
+    labels = np.eye(NUM_EVENTS + 1, dtype=np.float32)[segment_labels]  # one-hot [N, T, 29], background last
     with h5py.File(h5["visual_feature"], "w") as fv, h5py.File(h5["audio_feature"], "w") as fa:
         dv = fv.create_dataset("avadataset", (rows, T, 7, 7, 512), dtype="float32")
         da = fa.create_dataset("avadataset", (rows, T, 128), dtype="float32")
         for shard in range(store.num_shards):
             r = store.shard_rows(shard)
-            n = len(r)
-            visual = rng.random((n, T, 7, 7, 512), dtype=np.float32).astype(np.float16)
-            audio = rng.random((n, T, 128), dtype=np.float32)
-            store.write_shard(shard, {"visual": visual, "audio": audio, "valid": np.ones((n, T), bool)},
-                              np.full(n, STATUS_DONE, np.int8), [""] * n)
-            dv[r.start : r.stop] = visual.astype(np.float32)
-            da[r.start : r.stop] = audio
+            dv[r.start : r.stop] = store.read("visual", slice(r.start, r.stop)).astype(np.float32)
+            da[r.start : r.stop] = store.read("audio", slice(r.start, r.stop))
     with h5py.File(h5["labels"], "w") as f:
         f.create_dataset("avadataset", data=labels)
-    for split, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
+    start = 0
+    for split in manifests:
+        n = len(read_manifest(manifests[split]).samples)
         with h5py.File(h5[f"{split}_order"], "w") as f:
-            f.create_dataset("order", data=np.arange(lo, hi))
+            f.create_dataset("order", data=np.arange(start, start + n))
+        start += n
 
 
 def _sync(device: torch.device) -> None:

@@ -48,101 +48,30 @@ SYN_BACKGROUND_TRAIN = 178
 # synthetic store
 
 
-def _synthetic_labels(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per video: event class [rows], onset [rows], offset [rows] (1 <= offset - onset <= T)."""
-    cats = rng.integers(0, SYN_EVENTS, rows)
-    length = rng.integers(2, SYN_T + 1, rows)
-    onsets = rng.integers(0, SYN_T - length + 1)
-    return cats, onsets, onsets + length
-
-
-def _one_modality_mask(rng: np.random.Generator, onsets: np.ndarray, offsets: np.ndarray, share: float) -> np.ndarray:
-    """[rows, T] int8: 0 = nothing, 1 = only the visual prototype, 2 = only the audio prototype,
-    drawn for a ``share`` of the background segments (outside [onset, offset)), which stay
-    labelled background, as in AVE (an event needs to be both audible and visible)."""
-    rows = len(onsets)
-    t = np.arange(SYN_T)[None, :]
-    background = (t < onsets[:, None]) | (t >= offsets[:, None])
-    chosen = background & (rng.random((rows, SYN_T)) < share)
-    which = rng.integers(1, 3, (rows, SYN_T)).astype(np.int8)
-    return np.where(chosen, which, 0).astype(np.int8)
-
-
-def _synthetic_features(rng, cats, onsets, offsets, one_modality, proto_v, proto_a, noise: float) -> dict[str, np.ndarray]:
-    """Features of some videos: visual [n, T, 7, 7, 512] float16 = ReLU-like noise + the class's
-    visual prototype (on a random 3x3 spatial patch) on event and visual-only segments; audio
-    [n, T, 128] float32 = noise + the class's audio prototype on event and audio-only segments."""
-    n = len(cats)
-    t = np.arange(SYN_T)[None, :]
-    event = (t >= onsets[:, None]) & (t < offsets[:, None])
-    has_v = event | (one_modality == 1)
-    has_a = event | (one_modality == 2)
-    visual = np.abs(rng.standard_normal((n, SYN_T, 7, 7, 512), dtype=np.float32)) * noise
-    for i in range(n):
-        y, x = rng.integers(0, 5, 2)
-        segs = np.flatnonzero(has_v[i])
-        visual[i, segs, y:y + 3, x:x + 3, :] += proto_v[cats[i]]
-    audio = rng.standard_normal((n, SYN_T, 128), dtype=np.float32) * noise
-    audio += has_a[:, :, None] * proto_a[cats][:, None, :]
-    return {"visual": visual.astype(np.float16), "audio": audio, "valid": np.ones((n, SYN_T), bool)}
-
-
 def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: float = 0.3, noise: float = 1.0,
                    rows_per_shard: int = 64) -> Path:
     """Write an AVE-sized synthetic store with learnable structure; returns its pipeline.yaml.
 
     4143 videos (train/val/test = 3339/402/402) plus :data:`SYN_BACKGROUND_TRAIN` background-only
     training videos (empty category; AVE's 178 "noisy" videos) x T=10 segments, visual [7, 7, 512] float16,
-    audio [128], 28 event classes + background (29). Each video has one event class and one
-    contiguous event window [onset, offset) of 2..10 s. On event segments both modalities carry
-    the class prototype (visual: non-negative [512] vector on a 3x3 patch; audio: [128] vector);
-    elsewhere only noise, except a ``one_modality_share`` of the background segments that carry
-    the prototype in ONE modality and stay labelled background. Layout of ``directory``:
-    ``store.zarr``, ``manifests/{train,val,test}.csv`` + ``classes.txt``, ``pipeline.yaml``.
+    audio [128], 28 event classes + background (29), written by :func:`extract.synthetic.make_synthetic`
+    (one event class and window per video, class prototypes on the event segments, a
+    ``one_modality_share`` of the background segments with the prototype in ONE modality).
+    Layout of ``directory``: ``store.zarr``, ``manifests/{train,val,test}.csv`` + ``classes.txt``,
+    ``pipeline.yaml``.
     """
-    from extract.manifest import Sample, write_manifest
-    from extract.store import STATUS_DONE, core_specs, create_store
+    from extract.synthetic import make_synthetic as write_synthetic
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    sizes = dict(SYN_SPLITS, train=SYN_SPLITS["train"] + SYN_BACKGROUND_TRAIN)
-    rows = sum(sizes.values())
-    rng = np.random.default_rng(seed)
-    classes = [f"event{k:02d}" for k in range(SYN_EVENTS)]
-    ids = [f"syn{i:05d}" for i in range(rows)]
-    cats, onsets, offsets = _synthetic_labels(rng, rows)
-    # rows SYN_SPLITS["train"] .. sizes["train"] - 1: background only (no event window; their
-    # one-modality segments carry the prototypes of cats[i])
-    background_only = np.zeros(rows, bool)
-    background_only[SYN_SPLITS["train"]:sizes["train"]] = True
-    onsets[background_only] = offsets[background_only] = 0
-    one_modality = _one_modality_mask(rng, onsets, offsets, one_modality_share)
-    proto_v = np.abs(rng.standard_normal((SYN_EVENTS, 512), dtype=np.float32)) * 1.5
-    proto_a = rng.standard_normal((SYN_EVENTS, 128), dtype=np.float32) * 1.5
-    start = 0
-    for split, size in sizes.items():
-        samples = [Sample(ids[i], ids[i], f"{ids[i]}.mp4", "" if background_only[i] else classes[cats[i]],
-                          int(onsets[i]), int(offsets[i]), split)
-                   for i in range(start, start + size)]
-        write_manifest(directory / "manifests" / f"{split}.csv", samples, classes)
-        start += size
-    attrs = {"fingerprint": f"synthetic-headtable-{seed}", "extractor": {"name": "train.headtable synthetic"},
-             "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}}
-    store = create_store(directory / "store.zarr", ids, SYN_T, core_specs(SYN_T), attrs,
-                         rows_per_shard=rows_per_shard, compression_level=1, overwrite=True)
-    for shard in range(store.num_shards):
-        r = store.shard_rows(shard)
-        sl = slice(r.start, r.stop)
-        values = _synthetic_features(rng, cats[sl], onsets[sl], offsets[sl], one_modality[sl], proto_v, proto_a, noise)
-        store.write_shard(shard, values, np.full(len(r), STATUS_DONE, np.int8), [""] * len(r))
-    (directory / "pipeline.yaml").write_text(
-        "# synthetic AVE-sized store written by `python -m train.headtable --make-synthetic`\n"
-        "data:\n  splits:\n"
-        + "".join(f"    {s}: {{manifest: manifests/{s}.csv, video_root: videos}}\n" for s in SYN_SPLITS)
-        + "store:\n  path: store.zarr\n"
-    )
-    log.info("synthetic store %s: %d rows", directory / "store.zarr", rows)
-    return directory / "pipeline.yaml"
+    written = write_synthetic(
+        directory, splits=SYN_SPLITS, background={"train": SYN_BACKGROUND_TRAIN}, segments=SYN_T,
+        classes=[f"event{k:02d}" for k in range(SYN_EVENTS)], seed=seed, noise=noise,
+        one_modality_share=one_modality_share, rows_per_shard=rows_per_shard,
+        attrs={"fingerprint": f"synthetic-headtable-{seed}", "extractor": {"name": "train.headtable synthetic"},
+               "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}},
+        split_options={"video_root": "videos"},
+        pipeline_header="# synthetic AVE-sized store written by `python -m train.headtable --make-synthetic`\n")
+    log.info("synthetic store %s: %d rows", written.store, len(written.ids))
+    return written.pipeline
 
 
 # ------------------------------------------------------------------------------------------

@@ -115,37 +115,94 @@ TABLE2 = {
 
 @dataclasses.dataclass
 class AvelConfig:
-    """Options of the Tian et al. heads (defaults = the reference ``att_Net(128, 128, 512, 29)``)."""
+    """Options every Tian et al. head uses (defaults = the reference ``att_Net(128, 128, 512, 29)``).
+
+    Each head's Config adds only the option groups its layers use (the mixins below), so an
+    option a head would ignore is an unknown key for it."""
 
     #: BiLSTM hidden size per direction (reference ``hidden_dim``)
     hidden: int = 128
-    #: width d of U_a / U_v in the attention (reference ``hidden_size``)
-    att_dim: int = 512
-    #: the visual map is grid x grid regions (k = grid**2 = 49)
-    grid: int = 7
-    #: width of the classifier's hidden layer L1 (reference 64)
-    classifier_hidden: int = 64
-    #: where eq. 4's audio term is broadcast: "region" (reference code) or "hidden" (paper)
-    audio_term_axis: Literal["region", "hidden"] = "region"
     #: "reference": MultiLabelSoftMarginLoss on softmax probabilities; "ce": cross-entropy
     loss: Literal["reference", "ce"] = "reference"
 
 
 @dataclasses.dataclass
-class FusionConfig(AvelConfig):
-    """Options of the Table 2 fusion heads."""
+class AttentionOptions:
+    """AGVA options (heads that attend over the visual map)."""
 
-    #: width of the fused vector at early / late positions (decision fuses at C); DMRN's late
-    #: fusion is residual over the BiLSTM outputs, so the reference has fusion_dim = 2 * hidden
+    #: width d of U_a / U_v in the attention (reference ``hidden_size``)
+    att_dim: int = 512
+    #: the visual map is grid x grid regions (k = grid**2 = 49)
+    grid: int = 7
+    #: where eq. 4's audio term is broadcast: "region" (reference code) or "hidden" (paper)
+    audio_term_axis: Literal["region", "hidden"] = "region"
+
+
+@dataclasses.dataclass
+class ClassifierOptions:
+    """The ``att_Net`` classifier (heads that end in, or fuse the outputs of, ``MLPClassifier``)."""
+
+    #: width of the classifier's hidden layer L1 (reference 64)
+    classifier_hidden: int = 64
+
+
+@dataclasses.dataclass
+class FusionOptions:
+    """Fusion width of the early and late positions (the decision position fuses at C)."""
+
+    #: width of the fused vector; DMRN's late fusion is residual over the BiLSTM outputs, so the
+    #: reference has fusion_dim = 2 * hidden
     fusion_dim: int = 256
 
 
 @dataclasses.dataclass
-class ResidualFusionConfig(FusionConfig):
-    """Options of the MRN / DMRN fusion heads (the methods built of residual blocks)."""
+class BlockOptions:
+    """Depth of the fusion methods built of residual blocks (MRN, DMRN)."""
 
     #: residual blocks of MRN / DMRN (the paper uses one)
     blocks: int = 1
+
+
+@dataclasses.dataclass
+class VariantConfig(ClassifierOptions, AvelConfig):
+    """Options of the Table 1 variants without attention (``a``, ``v``, ``a+v``)."""
+
+
+@dataclasses.dataclass
+class AttendedVariantConfig(AttentionOptions, ClassifierOptions, AvelConfig):
+    """Options of the Table 1 variants with AGVA (``v-att``, ``a+v-att``, ``concat-late``)."""
+
+
+@dataclasses.dataclass
+class EnsembleConfig(AttentionOptions, AvelConfig):
+    """Options of ``dmrfe`` (AGVA, BiLSTMs, two residual blocks of width 2 * hidden)."""
+
+
+@dataclasses.dataclass
+class FusionConfig(FusionOptions, AttentionOptions, AvelConfig):
+    """Options of the Table 2 fusion heads at the early and late positions."""
+
+
+@dataclasses.dataclass
+class ResidualFusionConfig(BlockOptions, FusionConfig):
+    """Options of the MRN / DMRN fusion heads at the early and late positions."""
+
+
+@dataclasses.dataclass
+class DecisionFusionConfig(ClassifierOptions, AttentionOptions, AvelConfig):
+    """Options of the Table 2 fusion heads at the decision position (per-stream classifiers)."""
+
+
+@dataclasses.dataclass
+class ResidualDecisionFusionConfig(BlockOptions, DecisionFusionConfig):
+    """Options of the MRN / DMRN fusion heads at the decision position."""
+
+
+def fusion_config(method: str, position: str) -> type:
+    """The Config of fusion ``method`` at ``position``: only the options its layers use."""
+    if position == "decision":
+        return ResidualDecisionFusionConfig if method in RESIDUAL else DecisionFusionConfig
+    return ResidualFusionConfig if method in RESIDUAL else FusionConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,11 +271,14 @@ class AvelHead(Head):
     weak_train_defaults: ClassVar[dict[str, Any]] = WEAK_SCHEDULE
 
     def check_inputs(self, audio: torch.Tensor, visual: torch.Tensor) -> None:
-        grid = self.config.grid
+        """Heads that attend need the configured grid x grid map; the others average any map."""
+        grid = getattr(self.config, "grid", None)  # AttentionOptions: the attending heads only
         if audio.dim() != 3 or audio.shape[-1] != AUDIO_DIM:
             raise ValueError(f"head {self.name!r}: audio must be [B, T, {AUDIO_DIM}], got {list(audio.shape)}")
-        if visual.dim() != 5 or tuple(visual.shape[2:]) != (grid, grid, VISUAL_DIM) or visual.shape[:2] != audio.shape[:2]:
-            raise ValueError(f"head {self.name!r}: visual must be [B, T, {grid}, {grid}, {VISUAL_DIM}] with the audio's "
+        shape_ok = visual.dim() == 5 and visual.shape[-1] == VISUAL_DIM and visual.shape[:2] == audio.shape[:2]
+        if not shape_ok or (grid is not None and tuple(visual.shape[2:4]) != (grid, grid)):
+            expected = f"{grid}, {grid}" if grid is not None else "H, W"
+            raise ValueError(f"head {self.name!r}: visual must be [B, T, {expected}, {VISUAL_DIM}] with the audio's "
                              f"B, T = {list(audio.shape[:2])}, got {list(visual.shape)}")
 
     def make_attention(self) -> AudioGuidedVisualAttention:
@@ -244,11 +304,12 @@ class VariantHead(AvelHead):
     (else global average pooling, the paper's V and A+V). Streams are concatenated audio first.
     Initialisation as ``att_Net.init_weights`` (Xavier weights of every Linear, LSTMs default)."""
 
+    Config: ClassVar[type] = AttendedVariantConfig
     uses_audio: ClassVar[bool] = True
     uses_visual: ClassVar[bool] = True
     attend: ClassVar[bool] = True
 
-    def __init__(self, num_classes: int, setting: str = "supervised", config: AvelConfig | None = None):
+    def __init__(self, num_classes: int, setting: str = "supervised", config: VariantConfig | None = None):
         super().__init__(num_classes, setting, config)
         cfg = self.config
         if self.attend:
@@ -286,6 +347,7 @@ class AudioOnly(VariantHead):
     audio [B, T, 128] -> BiLSTM [B, T, 256] -> classifier -> scores [B, T, C].
     The visual input is ignored. 282,525 parameters at C = 29."""
 
+    Config = VariantConfig
     uses_visual = False
     attend = False
 
@@ -297,6 +359,7 @@ class VisualOnly(VariantHead):
     visual [B, T, 7, 7, 512] -> global average pooling [B, T, 512] -> BiLSTM
     [B, T, 256] -> classifier -> [B, T, C]. The audio input is ignored. 675,741 parameters at C = 29."""
 
+    Config = VariantConfig
     uses_audio = False
     attend = False
 
@@ -318,6 +381,7 @@ class AudioVisual(VariantHead):
     [BiLSTM_a(audio); BiLSTM_v(GAP(visual))] [B, T, 512] -> classifier -> [B, T, C].
     956,317 parameters at C = 29."""
 
+    Config = VariantConfig
     attend = False
 
 
@@ -352,7 +416,7 @@ class FusionHead(AvelHead):
         super().__init__(num_classes, setting, config)
         cfg = self.config
         streams = 2 * cfg.hidden
-        blocks = getattr(cfg, "blocks", None)  # ResidualFusionConfig: the residual methods only
+        blocks = getattr(cfg, "blocks", None)  # BlockOptions: the residual methods only
         self.attention = self.make_attention()
         if self.position == "early":
             self.fusion = make_fusion(self.method, AUDIO_DIM, VISUAL_DIM, cfg.fusion_dim, blocks)
@@ -407,8 +471,8 @@ def _register_fusion_heads() -> None:
                 continue
             name = f"{method}-{position}"
             cls_name = "Fusion_" + name.replace("-", "_")
-            config = ResidualFusionConfig if method in RESIDUAL else FusionConfig
-            cls = type(cls_name, (FusionHead,), {"method": method, "position": position, "Config": config,
+            cls = type(cls_name, (FusionHead,), {"method": method, "position": position,
+                                                 "Config": fusion_config(method, position),
                                                  "__doc__": _fusion_docstring(method, position, paper_name),
                                                  "__module__": __name__})
             globals()[cls_name] = register_head(name)(cls)
@@ -450,7 +514,9 @@ class DMRFEHead(AvelHead):
     through its softmax and the averaged probability stays tied (measured: supervised on the
     synthetic AVE-sized store, 8 epochs at the majority class)."""
 
-    def __init__(self, num_classes: int, setting: str = "supervised", config: AvelConfig | None = None):
+    Config = EnsembleConfig
+
+    def __init__(self, num_classes: int, setting: str = "supervised", config: EnsembleConfig | None = None):
         super().__init__(num_classes, setting, config)
         cfg = self.config
         streams = 2 * cfg.hidden

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..registry import register_head
 from .base import Head
-from .coattention import CoAttentionConfig, CoSemanticAttention, CoSpatialAttention
+from .coattention import CoAttentionBlocksConfig, CoSemanticAttention, CoSpatialAttention
 from .layers import MLP, BiLSTM
 
 log = logging.getLogger(__name__)
@@ -335,9 +335,9 @@ class CoAttentionCmlConfig:
     """Xue et al. sec. III-D: the co-attention model of the event head, then per stream and
     modality an MLP 256 -> 128 -> 64 into the matching space."""
 
-    #: the CSPA / CSEA blocks and BLSTMs (:class:`train.heads.coattention.CoAttentionConfig`;
-    #: its classifier and lambda_s / lambda_w fields are not used here)
-    attention: CoAttentionConfig = dataclasses.field(default_factory=CoAttentionConfig)
+    #: the CSPA / CSEA blocks and BLSTMs (:class:`train.heads.coattention.CoAttentionBlocksConfig`:
+    #: the event head's options without its classifiers and losses, which this head does not have)
+    attention: CoAttentionBlocksConfig = dataclasses.field(default_factory=CoAttentionBlocksConfig)
     #: the matching MLP "two fully connected layers with output sizes 128 and 64"
     match_hidden: int = 128
     embed: int = 64

@@ -18,7 +18,7 @@ Sizes (Section IV-A and Table I): C_a1 = 128, C_v1 = 512, C_a2 = C_v2 = H x W = 
 FC1 128->512->49, FC2 512->512->49, FC3 49->1, FC4 49->256->49, FC5 49->128, FC_v2a 512->128,
 FC_a2v 128->512, FC6 128->128, FC7 512->512; BLSTM hidden 128 (output 256) for both modalities.
 
-Choices where the paper is silent (all in :class:`CoAttentionConfig`):
+Choices where the paper is silent (all in :class:`CoAttentionConfig` / :class:`CoAttentionBlocksConfig`):
 
 * ``activation`` (relu): between the two layers of FC1/FC2/FC4 and after FC1/FC2 (the embeddings into the
   common space, like the "dense layer with nonlinearity" of AVEL's attention), and after FC_a2v / FC_v2a.
@@ -57,8 +57,9 @@ from train.registry import register_head
 
 
 @dataclasses.dataclass
-class CoAttentionConfig:
-    """Options of the co-attention head (defaults: the paper)."""
+class CoAttentionBlocksConfig:
+    """Options of the CSPA / CSEA blocks and BLSTMs (defaults: the paper); shared by the event
+    head (:class:`CoAttentionConfig`) and the matching head ``coattention-cml``."""
 
     #: raw feature sizes C_a1 (VGGish) and C_v1 (VGG-19 channels); spatial size H*W = C_a2 = C_v2
     audio_dim: int = 128
@@ -69,19 +70,25 @@ class CoAttentionConfig:
     fc4_hidden: int = 256
     #: BLSTM hidden size (output 2x)
     lstm_hidden: int = 128
-    #: Fig. 2(c): the per-stream classifier's hidden size (then C classes)
-    classifier_hidden: int = 64
     #: activation of the hidden/embedding FC layers (paper silent)
     activation: str = "relu"
+    #: Table V ablations
+    streams: Literal["both", "cspa", "csea"] = "both"
+    audio_attention: bool = True
+    semantic_branches: Literal["both", "a2v", "v2a"] = "both"
+
+
+@dataclasses.dataclass
+class CoAttentionConfig(CoAttentionBlocksConfig):
+    """Options of the co-attention event head: the blocks plus its classifiers and losses."""
+
+    #: Fig. 2(c): the per-stream classifier's hidden size (then C classes)
+    classifier_hidden: int = 64
     #: lambda_s (supervised) / lambda_w (weak): weight of the CSPA stream's loss
     lambda_supervised: float = 0.3
     lambda_weak: float = 0.7
     #: weak MIL pooling over time of the segment scores (paper: global max pooling)
     weak_pool: Literal["max", "mean"] = "max"
-    #: Table V ablations
-    streams: Literal["both", "cspa", "csea"] = "both"
-    audio_attention: bool = True
-    semantic_branches: Literal["both", "a2v", "v2a"] = "both"
 
 
 class CoSpatialAttention(nn.Module):
@@ -89,7 +96,7 @@ class CoSpatialAttention(nn.Module):
     ``audio`` F^a_spa [B,T,Ca], ``visual`` F^v_spa [B,T,Cv], ``spatial`` Z^v_att [B,T,R],
     ``audio_att`` Z^a_att [B,T,R] (when the audio attention exists)."""
 
-    def __init__(self, cfg: CoAttentionConfig):
+    def __init__(self, cfg: CoAttentionBlocksConfig):
         super().__init__()
         act, r = cfg.activation, cfg.regions
         self.f1 = MLP([cfg.audio_dim, cfg.fc12_hidden, r], act, act_last=True)
@@ -120,7 +127,7 @@ class CoSemanticAttention(nn.Module):
     """CSEA (eq. 3). forward(audio [B,T,Ca], visual [B,T,R,Cv]) -> dict with ``audio`` F^a_sem
     [B,T,Ca], ``visual`` F^v_sem [B,T,Cv] and the attentions ``audio_sem`` / ``visual_sem``."""
 
-    def __init__(self, cfg: CoAttentionConfig):
+    def __init__(self, cfg: CoAttentionBlocksConfig):
         super().__init__()
         act = cfg.activation
         self.use_v2a = cfg.semantic_branches in ("both", "v2a")
