@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
+from .devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
 from .store import ArraySpec
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,6 @@ def get_extractor(name: str) -> type["Extractor"]:
         return EXTRACTORS[name]
     except KeyError:
         raise ValueError(f"extract.extractors: unknown extractor {name!r} (registered: {', '.join(sorted(EXTRACTORS))})") from None
-
-
-def resolve_device(device: str | None) -> str:
-    """``"auto"``/None -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
-    if device in (None, "", "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def effective_precision(precision: str, device: str) -> str:

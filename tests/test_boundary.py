@@ -13,7 +13,7 @@ TRAIN = Path(__file__).resolve().parents[1] / "train"
 #: what train may import from extract: the store contract and the shared plumbing (the synthetic
 #: store factory writes through the contract only)
 ALLOWED = {"extract.store", "extract.manifest", "extract.settings", "extract.clitools", "extract.daskclient",
-           "extract.progress", "extract.synthetic"}
+           "extract.progress", "extract.synthetic", "extract.devices"}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

@@ -209,6 +209,15 @@ def test_cli_runs_cml_with_two_seeds(dataset):
     )
     assert result.exit_code == 0, result.output
     assert "test A2V" in result.output and "V2A" in result.output and "chance" in result.output
+    # chance by hand: queries are the test events with 0 < l < T; a random start is right with 1 / (T - l + 1)
+    lengths = [s.offset - s.onset for s in dataset["samples"]["test"] if 0 < s.offset - s.onset < T]
+    chance = float(np.mean([1 / (T - l + 1) for l in lengths]))
+    assert f"(chance {100 * chance:.1f} ± 0.0%; exact start match, 2 seeds)" in result.output
+    assert f"(2 seeds); baseline {chance:.4f} (chance: mean over the queries of 1 / (T - l + 1))" in result.output
+    for run in sorted((dataset["root"] / "runs" / "cml-avdln-supervised").glob("seed*")):
+        base = json.loads((run / "metrics.json").read_text())["baseline"]
+        for key in ("test_accuracy", "test_a2v_accuracy", "test_v2a_accuracy"):
+            assert base[key]["value"] == pytest.approx(chance)
     summary = json.loads((dataset["root"] / "runs" / "cml-avdln-supervised" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1]
     values = summary["test_a2v_accuracy"]["values"]

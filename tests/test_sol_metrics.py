@@ -289,3 +289,31 @@ def test_heatmap_overlay_and_boxes(tmp_path):
     path = sol.save_png(tmp_path / "x" / "f.png", boxed)
     back = mpimg.imread(path)
     np.testing.assert_array_equal(np.rint(back[..., :3] * 255).astype(np.uint8), boxed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the centre-box baseline
+
+
+def test_centre_box_is_half_the_frame_in_its_centre():
+    np.testing.assert_allclose(sol.centre_box((100, 200)), [50, 25, 150, 75])
+    np.testing.assert_allclose(sol.centre_box((64, 64), 0.25), [24, 24, 40, 40])
+
+
+def test_centre_box_scores_by_hand():
+    # 64 x 64 frame: the centre box covers x, y in 16..48 (1024 pixels)
+    gt = np.array([[0.0, 0.0, 24.0, 24.0]])  # 576 pixels, 8 x 8 = 64 of them inside the centre box
+    s = sol.evaluate_centre_box(gt, (64, 64), eval_size=None)
+    assert s.ciou == pytest.approx(64 / (576 + (1024 - 64)))
+    assert s.iou == pytest.approx(64 / (1024 + 576 - 64))
+    np.testing.assert_allclose(s.pred_box, [16, 16, 48, 48])
+    # a ground truth inside the centre box: every gt pixel hit, the box's other pixels count against it
+    inner = np.array([[20.0, 20.0, 44.0, 44.0]])  # 576 pixels
+    s = sol.evaluate_centre_box(inner, (64, 64), eval_size=None)
+    assert s.ciou == pytest.approx(576 / (576 + 1024 - 576)) and s.iou == pytest.approx(576 / 1024)
+    # on the evaluation frame: boxes scaled like the head's (128 x 64 video -> 256 x 256)
+    s = sol.evaluate_centre_box(np.array([[32.0, 16.0, 96.0, 48.0]]), (64, 128), eval_size=256)
+    assert s.iou == pytest.approx(1.0) and s.ciou == pytest.approx(1.0)
+    # a frame at 0.5 counts in cIoU@0.5 / IoU@0.5 like a head's
+    summary = sol.summarize([0.5625, 0.0417], [0.5625, 0.0417])
+    assert summary["ciou@0.5"] == 0.5

@@ -102,7 +102,8 @@ def project(tmp_path_factory):
         "train": {"task": "sol", "head": "stm", "epochs": 3, "batch_size": 8, "lr": 3e-3, "device": "cpu",
                   "runs_root": str(root / "runs"), "seeds": [0]},
         "heads": {"stm": {"visual_channels": CV, "audio_channels": CA, "dim": 16, "hidden": 16}},
-        "sol": {"boxes_root": str(root / "boxes"), "eval_size": 0},
+        # test02 has no box file on purpose: only the annotated test videos are scored
+        "sol": {"boxes_root": str(root / "boxes"), "eval_size": 0, "allow_missing_boxes": True},
     }
     (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
     return {"root": root, "boxes": all_boxes, "values": values, "ids": ids}
@@ -116,6 +117,7 @@ def trained(project):
 
     result = CliRunner().invoke(main, ["--config", str(project["root"] / "pipeline.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    project["output"] = result.output
     run_dirs = sorted((project["root"] / "runs").glob("sol-stm-supervised/seed0-*"))
     assert len(run_dirs) == 1
     return run_dirs[0]
@@ -153,6 +155,42 @@ def test_run_directory_and_metrics(project, trained):
     assert metrics["test_iou@0.5"] == pytest.approx(np.mean(np.array(ious) >= 0.5), abs=1e-3)
     assert metrics["test_mean_ciou"] == pytest.approx(np.mean(cious), abs=1e-3)
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["val_accuracy"] is not None
+
+
+def _centre_box_by_hand(gt) -> tuple[float, float]:
+    """cIoU and IoU of the centre box of a 64 x 64 frame (x, y in 16..48: half the width and
+    height) against one ground-truth box, by hand: A = the box's 32 x 32 pixels."""
+    x0, y0, x1, y1 = gt
+    inter = max(0, min(48, x1) - max(16, x0)) * max(0, min(48, y1) - max(16, y0))
+    area_gt, area_box = (x1 - x0) * (y1 - y0), 32 * 32
+    return inter / (area_gt + area_box - inter), inter / (area_gt + area_box - inter)
+
+
+def test_centre_box_baseline_beside_the_head(project, trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    scores = [_centre_box_by_hand(project["boxes"][vid][frame_number(t, f)]) for vid, t, f in _expected_frames(project)]
+    cious, ious = np.array([c for c, _ in scores]), np.array([i for _, i in scores])
+    base = metrics["baseline"]
+    assert base["test_ciou@0.5"]["value"] == pytest.approx(np.mean(cious >= 0.5))
+    assert base["test_iou@0.5"]["value"] == pytest.approx(np.mean(ious >= 0.5))
+    assert base["test_mean_ciou"]["value"] == pytest.approx(cious.mean())
+    assert base["test_mean_iou"]["value"] == pytest.approx(ious.mean())
+    assert "centre box" in base["test_ciou@0.5"]["method"]
+    # classification: the majority class of the valid test seconds (test03's last second is invalid)
+    labels = []
+    for i in range(4):
+        onset = 0 if i % 3 else 1
+        labels += [i % 2 if t >= onset else 2 for t in range(T) if not (i == 3 and t == 2)]
+    assert base["test_accuracy"]["value"] == pytest.approx(np.bincount(labels).max() / len(labels))
+    with (trained / "localization_test.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert np.mean([float(r["centre_ciou"]) for r in rows]) == pytest.approx(cious.mean(), abs=1e-3)
+    # the closing summary prints the head's cIoU / IoU beside the centre box's
+    out = project["output"]
+    assert (f"test cIoU@0.5 {metrics['test_ciou@0.5']:.4f}, IoU@0.5 {metrics['test_iou@0.5']:.4f} "
+            f"(centre-box baseline: cIoU@0.5 {np.mean(cious >= 0.5):.4f}, IoU@0.5 {np.mean(ious >= 0.5):.4f}; "
+            f"12 annotated frames of 3 test videos)") in out
+    assert f"baseline {base['test_accuracy']['value']:.4f} (majority class" in out
 
 
 def test_scores_recomputed_from_the_checkpoint(project, trained):
@@ -206,10 +244,22 @@ def test_render_sol_draws_frames(project, trained, tmp_path):
     t, f = 1, 0
     k = frame_number(t, f)
     image = np.rint(mpimg.imread(out / "test00" / f"t{t:02d}_f{f}_frame{k:05d}.png")[..., :3] * 255).astype(int)
-    assert image.shape == (64, 64, 3)
-    x0, y0, x1, y1 = project["boxes"]["test00"][k]
-    # the ground-truth outline is drawn last, in red
-    assert (image[y0, x0:x1] == [255, 0, 0]).all() and (image[y0:y1, x1 - 1] == [255, 0, 0]).all()
+    # a 64 x 64 video is drawn readably: at least 256 px each way, with its title, legend and colour bar
+    assert image.shape[0] >= 256 and image.shape[1] >= 256
+    # the ground-truth outline (red) and the prediction (green) are drawn
+    red = (image[..., 0] > 200) & (image[..., 1] < 80) & (image[..., 2] < 80)
+    assert red.sum() > 100
+
+
+def test_frame_title_names_video_second_class_and_score():
+    title = sol.frame_title("test00", 1, 15, "dog", "guitar", 0.734, 0.61, 0.5)
+    assert title.splitlines() == ["test00  second 1  (frame 15)",
+                                  "class: dog  |  predicted: guitar (score 0.73)  |  cIoU 0.61, IoU 0.50"]
+    assert "cIoU" not in sol.frame_title("v", 0, 0, "background", "dog", 0.5)
+    fig = sol.frame_figure(np.zeros((64, 48, 3), np.uint8), np.array([[1, 1, 9, 9]]), None, "t")
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert texts[0].startswith("prediction") and texts[1].startswith("ground truth")
+    assert len(fig.axes) == 2  # the frame and the map's colour bar
 
 
 def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
@@ -225,3 +275,61 @@ def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
     pipeline = load_pipeline(project["root"] / "pipeline.yaml", {"store": {"path": str(tmp_path / "maps.zarr")}})
     with pytest.raises(StoreError, match="incomplete"):
         get_task("sol").prepare(pipeline, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before training and non-finite maps (issue 20): one line, exit 2, no run folder
+
+
+def _invoke(project, *args):
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    return CliRunner().invoke(main, ["--config", str(project["root"] / "pipeline.yaml"), *[str(a) for a in args]],
+                              catch_exceptions=False)
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output[-2000:]
+    assert "Traceback" not in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    return line
+
+
+def test_missing_box_folder_is_refused_before_training(project, tmp_path):
+    result = _invoke(project, "--set", f"sol.boxes_root={tmp_path / 'none'}", "--set", f"train.runs_root={tmp_path / 'runs'}")
+    line = _one_error_line(result)
+    assert "sol.boxes_root" in line and "no box annotation folder" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_test_video_with_an_event_needs_a_box_file(project, tmp_path):
+    result = _invoke(project, "--set", "sol.allow_missing_boxes=false", "--set", f"train.runs_root={tmp_path / 'runs'}")
+    line = _one_error_line(result)
+    assert "1 of 4 test videos with an event have no box file" in line and "test02" in line
+    assert "sol.allow_missing_boxes=true" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_frame_maps_stop_training_at_their_batch(project, tmp_path):
+    import shutil
+
+    import zarr
+
+    shutil.copytree(project["root"] / "maps.zarr", tmp_path / "maps.zarr")
+    ids = project["ids"]
+    # the order of epoch 1: a permutation of the 24 training samples from numpy's generator seeded with the seed
+    order = np.random.default_rng(0).permutation(24)
+    position = 13  # batch 1 (batch size 8)
+    row = int(order[position])  # training samples are the store's first rows
+    maps = zarr.open_group(str(tmp_path / "maps.zarr"), mode="r+")["frame_maps"]
+    values = np.asarray(maps[row])
+    values[:, 0, 2, 2, 0] = np.inf  # every second of that video: whichever second is drawn
+    maps[row] = values
+    result = _invoke(project, "--store", tmp_path / "maps.zarr", "--set", f"train.runs_root={tmp_path / 'runs'}")
+    line = _one_error_line(result)
+    assert line.startswith("Error: epoch 1, batch 1 (videos ")
+    assert "input 'visual' (store array 'frame_maps') holds inf in 1 of 8 rows" in line
+    assert f"(videos {ids[row]} (second " in line
+    assert not list((tmp_path / "runs").rglob("seed*"))

@@ -415,3 +415,20 @@ def test_the_worker_weights_check_names_a_missing_file(tmp_path):
     assert _weights_problem(make_pipeline(tmp_path).extract) == ""  # random weights: nothing to find
     problem = _weights_problem(make_pipeline(tmp_path, visual_weights=str(tmp_path / "vgg19.pth")).extract)
     assert "vgg19.pth" in problem
+
+
+def test_one_device_resolver_for_both_stages():
+    import torch
+
+    from extract.devices import count_parameters, resolve_device
+    from train.data import resolve_device as train_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == resolve_device(None) == expected and train_device("auto") == torch.device(expected)
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"  # extraction's preflight reports it
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            train_device("cuda")
+    layer = torch.nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)
+    assert count_parameters(layer) == 8 and count_parameters(layer, trainable_only=True) == 6

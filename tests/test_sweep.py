@@ -89,9 +89,26 @@ def test_dask_sweep_equals_sequential_runs_and_tables_hold_mean_std(ds, tmp_path
         assert len(list(csv.DictReader(fh))) == 4
     md = paths["markdown"].read_text()
     t = table[1]
-    assert (f"| a | supervised | 2 | {t['val_accuracy_mean']:.4f} ± {t['val_accuracy_std']:.4f} | "
-            f"{t['test_accuracy_mean']:.4f} ± {t['test_accuracy_std']:.4f} |") in md
+    # each accuracy sits beside its baseline: the majority-class share of the split, counted here by hand
+    majority = {split: majority_share(ds["samples"][split], 10) for split in ("val", "test")}
+    assert t["test_accuracy_baseline"] == pytest.approx(majority["test"])
+    assert t["val_accuracy_baseline"] == pytest.approx(majority["val"])
+    assert float(rows[1]["test_accuracy_baseline"]) == pytest.approx(majority["test"], rel=1e-5)
+    assert (f"| a | supervised | 2 | {t['val_accuracy_mean']:.4f} ± {t['val_accuracy_std']:.4f} | {majority['val']:.4f} | "
+            f"{t['test_accuracy_mean']:.4f} ± {t['test_accuracy_std']:.4f} | {majority['test']:.4f} |") in md
+    assert "| test_accuracy | test_accuracy baseline |" in md
     assert md == sweep_markdown(table, "avel")
+
+
+def majority_share(samples, T: int) -> float:
+    """Share of the most frequent segment label of ``samples``: event seconds per class and the
+    background seconds, counted from onset/offset."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        event = max(0, min(T, s.offset) - max(0, s.onset)) if s.category else 0
+        counts[s.category] = counts.get(s.category, 0) + event
+        counts["background"] = counts.get("background", 0) + T - event
+    return max(counts.values()) / (T * len(samples))
 
 
 def test_a_failed_run_is_listed_and_left_out_of_the_means(ds, monkeypatch):

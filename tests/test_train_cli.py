@@ -117,9 +117,9 @@ def test_bad_store_fails_before_training(ds, tmp_path):
     zarr.open_group(str(bad), mode="r+").attrs["schema_version"] = 7
     before = run_dirs(ds)
     res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--store", bad)
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a user error: one line, exit 2
     assert str(bad) in res.output and "schema version 7" in res.output
-    assert run_dirs(ds) == before  # the empty run directory was removed
+    assert run_dirs(ds) == before  # no run directory was made
 
 
 def test_checkpoints_are_never_unpickled(tmp_path):

@@ -6,6 +6,7 @@ h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extra
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def _task_names():
     return sorted(TASKS)
 
 
+class UserError(click.ClickException):
+    """An error the user can fix (a missing store, a manifest that does not fit, a non-finite
+    feature, ...): printed as ONE line ``Error: ...`` on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from extract.manifest import ManifestError
     from extract.settings import ConfigError
@@ -73,8 +84,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .loop import NonFiniteError
+    from .sol_metrics import BoxFormatError
+    from .tasks.base import SetupError
 
-    return (StoreError, DataError, ManifestError, ConfigError, CheckpointError)
+    return (StoreError, DataError, ManifestError, ConfigError, CheckpointError, NonFiniteError, SetupError, BoxFormatError)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,17 +103,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (default: the head's).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (default: the head's).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: train.device).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=f"torch CPU threads (default: train.threads, else every core: {os.cpu_count()} here). Recorded in the run's config.yaml.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 @click.option("--list-heads", is_flag=True, help="List the registered heads and exit.")
 @config_option
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, lr, batch_size, device, print_config, list_heads, config, sets, verbose):
+def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, lr, batch_size, device, threads, print_config, list_heads, config, sets, verbose):
     """Train a localization head on a feature store and report segment accuracy.
 
     Accuracy = correct 1-s segments / all segments of the split, background included (AVE test:
     402 x 10 = 4020). The epoch is selected on the validation split; test is evaluated once.
+    The closing summary prints each headline metric beside its trivial baseline (avel: majority
+    class; cml: chance; sol: a centre box of half the frame's width and height).
+
+    Everything a run needs (store, arrays, manifests, boxes) is checked before the first epoch;
+    a problem, or a NaN/inf in a training batch or loss, ends the run with one line on stderr
+    and exit code 2. The run folder is made only once the checks have passed.
     Every run writes runs_root/<task>-<head>-<setting>/seed<k>-<time>/ (config.yaml,
     metrics.json, epochs.csv, checkpoint.safetensors, PNG plots).
 
@@ -121,8 +142,10 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
     heads, settings = head or [], setting or []
     extra = cli_overrides(head=heads[0] if heads else None, task=task, setting=settings[0] if settings else None,
                           seeds=seeds, select_on=select_on, store=store,
-                          epochs=epochs, lr=lr, batch_size=batch_size, device=device)
+                          epochs=epochs, lr=lr, batch_size=batch_size, device=device, threads=threads)
     pipeline = resolve(config, sets, extra)
+    if not pipeline.train.threads:  # recorded in config.yaml: the number of threads really used
+        pipeline.train.threads = os.cpu_count() or 1
     click.echo(pipeline.dump(), err=True)
     if print_config:
         return
@@ -135,7 +158,7 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
     except _user_errors() as exc:
         if verbose > 1:
             raise
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     click.echo(results_table(results))
     click.echo(accuracy_line(results))
     from .registry import get_task
@@ -160,17 +183,17 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
     except (*_user_errors(), ValueError) as exc:
         if verbose > 1:
             raise
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     paths = write_sweep(pipeline.path(cfg.runs_root), cfg.task, rows)
     click.echo(sweep_markdown(sweep_table(rows), cfg.task))
     click.echo(f"results: {paths['results']}, {paths['markdown']} (every run: {paths['runs']})", err=True)
     return 1 if any(row["error"] for row in rows) else 0
 
 
-def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device) -> dict:
+def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device, threads=None) -> dict:
     """The options given on the command line as pipeline overrides."""
     train = {"head": head, "task": task, "setting": setting, "select_on": select_on, "epochs": epochs,
-             "lr": lr, "batch_size": batch_size, "device": device}
+             "lr": lr, "batch_size": batch_size, "device": device, "threads": threads}
     train = {k: v for k, v in train.items() if v is not None}
     if seeds is not None:
         from .runs import parse_seeds
@@ -187,7 +210,9 @@ def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, b
 
 def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
     """Run the configured task/head once per seed; write summary.json/.md for several seeds.
-    The epoch progress bar is shown on a terminal; elsewhere each evaluated epoch logs a line."""
+    The epoch progress bar is shown on a terminal; elsewhere each evaluated epoch logs a line.
+    A seed's run folder is made once its checks have passed (:meth:`train.tasks.base.Task.run`);
+    when the run fails, the folder is removed again if nothing was written to it."""
     from .registry import get_head, get_task
     from .runs import group_dir, make_run_dir, summarize, write_summary
 
@@ -204,14 +229,21 @@ def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
     runs_root = pipeline.path(cfg.runs_root)
     results = []
     for seed in cfg.seeds:
-        run_dir = make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed)
-        click.echo(f"seed {seed}: {run_dir}", err=True)
+        made: list[Path] = []
+
+        def new_run_dir(seed=seed, made=made) -> Path:
+            made.append(make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed))
+            click.echo(f"seed {seed}: {made[-1]}", err=True)
+            return made[-1]
+
         try:
-            metrics = task_cls.run(pipeline, cfg.head, seed, run_dir, progress=True)
+            metrics = task_cls.run(pipeline, cfg.head, seed, new_run_dir, progress=True)
         except BaseException:
-            _remove_if_empty(run_dir)
+            for path in made:
+                _remove_if_empty(path)
+                _remove_if_empty(path.parent)  # the <task>-<head>-<setting> folder, when it held only this run
             raise
-        results.append({**metrics, "seed": seed, "run_dir": str(run_dir)})
+        results.append({**metrics, "seed": seed, "run_dir": str(made[0])})
     if len(results) > 1:
         directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting)
         js, md = write_summary(directory, summarize(results))
@@ -250,12 +282,18 @@ def results_table(results: list[dict]) -> str:
 
 
 def accuracy_line(results: list[dict]) -> str:
-    """``test accuracy: 0.xxxx`` (one seed) or ``test accuracy: 0.xxxx ± 0.xxxx (n seeds)``."""
+    """``test accuracy: 0.xxxx`` (one seed) or ``test accuracy: 0.xxxx ± 0.xxxx (n seeds)``,
+    followed by the task's baseline of the same figure when the metrics give one (``baseline``
+    entry ``test_accuracy``: avel majority class, cml chance, sol majority class)."""
     from .runs import mean_std_text
 
     values = [r["test_accuracy"] for r in results if r.get("test_accuracy") is not None]
     seeds = f" ({len(values)} seeds)" if len(values) > 1 else ""
-    return f"test accuracy: {mean_std_text(values)}{seeds}"
+    line = f"test accuracy: {mean_std_text(values)}{seeds}"
+    base = (results[0].get("baseline") or {}).get("test_accuracy") if results else None
+    if base and base.get("value") is not None:
+        line += f"; baseline {base['value']:.4f} ({base['method']})"
+    return line
 
 
 def heads_table() -> str:
@@ -334,7 +372,7 @@ def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_r
         paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,
                               boxes_root=boxes_root, annotated_only=annotated_only, device=device)
     except (*_user_errors(), KeyError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     click.echo(f"wrote {len(paths)} PNG files to {out_dir}")
 
 

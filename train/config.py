@@ -39,6 +39,9 @@ class TrainConfig:
     #: weak-supervision MIL pooling over time: "mean" (paper eq. 7) or "max" (reference code)
     weak_pool: Literal["mean", "max"] = "mean"
     device: str = "auto"
+    #: torch CPU threads (torch.set_num_threads); null or 0 = every core (os.cpu_count()).
+    #: `avel-train --threads N`; the run's config.yaml records the number used
+    threads: int | None = None
     #: run directories go to runs_root/<task>-<head>-<setting>/seed<k>-<time>
     runs_root: str = "data/runs"
     #: number of test videos drawn in the timeline plot
@@ -72,3 +75,6 @@ class SolConfig:
     success_threshold: float = 0.5
     #: videos per forward pass when evaluating whole videos
     eval_batch: int = 8
+    #: every test video needs a box file under boxes_root (checked before training); true = score
+    #: only the test videos that have one (the others are counted in a warning)
+    allow_missing_boxes: bool = False

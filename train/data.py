@@ -334,13 +334,11 @@ def iterate_batches(
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
+    """"auto" -> cuda when available, else cpu; anything else as given; a CUDA device torch
+    cannot use is a ValueError (:func:`extract.devices.resolve_device`, the one implementation)."""
+    from extract.devices import resolve_device as resolve
+
+    return torch.device(resolve(name, check=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import sys
@@ -103,18 +104,77 @@ def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> tuple[torch.op
     return optimizer, scheduler
 
 
+class NonFiniteError(ValueError):
+    """A training batch holds a NaN or an infinity, or a loss is not finite. The message (one line)
+    names the epoch, the batch (its index in the epoch and its videos) and the array at fault."""
+
+
+def _videos_text(videos: list[str], limit: int = 8) -> str:
+    if not videos:
+        return "videos unknown"
+    more = f" and {len(videos) - limit} more" if len(videos) > limit else ""
+    return "videos " + ", ".join(videos[:limit]) + more
+
+
+def check_batch_finite(task: "Task", batch: dict[str, Any], epoch: int, index: int) -> None:
+    """Raise :class:`NonFiniteError` when a floating-point tensor of ``batch`` holds NaN or inf.
+
+    The message names the epoch, the batch index, the videos whose rows are not finite (from
+    :meth:`~train.tasks.base.Task.batch_videos`) and the input: the batch key and the store array
+    it was read from (:attr:`~train.tasks.base.Task.input_arrays`)."""
+    for name, value in batch.items():
+        if not (torch.is_tensor(value) and value.is_floating_point()) or value.numel() == 0:
+            continue
+        finite = torch.isfinite(value)
+        if bool(finite.all()):
+            continue
+        bad_rows = (~finite).reshape(finite.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        videos = task.batch_videos(batch)
+        named = [videos[i] for i in bad_rows if i < len(videos)]
+        kinds = []
+        if bool(torch.isnan(value).any()):
+            kinds.append("NaN")
+        if bool(torch.isinf(value).any()):
+            kinds.append("inf")
+        source = task.input_arrays.get(name)
+        array = f"input {name!r} (store array {source!r})" if source and source != name else f"input {name!r}"
+        raise NonFiniteError(
+            f"epoch {epoch}, batch {index} ({_videos_text(videos)}): {array} holds {'/'.join(kinds)} "
+            f"in {len(bad_rows)} of {value.shape[0]} rows ({_videos_text(named)}); nothing is trained on "
+            "non-finite numbers: re-extract those videos or remove them from the manifests"
+        )
+
+
+def check_loss_finite(task: "Task", loss: torch.Tensor, batch: dict[str, Any], epoch: int, index: int) -> None:
+    """Raise :class:`NonFiniteError` when a batch's loss is NaN or inf (its inputs were finite)."""
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return
+    raise NonFiniteError(
+        f"epoch {epoch}, batch {index} ({_videos_text(task.batch_videos(batch))}): the training loss is {value} "
+        "although every input of the batch is finite: the run diverged (try a lower --lr) or the head "
+        "computes a non-finite value"
+    )
+
+
 def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torch.Generator,
-                rng: np.random.Generator) -> dict[str, float]:
+                rng: np.random.Generator, epoch: int = 1) -> dict[str, float]:
     """One Adam step per batch of ``task.train_batches`` (model in train mode).
+
+    Every batch is checked before it is used: a NaN or inf in an input (:func:`check_batch_finite`)
+    or in the loss (:func:`check_loss_finite`) raises :class:`NonFiniteError` before the optimiser
+    steps, naming ``epoch``, the batch and its videos.
 
     Returns the epoch-row entries ``train_loss`` (mean loss per batch element, a batch having
     ``batch["audio"].shape[0]`` elements) and, for tasks whose :meth:`~train.tasks.base.Task.batch_accuracy`
     counts hits, ``train_accuracy`` (of the training predictions, taken before each step)."""
     model.train()
     loss_sum, count, correct, total, counted = 0.0, 0, 0, 0, False
-    for batch in task.train_batches(model, batch_size, generator, rng):
+    for index, batch in enumerate(task.train_batches(model, batch_size, generator, rng)):
+        check_batch_finite(task, batch, epoch, index)
         out = model(batch["audio"], batch["visual"])
         loss = task.loss(model, out, batch)
+        check_loss_finite(task, loss, batch, epoch, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -190,13 +250,14 @@ def fit(
     for epoch in range(1, schedule.epochs + 1):
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng))
+        row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng, epoch))
         if scheduler is not None:
             scheduler.step()
         evaluate_now = select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs)
         if evaluate_now:
             task.prepare_evaluation(model)
             sel = task.evaluate(model, select_name)
+            check_evaluation_finite(sel, select_name, epoch)
             row.update({f"{select_name}_{key}": value for key, value in sel.columns.items()})
             if sel.score > best_score:
                 best_score, best_epoch, best_state = sel.score, epoch, state_copy(model)
@@ -225,6 +286,19 @@ def fit(
     return FitResult(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds)
 
 
+def check_evaluation_finite(evaluation, split_name: str, epoch: int) -> None:
+    """Raise :class:`NonFiniteError` when the selection score or the loss of an evaluation is not
+    finite (a non-finite feature of that split, or weights that diverged)."""
+    bad = {k: v for k, v in {"score": evaluation.score, **evaluation.columns}.items()
+           if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(
+            f"epoch {epoch}: evaluating split {split_name!r} gave non-finite "
+            f"{', '.join(f'{k}={v}' for k, v in bad.items())}; a video of that split may have non-finite "
+            "features, or the weights diverged"
+        )
+
+
 def epoch_line(row: dict[str, Any]) -> str:
     """``train_loss=0.4121, val_loss=0.52, val_accuracy=0.7312, seconds=3.2`` (the float entries)."""
     return ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr")
@@ -232,4 +306,6 @@ def epoch_line(row: dict[str, Any]) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Trainable parameters (the figure of metrics.json and the head docstrings)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from extract.devices import count_parameters as count
+
+    return count(model, trainable_only=True)

@@ -1,7 +1,7 @@
 """PNG plots of a run (matplotlib, Agg backend; imported only when plotting).
 
 - :func:`plot_learning_curves` — loss and accuracy per epoch from the epochs.csv rows;
-- :func:`plot_confusion` — row-normalised confusion matrix (rows = true class);
+- :func:`plot_confusion` — confusion matrix (rows = true class), coloured per row, counts in the cells;
 - :func:`plot_timelines` — per-second predicted vs true class for a few videos.
 """
 from __future__ import annotations
@@ -55,26 +55,49 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, ti
     return _save(fig, path, plt)
 
 
-def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Confusion matrix normalised per true class (row), counts per row in the tick labels."""
+def confusion_cell_texts(confusion: np.ndarray) -> np.ndarray:
+    """The text of each confusion-matrix cell: the segment count, empty for 0 (a 29-class
+    matrix is mostly zeros; blanks keep the counts readable). [C, C] array of str."""
+    cm = np.asarray(confusion)
+    texts = np.full(cm.shape, "", dtype=object)
+    for (i, j), value in np.ndenumerate(cm):
+        if value:
+            texts[i, j] = f"{int(value)}" if float(value).is_integer() else f"{value:.2g}"
+    return texts
+
+
+def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: str = ""):
+    """Confusion matrix coloured by the fraction of each true class (row), every non-zero cell
+    labelled with its segment count (:func:`confusion_cell_texts`), counts per row in the tick
+    labels; a colour bar. Returns the matplotlib figure."""
     plt = _pyplot()
     cm = np.asarray(confusion, dtype=float)
     support = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
     n = len(class_names)
-    size = max(6.0, 0.32 * n + 2)
+    size = max(6.0, 0.42 * n + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    fontsize = 8 if n <= 12 else 6 if n <= 30 else 4
+    for (i, j), text in np.ndenumerate(confusion_cell_texts(cm)):
+        if text:
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
+                    color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_xticklabels(class_names, rotation=90, fontsize=7)
-    ax.set_yticklabels([f"{c} ({int(s)})" for c, s in zip(class_names, support[:, 0])], fontsize=7)
+    ax.set_xticklabels(class_names, rotation=90, fontsize=8)
+    ax.set_yticklabels([f"{c} ({int(s)})" for c, s in zip(class_names, support[:, 0])], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (segments)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return fig
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """confusion_test.png: :func:`confusion_figure` saved."""
+    return _save(confusion_figure(confusion, class_names, title), path, _pyplot())
 
 
 def choose_timeline_samples(labels: np.ndarray, background: int, count: int, seed: int = 0) -> list[int]:

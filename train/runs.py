@@ -245,6 +245,9 @@ def summarize(runs: Sequence[Mapping[str, Any]], keys: Sequence[str] = SUMMARY_K
         if values:
             mean, std = mean_std(values)
             out[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
+    baselines = [r["baseline"] for r in runs if r.get("baseline")]
+    if baselines:  # the trivial predictor of the task on the same data (the same for every seed)
+        out["baseline"] = baselines[0]
     return out
 
 
@@ -266,6 +269,12 @@ def summary_markdown(summary: Mapping[str, Any], keys: Sequence[str] = SUMMARY_K
             cells.append(f"{vals[i]:.4f}" if i < len(vals) else "")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines.append("| mean ± std | " + " | ".join(f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in present) + " |")
+    base = summary.get("baseline") or {}
+    cells = [f"{(base.get(k) or {}).get('value'):.4f}" if (base.get(k) or {}).get("value") is not None else "-" for k in present]
+    if any(c != "-" for c in cells):
+        lines.append("| baseline | " + " | ".join(cells) + " |")
+        methods = dict.fromkeys((base[k] or {}).get("method", "") for k in present if base.get(k))
+        lines += ["", "baseline: " + "; ".join(m for m in methods if m)]
     return "\n".join(lines) + "\n"
 
 

@@ -52,12 +52,17 @@ __all__ = [
     "score_proposals",
     "FrameScore",
     "evaluate_frame",
+    "CENTRE_BOX_FRACTION",
+    "centre_box",
+    "evaluate_centre_box",
     "summarize",
     "heatmap_overlay",
     "draw_boxes",
     "save_png",
     "scale_boxes",
     "frame_boxes",
+    "frame_title",
+    "frame_figure",
 ]
 
 
@@ -395,6 +400,43 @@ def evaluate_frame(
     )
 
 
+#: the centre-box baseline's box: this share of the frame's width and of its height, centred
+#: (0.5: a box of a quarter of the frame's area, from W/4 to 3W/4 and H/4 to 3H/4)
+CENTRE_BOX_FRACTION = 0.5
+
+
+def centre_box(size: tuple[int, int], fraction: float = CENTRE_BOX_FRACTION) -> np.ndarray:
+    """The box ``fraction`` of the width and height of a (H, W) frame, centred: ``(x0, y0, x1, y1)``."""
+    H, W = float(size[0]), float(size[1])
+    w, h = fraction * W, fraction * H
+    return np.array([(W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2])
+
+
+def evaluate_centre_box(
+    gt_boxes: np.ndarray,
+    frame_size: tuple[int, int],
+    eval_size: int | None = 256,
+    tau: float = 0.5,
+    fraction: float = CENTRE_BOX_FRACTION,
+) -> FrameScore:
+    """The trivial baseline of one frame: predict :func:`centre_box` whatever the frame shows,
+    scored as :func:`evaluate_frame` scores a head (same evaluation frame and boxes): the map is 1
+    inside the box and 0 outside (cIoU's ``A`` = the box's pixels), the predicted box is the box."""
+    H, W = int(frame_size[0]), int(frame_size[1])
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    if gt_boxes.shape[0] == 0:
+        raise ValueError("evaluate_centre_box needs at least one ground-truth box")
+    if eval_size:
+        scale = np.array([eval_size / W, eval_size / H, eval_size / W, eval_size / H])
+        gt_boxes = gt_boxes * scale
+        H = W = int(eval_size)
+    box = centre_box((H, W), fraction)
+    norm = boxes_mask(box, (H, W)).astype(np.float32)
+    gt_box = enclosing_box(gt_boxes)
+    return FrameScore(ciou=ciou(norm, boxes_mask(gt_boxes, (H, W)), tau), iou=box_iou(box, gt_box), pred_box=box,
+                      gt_box=gt_box)  # type: ignore[arg-type]
+
+
 def summarize(cious: Iterable[float], ious: Iterable[float], threshold: float = 0.5) -> dict[str, float]:
     """``ciou@0.5`` / ``iou@0.5``: share of frames with cIoU / IoU >= ``threshold``; plus means and
     the frame count. Fractions in [0, 1] (the paper prints percentages)."""
@@ -470,3 +512,56 @@ def frame_boxes(videos: Mapping[str, VideoBoxes], video_id: str, frame: int) -> 
     """The visible boxes of ``frame`` of ``video_id`` [N, 4], or None if it is not annotated."""
     v = videos.get(video_id)
     return None if v is None else v.frames.get(int(frame))
+
+
+def frame_title(video: str, second: int, frame: int, true_class: str | None, predicted: str, score: float,
+                ciou_value: float | None = None, iou_value: float | None = None) -> str:
+    """Two-line title of a rendered frame: video, second and frame number; the true class of
+    the second, the head's predicted class and its softmax score; cIoU / IoU when annotated."""
+    first = f"{video}  second {second}  (frame {frame})"
+    second_line = f"class: {true_class if true_class is not None else '?'}  |  predicted: {predicted} (score {score:.2f})"
+    if ciou_value is not None and iou_value is not None:
+        second_line += f"  |  cIoU {ciou_value:.2f}, IoU {iou_value:.2f}"
+    return f"{first}\n{second_line}"
+
+
+#: colours (RGB, 0-1) of the rendered boxes
+PRED_COLOUR = (0.0, 0.85, 0.0)
+GT_COLOUR = (1.0, 0.1, 0.1)
+
+
+def frame_figure(image: np.ndarray, pred_boxes: np.ndarray, gt_boxes: np.ndarray | None, title: str,
+                 width_px: int = 560):
+    """A readable figure of one rendered frame: ``image`` (the frame with its heat-map overlay,
+    RGB uint8 [H, W, 3]) scaled to about ``width_px`` pixels, the predicted boxes (green) and the
+    ground-truth boxes (red) as outlines, the title, a legend and a colour bar of the map
+    (jet, 0-1). Returns the matplotlib figure (save it at dpi 100)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    H, W = np.asarray(image).shape[:2]
+    inches = width_px / 100
+    fig, ax = plt.subplots(figsize=(inches, inches * H / W + 1.4))
+    ax.imshow(image, interpolation="nearest")
+    for boxes, colour, style in ((pred_boxes, PRED_COLOUR, "-"), (gt_boxes, GT_COLOUR, "--")):
+        if boxes is None:
+            continue
+        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                                   linewidth=2.5, linestyle=style))
+    handles = [Line2D([], [], color=PRED_COLOUR, linewidth=2.5, label="prediction (Otsu boxes of the map)"),
+               Line2D([], [], color=GT_COLOUR, linewidth=2.5, linestyle="--",
+                      label="ground truth" if gt_boxes is not None else "ground truth (frame not annotated)")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=ax, fraction=0.046, pad=0.02, label="sounding-object map")
+    fig.tight_layout()
+    return fig

@@ -15,8 +15,10 @@ Where they run:
 
 The results are gathered in the driver into ``runs_root/sweep-<task>-<time>/``: ``runs.csv``
 (one row per run), ``results.csv`` and ``results.md`` (per head and setting: number of runs and
-mean ± sample std of the validation and test accuracy). A run that fails is listed with its
-error and left out of the means.
+mean ± sample std of the validation and test accuracy, and of the task's other headline metrics
+(sol: test cIoU@0.5 / IoU@0.5), each beside its trivial baseline: the ``baseline`` entries of the
+runs' metrics.json, i.e. majority class (avel), chance (cml), centre box (sol)). A run that fails
+is listed with its error and left out of the means.
 
 Importing this module does not import torch or dask.
 """
@@ -103,11 +105,28 @@ def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunS
     pipeline = _pipeline_for(state, base_dir, source, spec)
     cfg = pipeline.train
     check_spec(cfg.task, spec)
-    run_dir = make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed)
-    metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, run_dir)
-    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(run_dir), "error": ""}
+    made: list[Path] = []
+
+    def new_run_dir() -> Path:  # made only once the run's checks have passed
+        made.append(make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed))
+        return made[-1]
+
+    metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, new_run_dir)
+    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(made[0]), "error": ""}
     row.update({key: metrics.get(key) for key in RESULT_KEYS})
+    row.update(baseline_columns(metrics))
     return row
+
+
+def baseline_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's headline metrics that have a baseline (metrics.json ``baseline``) and not in
+    :data:`RESULT_KEYS` already (sol: ``test_ciou@0.5``...), and ``baseline_<key>`` for each."""
+    out: dict[str, Any] = {}
+    for key, entry in (metrics.get("baseline") or {}).items():
+        if key not in RESULT_KEYS:
+            out[key] = metrics.get(key)
+        out[f"baseline_{key}"] = entry.get("value") if isinstance(entry, dict) else entry
+    return out
 
 
 def _failed_row(task: str, spec: RunSpec, exc: BaseException) -> dict[str, Any]:
@@ -174,11 +193,26 @@ def run_sweep(pipeline, specs: Sequence[RunSpec], *, scheduler: str | None = Non
 # tables
 
 
-def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] = TABLE_KEYS) -> list[dict[str, Any]]:
-    """Per (head, setting), in first-seen order: ``runs`` (successful), ``failed``, ``seeds`` and
-    ``<key>_mean`` / ``<key>_std`` (sample std, ddof=1; 0 for one run) of each accuracy."""
+def table_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """:data:`TABLE_KEYS` and every other metric the rows give a baseline of (``baseline_<key>``)
+    that is a test or val figure (sol: ``test_ciou@0.5``, ``test_iou@0.5``)."""
+    keys = list(TABLE_KEYS)
+    for row in rows:
+        for column in row:
+            key = column[len("baseline_"):] if column.startswith("baseline_") else None
+            if key and key not in keys and "@" in key:
+                keys.append(key)
+    return keys
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per (head, setting), in first-seen order: ``runs`` (successful), ``failed``, ``seeds``,
+    ``<key>_mean`` / ``<key>_std`` (sample std, ddof=1; 0 for one run) of each metric of
+    ``keys`` (default :func:`table_keys`) and ``<key>_baseline`` (the mean of the runs'
+    baselines of it; empty when the runs give none)."""
     from .runs import mean_std
 
+    keys = table_keys(rows) if keys is None else keys
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["head"], row["setting"]), []).append(row)
@@ -191,21 +225,36 @@ def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] = TABLE_KEYS
             values = [r[key] for r in ok if r.get(key) is not None]
             mean, std = mean_std(values) if values else (None, None)
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean, std
+            bases = [r[f"baseline_{key}"] for r in ok if r.get(f"baseline_{key}") is not None]
+            entry[f"{key}_baseline"] = mean_std(bases)[0] if bases else None
         table.append(entry)
     return table
 
 
-def sweep_markdown(table: Sequence[dict[str, Any]], task: str, keys: Sequence[str] = TABLE_KEYS) -> str:
-    """Markdown: one row per head and setting, mean ± std of each accuracy."""
+def sweep_markdown(table: Sequence[dict[str, Any]], task: str, keys: Sequence[str] | None = None) -> str:
+    """Markdown: one row per head and setting, mean ± std of each metric and, in the column after
+    it, its baseline (majority class / chance / centre box: the runs' ``baseline`` entries)."""
+    if keys is None:
+        keys = list(dict.fromkeys(k[: -len("_mean")] for entry in table for k in entry if k.endswith("_mean")))
+        keys = keys or list(TABLE_KEYS)
+
     def cell(entry, key):
-        mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
+        mean, std = entry.get(f"{key}_mean"), entry.get(f"{key}_std")
         return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
-    lines = [f"# sweep: task {task}", "", "mean ± sample standard deviation over seeds", "",
-             "| head | setting | runs | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    def base(entry, key):
+        value = entry.get(f"{key}_baseline")
+        return "-" if value is None else f"{value:.4f}"
+
+    header = " | ".join(f"{k} | {k} baseline" for k in keys)
+    lines = [f"# sweep: task {task}", "",
+             "mean ± sample standard deviation over seeds; baseline = the task's trivial predictor on the same data "
+             "(avel: majority class, cml: chance, sol: centre box / majority class)", "",
+             "| head | setting | runs | " + header + " |", "|---|---|---|" + "---|---|" * len(keys)]
     for entry in table:
         runs = f"{entry['runs']}" + (f" ({entry['failed']} failed)" if entry["failed"] else "")
-        lines.append(f"| {entry['head']} | {entry['setting']} | {runs} | " + " | ".join(cell(entry, k) for k in keys) + " |")
+        cells = " | ".join(f"{cell(entry, k)} | {base(entry, k)}" for k in keys)
+        lines.append(f"| {entry['head']} | {entry['setting']} | {runs} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

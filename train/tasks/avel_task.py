@@ -18,7 +18,7 @@ from ..evaluate import EvalResult, evaluate_split
 from ..loop import FitResult
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, head_for_task
+from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class AvelTask(Task):
         split = self.splits[self.train_cfg.train_split]
         return iterate_batches(self.data.bank, split, batch_size, shuffle=True, generator=generator)
 
+    def batch_videos(self, batch) -> list[str]:
+        """Store keys of a training batch's samples (``batch["index"]`` = positions in the train split)."""
+        split = self.splits[self.train_cfg.train_split]
+        rows = split.rows[batch["index"].to(split.rows.device)].tolist()
+        return [self.data.bank.keys[int(r)] for r in rows]
+
     def batch_accuracy(self, model, out, batch):
         with torch.no_grad():
             return int((model.predict(out) == batch["labels"]).sum()), batch["labels"].numel()
@@ -75,12 +81,25 @@ class AvelTask(Task):
             # segments without real features (video shorter than T s); they still count in accuracy
             "invalid_segments": {name: int((~split.valid).sum()) for name, split in data.splits.items()},
         }
+        metrics["baseline"] = self.baseline()
         for role in ("val", "test"):
             res: EvalResult | None = result.results.get(role)
             metrics[f"{role}_accuracy"] = res.accuracy if res is not None else None
             if res is not None:
                 metrics[role] = res.to_json(data.class_names)
         return metrics
+
+    def baseline(self) -> dict[str, Any]:
+        """``<role>_accuracy`` of always predicting the split's most frequent segment label
+        (background included, every segment counted as in the accuracy)."""
+        out: dict[str, Any] = {}
+        for role in ("val", "test"):
+            name = getattr(self.train_cfg, f"{role}_split")
+            if name not in self.data.splits:
+                continue
+            share, label = majority_baseline(self.data.splits[name].labels.cpu().numpy(), self.data.class_names)
+            out[f"{role}_accuracy"] = baseline_entry(share, f"majority class of the {name} split's segments: {label}")
+        return out
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"class_names": self.data.class_names}

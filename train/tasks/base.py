@@ -4,9 +4,10 @@ A task (avel, cml, sol) is a subclass of :class:`Task` registered under its name
 (``@register_task("cml")``). An instance holds the data of one run; the life of a run is
 :meth:`Task.run`::
 
-    task = TaskClass.prepare(pipeline, device)   # data preparation: store + split manifests
+    task = TaskClass.prepare(pipeline, device)   # data preparation + every check: store, arrays, labels
     model = task.build_head(head_name)           # the registered head with its heads.<name> overrides
     task.attach(model)                           # data that depends on the head (default: nothing)
+    run_dir = run_dir()                          # the run folder is made only now, once all checks passed
     result = fit(model, task, schedule, seed)    # the one training loop (train.loop)
     metrics = {...common..., **task.metrics(model, result)}
     write_run(...)                               # config.yaml, metrics.json, epochs.csv, checkpoint
@@ -19,25 +20,51 @@ What :func:`train.loop.fit` asks of a task:
 - ``train_cfg`` (the ``train`` section), ``device``, ``splits`` (the loaded splits by name);
 - :meth:`train_batches`: the shuffled batches of one epoch of the train split, dicts holding
   ``audio`` [B, ...] and ``visual`` [B, ...] (the head's inputs) and the targets of the loss;
+- :meth:`batch_videos` (the videos of a batch, named when a batch holds NaN/inf) and
+  :attr:`input_arrays` (the store array each batch input is read from);
 - :meth:`loss` (default: the head's loss with ``train.weak_pool``) and, optionally,
   :meth:`batch_accuracy` (hits of the training predictions, for the ``train_accuracy`` column);
 - :meth:`prepare_evaluation` (before every evaluation; default nothing) and :meth:`evaluate`, which
   scores one split as an :class:`Evaluation`: the number selection maximises, the epoch-row
   columns, and the task's full result (what ``FitResult.results`` holds for val and test).
+
+Errors a user can fix (a missing store, missing arrays, a manifest that does not fit, bad head
+options) are raised by :meth:`Task.prepare` / :meth:`Task.build_head` before any run folder is
+made; a ``ValueError`` raised there becomes a :class:`SetupError` (the CLI prints it as one line
+and exits 2).
+
+Every task's :meth:`Task.metrics` gives a ``baseline`` entry: for each headline metric of the task
+(e.g. ``test_accuracy``) the value of a trivial predictor on the same data, ``{"value": ..,
+"method": ..}`` (avel: majority class; cml: chance; sol: centre box).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+class SetupError(ValueError):
+    """A run cannot start: a check made before training failed (bad head options, a device that
+    is not there, ...); the message says what to change."""
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``train.threads`` / ``--threads``: None or 0 = every core (``os.cpu_count()``)."""
+    if threads is None or int(threads) == 0:
+        return max(1, os.cpu_count() or 1)
+    if int(threads) < 0:
+        raise SetupError(f"train.threads must be >= 1 (0 or null = all {os.cpu_count()} cores), got {threads}")
+    return int(threads)
 
 
 @dataclasses.dataclass
@@ -64,6 +91,9 @@ class Task:
     name: ClassVar[str] = ""
     #: what selection maximises, in words (metrics.json ``selection_metric``)
     selection_metric: ClassVar[str] = ""
+    #: the store array each floating-point input of a training batch is read from (named when
+    #: an input holds NaN/inf)
+    input_arrays: ClassVar[dict[str, str]] = {"audio": "audio", "visual": "visual"}
 
     def __init__(self, train_cfg, device: torch.device | str, splits: Mapping[str, Any], num_classes: int,
                  pipeline=None):
@@ -94,6 +124,11 @@ class Task:
         """Shuffled batches of the train split for one epoch (order drawn from ``generator``, or
         from ``rng`` for draws made in numpy)."""
         raise NotImplementedError
+
+    def batch_videos(self, batch: Mapping[str, Any]) -> list[str]:
+        """The video of each row of a training batch (store keys), as named in error messages.
+        Default: ``batch["videos"]`` when the batch carries it, else none."""
+        return [str(v) for v in batch.get("videos", [])]
 
     def loss(self, model, out, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch: the head's loss, with ``train.weak_pool``."""
@@ -142,21 +177,45 @@ class Task:
 
     # -- one run ----------------------------------------------------------------------------
     @classmethod
-    def run(cls, pipeline, head_name: str, seed: int, run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
-        """Train and evaluate one head with one seed; write ``run_dir``; return the metrics."""
-        from ..data import resolve_device
-        from ..loop import count_parameters, fit, resolve_schedule, seed_everything
+    def setup(cls, pipeline, head_name: str, seed: int):
+        """Everything before the first epoch: the data with its checks (:meth:`prepare`), the
+        head, :meth:`attach` and the schedule. Returns ``(task, model, schedule, device)``.
+        A ValueError that is not already a user error becomes a :class:`SetupError`."""
+        from extract.manifest import ManifestError
+        from extract.settings import ConfigError
+
+        from ..data import DataError, resolve_device
+        from ..loop import resolve_schedule, seed_everything
+
+        cfg = pipeline.train
+        try:
+            torch.set_num_threads(resolve_threads(getattr(cfg, "threads", None)))
+            device = resolve_device(cfg.device)
+            task = cls.prepare(pipeline, device)
+            seed_everything(seed, device)
+            model = task.build_head(head_name)
+            task.attach(model)
+            schedule = resolve_schedule(cfg, type(model))
+        except (DataError, ManifestError, ConfigError, SetupError):
+            raise
+        except ValueError as exc:
+            raise SetupError(str(exc)) from exc
+        return task, model, schedule, device
+
+    @classmethod
+    def run(cls, pipeline, head_name: str, seed: int, run_dir: str | Path | Callable[[], Path], *,
+            progress: bool = False) -> dict[str, Any]:
+        """Train and evaluate one head with one seed; write ``run_dir``; return the metrics.
+
+        ``run_dir``: the folder, or a function that makes it; either way it is made only after
+        every check of :meth:`setup` passed, so a run that cannot start leaves no folder behind."""
+        from ..loop import count_parameters, fit
         from ..runs import write_run
 
         started = time.perf_counter()
         cfg = pipeline.train
-        run_dir = Path(run_dir)
-        device = resolve_device(cfg.device)
-        task = cls.prepare(pipeline, device)
-        seed_everything(seed, device)
-        model = task.build_head(head_name)
-        task.attach(model)
-        schedule = resolve_schedule(cfg, type(model))
+        task, model, schedule, device = cls.setup(pipeline, head_name, seed)
+        run_dir = Path(run_dir() if callable(run_dir) else run_dir)
         log.info("head %s: %d parameters", head_name, count_parameters(model))
         result = fit(model, task, schedule, seed, progress=progress)
         own = task.metrics(model, result)
@@ -178,6 +237,7 @@ class Task:
             "schedule": schedule_entry,
             **task.store_identity(),
             "device": str(device),
+            "threads": torch.get_num_threads(),
             "train_seconds": result.train_seconds,
             "run_dir": str(run_dir),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -192,6 +252,22 @@ class Task:
         title = f"{cls.name} / {head_name} / {cfg.setting} — selection: {result.selection}"
         task.write_outputs(run_dir, title, model, result)
         return metrics
+
+
+def majority_baseline(labels: np.ndarray, class_names: list[str]) -> tuple[float, str]:
+    """(share, class name) of the most frequent label of ``labels`` (any shape; ties: the lowest
+    class index): the accuracy of always predicting that class."""
+    flat = np.asarray(labels).reshape(-1).astype(np.int64)
+    if flat.size == 0:
+        return float("nan"), ""
+    counts = np.bincount(flat, minlength=len(class_names))
+    top = int(np.argmax(counts))
+    return float(counts[top] / flat.size), (class_names[top] if top < len(class_names) else str(top))
+
+
+def baseline_entry(value: float | None, method: str) -> dict[str, Any]:
+    """One entry of metrics.json ``baseline``: ``{"value": .., "method": ..}``."""
+    return {"value": value, "method": method}
 
 
 def head_for_task(pipeline, head_name: str, task: str, num_classes: int):

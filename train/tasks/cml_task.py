@@ -34,7 +34,7 @@ from .. import cml_metrics as cml
 from ..data import TaskData, load_from_pipeline
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, head_for_task
+from .base import Evaluation, Task, baseline_entry, head_for_task
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,16 @@ class CmlSplit:
 
     def flat_segments(self) -> dict[str, torch.Tensor]:
         """Every valid segment as its own T = 1 sequence: audio [N, 1, 128], visual [N, 1, H, W, C],
-        match [N, 1], valid [N, 1]. Meant for pre-pooled splits (49x smaller)."""
+        match [N, 1], valid [N, 1], and ``video`` [N] (the position of its video in ``keys``). Meant for pre-pooled splits (49x smaller)."""
         keep = self.valid.reshape(-1)
         visual = self.visual(slice(None))
+        video = torch.arange(len(self.keys), device=self.audio.device).repeat_interleave(self.segments)
         return {
             "audio": self.audio.reshape(-1, 1, *self.audio.shape[2:])[keep],
             "visual": visual.reshape(-1, 1, *visual.shape[2:])[keep],
             "match": self.match.reshape(-1, 1)[keep],
             "valid": self.valid.reshape(-1, 1)[keep],
+            "video": video[keep.to(video.device)],
         }
 
 
@@ -139,7 +141,8 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
 
 def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
                      generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos."""
+    """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos;
+    ``video`` [B] = the position of each row's video in ``train.keys``."""
     if flat is not None:
         n = flat["audio"].shape[0]
         order = torch.randperm(n, generator=generator).to(flat["audio"].device)
@@ -151,7 +154,8 @@ def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batc
     order = torch.randperm(n, generator=generator).to(train.audio.device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx]}
+        yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx],
+               "video": idx}
 
 
 @dataclasses.dataclass
@@ -238,6 +242,11 @@ class CmlTask(Task):
     def train_batches(self, model, batch_size, generator, rng):
         return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator)
 
+    def batch_videos(self, batch) -> list[str]:
+        """Store keys of the videos of a training batch's rows (segments or whole videos)."""
+        keys = self.splits[self.train_cfg.train_split].keys
+        return [keys[int(v)] for v in batch["video"].tolist()]
+
     def prepare_evaluation(self, model) -> None:
         """The head's pre-evaluation hook (DCCA: fit its linear CCA) on the training pairs."""
         if self.flat is not None:
@@ -279,7 +288,22 @@ class CmlTask(Task):
             metrics[f"{role}_v2a_accuracy"] = m["v2a_acc"] / 100
             metrics[f"{role}_chance_accuracy"] = m["chance_acc"] / 100
             metrics[role] = res.to_json()
+        metrics["baseline"] = self.baseline(metrics)
         return metrics
+
+    @staticmethod
+    def baseline(metrics: dict[str, Any]) -> dict[str, Any]:
+        """Chance of A2V, V2A and their mean on the same queries: a uniformly drawn start of the
+        l-second window is right with probability 1 / (T - l + 1), averaged over the queries."""
+        out: dict[str, Any] = {}
+        method = "chance: mean over the queries of 1 / (T - l + 1)"
+        for role in ("val", "test"):
+            chance = metrics.get(f"{role}_chance_accuracy")
+            if chance is None:
+                continue
+            for key in ("accuracy", "a2v_accuracy", "v2a_accuracy"):
+                out[f"{role}_{key}"] = baseline_entry(chance, method)
+        return out
 
     def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
         """learning_curves.png, predictions_<role>.csv, distances_test.png."""
@@ -316,35 +340,46 @@ def write_predictions(path: Path, split: CmlSplit, res: CmlResult) -> Path:
 
 
 def plot_distances(res: CmlResult, split: CmlSplit, path: Path, title: str, count: int) -> Path | None:
-    """Audio x visual distance matrices of the first ``count`` test queries: the true event
-    (green square on the diagonal) and the A2V (red) / V2A (blue) predicted windows."""
-    from ..plots import _pyplot
+    """distances_test.png: see :func:`distances_figure`; None when the split has no query."""
+    fig = distances_figure(res, split, title, count)
+    if fig is None:
+        return None
+    from ..plots import save_figure
+
+    return save_figure(fig, path)
+
+
+def distances_figure(res: CmlResult, split: CmlSplit, title: str, count: int):
+    """Audio x visual distance matrices of the first ``count`` test queries, each with a colour
+    bar (the head's distance), the true event (green square on the diagonal) and the A2V (red) /
+    V2A (blue) predicted windows. A matplotlib figure: one image axes and one colour-bar axes per
+    query (None when there is no query)."""
+    from ..plots import pyplot
 
     n = min(count, len(split.queries))
     if n == 0:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.9 * rows + 0.6), squeeze=False)
     for ax in axes.ravel()[n:]:
-        ax.axis("off")
+        ax.remove()
     for i, ax in enumerate(axes.ravel()[:n]):
         q = split.queries[i]
-        ax.imshow(res.distances[i], cmap="viridis")
+        im = ax.imshow(res.distances[i], cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="distance (lower = closer)")
         lo, l = q.onset - 0.5, q.length
         a2v, v2a = int(res.predictions["a2v"][i]), int(res.predictions["v2a"][i])
         ax.add_patch(Rectangle((lo, lo), l, l, fill=False, edgecolor="lime", linewidth=2, label="event"))
         ax.add_patch(Rectangle((a2v - 0.5, lo), l, l, fill=False, edgecolor="red", linestyle="--", label=f"A2V {a2v}"))
         ax.add_patch(Rectangle((lo, v2a - 0.5), l, l, fill=False, edgecolor="deepskyblue", linestyle=":", label=f"V2A {v2a}"))
-        ax.set_title(f"{q.sample_id}: onset {q.onset}, l={q.length}", fontsize=8)
+        ax.set_title(f"{q.sample_id}: onset {q.onset}, l={q.length}", fontsize=9)
         ax.set_xlabel("visual segment")
         ax.set_ylabel("audio segment")
-        ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"{title}\nA2V {res.metrics['a2v_acc']:.1f}%  V2A {res.metrics['v2a_acc']:.1f}%  chance {res.metrics['chance_acc']:.1f}%", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}\nA2V {res.metrics['a2v_acc']:.1f}%  V2A {res.metrics['v2a_acc']:.1f}%  chance {res.metrics['chance_acc']:.1f}%", fontsize=10)
     fig.tight_layout()
-    from ..plots import _save
-
-    return _save(fig, path, plt)
+    return fig

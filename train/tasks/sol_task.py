@@ -15,9 +15,16 @@
 4. evaluates localization on the test videos that have a box file under ``sol.boxes_root``:
    each video runs as one sequence of T x F frames (causal memory), and every sampled frame that
    is annotated (``frame_index`` is the annotation's frame number) is scored with cIoU and box IoU
-   (:func:`train.sol_metrics.evaluate_frame`), giving cIoU@0.5 and IoU@0.5 (share of frames >= 0.5);
+   (:func:`train.sol_metrics.evaluate_frame`), giving cIoU@0.5 and IoU@0.5 (share of frames >= 0.5),
+   beside the centre-box baseline scored the same way on the same frames (a box of half the
+   frame's width and height in its centre, :func:`train.sol_metrics.evaluate_centre_box`);
 5. writes the run directory (config.yaml, metrics.json, epochs.csv, checkpoint.safetensors,
    learning_curves.png) plus ``localization_test.csv`` (one row per scored frame).
+
+Before anything is trained, :meth:`SolTask.prepare` checks the store (complete, with the map
+arrays), the manifests, and the box folder ``sol.boxes_root``: it must exist and hold a box file
+for every test video with an event (``sol.allow_missing_boxes: true`` scores only the videos that
+have one).
 
 ``render_videos`` (``avel-train render-sol``) draws the maps and boxes of chosen videos over
 their decoded frames as PNG files.
@@ -40,7 +47,7 @@ from .. import sol_metrics as sol
 from ..data import DataError, match_rows, split_manifest
 from ..registry import register_task
 from ..runs import head_class_and_config, splits_to_load
-from .base import Evaluation, Task
+from .base import Evaluation, Task, baseline_entry, majority_baseline
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +158,8 @@ def random_valid_seconds(valid: np.ndarray, rng: np.random.Generator) -> np.ndar
 def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng: np.random.Generator,
                      device) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches of one random valid second per sample (samples without any valid second
-    are left out): audio [B, F, 6, 4, Ca], visual [B, F, 8, 8, Cv], labels [B, F]."""
+    are left out): audio [B, F, 6, 4, Ca], visual [B, F, 8, 8, Cv], labels [B, F]; ``video`` [B]
+    (sample positions in ``split``) and ``second`` [B] say where each row comes from."""
     usable = np.flatnonzero(split.valid.any(1))
     order = usable[rng.permutation(len(usable))]
     for start in range(0, len(order), batch_size):
@@ -162,7 +170,8 @@ def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng:
         visual = torch.from_numpy(v).to(device).float()
         audio = torch.from_numpy(a).to(device).float()[:, None].expand(-1, F, -1, -1, -1)
         labels = torch.from_numpy(split.labels[idx, seconds]).to(device)[:, None].expand(-1, F)
-        yield {"audio": audio, "visual": visual, "labels": labels}
+        yield {"audio": audio, "visual": visual, "labels": labels, "video": torch.from_numpy(idx),
+               "second": torch.from_numpy(seconds)}
 
 
 @torch.no_grad()
@@ -222,6 +231,39 @@ class FrameRow:
     iou: float
     pred_box: np.ndarray | None
     gt_box: np.ndarray
+    #: the centre-box baseline on the same frame
+    centre_ciou: float = float("nan")
+    centre_iou: float = float("nan")
+
+
+def check_boxes(root: Path, keys: Sequence[str], allow_missing: bool = False) -> int:
+    """Before training: the box folder exists and has a box file for every test video with an event
+    (``keys``: their store keys; the video id is the part before '@'; a background-only video has
+    no sounding object to box). With ``allow_missing``, videos without one are counted in
+    a warning (at least one must have a file). Returns the number of videos with a file; raises
+    :class:`DataError` otherwise."""
+    if not root.is_dir():
+        raise DataError(
+            f"sol.boxes_root {root}: no box annotation folder there; the sol task scores its test videos against "
+            "<video_id>/annotations.xml box files (CVAT XML): set sol.boxes_root (--set sol.boxes_root=FOLDER)"
+        )
+    try:
+        files = sol.find_box_files(root)
+    except sol.BoxFormatError as exc:
+        raise DataError(str(exc)) from None
+    videos = list(dict.fromkeys(k.split("@", 1)[0] for k in keys))
+    missing = [v for v in videos if v not in files]
+    if missing and (not allow_missing or len(missing) == len(videos)):
+        from ..data import _listing
+
+        raise DataError(
+            f"sol.boxes_root {root}: {len(missing)} of {len(videos)} test videos with an event have no box file "
+            f"(<video_id>/annotations.xml): {_listing(missing)}"
+            + ("" if allow_missing else "; add them, or score only the annotated ones with --set sol.allow_missing_boxes=true")
+        )
+    if missing:
+        log.warning("%s: %d of %d test videos have no box file and are not scored", root, len(missing), len(videos))
+    return len(videos) - len(missing)
 
 
 def load_boxes(root: Path, keys: Sequence[str]) -> dict[str, sol.VideoBoxes]:
@@ -236,7 +278,8 @@ def load_boxes(root: Path, keys: Sequence[str]) -> dict[str, sol.VideoBoxes]:
 
 
 def localize_split(model, store: FeatureStore, split: SolSplit, boxes: dict[str, sol.VideoBoxes], cfg, device) -> list[FrameRow]:
-    """Score every annotated sampled frame of the split's videos that have boxes."""
+    """Score every annotated sampled frame of the split's videos that have boxes (and the
+    centre-box baseline on the same frame)."""
     positions = [i for i in split.videos() if split.keys[i] in boxes]
     rows = [int(split.rows[i]) for i in positions]
     key_of_row = {int(split.rows[i]): split.keys[i] for i in positions}
@@ -258,7 +301,8 @@ def localize_split(model, store: FeatureStore, split: SolSplit, boxes: dict[str,
                 if gt is None:
                     continue
                 s = sol.evaluate_frame(att[t, f], gt, (vb.height, vb.width), eval_size, cfg.map_threshold, cfg.otsu_floor)
-                out.append(FrameRow(key, t, f, k, s.ciou, s.iou, s.pred_box, s.gt_box))
+                c = sol.evaluate_centre_box(gt, (vb.height, vb.width), eval_size, cfg.map_threshold)
+                out.append(FrameRow(key, t, f, k, s.ciou, s.iou, s.pred_box, s.gt_box, c.ciou, c.iou))
     return out
 
 
@@ -269,9 +313,10 @@ def write_frames_csv(path: Path, rows: Sequence[FrameRow]) -> Path:
 
     with path.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["key", "second", "slot", "frame", "ciou", "iou", "pred_box", "gt_box"])
+        w.writerow(["key", "second", "slot", "frame", "ciou", "iou", "pred_box", "gt_box", "centre_ciou", "centre_iou"])
         for r in rows:
-            w.writerow([r.key, r.second, r.slot, r.frame, f"{r.ciou:.4f}", f"{r.iou:.4f}", box(r.pred_box), box(r.gt_box)])
+            w.writerow([r.key, r.second, r.slot, r.frame, f"{r.ciou:.4f}", f"{r.iou:.4f}", box(r.pred_box), box(r.gt_box),
+                        f"{r.centre_ciou:.4f}", f"{r.centre_iou:.4f}"])
     return path
 
 
@@ -294,6 +339,7 @@ class SolTask(Task):
     accuracy, measured by cIoU / IoU of the test videos that have boxes."""
 
     selection_metric = "per-frame event classification accuracy (background included)"
+    input_arrays = {"audio": "audio_maps", "visual": "frame_maps"}
 
     def __init__(self, store: FeatureStore, splits: dict[str, SolSplit], classes: list[str], train_cfg, sol_cfg,
                  device, pipeline=None):
@@ -312,6 +358,12 @@ class SolTask(Task):
             if classes is not None and found != classes:
                 raise DataError(f"{split_manifest(pipeline, name)}: its class list differs from the other splits'")
             classes = found
+        if not len(splits[cfg.train_split]) or not splits[cfg.train_split].valid.any():
+            raise DataError(f"{split_manifest(pipeline, cfg.train_split)}: no training sample with a valid second in {store.path}")
+        test = splits[cfg.test_split]
+        background = len(classes or [])
+        with_event = [k for k, labels in zip(test.keys, test.labels) if (labels != background).any()]
+        check_boxes(pipeline.path(pipeline.sol.boxes_root), with_event, pipeline.sol.allow_missing_boxes)
         return cls(store, splits, classes or [], cfg, pipeline.sol, device, pipeline)
 
     def build_head(self, head_name: str):
@@ -324,6 +376,11 @@ class SolTask(Task):
                 f"but the store's maps have {cv}/{ca} channels"
             )
         return head_cls(num_classes=self.num_classes, setting=self.train_cfg.setting, config=config).to(self.device)
+
+    def batch_videos(self, batch) -> list[str]:
+        """``<store key> (second s)`` of each row of a training batch."""
+        keys = self.splits[self.train_cfg.train_split].keys
+        return [f"{keys[int(i)]} (second {int(t)})" for i, t in zip(batch["video"].tolist(), batch["second"].tolist())]
 
     def train_batches(self, model, batch_size, generator, rng):
         return training_batches(self.store, self.splits[self.train_cfg.train_split], batch_size, rng, self.device)
@@ -354,21 +411,67 @@ class SolTask(Task):
         boxes = load_boxes(boxes_root, sorted(set(test.keys)))
         self.frames = localize_split(model, self.store, test, boxes, scfg, self.device)
         summary = sol.summarize([r.ciou for r in self.frames], [r.iou for r in self.frames], scfg.success_threshold)
+        centre = sol.summarize([r.centre_ciou for r in self.frames], [r.centre_iou for r in self.frames], scfg.success_threshold)
         tag = f"{scfg.success_threshold:g}"
         metrics.update({
             f"test_ciou@{tag}": summary[f"ciou@{tag}"], f"test_iou@{tag}": summary[f"iou@{tag}"],
             "test_mean_ciou": summary["mean_ciou"], "test_mean_iou": summary["mean_iou"],
             "test_frames": summary["frames"], "test_videos_with_boxes": len(boxes), "boxes_root": str(boxes_root),
         })
-        log.info("test localization: cIoU@%s %.4f, IoU@%s %.4f over %d annotated frames of %d videos",
-                 tag, summary[f"ciou@{tag}"], tag, summary[f"iou@{tag}"], summary["frames"], len(boxes))
+        box_method = (f"centre box: {sol.CENTRE_BOX_FRACTION:g} of the frame's width and height in its centre, "
+                      "scored like the head on the same frames")
+        baseline: dict[str, Any] = {}
+        for role in ("val", "test"):
+            split = self.splits.get(getattr(cfg, f"{role}_split"))
+            if split is not None and result.results.get(role) is not None:
+                share, label = majority_baseline(split.labels[split.valid], self.class_names)
+                baseline[f"{role}_accuracy"] = baseline_entry(share, f"majority class of the valid seconds: {label}")
+        for key, value in ((f"test_ciou@{tag}", centre[f"ciou@{tag}"]), (f"test_iou@{tag}", centre[f"iou@{tag}"]),
+                           ("test_mean_ciou", centre["mean_ciou"]), ("test_mean_iou", centre["mean_iou"])):
+            baseline[key] = baseline_entry(value, box_method)
+        metrics["baseline"] = baseline
+        log.info("test localization: cIoU@%s %.4f, IoU@%s %.4f over %d annotated frames of %d videos "
+                 "(centre box: %.4f, %.4f)", tag, summary[f"ciou@{tag}"], tag, summary[f"iou@{tag}"], summary["frames"],
+                 len(boxes), centre[f"ciou@{tag}"], centre[f"iou@{tag}"])
         if not self.frames:
             log.warning("no annotated frame of the test split was scored (box files under %s: %d of %d test videos)",
                         boxes_root, len(boxes), len(set(test.keys)))
         return metrics
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes) + ["background"]
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"classes": self.classes}
+
+    @staticmethod
+    def report_lines(results: list[dict[str, Any]]) -> str | None:
+        """Test cIoU@t and IoU@t (mean ± std over seeds) beside the centre-box baseline."""
+        from ..runs import mean_std_text
+
+        if not results:
+            return None
+        keys = [k for k in results[0] if k.startswith("test_ciou@")]
+        if not keys:
+            return None
+        tag = keys[0].split("@", 1)[1]
+        base = results[0].get("baseline", {})
+
+        def cell(key: str) -> str:
+            values = [r[key] for r in results if r.get(key) is not None]
+            return mean_std_text(values) if values else "n/a"
+
+        def base_cell(key: str) -> str:
+            value = (base.get(key) or {}).get("value")
+            return "n/a" if value is None else f"{value:.4f}"
+
+        frames = results[0].get("test_frames", 0)
+        videos = results[0].get("test_videos_with_boxes", 0)
+        n = len(results)
+        return (f"test cIoU@{tag} {cell(f'test_ciou@{tag}')}, IoU@{tag} {cell(f'test_iou@{tag}')} "
+                f"(centre-box baseline: cIoU@{tag} {base_cell(f'test_ciou@{tag}')}, IoU@{tag} {base_cell(f'test_iou@{tag}')}; "
+                f"{frames} annotated frames of {videos} test videos{f', {n} seeds' if n > 1 else ''})")
 
     def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
         """learning_curves.png and localization_test.csv."""
@@ -380,36 +483,47 @@ class SolTask(Task):
 # rendering
 
 
-def find_video_file(pipeline, video_id: str, video_root: str | None = None) -> Path:
-    """The video file of ``video_id`` from the configured splits' manifests (path column,
-    relative to ``video_root`` or the split's ``video_root``)."""
+def find_sample(pipeline, video_id: str, video_root: str | None = None):
+    """``(video file, sample, manifest)`` of ``video_id`` (a video id or store key) from the
+    configured splits' manifests (path column, relative to ``video_root`` or the split's
+    ``video_root``)."""
     for name, split_cfg in pipeline.data.splits.items():
         if not split_cfg.manifest:
             continue
         path = pipeline.path(split_cfg.manifest)
         if not path.is_file():
             continue
-        for sample in read_manifest(path).samples:
+        manifest = read_manifest(path)
+        for sample in manifest.samples:
             if sample.video_id == video_id or sample.key == video_id:
                 p = Path(sample.path).expanduser()
                 if not p.is_absolute():
                     root = Path(video_root) if video_root else (pipeline.path(split_cfg.video_root) if split_cfg.video_root else path.parent)
                     p = root / p
-                return p
+                return p, sample, manifest
     raise DataError(f"video {video_id!r} is in none of the manifests of data.splits ({', '.join(pipeline.data.splits) or 'none'})")
+
+
+def find_video_file(pipeline, video_id: str, video_root: str | None = None) -> Path:
+    """The video file of ``video_id`` (see :func:`find_sample`)."""
+    return find_sample(pipeline, video_id, video_root)[0]
 
 
 def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | Path, *, pipeline=None,
                   store_path: str | None = None, video_root: str | None = None, boxes_root: str | None = None,
                   annotated_only: bool = False, device: str = "cpu") -> list[Path]:
     """Draw each sampled frame of ``video_ids`` with the run's heat-map (jet), its Otsu/contour
-    boxes (green) and, where annotated, the ground-truth boxes (red); one PNG per frame under
-    ``out_dir/<video_id>/``. Returns the written paths."""
+    boxes (green) and, where annotated, the ground-truth boxes (red, dashed); one PNG per frame
+    under ``out_dir/<video_id>/``, about 560 px wide whatever the video's size, titled with the
+    video, second, frame, true class, predicted class and score (and cIoU / IoU of annotated
+    frames), with a legend and a colour bar (:func:`train.sol_metrics.frame_figure`). Returns the
+    written paths."""
     import decord
 
     from extract.settings import load_pipeline
 
     from ..checkpoint import build_head as load_head
+    from ..plots import save_figure
 
     run_dir = Path(run_dir)
     model, meta = load_head(run_dir / "checkpoint.safetensors", device)
@@ -419,15 +533,20 @@ def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | 
     scfg = pipeline.sol
     root = Path(boxes_root) if boxes_root else pipeline.path(scfg.boxes_root)
     files = sol.find_box_files(root) if root.is_dir() else {}
+    class_names = list(meta.get("classes") or []) + ["background"]
     written: list[Path] = []
     for vid in video_ids:
         row = store.row_of(vid)
-        _, _, att = next(video_outputs(model, store, [row], 1, device))
+        _, scores, att = next(video_outputs(model, store, [row], 1, device))
+        probs = torch.from_numpy(scores).float().softmax(dim=-1).numpy()
         index = np.asarray(store.array("frame_index")[row])
         valid = np.asarray(store.read("valid", [row])[0], bool)
         vb = sol.read_cvat_xml(files[vid.split("@")[0]]) if vid.split("@")[0] in files else None
-        reader = decord.VideoReader(str(find_video_file(pipeline, vid, video_root)), ctx=decord.cpu(0))
+        video_path, sample, manifest = find_sample(pipeline, vid, video_root)
         T, F = index.shape
+        true_labels = manifest.segment_labels(T)[manifest.samples.index(sample)]
+        true_names = list(manifest.classes) + ["background"]
+        reader = decord.VideoReader(str(video_path), ctx=decord.cpu(0))
         for t in range(T):
             for f in range(F):
                 k = int(index[t, f])
@@ -438,10 +557,18 @@ def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | 
                 H, W = frame.shape[:2]
                 norm = sol.normalize_map(sol.resize_map(att[t, f], (H, W)))
                 image = sol.heatmap_overlay(frame, norm, alpha=0.5, floor=scfg.otsu_floor)
-                image = sol.draw_boxes(image, sol.boxes_from_map(norm, scfg.otsu_floor), (0, 255, 0))
+                pred_boxes = sol.boxes_from_map(norm, scfg.otsu_floor)
+                gt_scaled = None if gt is None else sol.scale_boxes(gt, (vb.height, vb.width), (H, W))
+                top = int(np.argmax(probs[t, f]))
+                scored = None
                 if gt is not None:
-                    image = sol.draw_boxes(image, sol.scale_boxes(gt, (vb.height, vb.width), (H, W)), (255, 0, 0))
-                written.append(sol.save_png(Path(out_dir) / vid / f"t{t:02d}_f{f}_frame{k:05d}.png", image))
+                    scored = sol.evaluate_frame(att[t, f], gt, (vb.height, vb.width), scfg.eval_size or None,
+                                                scfg.map_threshold, scfg.otsu_floor)
+                title = sol.frame_title(vid, t, k, true_names[int(true_labels[t])],
+                                        class_names[top] if top < len(class_names) else str(top), float(probs[t, f, top]),
+                                        None if scored is None else scored.ciou, None if scored is None else scored.iou)
+                fig = sol.frame_figure(image, pred_boxes, gt_scaled, title)
+                written.append(save_figure(fig, Path(out_dir) / vid / f"t{t:02d}_f{f}_frame{k:05d}.png"))
         del reader
     log.info("wrote %d PNG files to %s", len(written), out_dir)
     return written
