@@ -15,7 +15,7 @@ log = logging.getLogger("avel")
 @click.option("--split", default=None, help="Split(s) to extract: a name under data.splits in pipeline.yaml, a comma list (train,val) or 'all'.")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="Manifest CSV to extract instead of (or besides) --split.")
 @click.option("--video-root", type=click.Path(file_okay=False), default=None, help="Folder the manifest's paths are relative to (default: the split's video_root, else the manifest's folder).")
-@click.option("--store", default=None, help="Feature store to write (default: store.path). Created if absent; new videos are appended.")
+@click.option("--store", default=None, help="Feature store to write (default: store.path, relative to pipeline.yaml's folder; this option is relative to the working directory). Created if absent; new videos are appended.")
 @click.option("--weights", type=click.Choice(["pretrained", "random"]), default=None, help="'random' = random weights for every network the configuration uses (VGG-19, VGGish, ResNet-152 of the sol maps; tests, offline demo, benchmarks); recorded in the store. Default: pretrained weights, which must be available locally (see docs/extraction.md).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: extract.device; auto = cuda if available). On CPU torch uses all cores.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision); part of the store fingerprint.")
@@ -81,8 +81,10 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
         extra["extract"]["decode_timeout_s"] = timeout
     if threads is not None:
         extra["extract"]["threads"] = threads
-    if store:
-        extra["store"]["path"] = store
+    if store:  # a path on the command line is relative to the working directory, like --manifest
+        import os
+
+        extra["store"]["path"] = os.path.abspath(store)
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "sets": sets, "verbose": verbose, "extra": extra, "weights": weights}
         return

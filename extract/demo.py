@@ -7,8 +7,12 @@
 - ``manifests/{train,val,test}.csv`` + ``classes.txt`` (the manifest format of
   :mod:`extract.manifest`), one sample per video;
 - ``segments.csv``: per second of every video, which class cue each modality carries;
+- ``boxes/<video_id>/annotations.xml``: for each test clip with an event, the box of the sounding
+  object in every frame of its event seconds, in the CVAT 1.1 XML layout of the AVE boxes of the
+  STM paper (ground truth of the ``sol`` task), computed from the very geometry the frames are
+  drawn with (:func:`sounding_object_boxes`);
 - ``pipeline.yaml``: the overrides that point avel at the demo (splits, store, random weights,
-  fewer frames per segment, a short training schedule);
+  fewer frames per segment, a short training schedule, ``sol.boxes_root``);
 - ``README.txt`` and ``demo.json`` (the generation parameters; written last = generation done).
 
 Each of the :data:`CLASSES` is a visual object (a saturated shape with its own colour and motion,
@@ -65,6 +69,14 @@ BACKGROUND_CLIP_ONE_MODALITY = 2
 DEFAULT_SEED = 0
 #: VGG-19 frames per 1-s segment in the demo config (AVE features: 16; VGG-19 on a CPU is slow)
 DEMO_FRAMES_PER_SEGMENT = 1
+#: ResNet-152 frames per 1-s segment of the sounding-object maps in the demo config (STM paper: 4).
+#: ResNet-152 at its 256 x 256 input costs ~0.56 CPU-seconds a frame (11.5 GFLOP x 1.3): the
+#: demo's 60 clips at 1 frame/s are 600 frames, ~3-5 min on 2 cores; 4 frames/s would take 4x as long
+DEMO_SOL_FRAMES_PER_SEGMENT = 1
+#: folder (in the demo folder) of the sounding-object box files, ``<video_id>/annotations.xml``
+BOXES_DIR = "boxes"
+#: the split whose event clips get box files (as the STM paper's AVE boxes: the test videos)
+BOXES_SPLIT = "test"
 #: training epochs and batch size in the demo config
 DEMO_EPOCHS = 40
 DEMO_BATCH_SIZE = 8
@@ -86,8 +98,9 @@ DISTRACTOR_RMS = 0.08
 NOISE_RMS = 0.004
 #: fade in/out at the ends of each run of audible seconds (no clicks spilling into other bands)
 EDGE_RAMP_SECONDS = 0.01
-#: bump when the media change for the same (videos, seed): an existing demo is then regenerated
-GENERATOR_VERSION = 2
+#: bump when the media change for the same (videos, seed): an existing demo is then regenerated.
+#: 3: box files of the sounding object (boxes/) and the sol settings in pipeline.yaml
+GENERATOR_VERSION = 3
 #: x264 quality of the demo clips (the noisy texture makes lower values slow and large)
 CRF = 23
 #: encoder delay of FFmpeg's AAC encoder (samples before the signal in the decoded stream)
@@ -120,6 +133,10 @@ CLASSES: tuple[DemoClass, ...] = (
 #: the distractor: a grey ellipse drifting across, and a chime of 950 + 3150 Hz
 DISTRACTOR_COLOUR = (185, 185, 185)
 DISTRACTOR_TONES = (950.0, 3150.0)
+
+
+#: the feature stores the demo's commands write into its folder (removed when the demo changes)
+DEMO_STORES = ("store.zarr", "sol.zarr")
 
 
 class DemoError(RuntimeError):
@@ -358,12 +375,25 @@ def _distractor_mask(yy: np.ndarray, xx: np.ndarray, t: float, phase: float, siz
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
 
 
-def render_frames(video: DemoVideo, seed: int, fps: int = FPS, frame_size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
-    """The clip's frames, uint8 RGB [SECONDS * fps, H, W, 3].
+@dataclasses.dataclass
+class _Scene:
+    """What :func:`render_frames` draws a clip from; ``rng`` continues with the per-frame noise."""
 
-    Frame ``k`` shows second ``k // fps``'s visual cue: the class object, the distractor, or
-    nothing, over the background texture panning slowly, plus per-frame pixel noise.
-    """
+    rng: np.random.Generator
+    texture: np.ndarray
+    colour_jitter: np.ndarray
+    phase: float
+    distractor_phase: float
+    pan: np.ndarray
+    margin: int
+    yy: np.ndarray
+    xx: np.ndarray
+    size: int
+
+
+def _scene(video: DemoVideo, seed: int, fps: int, frame_size: tuple[int, int]) -> _Scene:
+    """The clip's drawing parameters, drawn from its pixel generator in a fixed order (texture,
+    colour jitter, phases, pan); the same generator then gives the per-frame noise."""
     rng = _rng(seed, video.index, 1)
     height, width = frame_size
     margin = 16
@@ -373,22 +403,153 @@ def render_frames(video: DemoVideo, seed: int, fps: int = FPS, frame_size: tuple
     pan = rng.uniform(-1, 1, size=2)
     pan = pan / (np.linalg.norm(pan) + 1e-9) * margin / (SECONDS * fps)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    size = min(height, width)
+    return _Scene(rng, texture, colour_jitter, float(phase), float(distractor_phase), pan, margin, yy, xx,
+                  min(height, width))
+
+
+def render_frames(video: DemoVideo, seed: int, fps: int = FPS, frame_size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
+    """The clip's frames, uint8 RGB [SECONDS * fps, H, W, 3].
+
+    Frame ``k`` shows second ``k // fps``'s visual cue: the class object, the distractor, or
+    nothing, over the background texture panning slowly, plus per-frame pixel noise.
+    """
+    scene = _scene(video, seed, fps, frame_size)
+    height, width = frame_size
     frames = np.empty((SECONDS * fps, height, width, 3), dtype=np.uint8)
     for k in range(SECONDS * fps):
         t = k / fps
-        oy = int(round(margin + pan[0] * k))
-        ox = int(round(margin + pan[1] * k))
-        image = texture[oy : oy + height, ox : ox + width].copy()
+        oy = int(round(scene.margin + scene.pan[0] * k))
+        ox = int(round(scene.margin + scene.pan[1] * k))
+        image = scene.texture[oy : oy + height, ox : ox + width].copy()
         cue = video.visual[k // fps]
         if cue == DISTRACTOR:
-            image[_distractor_mask(yy, xx, t, distractor_phase, size)] = DISTRACTOR_COLOUR
+            image[_distractor_mask(scene.yy, scene.xx, t, scene.distractor_phase, scene.size)] = DISTRACTOR_COLOUR
         elif cue:
             cls = class_by_name(cue)
-            image[_shape_mask(cls, yy, xx, t, phase, size)] = np.asarray(cls.colour, np.float32) + colour_jitter
-        image += 5.0 * rng.standard_normal(size=image.shape, dtype=np.float32)
+            image[_shape_mask(cls, scene.yy, scene.xx, t, scene.phase, scene.size)] = (
+                np.asarray(cls.colour, np.float32) + scene.colour_jitter)
+        image += 5.0 * scene.rng.standard_normal(size=image.shape, dtype=np.float32)
         frames[k] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return frames
+
+
+# ------------------------------------------------------------------------------------------------
+# boxes of the sounding object (sounding-object localization ground truth)
+
+
+def sounding_object_boxes(video: DemoVideo, seed: int, fps: int = FPS,
+                          frame_size: tuple[int, int] = FRAME_SIZE) -> dict[int, tuple[int, int, int, int]]:
+    """``frame number -> (x0, y0, x1, y1)``: the box of the sounding object in each frame of an
+    event second (``onset <= k // fps < offset``: the class object is drawn AND its sound plays).
+
+    The box is the bounding rectangle of exactly the pixels :func:`render_frames` paints with the
+    class colour in frame ``k`` (the same mask, at the same time ``k / fps``): columns
+    ``x0 .. x1 - 1`` and rows ``y0 .. y1 - 1`` (``x1``/``y1`` exclusive, as CVAT's ``xbr``/``ybr``
+    are read by ``train.sol_metrics``). Frames of other seconds (object silent, sound without the
+    object, background) have no box, as AVE's boxes mark only the sounding object. Frame numbers
+    are in decoder order (frame ``k`` is presented at ``k / fps`` seconds)."""
+    if not video.category:
+        return {}
+    scene = _scene(video, seed, fps, frame_size)
+    cls = class_by_name(video.category)
+    boxes: dict[int, tuple[int, int, int, int]] = {}
+    for k in range(SECONDS * fps):
+        if video.label(k // fps) != video.category:
+            continue
+        mask = _shape_mask(cls, scene.yy, scene.xx, k / fps, scene.phase, scene.size)
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if rows.size == 0:
+            continue
+        boxes[k] = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    return boxes
+
+
+def boxes_xml(video: DemoVideo, boxes: dict[int, tuple[int, int, int, int]], fps: int = FPS,
+              frame_size: tuple[int, int] = FRAME_SIZE) -> str:
+    """CVAT 1.1 "interpolation" XML of one clip, laid out like the AVE sounding-object boxes of
+    the STM paper: ``meta/task`` (``size`` = frames, ``original_size``, one label "sounding
+    object"), one ``<track>`` whose ``<box>``es are the annotated frames (every one a keyframe,
+    ``outside="0"``), plus an ``outside="1"`` box on the frame after each run of annotated frames
+    (CVAT's way of ending an interpolation track). Deterministic: no dates."""
+    from xml.sax.saxutils import escape, quoteattr
+
+    height, width = frame_size
+    frames = SECONDS * fps
+    label = "sounding object"
+    lines = [
+        '<?xml version="1.0" encoding="utf-8"?>',
+        "<annotations>",
+        "  <version>1.1</version>",
+        "  <meta>",
+        "    <task>",
+        f"      <id>{video.index}</id>",
+        f"      <name>{escape(video.video_id)}</name>",
+        f"      <size>{frames}</size>",
+        "      <mode>interpolation</mode>",
+        "      <overlap>0</overlap>",
+        "      <start_frame>0</start_frame>",
+        f"      <stop_frame>{frames - 1}</stop_frame>",
+        "      <labels>",
+        "        <label>",
+        f"          <name>{label}</name>",
+        "          <attributes>",
+        "          </attributes>",
+        "        </label>",
+        "      </labels>",
+        "      <original_size>",
+        f"        <width>{width}</width>",
+        f"        <height>{height}</height>",
+        "      </original_size>",
+        "    </task>",
+        f"    <source>{escape(video.path)}</source>",
+        "  </meta>",
+    ]
+    if boxes:
+        lines.append(f'  <track id="0" label={quoteattr(label)} source="manual">')
+        previous = None
+        for k in sorted(boxes):
+            if previous is not None and k != previous + 1:
+                lines += _box_lines(previous + 1, boxes[previous], outside=True)
+            lines += _box_lines(k, boxes[k], outside=False)
+            previous = k
+        if previous is not None and previous + 1 < frames:
+            lines += _box_lines(previous + 1, boxes[previous], outside=True)
+        lines.append("  </track>")
+    lines.append("</annotations>")
+    return "\n".join(lines) + "\n"
+
+
+def _box_lines(frame: int, box: tuple[int, int, int, int], outside: bool) -> list[str]:
+    x0, y0, x1, y1 = box
+    return [
+        f'    <box frame="{frame}" outside="{int(outside)}" occluded="0" keyframe="1" '
+        f'xtl="{x0:.2f}" ytl="{y0:.2f}" xbr="{x1:.2f}" ybr="{y1:.2f}">',
+        "    </box>",
+    ]
+
+
+def boxes_path(out: Path, video: DemoVideo) -> Path:
+    """Where the demo writes the box file of ``video``: ``<out>/boxes/<video_id>/annotations.xml``
+    (the layout of the AVE boxes, which ``sol.boxes_root`` points at)."""
+    return out / BOXES_DIR / video.video_id / "annotations.xml"
+
+
+def boxed_videos(plan: Sequence[DemoVideo]) -> list[DemoVideo]:
+    """The clips that get a box file: the test clips with an event (background-only test clips have
+    no sounding-object second, so nothing to annotate)."""
+    return [v for v in plan if v.split == BOXES_SPLIT and v.category and v.offset > v.onset]
+
+
+def write_boxes(out: Path, plan: Sequence[DemoVideo], seed: int) -> int:
+    """Write the box file of every clip of :func:`boxed_videos`; returns the number of boxes."""
+    count = 0
+    for video in boxed_videos(plan):
+        boxes = sounding_object_boxes(video, seed)
+        path = boxes_path(out, video)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(boxes_xml(video, boxes))
+        count += len(boxes)
+    return count
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,7 +654,8 @@ def _params(videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_
 
 
 def pipeline_yaml(
-    epochs: int = DEMO_EPOCHS, batch_size: int = DEMO_BATCH_SIZE, frames_per_segment: int = DEMO_FRAMES_PER_SEGMENT
+    epochs: int = DEMO_EPOCHS, batch_size: int = DEMO_BATCH_SIZE, frames_per_segment: int = DEMO_FRAMES_PER_SEGMENT,
+    sol_frames_per_segment: int = DEMO_SOL_FRAMES_PER_SEGMENT,
 ) -> str:
     """The demo's pipeline.yaml: only what differs from avel's defaults; paths relative to it."""
     splits = "\n".join(
@@ -522,6 +684,11 @@ extract:
   frames_per_segment: {frames_per_segment}
   # VGG-19 forward batches are padded to batch_frames; two videos' frames per batch wastes nothing here
   batch_frames: {batch_frames}
+  # Sounding-object maps (extractors resnet152_maps + vggish_maps, task sol): RANDOM ResNet-152 too,
+  # and DEMO ONLY {sol_frames_per_segment} ResNet-152 frame(s) per 1-s segment instead of the STM paper's 4, because
+  # ResNet-152 at 256 x 256 takes about half a CPU-second per frame.
+  sol_visual_weights: random
+  sol_frames_per_segment: {sol_frames_per_segment}
 
 train:
   runs_root: runs
@@ -529,6 +696,13 @@ train:
   # schedules run e.g. 300 epochs of batch 64 over AVE's 3339 training videos)
   epochs: {epochs}
   batch_size: {batch_size}
+
+sol:
+  # ground truth of the sounding-object task: the box of the sounding object in every frame of the
+  # event seconds of each test clip with an event (CVAT XML, <video_id>/annotations.xml)
+  boxes_root: {BOXES_DIR}
+  # evaluate on the demo frames' own size ({FRAME_SIZE[1]} x {FRAME_SIZE[0]}; AVE: 256 x 256)
+  eval_size: {FRAME_SIZE[0]}
 
 heads:
   # DEMO ONLY: every head with a `loss` option (the Tian et al. family) trains with cross-entropy
@@ -539,7 +713,9 @@ heads:
 """
 
 
-def readme_text(plan: Sequence[DemoVideo], videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS) -> str:
+def readme_text(plan: Sequence[DemoVideo], videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS,
+                boxes: int = 0) -> str:
+    boxed = len(boxed_videos(plan))
     counts = {name: sum(v.split == name for v in plan) for name, _ in SPLIT_SHARES}
     empty = {name: sum(v.split == name and not v.category for v in plan) for name, _ in SPLIT_SHARES}
     label, share = majority_baseline(plan, "test")
@@ -565,12 +741,21 @@ modalities to find the events. segments.csv lists, per second, the cue each moda
 
 Majority-class baseline on the test seconds: {share:.3f} ({label or 'background'}).
 
-Files: videos/ (the clips), manifests/ (train/val/test.csv + classes.txt), segments.csv,
-pipeline.yaml (random VGG-19/VGGish weights, {DEMO_FRAMES_PER_SEGMENT} frame per segment instead of 16, a short
-training schedule, cross-entropy loss for the Tian et al. heads), demo.json (generation parameters).
-The feature store (store.zarr) and the training runs (runs/) appear here once made:
+Sounding-object boxes: boxes/<video_id>/annotations.xml (CVAT 1.1 XML, the layout of the AVE
+boxes) for the {boxed} test clips with an event: in every frame of an event second, the bounding
+box of the pixels painted with the class object's colour ({boxes} boxes). Frames outside the events
+have none: there the object is absent or silent.
+
+Files: videos/ (the clips), manifests/ (train/val/test.csv + classes.txt), segments.csv, boxes/,
+pipeline.yaml (random VGG-19/VGGish/ResNet-152 weights, {DEMO_FRAMES_PER_SEGMENT} VGG-19 frame per segment instead of 16
+and {DEMO_SOL_FRAMES_PER_SEGMENT} ResNet-152 frame instead of 4, a short training schedule, cross-entropy loss for the
+Tian et al. heads, sol.boxes_root), demo.json (generation parameters).
+The feature stores (store.zarr, sol.zarr) and the training runs (runs/) appear here once made:
   avel-extract --config {{this folder}}/pipeline.yaml --split all
   avel-train --config {{this folder}}/pipeline.yaml --head dmrn
+and for sounding-object localization (the STM head on ResNet-152 / VGGish maps):
+  avel-extract --config {{this folder}}/pipeline.yaml --split all --set 'extract.extractors=[resnet152_maps,vggish_maps]' --set store.path=sol.zarr
+  avel-train --config {{this folder}}/pipeline.yaml --task sol --head stm --set store.path=sol.zarr
 """
 
 
@@ -621,13 +806,18 @@ def write_video(video: DemoVideo, folder: Path, seed: int) -> Path:
 
 
 def write_metadata(out: Path, plan: Sequence[DemoVideo], videos: int, seed: int, background_videos: int = DEFAULT_BACKGROUND_VIDEOS) -> None:
-    """Write everything but the clips: manifests + classes.txt, segments.csv, pipeline.yaml, README.txt."""
+    """Write everything but the clips: manifests + classes.txt, segments.csv, the box files,
+    pipeline.yaml, README.txt."""
     classes = [c.name for c in CLASSES]
     for split, _ in SPLIT_SHARES:
         write_manifest(out / "manifests" / f"{split}.csv", [v.sample() for v in plan if v.split == split], classes)
     (out / "segments.csv").write_text(segments_csv(plan))
+    boxes_root = out / BOXES_DIR
+    if boxes_root.is_dir():  # box files of another demo would be read as ground truth
+        shutil.rmtree(boxes_root)
+    boxes = write_boxes(out, plan, seed)
     (out / "pipeline.yaml").write_text(pipeline_yaml())
-    (out / "README.txt").write_text(readme_text(plan, videos, seed, background_videos))
+    (out / "README.txt").write_text(readme_text(plan, videos, seed, background_videos, boxes))
 
 
 @dataclasses.dataclass
@@ -653,14 +843,15 @@ def _demo_files(out: Path, plan: Sequence[DemoVideo]) -> list[Path]:
     """Every file a finished demo has (videos, manifests, metadata)."""
     names = [f"manifests/{split}.csv" for split, _ in SPLIT_SHARES]
     names += ["manifests/classes.txt", "segments.csv", "pipeline.yaml", "README.txt", "demo.json"]
-    return [out / "videos" / v.path for v in plan] + [out / name for name in names]
+    return ([out / "videos" / v.path for v in plan] + [boxes_path(out, v) for v in boxed_videos(plan)]
+            + [out / name for name in names])
 
 
 def _check_out_folder(out: Path, plan: Sequence[DemoVideo], params: dict, force: bool) -> bool:
     """True when ``out`` already holds this exact demo, complete. Raise when it holds something else.
 
-    A folder holding a demo made with other parameters loses its feature store (``store.zarr``),
-    whose rows no longer match the clips."""
+    A folder holding a demo made with other parameters loses its feature stores (``store.zarr``,
+    ``sol.zarr``), whose rows no longer match the clips."""
     marker = out / "demo.json"
     if marker.is_file():
         try:
@@ -669,10 +860,10 @@ def _check_out_folder(out: Path, plan: Sequence[DemoVideo], params: dict, force:
             old = None
         if old == params:
             return not force and all(path.is_file() for path in _demo_files(out, plan))
-        store = out / "store.zarr"
-        if store.exists():
-            log.info("%s was made from another demo; removing it", store)
-            shutil.rmtree(store)
+        for store in (out / name for name in DEMO_STORES):
+            if store.exists():
+                log.info("%s was made from another demo; removing it", store)
+                shutil.rmtree(store)
         return False
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DemoError(
@@ -727,8 +918,13 @@ def generate_demo(
 
 
 def next_commands(pipeline: str | Path) -> list[str]:
-    """The commands that extract the demo's features and train/evaluate a head on them."""
+    """The commands that extract the demo's features and train/evaluate a head on them: the AVE
+    features + a DMRN head, then the sounding-object maps (their own store, ``sol.zarr`` beside
+    pipeline.yaml: relative store paths resolve against its folder) + the STM head."""
     return [
         f"avel-extract --config {pipeline} --split all",
         f"avel-train --config {pipeline} --head dmrn",
+        f"avel-extract --config {pipeline} --split all --set 'extract.extractors=[resnet152_maps,vggish_maps]' "
+        f"--set store.path=sol.zarr",
+        f"avel-train --config {pipeline} --task sol --head stm --set store.path=sol.zarr",
     ]

@@ -8,6 +8,8 @@
   strictly; [N, 1, 96, 64] log-mel patches -> [N, 128] embeddings (72,141,184 parameters).
 - :class:`VGGishPCA`: the AudioSet post-processing (PCA with whitening, clip to [-2, 2], 8-bit
   quantisation to 0..255) from the torchvggish ``pca_params`` file.
+- :func:`damp_residual_branches`: the scale-keeping random init of a torchvision ResNet (used by
+  the ``resnet152_maps`` extractor's ``"random"`` ResNet-152).
 - :func:`prepare_frames` (numpy + cv2, defined in :mod:`extract.frames` so decode workers do not
   import torch) and :func:`normalize_frames` (torch, ImageNet mean/std).
 
@@ -38,6 +40,7 @@ __all__ = [
     "VGGishPCA",
     "build_vggish",
     "build_vggish_pca",
+    "damp_residual_branches",
     "prepare_frames",
     "normalize_frames",
     "count_parameters",
@@ -58,8 +61,7 @@ QUANTIZE_MIN_VAL = -2.0
 QUANTIZE_MAX_VAL = 2.0
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+from .devices import count_parameters  # noqa: E402,F401  (one implementation, shared with train/)
 
 
 def _conv_stack(layout: tuple[Any, ...], in_channels: int) -> nn.Sequential:
@@ -222,6 +224,34 @@ def _init_vggish_random(model: VGGish) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(m.bias)
+
+
+def damp_residual_branches(net: nn.Module) -> float:
+    """Make a randomly initialised torchvision ResNet keep its activation scale in eval mode.
+
+    torchvision initialises every batch norm to gamma = 1, beta = 0 with running statistics 0 / 1,
+    so in eval mode each BN is (nearly) the identity and each residual block adds a branch about as
+    large as its input: the activation variance roughly doubles per block (measured on a demo frame:
+    a random ResNet-152's conv5 maps reach ~2e8, past the float16 range, 65504). Here the last
+    BN gamma of every residual branch (``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock) is set to
+    ``1 / sqrt(L)``, L = the number of residual blocks: each block then multiplies the variance by
+    about ``1 + c / L``, and all L blocks together by at most about ``e^c``, whatever the depth
+    (the Fixup / SkipInit idea). Unlike torchvision's ``zero_init_residual`` (gamma = 0, which
+    turns 46 of ResNet-152's 50 blocks into identities and leaves a stem + four strided 1x1
+    convolutions whose conv5 cells each see an 11 x 11 pixel patch) every block still contributes
+    and the maps keep ResNet-152's receptive field. Deterministic (no random numbers drawn).
+    Returns the gamma used."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [m for m in net.modules() if isinstance(m, (Bottleneck, BasicBlock))]
+    if not blocks:
+        raise ValueError(f"{type(net).__name__} has no torchvision residual blocks")
+    gamma = 1.0 / float(np.sqrt(len(blocks)))
+    with torch.no_grad():
+        for block in blocks:
+            last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+            last.weight.fill_(gamma)
+    return gamma
 
 
 def build_vggish(weights: str | WeightsSource, relu: bool = True, seed: int = 0) -> VGGish:

@@ -97,7 +97,7 @@ SYSTEMIC_LIMIT = 3
 #: reason fragments of errors that come from this machine, not from the video
 _SYSTEM_MARKERS = ("ImportError", "ModuleNotFoundError", "Could not load", "undefined symbol", "cannot open shared object",
                    "OutOfMemoryError", "out of memory", "CUDA error", "CUDA out of memory", "cuDNN", "CUBLAS",
-                   "No space left on device", "Read-only file system", "weights")
+                   "No space left on device", "Read-only file system")
 
 
 class SystemFailure(Failure):

@@ -157,6 +157,22 @@ class FeatureStore:
         inverse[order] = np.arange(order.size)
         return out[inverse]
 
+    def read_scaled(self, name: str, rows: slice | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """:meth:`read` of a map array stored as float16 with a per-row scale ``<name>_scale`` [N]
+        (``frame_maps``, ``audio_maps``; see :mod:`extract.sol_extractors`): the values are
+        ``stored * scale``. Returns the stored array unchanged (float16) when every scale of the
+        rows read is 1 (or 0: a row never written, all zeros) or the store has no scale array;
+        otherwise float32 with each row multiplied by its scale."""
+        values = self.read(name, rows)
+        scale_name = f"{name}_scale"
+        if scale_name not in self.group:
+            return values
+        scale = np.asarray(self.read(scale_name, rows), dtype=np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0))
+        if np.all(scale == 1.0):
+            return values
+        return values.astype(np.float32) * scale.reshape(scale.shape + (1,) * (values.ndim - scale.ndim))
+
     def status(self) -> np.ndarray:
         return np.asarray(self.group["status"][:], dtype=np.int8)
 

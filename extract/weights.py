@@ -1,6 +1,7 @@
 """The weights rule: where network weights come from, and how they are identified.
 
-A weights *spec* (``extract.visual_weights`` / ``extract.audio_weights`` in pipeline.yaml) is one of
+A weights *spec* (``extract.visual_weights`` for VGG-19, ``extract.audio_weights`` for VGGish and
+its PCA, ``extract.sol_visual_weights`` for ResNet-152 in pipeline.yaml: :data:`CONFIG_KEYS`) is one of
 
 - ``"imagenet"`` (VGG-19, ResNet-152: torchvision ``IMAGENET1K_V1``), ``"vggish"`` (VGGish and its
   PCA parameters: the torchvggish port of the AudioSet release) or ``"pretrained"`` (either):
@@ -15,7 +16,8 @@ A weights *spec* (``extract.visual_weights`` / ``extract.audio_weights`` in pipe
 - ``"random"``: freshly initialised weights from a seed (tests, smoke runs).
 
 Nothing falls back silently: if the file cannot be found or fetched, :class:`WeightsUnavailable`
-says which file to put where and where to download it.
+names the file, where avel looked for it, where to download it and put it, and the config key that
+chooses these weights (so that it can point at a file, or at ``random``).
 
 The *identity* of weights (``{"name", "sha256", "seed"}``) enters the store fingerprint; the file
 digest is cached per (path, mtime, size) so repeated resolution does not re-hash 550 MB.
@@ -37,6 +39,7 @@ __all__ = [
     "WeightsSource",
     "WeightsUnavailable",
     "CANONICAL",
+    "CONFIG_KEYS",
     "resolve_weights",
     "file_sha256",
     "load_state_dict",
@@ -82,6 +85,20 @@ CANONICAL: dict[str, Canonical] = {
         aliases=("vggish_pca_params-970ea276.pth",),
     ),
 }
+
+
+#: network kind -> the pipeline.yaml key whose spec chooses its weights
+CONFIG_KEYS: dict[str, str] = {
+    "vgg19": "extract.visual_weights",
+    "resnet152": "extract.sol_visual_weights",
+    "vggish": "extract.audio_weights",
+    "vggish_pca": "extract.audio_weights",
+}
+
+
+def config_key(kind: str) -> str:
+    """The config key of network ``kind`` (KeyError for an unknown kind)."""
+    return CONFIG_KEYS[kind]
 
 
 class WeightsUnavailable(FileNotFoundError):
@@ -231,14 +248,19 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
 
 
 def _unavailable_message(kind: str, canon: Canonical, searched: list[Path], why: str) -> str:
+    """The message of a missing canonical file: the file, why, every path looked at, where to
+    download it and put it, and the config key that chooses these weights. Starts with
+    ``"<kind> weights"`` (the preflight reads the kind from there)."""
     where = weights_dir()
     target = where if where is not None else hub_checkpoints_dir()
+    key = config_key(kind)
     return (
-        f"{kind} weights {canon.filename!r} are not available ({why}). Searched: "
+        f"{kind} weights {canon.filename!r} (chosen by {key}) are not available ({why}). Looked in: "
         + ", ".join(str(p) for p in searched)
         + f". Download {canon.url} and save it as {target / canon.filename}"
         + (f" (or set ${WEIGHTS_DIR_ENV} to the folder holding it)" if where is None else "")
-        + "; or set the weights option to a file path, or to 'random' for untrained weights."
+        + f"; or set {key} to the path of the file (e.g. --set {key}=/path/to/{canon.filename}), "
+        + f"or to 'random' for untrained weights (--set {key}=random)."
     )
 
 
@@ -278,11 +300,12 @@ def resolve_weights(spec: str, kind: WeightsKind, seed: int = 0) -> WeightsSourc
     looks_like_path = os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(spec).exists()
     if not looks_like_path:
         allowed = ", ".join(repr(s) for s in canon.specs + ("random",))
-        raise ValueError(f"{kind} weights: unknown spec {spec!r}; expected {allowed} or a file path")
+        raise ValueError(f"{kind} weights ({config_key(kind)}): unknown spec {spec!r}; expected {allowed} or a file path")
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
+        key = config_key(kind)
         raise WeightsUnavailable(
-            f"{kind} weights file {path} does not exist; fix the path, or use "
-            f"{canon.specs[0]!r} ({canon.url}) or 'random'"
+            f"{kind} weights file {path} (set by {key}) does not exist (looked at {path.resolve()}); fix the path "
+            f"in {key}, or set it to {canon.specs[0]!r} ({canon.url}) or 'random'"
         )
     return WeightsSource(kind=kind, name=path.name, path=path, sha256=file_sha256(path), seed=None)

@@ -135,6 +135,11 @@ def test_pipeline_yaml_resolves_against_its_folder(demo_dir):
     for head in ("dmrn", "a+v-att", "gmu-decision"):  # every Tian et al. head trains with CE on the demo
         assert head_class_and_config(pipeline, head, "avel")[1].loss == "ce"
     assert "instead of AVE's 16" in (demo_dir / "pipeline.yaml").read_text()
+    # the sounding-object task: random ResNet-152, fewer frames, the demo's own boxes
+    assert pipeline.extract.sol_visual_weights == "random"
+    assert pipeline.extract.sol_frames_per_segment == demo.DEMO_SOL_FRAMES_PER_SEGMENT < 4
+    assert pipeline.path(pipeline.sol.boxes_root) == (demo_dir / "boxes").resolve()
+    assert pipeline.sol.eval_size == demo.FRAME_SIZE[0]
 
 
 def test_cli_reuses_the_demo_and_prints_the_next_commands(demo_dir, plan):
@@ -146,6 +151,7 @@ def test_cli_reuses_the_demo_and_prints_the_next_commands(demo_dir, plan):
     assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*") if p.is_file()} == before
     assert f"avel-extract --config {demo_dir / 'pipeline.yaml'} --split all" in result.output
     assert f"avel-train --config {demo_dir / 'pipeline.yaml'} --head dmrn" in result.output
+    assert "--task sol --head stm" in result.output and "extract.extractors=[resnet152_maps,vggish_maps]" in result.output
     assert "RANDOM" in result.output and "instead of AVE's 16" in result.output
     test_labels = [v.label(t) for v in plan if v.split == "test" for t in range(demo.SECONDS)]
     share = max(test_labels.count(x) for x in set(test_labels)) / len(test_labels)
@@ -292,6 +298,8 @@ def test_out_folder_reuse_rules(tmp_path):
         path.write_text("x")
     (out / "demo.json").write_text(__import__("json").dumps(params))
     (out / "store.zarr").mkdir()
+    (out / "sol.zarr").mkdir()
+    assert any("boxes" in str(p) for p in demo._demo_files(out, plan))
     assert demo._check_out_folder(out, plan, params, force=False) is True
     assert demo._check_out_folder(out, plan, params, force=True) is False
     (out / "videos" / plan[3].path).unlink()  # incomplete -> regenerate, the store stays
@@ -299,4 +307,94 @@ def test_out_folder_reuse_rules(tmp_path):
     assert (out / "store.zarr").is_dir()
     other = demo._params(VIDEOS + 1, SEED)  # another demo -> its store goes
     assert demo._check_out_folder(out, demo.plan_demo(VIDEOS + 1, SEED), other, force=False) is False
-    assert not (out / "store.zarr").exists()
+    assert not (out / "store.zarr").exists() and not (out / "sol.zarr").exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# sounding-object boxes
+
+
+def _read_boxes(demo_dir):
+    """The demo's box files through the train-side CVAT reader (the reader the sol task uses)."""
+    try:
+        from train.sol_metrics import find_box_files, read_cvat_xml
+    except ImportError:  # before train/ moved it
+        from train.sol import find_box_files, read_cvat_xml
+    files = find_box_files(demo_dir / "boxes")
+    return {vid: read_cvat_xml(path, vid) for vid, path in files.items()}
+
+
+def test_box_files_parse_with_the_train_reader_and_mark_the_event_frames(demo_dir, plan):
+    boxes = _read_boxes(demo_dir)
+    expected = [v for v in plan if v.split == "test" and v.category]
+    assert sorted(boxes) == sorted(v.video_id for v in expected) and expected
+    frames_total = demo.SECONDS * demo.FPS
+    for v in expected:
+        vb = boxes[v.video_id]
+        assert (vb.width, vb.height, vb.num_frames) == (demo.FRAME_SIZE[1], demo.FRAME_SIZE[0], frames_total)
+        # annotated = every frame of the event seconds (object drawn AND its sound playing), no other
+        event_frames = [k for k in range(frames_total) if v.onset <= k // demo.FPS < v.offset]
+        assert vb.annotated_frames() == event_frames, v.video_id
+        assert all(v.visual[k // demo.FPS] == v.audio[k // demo.FPS] == v.category for k in event_frames)
+        for k in event_frames:
+            (box,) = vb.frames[k]
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= vb.width and 0 <= y0 < y1 <= vb.height, (v.video_id, k, box)
+    # the same boxes as the generator's geometry
+    v = expected[0]
+    geometry = demo.sounding_object_boxes(v, SEED)
+    assert {k: tuple(b[0]) for k, b in boxes[v.video_id].frames.items()} == {k: tuple(map(float, b)) for k, b in geometry.items()}
+
+
+def test_boxes_hold_the_drawn_object_in_the_decoded_frames(demo_dir, plan, decoded):
+    """In the decoded frames, the pixels of the class colour lie inside the box and fill much of
+    it; outside the box there are (almost) none. Checked on every 3rd annotated frame."""
+    boxes = _read_boxes(demo_dir)
+    for v in plan:
+        if v.video_id not in boxes:
+            continue
+        cls = demo.class_by_name(v.category)
+        frames = decoded[v.video_id][0]
+        for k in boxes[v.video_id].annotated_frames()[::3]:
+            x0, y0, x1, y1 = (int(round(c)) for c in boxes[v.video_id].frames[k][0])
+            coloured = np.abs(frames[k].astype(np.int16) - np.asarray(cls.colour, np.int16)).max(axis=-1) < 60
+            inside = np.zeros_like(coloured)
+            inside[y0:y1, x0:x1] = True
+            total = coloured.sum()
+            assert total > 0.05 * coloured.size, (v.video_id, k)
+            assert coloured[inside].sum() >= 0.97 * total, (v.video_id, k, (x0, y0, x1, y1))
+            assert coloured[inside].mean() > 0.25, (v.video_id, k)  # a ring or cross leaves holes, not a void
+            # the box is tight: the coloured pixels reach each of its four sides, within 3 px (H.264
+            # halves the chroma resolution and blurs thin tips, e.g. a triangle's apex)
+            ys, xs = np.nonzero(coloured & inside)
+            assert xs.min() - x0 <= 3 and x1 - 1 - xs.max() <= 3 and ys.min() - y0 <= 3 and y1 - 1 - ys.max() <= 3, (
+                v.video_id, k, (x0, y0, x1, y1), (xs.min(), ys.min(), xs.max(), ys.max()))
+
+
+def test_box_xml_layout_matches_cvat(tmp_path):
+    """The layout of the AVE box files: <annotations><version>1.1, meta/task/{size, mode
+    interpolation, original_size}, one track labelled "sounding object" of <box> elements with
+    frame/outside/occluded/keyframe/xtl/ytl/xbr/ybr; runs end with an outside="1" box."""
+    import xml.etree.ElementTree as ET
+
+    v = demo.DemoVideo(3, "demo003", "test", "bell", 2, 4, ("",) * 10, ("",) * 10)
+    xml = demo.boxes_xml(v, {20: (1, 2, 30, 40), 21: (2, 2, 31, 40), 25: (5, 6, 7, 8)})
+    root = ET.fromstring(xml)
+    assert root.tag == "annotations" and root.findtext("version") == "1.1"
+    assert root.findtext("meta/task/size") == "100" and root.findtext("meta/task/mode") == "interpolation"
+    assert root.findtext("meta/task/original_size/width") == "128"
+    assert root.findtext("meta/task/labels/label/name") == "sounding object"
+    (track,) = root.findall("track")
+    assert track.get("label") == "sounding object"
+    got = [(b.get("frame"), b.get("outside"), b.get("xtl"), b.get("ybr")) for b in track.findall("box")]
+    assert got == [("20", "0", "1.00", "40.00"), ("21", "0", "2.00", "40.00"), ("22", "1", "2.00", "40.00"),
+                   ("25", "0", "5.00", "8.00"), ("26", "1", "5.00", "8.00")]
+    assert set(track.find("box").attrib) == {"frame", "outside", "occluded", "keyframe", "xtl", "ytl", "xbr", "ybr"}
+    assert "<track" not in demo.boxes_xml(v, {})  # no box: no track (as AVE's empty files)
+    assert demo.sounding_object_boxes(dataclasses_replace(v, category="", onset=0, offset=0), 0) == {}
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

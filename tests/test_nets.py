@@ -6,6 +6,7 @@ VGGish is checked against the torchvggish port's state-dict layout (harritaylor/
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 
@@ -176,6 +177,62 @@ def test_random_vggish_keeps_the_activation_scale():
     assert spread > 5e-3, spread
 
 
+def _demo_frame_batch(size: int) -> torch.Tensor:
+    """Normalised [2, 3, size, size] batch of real-ish images: two frames of a demo clip (textured
+    background; one with the class object drawn), squashed to ``size`` as the extractor does."""
+    from extract import demo
+    from extract.frames import prepare_frames
+
+    video = next(v for v in demo.plan_demo(15, 0, 0) if v.category)
+    frames = demo.render_frames(video, 0)
+    k = [video.onset * demo.FPS + 3, 0 if video.onset else demo.SECONDS * demo.FPS - 1]
+    return nets.normalize_frames(prepare_frames(frames[k], image_size=size, resize="squash"))
+
+
+def test_random_resnet152_maps_stay_finite_and_moderate():
+    """torchvision's plain init (eval-mode BN = identity) doubles the activation variance at each of
+    ResNet-152's 50 residual blocks: its conv5 maps of a demo frame exceed the float16 range. The
+    "random" ResNet-152 of resnet152_maps damps every branch (gamma of the last BN = 1/sqrt(50))
+    and stays finite and moderate, without collapsing to zero. (That the damping is the only change
+    to torchvision's seeded init is checked in test_sol_extractors.py.)"""
+    import copy
+
+    from extract.sol_extractors import build_resnet152_trunk
+
+    x = _demo_frame_batch(128)  # 4 x 4 maps: the growth is per block, not per pixel
+    state = torch.random.get_rng_state()
+    ours = build_resnet152_trunk("random", seed=0)
+    assert torch.equal(state, torch.random.get_rng_state())
+    plain = copy.deepcopy(ours)  # the old init: torchvision's, undamped (gamma 1 everywhere)
+    gamma = 1.0 / 50 ** 0.5
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            if name.endswith("bn3"):
+                assert torch.allclose(module.weight, torch.full_like(module.weight, gamma)), name
+                module.weight.fill_(1.0)
+    with torch.inference_mode():
+        y_ours, y_plain = ours(x).float(), plain(x).float()
+    assert y_ours.shape == (2, 2048, 4, 4)
+    assert torch.isfinite(y_ours).all()
+    peak = y_ours.abs().max().item()
+    assert 1e-2 < peak < 1e3, peak
+    assert y_ours.std().item() > 1e-3
+    assert (y_ours[0] != y_ours[1]).any()  # the object frame differs from the background frame
+    # the old init on the same image: far beyond float16 (the demo's 13 million inf)
+    assert y_plain.abs().max().item() > float(np.finfo(np.float16).max)
+
+
+def test_damp_residual_branches_counts_blocks():
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)  # BasicBlocks: the last BN is bn2
+    assert nets.damp_residual_branches(net) == pytest.approx(1 / 8 ** 0.5)
+    assert torch.allclose(net.layer3[1].bn2.weight, torch.full((256,), 1 / 8 ** 0.5))
+    assert torch.all(net.layer3[1].bn1.weight == 1) and torch.all(net.layer3[0].downsample[1].weight == 1)
+    with pytest.raises(ValueError, match="no torchvision residual blocks"):
+        nets.damp_residual_branches(nets.vgg19_features())
+
+
 # ---- preprocessing --------------------------------------------------------------------------
 
 
@@ -265,6 +322,49 @@ def test_missing_weights_raise_a_clear_error(no_weights_anywhere):
         resolve_weights(str(tmp_path / "nope.pth"), "vgg19")
     with pytest.raises(ValueError, match="unknown spec 'imagenet'"):
         resolve_weights("imagenet", "vggish")
+
+
+@pytest.mark.parametrize("kind, spec, key", [
+    ("vgg19", "imagenet", "extract.visual_weights"),
+    ("resnet152", "imagenet", "extract.sol_visual_weights"),
+    ("vggish", "vggish", "extract.audio_weights"),
+    ("vggish_pca", "pretrained", "extract.audio_weights"),
+])
+def test_missing_weights_name_the_file_the_config_key_and_where_avel_looked(no_weights_anywhere, monkeypatch, kind,
+                                                                           spec, key):
+    tmp_path, _ = no_weights_anywhere
+    monkeypatch.setenv(weights.OFFLINE_ENV, "1")
+    canon = weights.CANONICAL[kind]
+    with pytest.raises(WeightsUnavailable) as info:
+        resolve_weights(spec, kind)
+    message = str(info.value)
+    assert message.startswith(f"{kind} weights ")  # the preflight reads the kind from here
+    assert canon.filename in message and canon.url in message
+    assert f"{key}=random" in message and f"set {key} to the path" in message
+    for other in set(weights.CONFIG_KEYS.values()) - {key}:
+        assert other not in message
+    looked = [tmp_path / "weights" / canon.filename, tmp_path / "hub" / "checkpoints" / canon.filename]
+    assert all(str(path) in message for path in looked), message
+    # a configured path that does not exist: the key and the path looked at
+    missing = tmp_path / "elsewhere" / "mine.pth"
+    with pytest.raises(WeightsUnavailable) as info:
+        resolve_weights(str(missing), kind)
+    assert key in str(info.value) and str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_config_keys_agree_with_the_preflight_and_the_extractors():
+    from extract import preflight
+    from extract.config import ExtractConfig
+    from extract.sol_extractors import ResNet152MapsExtractor
+
+    assert weights.CONFIG_KEYS == preflight.WEIGHTS_KEYS
+    assert set(weights.CONFIG_KEYS) == set(weights.CANONICAL)
+    cfg = dataclasses.replace(ExtractConfig(), visual_weights="a.pth", sol_visual_weights="b.pth", audio_weights="c.pth")
+    for kind, key in weights.CONFIG_KEYS.items():
+        assert hasattr(cfg, key.split(".", 1)[1]), key
+    # the key named for resnet152 is the one the resnet152_maps extractor reads
+    assert ResNet152MapsExtractor.weights_kind == "resnet152"
+    assert ResNet152MapsExtractor.weights_spec(cfg) == getattr(cfg, weights.CONFIG_KEYS["resnet152"].split(".", 1)[1])
 
 
 def test_offline_mode_never_downloads(no_weights_anywhere, monkeypatch):

@@ -333,3 +333,21 @@ def test_non_finite_frame_maps_stop_training_at_their_batch(project, tmp_path):
     assert "input 'visual' (store array 'frame_maps') holds inf in 1 of 8 rows" in line
     assert f"(videos {ids[row]} (second " in line
     assert not list((tmp_path / "runs").rglob("seed*"))
+
+
+def test_map_rows_are_read_with_their_recorded_scale(tmp_path):
+    """A row whose maps exceeded the float16 range is stored divided by a power of two."""
+    from extract.store import ArraySpec, create_store, open_store
+    from train.tasks.sol_task import read_seconds
+
+    specs = [ArraySpec("frame_maps", (2, 1, 2, 2, 3), "float16"), ArraySpec("frame_maps_scale", (), "float32"),
+             ArraySpec("audio_maps", (2, 6, 4, 2), "float16"), ArraySpec("audio_maps_scale", (), "float32")]
+    create_store(tmp_path / "s.zarr", ["a", "b"], 2, specs, {"fingerprint": "x"}, rows_per_shard=2)
+    store = open_store(tmp_path / "s.zarr", mode="r+")
+    maps = np.full((2, 2, 1, 2, 2, 3), 3.0, np.float16)
+    store.write_shard(0, {"frame_maps": maps, "frame_maps_scale": np.array([1.0, 4096.0], np.float32),
+                          "audio_maps": np.ones((2, 2, 6, 4, 2), np.float16),
+                          "audio_maps_scale": np.array([1.0, 1.0], np.float32)}, np.array([1, 1]), ["", ""])
+    visual, audio = read_seconds(store, np.array([0, 1]), np.array([1, 0]))
+    assert visual[0].max() == 3.0 and visual[1].max() == 3.0 * 4096  # 12288 * 4096 would be inf in float16
+    assert np.isfinite(visual).all() and audio.max() == 1.0

@@ -432,3 +432,17 @@ def test_one_device_resolver_for_both_stages():
     layer = torch.nn.Linear(3, 2)
     layer.bias.requires_grad_(False)
     assert count_parameters(layer) == 8 and count_parameters(layer, trainable_only=True) == 6
+
+
+def test_the_store_option_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "pipeline.yaml").write_text("store: {path: inside.zarr}\n")
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", "project/pipeline.yaml"]
+    assert "path: inside.zarr" in CliRunner().invoke(main, config + ["config"]).output  # resolved against the yaml
+    out = CliRunner().invoke(main, config + ["--store", "here/s.zarr", "--print-config"]).output
+    assert f"path: {tmp_path / 'here' / 's.zarr'}" in out
