@@ -68,3 +68,12 @@ def test_parameter_counts_for_ave():
 
     counts = headtable.ave_parameter_counts(["dmrn", "a+v-att"])
     assert counts == {"dmrn": TBMRF_PARAMS, "a+v-att": ATT_NET_PARAMS}
+
+
+def test_disable_plots_replaces_the_avel_tasks_png_writer(monkeypatch):
+    from train import headtable
+    from train.tasks import avel_task
+
+    monkeypatch.setattr(avel_task, "write_plots", avel_task.write_plots)  # restored after the test
+    headtable.disable_plots()
+    assert avel_task.write_plots(None, "", None, None, None) is None and avel_task.write_plots.__name__ == "<lambda>"

@@ -96,7 +96,7 @@ def ordered_heads(names: Sequence[str]) -> list[str]:
 
 def disable_plots() -> None:
     """Replace the avel task's PNG writer by a no-op (matplotlib dominates short demo runs)."""
-    from .tasks import avel
+    from .tasks import avel_task as avel
 
     avel.write_plots = lambda *args, **kwargs: None
 
