@@ -363,6 +363,19 @@ class FrameScore:
     gt_box: np.ndarray
 
 
+def evaluation_frame(frame_size, gt_boxes, eval_size, caller: str) -> tuple[int, int, np.ndarray]:
+    """(H, W, ground-truth boxes [K, 4]) of the frame a score is computed on: the original frame,
+    or ``eval_size`` x ``eval_size`` with the boxes scaled to it; at least one box is required."""
+    H, W = int(frame_size[0]), int(frame_size[1])
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    if gt_boxes.shape[0] == 0:
+        raise ValueError(f"{caller} needs at least one ground-truth box")
+    if eval_size:
+        gt_boxes = gt_boxes * np.array([eval_size / W, eval_size / H, eval_size / W, eval_size / H])
+        H = W = int(eval_size)
+    return H, W, gt_boxes
+
+
 def evaluate_frame(
     att: np.ndarray,
     gt_boxes: np.ndarray,
@@ -381,14 +394,7 @@ def evaluate_frame(
             (the paper: 256); None = the original frame size.
         tau: cIoU map threshold; floor: pre-Otsu floor, see :func:`boxes_from_map`.
     """
-    H, W = int(frame_size[0]), int(frame_size[1])
-    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-    if gt_boxes.shape[0] == 0:
-        raise ValueError("evaluate_frame needs at least one ground-truth box")
-    if eval_size:
-        scale = np.array([eval_size / W, eval_size / H, eval_size / W, eval_size / H])
-        gt_boxes = gt_boxes * scale
-        H = W = int(eval_size)
+    H, W, gt_boxes = evaluation_frame(frame_size, gt_boxes, eval_size, "evaluate_frame")
     norm = normalize_map(resize_map(att, (H, W)))
     pred = enclosing_box(boxes_from_map(norm, floor))
     gt_box = enclosing_box(gt_boxes)
@@ -422,14 +428,7 @@ def evaluate_centre_box(
     """The trivial baseline of one frame: predict :func:`centre_box` whatever the frame shows,
     scored as :func:`evaluate_frame` scores a head (same evaluation frame and boxes): the map is 1
     inside the box and 0 outside (cIoU's ``A`` = the box's pixels), the predicted box is the box."""
-    H, W = int(frame_size[0]), int(frame_size[1])
-    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-    if gt_boxes.shape[0] == 0:
-        raise ValueError("evaluate_centre_box needs at least one ground-truth box")
-    if eval_size:
-        scale = np.array([eval_size / W, eval_size / H, eval_size / W, eval_size / H])
-        gt_boxes = gt_boxes * scale
-        H = W = int(eval_size)
+    H, W, gt_boxes = evaluation_frame(frame_size, gt_boxes, eval_size, "evaluate_centre_box")
     box = centre_box((H, W), fraction)
     norm = boxes_mask(box, (H, W)).astype(np.float32)
     gt_box = enclosing_box(gt_boxes)
