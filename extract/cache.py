@@ -40,7 +40,6 @@ runner that computes the misses.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
 import os
 import time
@@ -52,7 +51,6 @@ from .run import RunSummary
 from .store import (
     STATUS_DONE,
     STATUS_FAILED,
-    STATUS_MISSING,
     ArraySpec,
     FeatureStore,
     StoreError,
@@ -213,7 +211,7 @@ def extract_with_cache(
     from .prepare import check_existing_store, ensure_store, open_run_store
     from .provenance import effective_config
     from .requests import distinct_requests
-    from .run import close_run, plan_shards
+    from .run import close_run, count_outcomes, plan_shards
 
     started = time.monotonic()
     cfg = effective_config(pipeline.extract, resolve_device(pipeline.extract.device))
@@ -249,17 +247,14 @@ def extract_with_cache(
                                                       store_path=cache_path, progress=progress, retry_failed=True)
                     summary.run = run
                     summary.computed = int(run.done + run.failed)
-                    summary.systemic = getattr(run, "systemic", "")
+                    summary.systemic = run.systemic
                 cache = open_store(cache_path, mode="r+")
                 if cache.attrs.get("complete") is not True:
                     touched = {cache.shard_of(cache.row_of(k)) for k in todo}
                     mark_complete(cache, None if first_new_row is None else sorted(touched))
         for shard, members in plan.shards:
-            outcome = _copy_shard(store, shard, [r for _, r in members], keys, unreadable, cache, plan.sources)
-            for key, state in outcome.items():
-                summary.done += state == STATUS_DONE
-                summary.failed += state == STATUS_FAILED
-                summary.retried_ok += state == STATUS_DONE and key in plan.retried
+            count_outcomes(summary, plan, _copy_shard(store, shard, [r for _, r in members], keys, unreadable, cache,
+                                                      plan.sources))
         return close_run(store, requests, summary, started)
 
 
@@ -302,49 +297,28 @@ def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], ke
     """Write the project rows of ``members`` from the cache (done rows) or as failed (the cache
     row failed now, or the file could not be read); other rows of the shard are kept. Returns
     ``{key: status written}``; a member whose cache row is still missing is left as it was."""
-    from .run import append_failures
+    from .run import ShardBlock
 
-    rows = store.shard_rows(shard)
-    names = store.feature_names()
-    values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
-    status = store.status()[rows.start: rows.stop].copy()
-    records = {name: store.records(name)[rows.start: rows.stop].copy() for name in ("reason", "source", "ran")}
+    block = ShardBlock(store, shard)
     cached = [r for r in members if r.key in keys]
-    cache_rows = [cache.row_of(keys[r.key]) for r in cached] if cached else []
-    written: dict[str, int] = {}
-    failures = []
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if cached:
+        cache_rows = [cache.row_of(keys[r.key]) for r in cached]
         cache_status = cache.status()[cache_rows]
         cache_reason, cache_ran = cache.records("reason")[cache_rows], cache.records("ran")[cache_rows]
-        blocks = {name: cache.read(name, cache_rows) for name in names}
+        features = {name: cache.read(name, cache_rows) for name in block.names}
         for i, request in enumerate(cached):
-            local = store.row_of(request.key) - rows.start
-            if cache_status[i] == STATUS_MISSING:
-                continue  # not computed (environment error, lost task): stays as it was
-            for name in names:
-                values[name][local] = blocks[name][i] if cache_status[i] == STATUS_DONE else 0
-            status[local], records["reason"][local] = cache_status[i], cache_reason[i]
-            records["ran"][local] = cache_ran[i] if cache_status[i] == STATUS_DONE else ""
-            records["source"][local] = sources.get(request.key, "")
-            written[request.key] = int(cache_status[i])
-            if cache_status[i] == STATUS_FAILED:
-                failures.append({"time": now, "key": request.key, "path": request.path, "shard": shard,
-                                 "reason": str(cache_reason[i])})
+            row, source = store.row_of(request.key), sources.get(request.key, "")
+            if cache_status[i] == STATUS_DONE:
+                block.set_done(row, request, {name: features[name][i] for name in block.names}, source=source,
+                               ran=str(cache_ran[i]), note=str(cache_reason[i]))
+            elif cache_status[i] == STATUS_FAILED:
+                block.set_failed(row, request, str(cache_reason[i]), source=source)
+            # still missing (environment error, lost task): the row stays as it was
     for request in members:
         if request.key in unreadable:
-            local = store.row_of(request.key) - rows.start
-            for name in names:
-                values[name][local] = 0
-            status[local], records["reason"][local] = STATUS_FAILED, unreadable[request.key]
-            records["ran"][local], records["source"][local] = "", sources.get(request.key, "")
-            written[request.key] = STATUS_FAILED
-            failures.append({"time": now, "key": request.key, "path": request.path, "shard": shard,
-                             "reason": unreadable[request.key]})
-    reason = [str(r) for r in records.pop("reason")]
-    store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
-    append_failures(store.path, failures)
-    return written
+            block.set_failed(store.row_of(request.key), request, unreadable[request.key],
+                             source=sources.get(request.key, ""))
+    return block.commit()
 
 
 # ------------------------------------------------------------------------------------------

@@ -138,13 +138,12 @@ def plan_jobs_for(store, requests: Sequence[VideoRequest], cfg, device: str, dec
                   threads: int = 1, retry_failed: bool = False, lease: str = ""):
     """:func:`plan_jobs` returning the whole :class:`extract.run.Plan` (skipped, retried, changed rows)."""
     from .run import plan_shards
-    from .store import STATUS_MISSING
 
     plan = plan_shards(store, requests, retry_failed)
-    status = store.status()
+    recomputed = plan.changed | plan.retried  # the members that were final (done/failed) at planning
     jobs = [ShardJob(str(store.path), shard, tuple(members), cfg, device, decode_fn, threads, lease,
                      tuple((r.key, plan.sources.get(r.key, "")) for _, r in members),
-                     any(status[row] != STATUS_MISSING for row, _ in members))
+                     any(r.key in recomputed for _, r in members))
             for shard, members in plan.shards]
     check_one_writer_per_shard(jobs, store.rows_per_shard)
     return jobs, plan
@@ -430,7 +429,7 @@ def check_workers(client, paths: Sequence[str], folders: Sequence[os.PathLike]) 
 
 def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):
     from .progress import progress_bar
-    from .run import SystemicError, SystemicGuard, count_outcomes
+    from .run import SystemFailure, SystemicError, SystemicGuard, count_outcomes
 
     summary = plan.start_summary(store.path, len(requests))
     summary.workers = {}  # type: ignore[attr-defined]  worker -> model loads
@@ -463,7 +462,7 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
                 bar.update(len(job.members))
                 continue
             for key, reason in result.events:
-                guard.observe(key, _SystemEvent(reason) if reason else None)
+                guard.observe(key, SystemFailure(reason) if reason else None)
             count_outcomes(summary, plan, result.written or {})
             summary.workers[result.worker] = max(result.model_loads, summary.workers.get(result.worker, 0))  # type: ignore[attr-defined]
             bar.update(len(job.members))
@@ -481,12 +480,6 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
     with contextlib.suppress(Exception):
         summary.workers_lost = len(workers_before - set(client.scheduler_info().get("workers", {})))
     return summary
-
-
-def _SystemEvent(reason: str):
-    from .run import SystemFailure
-
-    return SystemFailure(reason)
 
 
 def summary_text(summary) -> str:

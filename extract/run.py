@@ -83,6 +83,7 @@ __all__ = [
     "count_outcomes",
     "close_run",
     "append_failures",
+    "ShardBlock",
     "FAILURES_FILE",
 ]
 
@@ -516,36 +517,62 @@ def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Video
         return _write_shard(store, shard, members, outcome, sources or {}, ran_label(extractors))
 
 
+class ShardBlock:
+    """One shard of every per-row array, read so that it can be rewritten whole: set the rows of
+    its members (:meth:`set_done`, :meth:`set_failed`), then :meth:`commit` writes the shard (status
+    last) and appends the failures to ``logs/failures.jsonl``. Other rows keep what they hold."""
+
+    def __init__(self, store: FeatureStore, shard: int):
+        self.store, self.shard = store, shard
+        self.rows = store.shard_rows(shard)
+        lo, hi = self.rows.start, self.rows.stop
+        self.names = store.feature_names()
+        self.values = {name: store.read(name, slice(lo, hi)) for name in self.names}
+        self.status = np.asarray(store.group["status"][lo:hi], dtype=np.int8).copy()
+        self.records = {name: store.records(name)[lo:hi].copy() for name in ("reason", "source", "ran")}
+        self.written: dict[str, int] = {}
+        self.failures: list[dict] = []
+
+    def _set(self, row: int, request: VideoRequest, state: int, reason: str, source: str, ran: str) -> int:
+        local = row - self.rows.start
+        for name in self.names:
+            self.values[name][local] = 0
+        self.status[local] = state
+        self.records["reason"][local], self.records["source"][local], self.records["ran"][local] = reason, source, ran
+        self.written[request.key] = int(state)
+        return local
+
+    def set_done(self, row: int, request: VideoRequest, features: dict[str, np.ndarray], *, source: str, ran: str,
+                 note: str = "") -> None:
+        local = self._set(row, request, STATUS_DONE, note, source, ran)
+        for name, value in features.items():
+            if name in self.values:
+                self.values[name][local] = value
+
+    def set_failed(self, row: int, request: VideoRequest, reason: str, *, source: str) -> None:
+        self._set(row, request, STATUS_FAILED, reason, source, "")
+        self.failures.append({"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "key": request.key, "path": request.path, "shard": self.shard, "reason": reason})
+
+    def commit(self) -> dict[str, int]:
+        """Write the shard and the failure log; returns ``{key: status written}``."""
+        records = {name: [str(v) for v in values] for name, values in self.records.items()}
+        self.store.write_shard(self.shard, self.values, self.status, records.pop("reason"), records)
+        append_failures(self.store.path, self.failures)
+        return self.written
+
+
 def _write_shard(store: FeatureStore, shard: int, members, outcome: dict[int, Any], sources: dict[str, str],
                  ran: str) -> dict[str, int]:
-    rows = store.shard_rows(shard)
-    names = store.feature_names()
-    values = {name: store.read(name, slice(rows.start, rows.stop)) for name in names}
-    status = np.asarray(store.group["status"][rows.start: rows.stop], dtype=np.int8).copy()
-    records = {name: store.records(name)[rows.start: rows.stop].copy() for name in ("reason", "source", "ran")}
-    failures, written = [], {}
+    block = ShardBlock(store, shard)
     for i, (row, request) in enumerate(members):
-        local = row - rows.start
-        result = outcome[i]
+        result, source = outcome[i], sources.get(request.key, "")
         if isinstance(result, SystemFailure):
             log.warning("%s (%s): not extracted (environment error): %s", request.key, request.path, result.reason)
-            continue
-        for name in names:
-            values[name][local] = 0
-        records["source"][local] = sources.get(request.key, "")
-        if isinstance(result, Failure):
-            status[local], records["reason"][local], records["ran"][local] = STATUS_FAILED, result.reason, ""
-            failures.append({"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                             "key": request.key, "path": request.path, "shard": shard, "reason": result.reason})
+        elif isinstance(result, Failure):
             log.warning("%s (%s): failed: %s", request.key, request.path, result.reason)
+            block.set_failed(row, request, result.reason, source=source)
         else:
             features, video = result
-            for name, value in features.items():
-                if name in values:
-                    values[name][local] = value
-            status[local], records["reason"][local], records["ran"][local] = STATUS_DONE, _note(video.info), ran
-        written[request.key] = int(status[local])
-    reason = [str(r) for r in records.pop("reason")]
-    store.write_shard(shard, values, status, reason, {k: [str(x) for x in v] for k, v in records.items()})
-    append_failures(store.path, failures)
-    return written
+            block.set_done(row, request, features, source=source, ran=ran, note=_note(video.info))
+    return block.commit()
