@@ -124,19 +124,10 @@ class ShardResult:
 
 
 def plan_jobs(store, requests: Sequence[VideoRequest], cfg, device: str, decode_fn: Callable = decode_video,
-              threads: int = 1) -> tuple[list[ShardJob], int]:
-    """One :class:`ShardJob` per shard with missing requested rows, and the count of skipped rows.
-
-    Raises ``RuntimeError`` if the plan would give one shard (or one row) to two jobs or put a row
-    into a shard it does not belong to (the one-writer-per-shard rule).
-    """
-    jobs, plan = plan_jobs_for(store, requests, cfg, device, decode_fn, threads)
-    return jobs, plan.skipped
-
-
-def plan_jobs_for(store, requests: Sequence[VideoRequest], cfg, device: str, decode_fn: Callable = decode_video,
-                  threads: int = 1, retry_failed: bool = False, lease: str = ""):
-    """:func:`plan_jobs` returning the whole :class:`extract.run.Plan` (skipped, retried, changed rows)."""
+              threads: int = 1, retry_failed: bool = False, lease: str = ""):
+    """One :class:`ShardJob` per shard with rows to compute, and the :class:`extract.run.Plan`
+    (skipped, retried and changed rows). Raises ``RuntimeError`` if the plan would give one shard
+    (or one row) to two jobs or put a row into a shard it does not belong to (one writer per shard)."""
     from .run import plan_shards
 
     plan = plan_shards(store, requests, retry_failed)
@@ -378,7 +369,7 @@ def run_extraction_dask(
         if client is not None:
             check_workers(client, [r.path for r in requests], [path.parent])
         with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg, wait=wait) as store:
-            jobs, plan = plan_jobs_for(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker,
+            jobs, plan = plan_jobs(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker,
                                        retry_failed, store.lease)
             if client is None and jobs:
                 client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
@@ -480,11 +471,6 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
     with contextlib.suppress(Exception):
         summary.workers_lost = len(workers_before - set(client.scheduler_info().get("workers", {})))
     return summary
-
-
-def summary_text(summary) -> str:
-    """:meth:`RunSummary.text` (rows of tasks lost for good count as not extracted there)."""
-    return summary.text()
 
 
 def shard_files_equal(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:

@@ -128,7 +128,8 @@ def test_the_task_plan_gives_every_shard_to_one_task(tmp_path, videos):
                           for n in ("valid", "visual", "audio")}, np.array([1, 2]), ["", "bad"])
     grow_store(store, ["x5"])
     requests = [VideoRequest(k, f"/nowhere/{k}.mp4") for k in ["x4", "x0", "x2", "x3", "x5", "x1"]]
-    jobs, skipped = plan_jobs(store, requests, pipeline.extract, "cpu")
+    jobs, plan = plan_jobs(store, requests, pipeline.extract, "cpu")
+    skipped = plan.skipped
     assert skipped == 2
     assert [job.shard for job in jobs] == [0, 2]
     assert [[(row, r.key) for row, r in job.members] for job in jobs] == [[(0, "x0"), (1, "x1")], [(4, "x4"), (5, "x5")]]

@@ -280,7 +280,7 @@ def test_the_lock_is_reentrant_in_one_process(tmp_path):
 
 def test_an_orphaned_task_of_an_earlier_run_writes_nothing(tmp_path, videos):
     """A task carries its run's lease; after a newer run took the store it drops its results."""
-    from extract.distributed import extract_shard, plan_jobs_for
+    from extract.distributed import extract_shard, plan_jobs
 
     pipeline, path = make_pipeline(tmp_path), tmp_path / "s.zarr"
     cfg = pipeline.extract
@@ -289,7 +289,7 @@ def test_an_orphaned_task_of_an_earlier_run_writes_nothing(tmp_path, videos):
 
     attrs = store_attrs(cfg, extractor_identity(cfg))
     with open_run_store(path, [r.key for r in videos], cfg.segments, store_specs(cfg), attrs, pipeline.store) as store:
-        old_jobs, _ = plan_jobs_for(store, videos, cfg, "cpu", lease=store.lease)
+        old_jobs, _ = plan_jobs(store, videos, cfg, "cpu", lease=store.lease)
     newer = new_lease(path)  # the next run starts (e.g. the client was killed and started again)
     assert lease_token(path) == newer != old_jobs[0].lease
     result = extract_shard(old_jobs[0])
