@@ -36,6 +36,14 @@ def media_dir(shared_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README quick start done once per session (tests/demo_testutils.py): demo folder, DMRN run."""
+    from demo_testutils import make_demo_run
+
+    return make_demo_run(tmp_path_factory.mktemp("demo_e2e"))
+
+
 _MEDIA_TESTS: set[str] = set()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from train.heads.base import total_loss
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -42,7 +44,7 @@ def fit_one_batch(head, audio: torch.Tensor, visual: torch.Tensor, batch: dict, 
     for step in range(steps):
         opt.zero_grad()
         out = head(audio, visual)
-        loss = head.loss(out, batch)
+        loss = total_loss(head.loss(out, batch))
         loss.backward()
         if step == 0:
             first_out = out

@@ -11,9 +11,10 @@ import pytest
 
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 #: what train may import from extract: the store contract and the shared plumbing (the synthetic
-#: store factory writes through the contract only)
+#: store factory writes through the contract only; ``extract.frames`` is the frame geometry rule,
+#: numpy + cv2, so that avel-predict draws the frames the features were computed from)
 ALLOWED = {"extract.store", "extract.manifest", "extract.settings", "extract.clitools", "extract.daskclient",
-           "extract.progress", "extract.synthetic", "extract.devices"}
+           "extract.progress", "extract.synthetic", "extract.devices", "extract.frames"}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from extract.settings import ConfigError
+from train.heads.base import split_loss, total_loss
 from train.registry import TASKS, discover, get_head, head_names
 
 from heads_testutils import n_params
@@ -50,6 +51,16 @@ TRAINING_ONLY = {
     "lambda_c": "coattention-cml stream weight of the contrastive loss",
     "margin": "contrastive-loss margin (cml heads)",
     "reg": "dcca: ridge of the CCA objective and of the linear CCA fitted after training",
+    "lambda_avps": "psp, cpsp: weight of the AVPS loss",
+    "weak_target": "psp: target of the weak BCE (segment proportions or one-hot video label)",
+    "lambda_scon": "cpsp: weight of the segment-level contrastive loss",
+    "lambda_vcon": "cpsp: weight of the video-level contrastive loss",
+    "scon_temperature": "cpsp: temperature of the segment-level contrastive loss",
+    "scon_form": "cpsp: published (constant) or per-anchor segment-level contrastive loss",
+    "margin_supervised": "cpsp: video-level contrastive margin, supervised",
+    "margin_weak": "cpsp: video-level contrastive margin, weak",
+    "negatives_supervised": "cpsp: nearest negatives of the video-level contrastive loss, supervised",
+    "negatives_weak": "cpsp: nearest negatives of the video-level contrastive loss, weak",
 }
 #: options the task applies around the head (tested with the task)
 APPLIED_BY_TASK = {"init_from": "coattention-cml: the cml task loads the checkpoint (tests/test_cml_task.py)"}
@@ -62,6 +73,10 @@ ALTERNATIVE = {
     "visual_dim": {"visual_dim": 256, "mfb_dim": 256},  # bmfn also needs mfb_dim = mfb_pool x visual_dim
     "mfb_pool": {"mfb_pool": 2, "mfb_dim": 1024},  # coupled: mfb_dim = mfb_pool x visual_dim
     "mfb_dim": {"mfb_pool": 2, "mfb_dim": 1024},
+    "scon_temperature": {"scon_temperature": 0.3, "scon_form": "anchor"},  # cpsp's published form ignores t
+    "margin_supervised": 2.0,  # unit-vector distances <= 2: the hinge is active for every video
+    "negatives_supervised": {"negatives_supervised": 1, "margin_supervised": 2.0},
+    "negatives_weak": {"negatives_weak": 1, "margin_weak": 2.0},
 }
 LR = 3e-4
 
@@ -203,11 +218,16 @@ def test_head_contract(name, setting):
     head = build(name, setting)
     batch = TASK_BATCHES[task](head.config)
 
+    # the objective of the last epoch of the head's schedule (every loss term that switches on is on)
+    epochs = int((getattr(cls, f"{setting}_train_defaults", None) or cls.train_defaults).get("epochs") or 1)
+    head.start_epoch(epochs, epochs)
     out = forward(head, batch)
     check_outputs(task, head, out)
     with torch.no_grad():
-        loss_before = head.loss(out, batch)
+        loss_before, terms = split_loss(head.loss(out, batch))
     assert loss_before.dim() == 0 and torch.isfinite(loss_before)
+    for term_name, term in terms.items():  # named parts of the objective: finite scalars
+        assert term.dim() == 0 and torch.isfinite(term), term_name
 
     # same seed -> same weights -> same outputs; another seed -> other weights
     twin = build(name, setting)
@@ -221,14 +241,14 @@ def test_head_contract(name, setting):
     optimizer = torch.optim.Adam(head.parameters(), lr=LR)
     for step in range(STEPS):
         optimizer.zero_grad()
-        loss = head.loss(forward(head, batch, train=True), batch)
+        loss = total_loss(head.loss(forward(head, batch, train=True), batch))
         assert loss.dim() == 0 and torch.isfinite(loss)
         loss.backward()
         if step == 0:
             check_gradients(head)
         optimizer.step()
     with torch.no_grad():
-        loss_after = float(head.loss(forward(head, batch), batch))
+        loss_after = float(total_loss(head.loss(forward(head, batch), batch)))
     assert loss_after < float(loss_before), f"loss did not decrease: {float(loss_before):.6f} -> {loss_after:.6f}"
 
 
@@ -291,7 +311,7 @@ def changes(name: str, overrides: dict) -> tuple[bool, bool]:
         for head in (base, alt):
             torch.manual_seed(123)  # same dropout masks
             out = forward(head, batch, train=True)
-            results.append((outputs(cls.task, out), head.loss(out, batch).detach()))
+            results.append((outputs(cls.task, out), total_loss(head.loss(out, batch)).detach()))
         (out_a, loss_a), (out_b, loss_b) = results
         model_changed |= any(not torch.equal(x, y) for x, y in zip(out_a, out_b))
         loss_changed |= not torch.equal(loss_a, loss_b)
@@ -327,7 +347,7 @@ def test_recorded_weak_pooling_is_the_one_the_loss_applies(name):
     batch = TASK_BATCHES["avel"](head.config)
     out = forward(head, batch)
     with torch.no_grad():
-        by_request = {pool: float(head.loss(out, batch, pool)) for pool in ("mean", "max")}
+        by_request = {pool: float(total_loss(head.loss(out, batch, pool))) for pool in ("mean", "max")}
     reported = {pool: head.weak_pooling(pool) for pool in ("mean", "max")}
     assert set(reported.values()) <= {"mean", "max"}
     if reported["mean"] == reported["max"]:

@@ -113,3 +113,63 @@ def test_weak_setting_learns_from_video_labels(ds):
     # trained on video labels only, event segments are classified per segment far above 1/3 chance
     assert (pred[event] == labels[event]).mean() > 0.9
     assert res.epochs[-1]["train_loss"] < res.epochs[0]["train_loss"]
+
+
+class TermsHead(LinearTestHead):
+    """LinearTestHead whose loss has named parts and changes with the epoch (for the loop's
+    loss-term columns and the start_epoch hook)."""
+
+    train_defaults = {"lr": 0.05, "batch_size": 8, "epochs": 3, "milestones": (1, 3), "lr_gamma": 0.5, "grad_clip": 1e-3}
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls: list[tuple[int, int]] = []
+
+    def start_epoch(self, epoch, epochs):
+        self.calls.append((epoch, epochs))
+
+    def loss(self, out, batch, weak_pool="mean"):
+        ce = super().loss(out, batch, weak_pool)
+        aux = out.scores.pow(2).mean()
+        weight = float(len(self.calls))  # the aux term grows with the epoch: 1, 2, 3
+        return {"loss": ce + weight * aux, "ce": ce, "aux": aux}
+
+
+def test_milestones_clipping_loss_terms_and_epoch_hook(ds):
+    cfg = train_cfg()
+    schedule = resolve_schedule(cfg, TermsHead)
+    assert schedule.milestones == (1, 3) and schedule.lr_step is None and schedule.grad_clip == 1e-3
+    seed_everything(0)
+    model = TermsHead(4, "supervised")
+    res = fit(model, AvelTask(ds["data"], cfg), schedule, 0)
+    # MultiStepLR: lr halves after epochs 1 and 3 (per epoch, not per batch)
+    assert [r["lr"] for r in res.epochs] == pytest.approx([0.05, 0.025, 0.025])
+    assert model.calls == [(1, 3), (2, 3), (3, 3)]
+    for row in res.epochs:
+        assert set(row) >= {"train_loss", "train_ce", "train_aux", "clipped_steps"}
+        assert row["clipped_steps"] == 1.0  # every gradient of this loss is far above 1e-3
+    # train_loss = ce + epoch * aux for each batch, so the epoch means obey the same sum
+    for epoch, row in enumerate(res.epochs, start=1):
+        assert row["train_loss"] == pytest.approx(row["train_ce"] + epoch * row["train_aux"], rel=1e-5)
+
+
+def test_schedule_config_overrides_the_other_decay_of_the_head():
+    s = resolve_schedule(train_cfg(lr_step=2), TermsHead)
+    assert s.lr_step == 2 and s.milestones is None and s.source["milestones"].startswith("config")
+    s = resolve_schedule(train_cfg(milestones=[]), TermsHead)
+    assert s.milestones is None and s.lr_step is None
+    s = resolve_schedule(train_cfg(grad_clip=0), TermsHead)
+    assert s.grad_clip is None
+    with pytest.raises(ValueError, match="either lr_step"):
+        resolve_schedule(train_cfg(lr_step=2, milestones=[3]), LinearTestHead)
+    with pytest.raises(ValueError, match="increasing"):
+        resolve_schedule(train_cfg(milestones=[3, 2]), LinearTestHead)
+
+
+def test_loss_dict_needs_its_total():
+    from train.heads.base import split_loss
+
+    total, terms = split_loss(torch.tensor(2.0))
+    assert float(total) == 2.0 and terms == {}
+    with pytest.raises(ValueError, match="'loss'"):
+        split_loss({"ce": torch.tensor(1.0)})

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .heads.base import total_loss
+
 log = logging.getLogger(__name__)
 
 T = 10
@@ -204,7 +206,7 @@ def time_reference_loop(paths: dict, head_name: str, device: torch.device, epoch
             for b in range(nb_batch):
                 batch = batch_of(order, b, batch_size, vb, ab, lb)
                 optimizer.zero_grad()
-                loss = model.loss(model(batch["audio"], batch["visual"]), batch)
+                loss = total_loss(model.loss(model(batch["audio"], batch["visual"]), batch))
                 loss.backward()
                 optimizer.step()
                 float(loss.detach())

@@ -33,7 +33,12 @@ class TrainConfig:
     weight_decay: float | None = None
     #: multiply lr by lr_gamma every lr_step epochs (null = head default / no decay)
     lr_step: int | None = None
+    #: or multiply lr by lr_gamma after each of these epochs (MultiStepLR; null = head default,
+    #: [] = none); a config value of lr_step or milestones wins over the head's default of the other
+    milestones: list[int] | None = None
     lr_gamma: float | None = None
+    #: clip the global gradient L2 norm to this before each step (null = head default, 0 = off)
+    grad_clip: float | None = None
     #: evaluate on the selection split every N epochs
     eval_every: int = 1
     #: weak-supervision MIL pooling over time: "mean" (paper eq. 7) or "max" (reference code)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import FeatureBank, SplitData, iterate_batches
+from .heads.base import total_loss
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ def predict_split(model, bank: FeatureBank, split: SplitData, batch_size: int = 
     try:
         for batch in iterate_batches(bank, split, batch_size):
             out = model(batch["audio"], batch["visual"])
-            loss_sum += float(model.loss(out, batch, weak_pool)) * len(batch["index"])
+            loss_sum += float(total_loss(model.loss(out, batch, weak_pool))) * len(batch["index"])
             preds.append(model.predict(out).cpu())
     finally:
         model.train(was_training)

@@ -1,4 +1,5 @@
-"""The training loop of every task: seeds, Adam with step decay, per-epoch metrics, model selection.
+"""The training loop of every task: seeds, Adam with step or milestone decay and optional gradient
+clipping, per-epoch metrics (with the head's named loss terms), model selection.
 
 One run = :func:`fit`: train for ``epochs`` epochs on the train split, evaluate the selection split
 after every ``eval_every`` epochs, keep the weights of the best epoch in memory (highest selection
@@ -31,15 +32,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEST_SELECTION_LABEL = "test (optimistic, not a fair estimate)"
-SCHEDULE_KEYS = ("lr", "batch_size", "epochs", "lr_step", "lr_gamma", "weight_decay")
-SCHEDULE_FALLBACK = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": None, "lr_gamma": 0.1, "weight_decay": 0.0}
+SCHEDULE_KEYS = ("lr", "batch_size", "epochs", "lr_step", "milestones", "lr_gamma", "weight_decay", "grad_clip")
+SCHEDULE_FALLBACK = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": None, "milestones": None,
+                     "lr_gamma": 0.1, "weight_decay": 0.0, "grad_clip": None}
 EVAL_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Resolved optimiser schedule: TrainConfig value, else the head's ``train_defaults``, else
-    :data:`SCHEDULE_FALLBACK`. ``lr_step=None`` means no decay."""
+    :data:`SCHEDULE_FALLBACK`.
+
+    The learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs (StepLR), or at each
+    epoch of ``milestones`` (MultiStepLR: after those epochs); neither = constant. ``grad_clip``:
+    before every step the gradients are scaled to a global L2 norm of at most this
+    (``clip_grad_norm_``, as the CMRAN/PSP/CMBS scripts do); None = no clipping."""
 
     lr: float
     batch_size: int
@@ -48,6 +55,8 @@ class Schedule:
     lr_gamma: float
     weight_decay: float
     source: dict[str, str]
+    milestones: tuple[int, ...] | None = None
+    grad_clip: float | None = None
 
     def describe(self) -> str:
         parts = [f"{k}={getattr(self, k)} ({self.source[k]})" for k in SCHEDULE_KEYS]
@@ -74,10 +83,26 @@ def resolve_schedule(train_cfg, head_cls) -> Schedule:
         values["lr_gamma"] = SCHEDULE_FALLBACK["lr_gamma"]
     if values["epochs"] < 1 or values["batch_size"] < 1 or values["lr"] <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {values}")
+    lr_step = None if values["lr_step"] in (None, 0) else int(values["lr_step"])
+    milestones = tuple(int(m) for m in values["milestones"] or ()) or None
+    if milestones is not None:
+        if list(milestones) != sorted(set(milestones)) or milestones[0] < 1:
+            raise ValueError(f"milestones must be increasing epoch numbers >= 1, got {list(milestones)}")
+        if lr_step is not None:
+            if source["milestones"] == source["lr_step"]:
+                raise ValueError(f"set either lr_step ({lr_step}) or milestones ({list(milestones)}), not both")
+            # the one given in the config wins over the head's default
+            if source["lr_step"] == "config":
+                milestones, source["milestones"] = None, "config (lr_step given)"
+            else:
+                lr_step, source["lr_step"] = None, "config (milestones given)"
+    grad_clip = None if values["grad_clip"] in (None, 0) else float(values["grad_clip"])
+    if grad_clip is not None and grad_clip < 0:
+        raise ValueError(f"grad_clip must be > 0 (0 or null = off), got {grad_clip}")
     return Schedule(
         lr=float(values["lr"]), batch_size=int(values["batch_size"]), epochs=int(values["epochs"]),
-        lr_step=None if values["lr_step"] in (None, 0) else int(values["lr_step"]),
-        lr_gamma=float(values["lr_gamma"]), weight_decay=float(values["weight_decay"]), source=source,
+        lr_step=lr_step, lr_gamma=float(values["lr_gamma"]), weight_decay=float(values["weight_decay"]),
+        source=source, milestones=milestones, grad_clip=grad_clip,
     )
 
 
@@ -96,10 +121,13 @@ def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Gene
 
 
 def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam (the AVEL papers' optimiser) and a per-epoch StepLR (or None)."""
+    """Adam (the optimiser of every AVEL reference) and a per-epoch StepLR or MultiStepLR (or None)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     scheduler = None
-    if schedule.lr_step:
+    if schedule.milestones:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                         gamma=schedule.lr_gamma)
+    elif schedule.lr_step:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.lr_step, gamma=schedule.lr_gamma)
     return optimizer, scheduler
 
@@ -158,34 +186,51 @@ def check_loss_finite(task: "Task", loss: torch.Tensor, batch: dict[str, Any], e
 
 
 def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torch.Generator,
-                rng: np.random.Generator, epoch: int = 1) -> dict[str, float]:
-    """One Adam step per batch of ``task.train_batches`` (model in train mode).
+                rng: np.random.Generator, epoch: int = 1, grad_clip: float | None = None) -> dict[str, float]:
+    """One Adam step per batch of ``task.train_batches`` (model in train mode); with ``grad_clip``
+    the gradients are first scaled to a global L2 norm of at most that value.
 
     Every batch is checked before it is used: a NaN or inf in an input (:func:`check_batch_finite`)
     or in the loss (:func:`check_loss_finite`) raises :class:`NonFiniteError` before the optimiser
     steps, naming ``epoch``, the batch and its videos.
 
     Returns the epoch-row entries ``train_loss`` (mean loss per batch element, a batch having
-    ``batch["audio"].shape[0]`` elements) and, for tasks whose :meth:`~train.tasks.base.Task.batch_accuracy`
-    counts hits, ``train_accuracy`` (of the training predictions, taken before each step)."""
+    ``batch["audio"].shape[0]`` elements), ``train_<term>`` for each named term of the head's loss
+    (:func:`train.heads.base.split_loss`, same weighting), ``clipped_steps`` (share of steps whose
+    gradient norm exceeded ``grad_clip``, when clipping) and, for tasks whose
+    :meth:`~train.tasks.base.Task.batch_accuracy` counts hits, ``train_accuracy`` (of the training
+    predictions, taken before each step)."""
+    from .heads.base import split_loss
+
     model.train()
     loss_sum, count, correct, total, counted = 0.0, 0, 0, 0, False
+    term_sums: dict[str, float] = {}
+    steps, clipped = 0, 0
     for index, batch in enumerate(task.train_batches(model, batch_size, generator, rng)):
         check_batch_finite(task, batch, epoch, index)
         out = model(batch["audio"], batch["visual"])
-        loss = task.loss(model, out, batch)
+        loss, terms = split_loss(task.loss(model, out, batch))
         check_loss_finite(task, loss, batch, epoch, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            clipped += int(float(norm) > grad_clip)
         optimizer.step()
+        steps += 1
         n = int(batch["audio"].shape[0])
         loss_sum += float(loss.detach()) * n
+        for name, term in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) * n
         count += n
         hits = task.batch_accuracy(model, out, batch)
         if hits is not None:
             counted = True
             correct, total = correct + hits[0], total + hits[1]
     row = {"train_loss": loss_sum / max(count, 1)}
+    row.update({f"train_{name}": value / max(count, 1) for name, value in term_sums.items()})
+    if grad_clip is not None:
+        row["clipped_steps"] = clipped / max(steps, 1)
     if counted:
         row["train_accuracy"] = correct / max(total, 1)
     return row
@@ -250,7 +295,10 @@ def fit(
     for epoch in range(1, schedule.epochs + 1):
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng, epoch))
+        start_epoch = getattr(model, "start_epoch", None)
+        if start_epoch is not None:
+            start_epoch(epoch, schedule.epochs)
+        row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng, epoch, schedule.grad_clip))
         if scheduler is not None:
             scheduler.step()
         evaluate_now = select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs)

@@ -15,7 +15,7 @@ Heads of other tasks (cross-modality matching, sounding-object maps) subclass He
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Union
 
 import torch
 from torch import nn
@@ -39,9 +39,9 @@ class HeadOutput:
 
 class Head(nn.Module):
     """Base class. Subclasses set ``Config`` (a dataclass of their options), ``train_defaults``
-    (the paper's optimiser schedule: lr, batch_size, epochs, lr_step, lr_gamma, weight_decay;
-    a head whose paper trains the weak setting differently also sets ``weak_train_defaults``)
-    and implement ``forward``."""
+    (the paper's optimiser schedule: lr, batch_size, epochs, lr_step or milestones, lr_gamma,
+    weight_decay, grad_clip; a head whose paper trains the weak setting differently also sets
+    ``weak_train_defaults``) and implement ``forward``."""
 
     name: ClassVar[str] = ""
     task: ClassVar[str] = "avel"
@@ -68,12 +68,21 @@ class Head(nn.Module):
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:  # pragma: no cover
+    def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> "LossValue":  # pragma: no cover
         """Training loss of a batch in the head's setting (every head implements its paper's
         objective). ``batch['labels']`` [B, T] segment classes, ``batch['video_label']`` [B],
         ``batch['valid']`` [B, T]; ``weak_pool`` = ``train.weak_pool`` for heads whose weak loss
-        lets the trainer choose the MIL pooling."""
+        lets the trainer choose the MIL pooling.
+
+        Returns a scalar tensor, or a dict ``{"loss": total, "<term>": scalar, ...}`` when the
+        objective has named parts (auxiliary losses): the loop back-propagates ``total`` and logs
+        the mean of every term per epoch as ``train_<term>`` (see :func:`split_loss`)."""
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before training epoch ``epoch`` (1-based) of ``epochs``;
+        heads whose objective changes during training (a loss switched on after some epochs)
+        keep the state here. Default: nothing."""
 
     def weak_pooling(self, requested: str) -> str:
         """The MIL pooling this head's weak loss really applies when the trainer asks for
@@ -84,6 +93,25 @@ class Head(nn.Module):
     def predict(self, out: HeadOutput) -> torch.Tensor:
         """[B, T] predicted class per segment."""
         return out.scores.argmax(dim=-1)
+
+
+#: what ``Head.loss`` returns: a scalar tensor or ``{"loss": total, "<term>": scalar, ...}``
+LossValue = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def split_loss(value: LossValue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(total, terms)`` of a head's loss value: a tensor is its own total without terms; a dict
+    must hold the total under ``"loss"``, every other entry is a named term (logged, not summed)."""
+    if torch.is_tensor(value):
+        return value, {}
+    if "loss" not in value:
+        raise ValueError(f"a head's loss dict needs the total under 'loss'; got keys {sorted(value)}")
+    return value["loss"], {k: v for k, v in value.items() if k != "loss"}
+
+
+def total_loss(value: LossValue) -> torch.Tensor:
+    """The back-propagated total of a head's loss value (see :func:`split_loss`)."""
+    return split_loss(value)[0]
 
 
 def segment_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -102,12 +102,55 @@ class AvelTask(Task):
         return out
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"class_names": self.data.class_names}
+        """Class names and how the training store's features were made (``features``), so that
+        ``avel-predict`` can compute the same features for new videos (:mod:`train.predict`)."""
+        return {"class_names": self.data.class_names, "features": store_recipe(self.data.bank, self.pipeline)}
 
     def write_outputs(self, run_dir: Path, title: str, model, result: FitResult) -> None:
-        """learning_curves.png, confusion_test.png, timeline_test.png."""
+        """learning_curves.png, confusion_test.png, timeline_test.png, predictions_test.csv."""
         super().write_outputs(run_dir, title, model, result)
         write_plots(run_dir, title, self.train_cfg, self.data, result)
+        test = result.results.get("test")
+        if test is not None:
+            write_split_predictions(run_dir / "predictions_test.csv", self.data, self.train_cfg.test_split, test.predictions)
+
+
+def store_recipe(bank, pipeline=None) -> dict[str, Any]:
+    """What made the training store: its fingerprint, the fields the fingerprint hashes, the full
+    extractor configuration and T (root attributes of the store), plus the feature cache folder of
+    the training pipeline (absolute), which ``avel-predict`` shares."""
+    attrs = dict(bank.attrs or {})
+    cache_root = None
+    if pipeline is not None and hasattr(pipeline, "store"):
+        cache_root = str(pipeline.path(pipeline.store.cache_root).resolve())
+    return {
+        "store": str(bank.store_path),
+        "fingerprint": bank.fingerprint,
+        "fingerprint_fields": attrs.get("fingerprint_fields"),
+        "extractor": attrs.get("extractor"),
+        "segments": int(bank.segments),
+        "cache_root": cache_root,
+    }
+
+
+def write_split_predictions(path: Path, data: TaskData, split_name: str, predictions) -> Path:
+    """``predictions_test.csv``: one row per video second of the split, columns ``video_id,
+    sample_id, second, label, true_label`` (class names); the labels are the selected weights'
+    predictions, the same that avel-predict gives for these videos."""
+    import csv
+
+    split = data.splits[split_name]
+    names = data.class_names
+    by_id = {s.sample_id: s for s in split.manifest.samples}
+    labels = split.labels.cpu().numpy()
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["video_id", "sample_id", "second", "label", "true_label"])
+        for i, sample_id in enumerate(split.sample_ids):
+            video_id = by_id[sample_id].video_id
+            for t, (pred, true) in enumerate(zip(predictions[i], labels[i])):
+                writer.writerow([video_id, sample_id, t, names[int(pred)], names[int(true)]])
+    return path
 
 
 def write_plots(run_dir: Path, title: str, cfg, data: TaskData, result: FitResult) -> None:

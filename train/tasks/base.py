@@ -221,7 +221,8 @@ class Task:
         own = task.metrics(model, result)
         s = result.schedule
         schedule_entry = {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
-                          "lr_gamma": s.lr_gamma, "weight_decay": s.weight_decay, "source": s.source,
+                          "milestones": list(s.milestones) if s.milestones else None, "lr_gamma": s.lr_gamma,
+                          "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "source": s.source,
                           **own.pop("schedule", {})}
         metrics: dict[str, Any] = {
             "task": cls.name,

@@ -32,6 +32,7 @@ import torch
 
 from .. import cml_metrics as cml
 from ..data import TaskData, load_from_pipeline
+from ..heads.base import total_loss
 from ..registry import register_task
 from ..runs import splits_to_load
 from .base import Evaluation, Task, baseline_entry, head_for_task
@@ -192,7 +193,7 @@ def evaluate(model, split: CmlSplit, weak_pool: str = "mean") -> CmlResult:
         out = model(split.audio[sl], split.visual(sl))
         dists.append(model.distance_matrix(out).float().cpu())
         n = int(split.audio[sl].shape[0])
-        loss_sum += float(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]}, weak_pool)) * n
+        loss_sum += float(total_loss(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]}, weak_pool))) * n
         n_sum += n
     dist = torch.cat(dists).numpy()[split.query_video]
     onsets = [q.onset for q in split.queries]

@@ -1,0 +1,674 @@
+"""Run a trained event-localization head on new videos: per-second labels, events, pictures.
+
+:func:`predict_videos` is what ``avel-predict`` runs (and what a notebook calls)::
+
+    results = predict_videos(["clip.mp4", "folder/"], run="data/runs/avel-dmrn-supervised/seed0-...")
+    results[0].labels          # one class name per second
+    results[0].events          # [Event(onset=2, offset=7, label="dog", mean_probability=0.91)]
+
+How it works, stage by stage (the two stages meet only at a feature store, as everywhere in avel):
+
+1. **The run.** The checkpoint (``checkpoint.safetensors`` of an ``avel-train`` run) holds the
+   head, its weights, the class names and ``features``: how the training store was made (its
+   fingerprint, the fingerprinted fields, the full extractor configuration, T).
+2. **Windows.** Each video is probed (PyAV) for its duration and cut into consecutive windows of T
+   seconds (the run's T), ``start = 0, T, 2T, ...``; the last window may be partial. A trailing
+   piece of a second shorter than :data:`MIN_LAST_SECOND` is not predicted.
+3. **Features.** The windows become a manifest, and ``avel-extract`` runs on it (a child process,
+   its own checks, progress and failure rules) with the training store's extractor configuration,
+   into the predict store (``--store``, default ``<out>/features.zarr``) through the shared
+   feature cache (the training pipeline's ``store.cache_root``; ``$AVEL_CACHE`` overrides), so a
+   second head on the same videos decodes nothing. The new store's fingerprint must equal the
+   training store's: same networks and weights, frames per segment, precision, resize rule. When it
+   cannot (a weights file missing here, a GPU-only precision), nothing is predicted and the error
+   says which field differs and what to do.
+4. **Heads.** Each window is one sample of the head, exactly as in training: the head sees T
+   seconds at a time, its temporal context (BiLSTM, self-attention) never crosses a window edge,
+   and the invalid seconds of a partial last window are zero features the head sees but whose
+   predictions are marked ``valid = false`` and dropped from the timeline's end.
+5. **Outputs** per video under ``<out>/<video_id>/``: ``predictions.csv`` (one row per second:
+   ``video_id, second, label, valid, probability, p_<class>...``), ``predictions.json`` (the same
+   plus the merged events and how it was made), ``timeline.png``; for heads with spatial attention
+   ``attention.npy`` (the head's own weights, [S, h, w]) and ``attention.png`` (one frame per
+   second, at its middle, with the weights overlaid); ``overlay.mp4`` on request;
+   ``<out>/summary.csv`` for all videos.
+
+Probabilities are the softmax of the head's scores; the label of a second is the head's own
+prediction rule (:meth:`train.heads.base.Head.predict`, e.g. CMBS predicts background unless its
+event score passes 0.5), which is what the run's accuracy counted.
+
+A video that cannot be predicted (missing, unreadable, no audio stream, failed extraction) gets a
+result with ``error`` set and no outputs; the others are predicted. Imports no decoder at import time.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: video file extensions collected from a folder
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
+#: a trailing piece of the video shorter than this (seconds) is not a second of the timeline
+MIN_LAST_SECOND = 0.25
+#: windows per forward pass
+PREDICT_BATCH = 64
+SPLIT = "predict"
+
+
+class PredictError(RuntimeError):
+    """Prediction cannot start or its features cannot be made (all videos); the message says why
+    and what to do. Per-video problems are reported in :attr:`VideoResult.error` instead."""
+
+
+@dataclasses.dataclass
+class Event:
+    """Consecutive valid seconds with the same event label: ``onset <= t < offset`` (seconds)."""
+
+    onset: int
+    offset: int
+    label: str
+    mean_probability: float
+
+
+@dataclasses.dataclass
+class VideoResult:
+    """The prediction of one video. ``seconds`` = S; ``labels`` [S] class names; ``probabilities``
+    [S, C] (softmax of the head's scores); ``valid`` [S] (the second has audio and visual features);
+    ``attention`` [S, h, w] spatial attention of the head when it has one; ``error`` set (and the
+    rest empty) when the video could not be predicted."""
+
+    video_id: str
+    path: str
+    seconds: int = 0
+    labels: list[str] = dataclasses.field(default_factory=list)
+    probabilities: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
+    attention: np.ndarray | None = None
+    duration: float | None = None
+    windows: int = 0
+    error: str | None = None
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def confidence(self) -> np.ndarray:
+        """[S] probability of each second's predicted label."""
+        if self.probabilities is None:
+            return np.zeros(0)
+        names = self._class_index()
+        return np.array([self.probabilities[t, names[label]] for t, label in enumerate(self.labels)])
+
+    def _class_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    class_names: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained head ready to predict: the module (eval mode), the checkpoint metadata, the class
+    names and the training store's recipe (``features``)."""
+
+    head: Any
+    meta: dict[str, Any]
+    checkpoint: Path
+    class_names: list[str]
+    features: dict[str, Any]
+
+    @property
+    def segments(self) -> int:
+        return int(self.features["segments"])
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+
+
+def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+             device: str = "cpu") -> LoadedRun:
+    """The head of an ``avel-train`` run directory (its ``checkpoint.safetensors``) or of a
+    checkpoint file. Refuses checkpoints that cannot predict new videos (another task, or written
+    before checkpoints recorded their features)."""
+    from .checkpoint import CheckpointError, build_head
+
+    if (run is None) == (checkpoint is None):
+        raise PredictError("give a run directory (--run) or a checkpoint file (--checkpoint), one of them")
+    path = Path(checkpoint) if checkpoint is not None else Path(run) / "checkpoint.safetensors"
+    if run is not None and not Path(run).is_dir():
+        raise PredictError(f"{run}: no such run directory (an avel-train run folder holds checkpoint.safetensors)")
+    try:
+        head, meta = build_head(path, device)
+    except CheckpointError as exc:
+        raise PredictError(str(exc)) from None
+    if meta.get("task", "avel") != "avel":
+        raise PredictError(f"{path}: a run of task {meta.get('task')!r}; avel-predict runs event-localization "
+                           "heads (task avel)")
+    features = meta.get("features")
+    if not features or not features.get("extractor") or not features.get("fingerprint"):
+        raise PredictError(f"{path}: the checkpoint does not record how its training features were made "
+                           "(written by an older avel-train); train the head again to predict new videos")
+    names = list(meta.get("class_names") or [])
+    if len(names) != int(meta["num_classes"]):
+        raise PredictError(f"{path}: {len(names)} class names for {meta['num_classes']} classes")
+    return LoadedRun(head, meta, path, names, features)
+
+
+# ------------------------------------------------------------------------------------------
+# videos and windows
+
+
+def collect_videos(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None = None,
+                   video_root: str | os.PathLike | None = None) -> list[Path]:
+    """Video paths from files, folders (their video files, sorted, not recursive) and a manifest
+    (a CSV with a ``path`` column or one path per line; relative paths are relative to
+    ``video_root``, default the manifest's folder).
+    Paths that do not exist are kept: they become per-video errors."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in VIDEO_EXTENSIONS)
+            if not found:
+                log.warning("%s: no video files (%s)", p, ", ".join(VIDEO_EXTENSIONS))
+            paths.extend(found)
+        else:
+            paths.append(p)
+    if manifest is not None:
+        paths.extend(read_video_list(manifest, video_root))
+    seen, unique = set(), []
+    for p in paths:
+        key = str(p.resolve()) if p.exists() else str(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    if not unique:
+        raise PredictError("no videos given (pass files, folders or --manifest)")
+    return unique
+
+
+def read_video_list(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Path]:
+    """Paths of a ``--manifest``: a CSV with a ``path`` column (avel manifests are such files),
+    or plain text with one path per line; relative paths are relative to ``video_root`` (default:
+    the file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: manifest not found")
+    text = path.read_text().splitlines()
+    base = Path(video_root) if video_root is not None else path.resolve().parent
+    first = next((line for line in text if line.strip()), "")
+    if "," in first and "path" in [c.strip() for c in first.split(",")]:
+        rows = csv.DictReader(text)
+        items = [row["path"].strip() for row in rows if (row.get("path") or "").strip()]
+    else:
+        items = [line.strip() for line in text if line.strip() and not line.lstrip().startswith("#")]
+    return [Path(i) if Path(i).is_absolute() else base / i for i in items]
+
+
+def video_ids(paths: Sequence[Path]) -> list[str]:
+    """A readable, unique id per video: the file stem, ``stem-2``, ``stem-3`` ... on repeats."""
+    ids, used = [], set()
+    for p in paths:
+        stem = p.stem or "video"
+        vid, k = stem, 2
+        while vid in used:
+            vid, k = f"{stem}-{k}", k + 1
+        used.add(vid)
+        ids.append(vid)
+    return ids
+
+
+def probe_duration(path: Path) -> float:
+    """Seconds of a video (the longest of its container, video and audio streams), read with
+    PyAV without decoding. Raises ValueError naming the file when it is missing or unreadable."""
+    if not path.exists():
+        raise ValueError(f"{path}: file not found")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a file, or empty")
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            has_video = bool(container.streams.video)
+            candidates = []
+            if container.duration:
+                candidates.append(container.duration / 1_000_000)
+            for stream in list(container.streams.video) + list(container.streams.audio):
+                if stream.duration and stream.time_base:
+                    candidates.append(float(stream.duration * stream.time_base))
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many error types; the video is reported
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ValueError(f"{path}: cannot be read as a video ({reason}); is the file complete?") from None
+    if not has_video:
+        raise ValueError(f"{path}: no video stream")
+    if not candidates or max(candidates) <= 0:
+        raise ValueError(f"{path}: the container gives no duration")
+    return max(candidates)
+
+
+def window_starts(duration: float, segments: int) -> list[int]:
+    """Starts (s) of the consecutive T-second windows covering ``duration`` (the last may be
+    partial; a trailing piece shorter than :data:`MIN_LAST_SECOND` is left out)."""
+    seconds = max(1, math.ceil(duration - MIN_LAST_SECOND))
+    return list(range(0, seconds, segments))
+
+
+def window_key(video_id: str, start: int, segments: int) -> str:
+    """Store row key of a window (:func:`extract.manifest.feature_key`)."""
+    from extract.manifest import feature_key
+
+    return feature_key(video_id, float(start), float(segments))
+
+
+# ------------------------------------------------------------------------------------------
+# features (avel-extract in a child process)
+
+
+def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | None, device: str | None) -> dict[str, Any]:
+    """The pipeline.yaml of the predict extraction: the training store's extractor configuration
+    (device replaced when given: not part of the features), the predict store and the cache."""
+    extract = dict(recipe["extractor"])
+    if device:
+        extract["device"] = device
+    doc: dict[str, Any] = {"extract": extract, "store": {"path": str(store)}}
+    if cache_root is not None:
+        doc["store"]["cache_root"] = str(cache_root)
+    return doc
+
+
+def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store: Path, *, cache: bool = True,
+                     device: str | None = None, progress: bool = True, cache_root: Path | None = None) -> int:
+    """Write the windows of ``plans`` as a manifest and run ``avel-extract`` on it into ``store``.
+    Returns avel-extract's exit code (0 all done, 1 some videos failed); raises PredictError when
+    it could not run (exit 2: its message, e.g. a missing weights file, is in the error)."""
+    import yaml
+
+    from extract.manifest import Sample, write_manifest
+
+    work.mkdir(parents=True, exist_ok=True)
+    samples = [Sample(sample_id=window_key(p.video_id, start, run.segments), video_id=p.video_id,
+                      path=str(p.path.resolve()), category="", onset=0, offset=0, split=SPLIT,
+                      start=float(start), duration=float(run.segments))
+               for p in plans for start in p.starts]
+    manifest = write_manifest(work / "videos.csv", samples, run.class_names[:-1])
+    if cache_root is None:
+        recorded = run.features.get("cache_root")
+        cache_root = Path(os.environ.get("AVEL_CACHE") or recorded or (work / "cache"))
+    config = work / "pipeline.yaml"
+    config.write_text("# written by avel-predict: the training store's extractor configuration\n"
+                      + yaml.safe_dump(predict_pipeline(run.features, store, cache_root, device), sort_keys=False))
+    command = [sys.executable, "-m", "extract.cli", "--config", str(config), "--manifest", str(manifest),
+               "--store", str(store)]
+    if cache:
+        command.append("--cache")
+    if not progress:
+        command.append("--no-progress")
+    log.info("features: %s", " ".join(command))
+    code, tail = _run_echoing(command)
+    if code not in (0, 1):
+        raise PredictError("computing the features with the run's extractor configuration failed; nothing was "
+                           f"predicted. avel-extract said:\n{tail.strip()}")
+    return code
+
+
+def _run_echoing(command: list[str]) -> tuple[int, str]:
+    """Run ``command``, passing its stderr through to ours as it comes (progress included); returns
+    (exit code, the last 4 KB of that stderr)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])  # the source tree, when avel is not installed
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    tail = b""
+    assert proc.stderr is not None
+    while True:
+        chunk = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(4096)
+        if not chunk:
+            break
+        sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    return proc.wait(), tail.decode(errors="replace")
+
+
+def check_features(store_path: Path, run: LoadedRun) -> Any:
+    """Open the predict store; refuse it unless its fingerprint is the training store's (naming
+    the fields that differ)."""
+    from extract.store import StoreError
+
+    from .data import open_checked_store
+
+    try:
+        store = open_checked_store(store_path, run.segments)
+    except StoreError as exc:
+        raise PredictError(f"the predict store cannot be read: {exc}") from None
+    want = run.features["fingerprint"]
+    if store.fingerprint != want:
+        fields = differing(run.features.get("fingerprint_fields") or {}, store.attrs.get("fingerprint_fields") or {})
+        raise PredictError(
+            f"{store_path}: these features are not the ones the head was trained on (fingerprint "
+            f"{store.fingerprint[:12]} vs the training store's {want[:12]}); differing: "
+            + ("; ".join(fields) if fields else "unknown fields")
+            + ". Make the same networks/weights and precision available here (see docs/predict.md)")
+    return store
+
+
+def differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for the dotted keys whose values differ."""
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            out = {}
+            for k, v in obj.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: obj}
+
+    a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ------------------------------------------------------------------------------------------
+# prediction
+
+
+@dataclasses.dataclass
+class _Plan:
+    video_id: str
+    path: Path
+    duration: float | None = None
+    starts: list[int] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def spatial_attention(extras: dict[str, Any]):
+    """[B, T, h, w] spatial attention of a head's extras (``attention`` or ``spatial_attention``,
+    [B, T, k*k] or [B, T, k, k]), or None when the head has none."""
+    for name in ("attention", "spatial_attention"):
+        value = extras.get(name)
+        if value is None or value.dim() < 3:
+            continue
+        if value.dim() == 3:
+            side = int(round(math.sqrt(value.shape[-1])))
+            if side * side != value.shape[-1]:
+                continue
+            value = value.reshape(*value.shape[:2], side, side)
+        return value
+    return None
+
+
+def run_head(run: LoadedRun, audio: np.ndarray, visual: np.ndarray, device: str = "cpu",
+             batch: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The head on windows: audio [W, T, 128], visual [W, T, 7, 7, 512] -> (labels [W, T] int,
+    probabilities [W, T, C], attention [W, T, h, w] or None), in eval mode without gradients."""
+    import torch
+
+    head = run.head.eval()
+    labels, probs, atts = [], [], []
+    with torch.no_grad():
+        for lo in range(0, len(audio), batch):
+            a = torch.from_numpy(np.asarray(audio[lo:lo + batch], dtype=np.float32)).to(device)
+            v = torch.from_numpy(np.asarray(visual[lo:lo + batch], dtype=np.float32)).to(device)
+            out = head(a, v)
+            labels.append(head.predict(out).cpu().numpy())
+            probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
+            att = spatial_attention(out.extras)
+            atts.append(None if att is None else att.float().cpu().numpy())
+    attention = None if any(a is None for a in atts) or not atts else np.concatenate(atts)
+    return np.concatenate(labels), np.concatenate(probs), attention
+
+
+def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, class_names: Sequence[str],
+                 background: str) -> list[Event]:
+    """Runs of consecutive valid seconds with the same non-background label, with the mean
+    probability of that label over the run."""
+    index = {n: i for i, n in enumerate(class_names)}
+    events: list[Event] = []
+    t = 0
+    while t < len(labels):
+        if not valid[t] or labels[t] == background:
+            t += 1
+            continue
+        end = t
+        while end + 1 < len(labels) and valid[end + 1] and labels[end + 1] == labels[t]:
+            end += 1
+        mean = float(np.mean(probs[t:end + 1, index[labels[t]]]))
+        events.append(Event(onset=t, offset=end + 1, label=labels[t], mean_probability=mean))
+        t = end + 1
+    return events
+
+
+def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: str = "cpu") -> list[VideoResult]:
+    """Per-video results from the rows of the predict store (windows in order, stitched)."""
+    from extract.store import STATUS_DONE
+
+    from .data import read_rows
+
+    ids = {str(k): i for i, k in enumerate(store.ids.tolist())}
+    status = np.asarray(store.array("status")[:])
+    reasons = store.array("reason")
+    T = run.segments
+    names = run.class_names
+    results = []
+    for plan in plans:
+        res = VideoResult(plan.video_id, str(plan.path), duration=plan.duration, windows=len(plan.starts),
+                          class_names=names)
+        results.append(res)
+        if plan.error:
+            res.error = plan.error
+            continue
+        keys = [window_key(plan.video_id, s, T) for s in plan.starts]
+        missing = [k for k in keys if k not in ids]
+        if missing:
+            res.error = f"{plan.path}: no features were written for window {missing[0]}"
+            continue
+        rows = np.array([ids[k] for k in keys], dtype=np.int64)
+        bad = [int(r) for r in rows if int(status[r]) != STATUS_DONE]
+        if bad:
+            res.error = f"{plan.path}: feature extraction failed: {str(reasons[bad[0]])}"
+            continue
+        order = np.argsort(rows)
+        sorted_rows = rows[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        audio = read_rows(store, "audio", sorted_rows)[inverse]
+        visual = read_rows(store, "visual", sorted_rows)[inverse]
+        valid = read_rows(store, "valid", sorted_rows)[inverse].astype(bool).reshape(-1)
+        if not valid.any():
+            note = str(reasons[int(rows[0])]) or "no second has both audio and visual features"
+            res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "
+                         "for each second")
+            continue
+        label_ids, probs, attention = run_head(run, audio, visual, device)
+        seconds = int(np.flatnonzero(valid)[-1]) + 1
+        res.seconds = seconds
+        res.valid = valid[:seconds]
+        res.labels = [names[int(i)] for i in label_ids.reshape(-1)[:seconds]]
+        res.probabilities = probs.reshape(-1, probs.shape[-1])[:seconds]
+        if attention is not None:
+            res.attention = attention.reshape(-1, *attention.shape[2:])[:seconds]
+        res.events = merge_events(res.labels, res.probabilities, res.valid, names, names[-1])
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: bool = True,
+                        overlay_video: bool = False) -> None:
+    """predictions.csv / .json, timeline.png, attention.png (heads with attention), overlay.mp4
+    (``overlay_video``) under ``out / video_id``; their paths go to ``res.outputs``."""
+    folder = out / res.video_id
+    folder.mkdir(parents=True, exist_ok=True)
+    names = run.class_names
+    conf = res.confidence()
+    csv_path = folder / "predictions.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["video_id", "second", "label", "valid", "probability"] + [f"p_{n}" for n in names])
+        for t in range(res.seconds):
+            writer.writerow([res.video_id, t, res.labels[t], int(bool(res.valid[t])), f"{conf[t]:.6f}"]
+                            + [f"{p:.6f}" for p in res.probabilities[t]])
+    res.outputs["csv"] = str(csv_path)
+    doc = {
+        "video_id": res.video_id, "path": res.path, "duration": res.duration, "seconds": res.seconds,
+        "windows": res.windows, "segments_per_window": run.segments, "class_names": names,
+        "labels": res.labels, "valid": [bool(v) for v in res.valid],
+        "probabilities": np.round(res.probabilities, 6).tolist(),
+        "events": [dataclasses.asdict(e) for e in res.events],
+        "head": run.meta.get("head"), "setting": run.meta.get("setting"), "checkpoint": str(run.checkpoint),
+        "features_fingerprint": run.features.get("fingerprint"),
+    }
+    json_path = folder / "predictions.json"
+    json_path.write_text(json.dumps(doc, indent=1))
+    res.outputs["json"] = str(json_path)
+    if res.attention is not None:
+        np.save(folder / "attention.npy", res.attention.astype(np.float32))
+        res.outputs["attention_values"] = str(folder / "attention.npy")
+    if not plots and not overlay_video:
+        return
+    from . import predict_plots as pp
+
+    title = f"{res.video_id} — {run.meta.get('head')} ({run.meta.get('setting')})"
+    if plots:
+        res.outputs["timeline"] = str(pp.plot_timeline(res.labels, res.probabilities, names, res.valid,
+                                                       [dataclasses.asdict(e) for e in res.events],
+                                                       folder / "timeline.png", title, background=names[-1]))
+        if res.attention is not None:
+            try:
+                frames = pp.read_frames(res.path, [t + 0.5 for t in range(res.seconds)])
+                drawn = pp.plot_attention_strip(frames, res.attention, res.labels, conf, folder / "attention.png", title)
+                res.outputs["attention"] = str(drawn["path"])
+            except ValueError as exc:
+                log.warning("%s: no attention strip: %s", res.video_id, exc)
+    if overlay_video:
+        res.outputs["overlay"] = str(pp.write_overlay_video(res.path, folder / "overlay.mp4", res.attention,
+                                                            res.labels, conf, class_names=names,
+                                                            background=names[-1]))
+
+
+SUMMARY_COLUMNS = ("video_id", "status", "seconds", "events", "main_event", "event_seconds", "path", "error")
+
+
+def summary_rows(results: Sequence[VideoResult]) -> list[dict[str, Any]]:
+    """One row per video: status, length, events, the event class covering most seconds."""
+    rows = []
+    for r in results:
+        if r.ok:
+            by_label: dict[str, int] = {}
+            for e in r.events:
+                by_label[e.label] = by_label.get(e.label, 0) + e.offset - e.onset
+            main = max(by_label, key=lambda k: (by_label[k], k)) if by_label else ""
+            rows.append({"video_id": r.video_id, "status": "ok", "seconds": r.seconds, "events": len(r.events),
+                         "main_event": main, "event_seconds": sum(by_label.values()), "path": r.path, "error": ""})
+        else:
+            rows.append({"video_id": r.video_id, "status": "error", "seconds": "", "events": "", "main_event": "",
+                         "event_seconds": "", "path": r.path, "error": r.error})
+    return rows
+
+
+def write_summary(results: Sequence[VideoResult], out: Path) -> Path:
+    path = out / "summary.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(summary_rows(results))
+    return path
+
+
+def summary_text(results: Sequence[VideoResult]) -> str:
+    """The table avel-predict prints: one line per video, then the counts."""
+    rows = summary_rows(results)
+    width = max([8] + [len(r["video_id"]) for r in rows])
+    lines = [f"{'video':<{width}}  {'seconds':>7}  {'events':>6}  main event (seconds)"]
+    for r in rows:
+        if r["status"] == "ok":
+            main = f"{r['main_event']} ({r['event_seconds']})" if r["main_event"] else "-"
+            lines.append(f"{r['video_id']:<{width}}  {r['seconds']:>7}  {r['events']:>6}  {main}")
+        else:
+            lines.append(f"{r['video_id']:<{width}}  {'-':>7}  {'-':>6}  ERROR: {r['error']}")
+    ok = sum(r["status"] == "ok" for r in rows)
+    lines.append(f"{ok} of {len(rows)} videos predicted" + (f", {len(rows) - ok} failed" if ok < len(rows) else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# the whole thing
+
+
+def default_out(run: LoadedRun) -> Path:
+    """``<run dir>/predict`` (the checkpoint's folder)."""
+    return run.checkpoint.resolve().parent / "predict"
+
+
+def predict_videos(
+    videos: Iterable[str | os.PathLike] = (),
+    *,
+    run: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    video_root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+    cache: bool = True,
+    cache_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    extract_device: str | None = None,
+    plots: bool = True,
+    overlay_video: bool = False,
+    progress: bool = True,
+) -> list[VideoResult]:
+    """Predict every video of ``videos`` (files or folders) and ``manifest`` with the head of
+    ``run`` (a run directory) or ``checkpoint``; write the outputs under ``out`` (default
+    ``<run>/predict``; manifest paths are relative to ``video_root``, default its folder) and return one :class:`VideoResult` per video, in input order.
+
+    ``store``: the predict feature store (default ``<out>/features.zarr``); ``cache``: go through
+    the shared feature cache (``cache_root``, default: the training pipeline's, ``$AVEL_CACHE``
+    overrides); ``device``: where the head runs; ``extract_device``: where the networks of the
+    extraction run (default: the training store's setting). Raises :class:`PredictError` when
+    nothing can be predicted (bad run, features that cannot be made as in training)."""
+    loaded = load_run(run, checkpoint, device)
+    paths = collect_videos(list(videos), manifest, video_root)
+    out = Path(out) if out is not None else default_out(loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    store_path = Path(store) if store is not None else out / "features.zarr"
+    plans = []
+    for vid, path in zip(video_ids(paths), paths):
+        plan = _Plan(vid, path)
+        try:
+            plan.duration = probe_duration(path)
+            plan.starts = window_starts(plan.duration, loaded.segments)
+        except ValueError as exc:
+            plan.error = str(exc)
+        plans.append(plan)
+    todo = [p for p in plans if p.error is None]
+    log.info("%d videos (%d windows of %d s); %d cannot be read", len(plans), sum(len(p.starts) for p in todo),
+             loaded.segments, len(plans) - len(todo))
+    if todo:
+        extract_features(loaded, todo, out / "extract", store_path.resolve(), cache=cache, device=extract_device,
+                         progress=progress, cache_root=Path(cache_root) if cache_root else None)
+        features = check_features(store_path, loaded)
+        results = predict_from_store(loaded, features, plans, device)
+    else:
+        results = [VideoResult(p.video_id, str(p.path), error=p.error, class_names=loaded.class_names) for p in plans]
+    for res in results:
+        if res.ok:
+            try:
+                write_video_outputs(res, out, loaded, plots=plots, overlay_video=overlay_video)
+            except Exception as exc:  # noqa: BLE001 - one video's pictures never stop the others
+                log.warning("%s: outputs incomplete: %s: %s", res.video_id, type(exc).__name__, exc)
+                res.outputs["warning"] = f"{type(exc).__name__}: {exc}"
+    write_summary(results, out)
+    return results

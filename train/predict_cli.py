@@ -1,0 +1,70 @@
+"""``avel-predict``: run a trained head on new videos (see :mod:`train.predict`)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from extract.clitools import setup_logging, verbose_option
+
+log = logging.getLogger(__name__)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("videos", nargs=-1, type=click.Path())
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="Run directory of avel-train (holds checkpoint.safetensors).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="A checkpoint file instead of --run.")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="More videos: a CSV with a 'path' column (avel manifests are) or one path per line; relative to the file's folder.")
+@click.option("--video-root", type=click.Path(file_okay=False), default=None, help="Folder the --manifest's relative paths are relative to (default: the manifest's folder).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default: <run>/predict). One folder per video plus summary.csv.")
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="Feature store of the predicted videos (default: <out>/features.zarr); created or extended, resumed like avel-extract's.")
+@click.option("--no-cache", is_flag=True, help="Do not use the feature cache shared with avel-extract (default: use it, so a second head on the same videos decodes nothing).")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None, help="Feature cache folder (default: the training pipeline's store.cache_root; $AVEL_CACHE overrides).")
+@click.option("--device", default="cpu", show_default=True, help="Where the head runs (cpu, cuda, cuda:N).")
+@click.option("--extract-device", default=None, help="Where the feature networks run (default: the training store's extract.device; not part of the features).")
+@click.option("--no-plots", is_flag=True, help="Write predictions.csv/.json only (no timeline.png / attention.png).")
+@click.option("--overlay-video", is_flag=True, help="Also write overlay.mp4 per video: the attention overlay and the label track.")
+@click.option("--no-progress", is_flag=True, help="No progress bar during the feature extraction.")
+@verbose_option
+def main(videos, run_dir, checkpoint, manifest, video_root, out, store, no_cache, cache_root, device, extract_device, no_plots,
+         overlay_video, no_progress, verbose):
+    """Say, for every second of each video, which event is seen and heard, with a trained head.
+
+    \b
+      avel-predict clip.mp4 --run data/runs/avel-dmrn-supervised/seed0-20261203-101500
+      avel-predict videos/ --run RUN --out predictions/ --overlay-video
+      avel-predict --manifest more.csv --checkpoint model.safetensors
+
+    VIDEOS are files or folders (their video files). Features are computed as the run's training
+    store computed them (same networks, weights, frames per segment, precision), in windows of the
+    run's T seconds; a video that cannot be predicted is reported and the others go on.
+
+    Writes per video: predictions.csv (per second: label, valid, probability of every class),
+    predictions.json (plus merged events), timeline.png, attention.png (heads with spatial
+    attention), overlay.mp4 (--overlay-video); summary.csv for all videos.
+
+    Exit code: 0 every video predicted, 1 some video failed, 2 nothing could run.
+    """
+    setup_logging(verbose)
+    from .predict import PredictError, predict_videos, summary_text
+
+    try:
+        results = predict_videos(videos, run=run_dir, checkpoint=checkpoint, manifest=manifest, video_root=video_root, out=out, store=store,
+                                 cache=not no_cache, cache_root=cache_root, device=device, extract_device=extract_device,
+                                 plots=not no_plots, overlay_video=overlay_video, progress=not no_progress)
+    except PredictError as exc:
+        print(f"avel-predict: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(summary_text(results))
+    if results:
+        import pathlib
+
+        first = next((r for r in results if r.outputs.get("csv")), None)
+        if first is not None:
+            print(f"outputs: {pathlib.Path(first.outputs['csv']).parent.parent}")
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

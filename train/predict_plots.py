@@ -1,0 +1,779 @@
+"""Visual outputs of ``avel-predict``: frames, per-second timelines, attention strips, overlay videos.
+
+Plain numpy in, files out; no dependency on the heads or the prediction classes.
+
+- :func:`read_frames` — one RGB frame per requested time (PyAV), resized like the extraction
+  stage resizes frames (:func:`extract.frames.prepare_frames`), rotation metadata applied;
+- :func:`attention_grid` — [S, k*k] or [S, h, w] attention -> [S, h, w];
+- :func:`plot_timeline` — label track (event spans) over the per-second confidence;
+- :func:`plot_attention_strip` — one panel per second: the frame with the head's attention map;
+- :func:`plot_sol_strip` — one panel per second: the sounding-object map and its Otsu box;
+- :func:`write_overlay_video` — the whole video with the attention overlay and a label track (MP4).
+
+Heat maps: each second's map is upsampled bilinearly to the frame (:func:`train.sol_metrics.resize_map`,
+half-pixel centres), min-max normalised per second (:func:`train.sol_metrics.normalize_map`, so the
+colour scale is relative to that second: red = the most attended place of that second, blue = the
+least) and blended as the jet colour map over the frame.
+
+Media libraries (``av``, ``cv2``) and matplotlib are imported inside the functions: ``train``
+must import without them (tests/test_train_imports.py).
+"""
+from __future__ import annotations
+
+import fractions
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "VideoReadError",
+    "read_frames",
+    "attention_grid",
+    "label_colour",
+    "plot_timeline",
+    "plot_attention_strip",
+    "plot_sol_strip",
+    "write_overlay_video",
+    "PANEL_WIDTH_IN",
+    "PANEL_HEIGHT_IN",
+    "STRIP_TITLE_IN",
+]
+
+#: read_frames decodes forward (no seek) while the next requested time is at most this many
+#: seconds ahead of the last decoded frame; farther targets are reached by a seek
+SEEK_GAP_S = 8.0
+#: strip panels: inches per panel (width, height incl. its title) and of the figure title; at dpi 100
+PANEL_WIDTH_IN = 1.9
+PANEL_HEIGHT_IN = 2.15
+STRIP_TITLE_IN = 0.45
+#: the label of seconds without an event (train.data: the last class, "background")
+BACKGROUND = "background"
+BACKGROUND_COLOUR = (0.82, 0.82, 0.82)
+#: overlay video: heat-map opacity
+VIDEO_ALPHA = 0.45
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+class VideoReadError(ValueError):
+    """A video cannot be read: missing, not a video, no video stream, undecodable (names the file)."""
+
+
+def _frame_seconds(frame, index: int, rate: float) -> float:
+    """Presentation time of a decoded PyAV frame in seconds (frame counter / rate without pts)."""
+    t = frame.time
+    if t is None:
+        return index / rate if rate > 0 else float(index)
+    return float(t)
+
+
+def _rgb(frame) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a PyAV frame, its rotation metadata applied (as decord does)."""
+    image = frame.to_ndarray(format="rgb24")
+    rotation = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(image, k=rotation)) if rotation else image
+
+
+def _open_video(path: Path):
+    """(container, video stream) or ValueError naming the file."""
+    import av
+
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such file")
+    try:
+        container = av.open(str(path))
+    except Exception as exc:  # noqa: BLE001 - av.error.* (InvalidDataError, ...), OSError
+        raise VideoReadError(f"{path}: cannot be opened as a video ({' '.join(str(exc).split())})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resize: str = "squash") -> np.ndarray:
+    """One RGB frame at each requested time, resized like the extraction's frames.
+
+    Args:
+        path: a video file.
+        times: [N] seconds (any order, repeats allowed; ``avel-predict`` passes ``t + 0.5``).
+        size: output side; ``resize``: ``"squash"`` (whole frame to size x size, the extraction's
+            default) or ``"crop"`` (short side to size, centre square), see
+            :func:`extract.frames.prepare_frames`.
+
+    Returns:
+        uint8 [N, size, size, 3]. Each time gets the decoded frame whose presentation time is
+        nearest to it, ties to the earlier frame (the frame-time rule of :mod:`extract.frames`); a
+        time beyond the last frame gets the last frame, one before the first frame the first.
+        Rotation metadata is applied (a 90-degree phone video comes out upright, as with decord).
+
+    One container, one forward pass over the sorted times; it seeks only to reach a time more than
+    :data:`SEEK_GAP_S` ahead. Raises ValueError naming the file when it is missing, not a video,
+    has no video stream or no decodable frame.
+    """
+    from extract.frames import prepare_frames
+
+    path = Path(path)
+    times = np.asarray(times, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(times)):
+        raise ValueError(f"{path}: read_frames got non-finite times")
+    if times.size == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    container, stream = _open_video(path)
+    rate = float(stream.average_rate or stream.guessed_rate or 0.0)
+    order = np.argsort(times, kind="stable")
+    chosen: list[np.ndarray | None] = [None] * times.size
+    try:
+        frames_iter = None
+        decoded = 0
+        prev = nxt = None  # (seconds, frame, cached rgb) around the current target
+        exhausted = False
+
+        def advance():
+            nonlocal decoded, exhausted
+            try:
+                frame = next(frames_iter)
+            except StopIteration:
+                exhausted = True
+                return None
+            decoded += 1
+            return [_frame_seconds(frame, decoded - 1, rate), frame, None]
+
+        for k in order:
+            target = float(times[k])
+            last_seen = nxt[0] if nxt is not None else (prev[0] if prev is not None else None)
+            if frames_iter is None or (last_seen is not None and not exhausted and target - last_seen > SEEK_GAP_S):
+                if frames_iter is not None:
+                    offset = int(max(0.0, target - 1.0) / float(stream.time_base))
+                    container.seek(offset + int(stream.start_time or 0), stream=stream, backward=True, any_frame=False)
+                frames_iter = container.decode(stream)
+                prev = nxt = None
+                exhausted = False
+            # move forward until nxt is the first frame at or after the target
+            while not exhausted and (nxt is None or nxt[0] < target):
+                if nxt is not None:
+                    prev = nxt
+                nxt = advance()
+            if nxt is None and prev is None:
+                raise VideoReadError(f"{path}: no decodable video frame")
+            if nxt is None:
+                pick = prev
+            elif prev is None or nxt[0] < target:  # nxt < target only when the stream ended
+                pick = nxt
+            else:
+                pick = prev if target - prev[0] <= nxt[0] - target else nxt
+            if pick[2] is None:
+                pick[2] = _rgb(pick[1])
+            chosen[k] = pick[2]
+    except VideoReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - av.error.* while decoding (some subclass ValueError)
+        raise VideoReadError(f"{path}: cannot be decoded ({' '.join(str(exc).split())})") from None
+    finally:
+        container.close()
+    shapes = {c.shape for c in chosen}  # type: ignore[union-attr]
+    if len(shapes) == 1:
+        return prepare_frames(np.stack(chosen), size, resize)  # type: ignore[arg-type]
+    return np.concatenate([prepare_frames(c[None], size, resize) for c in chosen])  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+
+
+def attention_grid(attention: np.ndarray) -> np.ndarray:
+    """Per-second attention as maps: [S, k*k] (e.g. [S, 49]) or [S, h, w] (or [S, 1, h, w]) ->
+    float32 [S, h, w]. A flat row is read row-major (cell ``i`` at row ``i // k``, column
+    ``i % k``), the layout of a [h, w] feature map flattened by ``reshape``/``flatten``."""
+    att = np.asarray(attention, dtype=np.float32)
+    if att.ndim == 4 and att.shape[1] == 1:
+        att = att[:, 0]
+    if att.ndim == 3:
+        return att.copy()
+    if att.ndim == 2:
+        k = math.isqrt(att.shape[1])
+        if k * k != att.shape[1]:
+            raise ValueError(f"attention_grid: {att.shape[1]} cells per second is not a square grid (shape {att.shape})")
+        return att.reshape(att.shape[0], k, k).copy()
+    raise ValueError(f"attention_grid expects [S, k*k] or [S, h, w], got shape {att.shape}")
+
+
+def label_colour(label: str, class_names: Sequence[str] | None = None,
+                 background: str = BACKGROUND) -> tuple[float, float, float]:
+    """RGB (0-1) of a label: light grey for background; else tab20 by the label's index in
+    ``class_names`` (by a hash of the name when it is not there), so every plot of a run agrees."""
+    from matplotlib import colormaps
+
+    if label == background:
+        return BACKGROUND_COLOUR
+    names = list(class_names or [])
+    index = names.index(label) if label in names else zlib.crc32(str(label).encode())
+    r, g, b, _ = colormaps["tab20"](index % 20)
+    return (float(r), float(g), float(b))
+
+
+def _confidence(labels: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """[S] probability of each second's predicted label (the row maximum when the label is not a class)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([probs[t, index[lab]] if lab in index else probs[t].max() for t, lab in enumerate(labels)])
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: max(1, width - 1)] + "…"
+
+
+def _runs(labels: Sequence[str], background: str) -> list[dict[str, Any]]:
+    """Maximal runs of equal non-background labels as events (no probabilities)."""
+    out: list[dict[str, Any]] = []
+    for t, lab in enumerate(labels):
+        if lab == background:
+            continue
+        if out and out[-1]["label"] == lab and out[-1]["offset"] == t:
+            out[-1]["offset"] = t + 1
+        else:
+            out.append({"onset": t, "offset": t + 1, "label": lab})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# timeline
+
+
+def plot_timeline(
+    labels: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    valid: np.ndarray,
+    events: Sequence[Mapping[str, Any]] | None,
+    path: str | Path,
+    title: str = "",
+    background: str = BACKGROUND,
+) -> Path:
+    """One PNG: the label track over the per-second confidence.
+
+    Args:
+        labels: [S] predicted label per second; probs: [S, C] softmax probabilities (columns in
+            ``class_names`` order); valid: [S] bool, False where the second had no valid input.
+        events: dicts with ``onset``, ``offset`` (seconds, offset exclusive), ``label`` and
+            optionally ``mean_probability``; None: the runs of equal non-background labels.
+
+    Top: each event a coloured span (:func:`label_colour`) with its label (and mean
+    probability) written on it when the span is wide enough (shortened, or left out, when not);
+    seconds outside every event light grey. Bottom: the probability of each second's predicted
+    label as a step line in [0, 1]. Invalid seconds are hatched on both. The width grows with S
+    (8 in for 10 s, about 18 in for 120 s, at most 20 in). Returns ``path``.
+    """
+    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    from .plots import pyplot, save_figure
+
+    plt = pyplot()
+    labels = [str(x) for x in labels]
+    S = len(labels)
+    probs = np.asarray(probs, dtype=np.float64).reshape(S, -1) if S else np.zeros((0, len(class_names)))
+    valid = np.ones(S, bool) if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
+    if valid.shape[0] != S:
+        raise ValueError(f"plot_timeline: {S} labels but {valid.shape[0]} valid flags")
+    events = _runs(labels, background) if events is None else [dict(e) for e in events]
+    conf = _confidence(labels, probs, class_names) if S else np.zeros(0)
+
+    width = float(np.clip(4.0 + 0.12 * S, 8.0, 20.0))
+    fig, (ax_track, ax_conf) = plt.subplots(2, 1, figsize=(width, 3.4), sharex=True,
+                                            gridspec_kw={"height_ratios": [1, 2]})
+    span = max(S, 1)
+    axis_inches = width * 0.86  # the axes' share of the figure width after tight_layout, roughly
+    inch_per_second = axis_inches / span
+    fontsize = 8
+
+    ax_track.add_patch(Rectangle((0, 0.1), S, 0.8, facecolor=BACKGROUND_COLOUR, edgecolor="none"))
+    present: dict[str, tuple[float, float, float]] = {}
+    for event in events:
+        onset, offset = float(event["onset"]), float(event["offset"])
+        label = str(event["label"])
+        colour = label_colour(label, class_names, background)
+        present.setdefault(label, colour)
+        ax_track.add_patch(Rectangle((onset, 0.1), offset - onset, 0.8, facecolor=colour, edgecolor="white", lw=1))
+        room = (offset - onset) * inch_per_second - 0.08  # inches available for the text
+        chars = int(room / (fontsize * 0.6 / 72))
+        mean_p = event.get("mean_probability")
+        full = f"{label} ({float(mean_p):.2f})" if mean_p is not None and np.isfinite(float(mean_p)) else label
+        text = full if len(full) <= chars else (_short(label, chars) if chars >= 4 else "")
+        if text:
+            ax_track.text((onset + offset) / 2, 0.5, text, ha="center", va="center", fontsize=fontsize, clip_on=True)
+    ax_track.set_ylim(0, 1)
+    ax_track.set_yticks([])
+    ax_track.set_ylabel("label", rotation=0, ha="right", va="center")
+
+    edges = np.arange(S + 1, dtype=np.float64)
+    shown = np.where(valid, conf, np.nan)
+    if S:
+        ax_conf.step(edges, np.append(shown, shown[-1]), where="post", color="C0", lw=1.5, label="confidence")
+        ax_conf.fill_between(edges, np.append(shown, shown[-1]), step="post", color="C0", alpha=0.15)
+    for ax in (ax_track, ax_conf):
+        for t in np.flatnonzero(~valid):
+            ax.axvspan(t, t + 1, facecolor="0.9", edgecolor="0.45", hatch="///", lw=0, zorder=3)
+    ax_conf.set_ylim(0, 1.02)
+    ax_conf.set_ylabel("p(label)")
+    ax_conf.set_xlim(0, span)
+    ax_conf.set_xlabel("time (s)")
+    ax_conf.grid(alpha=0.3)
+    if S <= 30:
+        ax_conf.set_xticks(range(0, S + 1))
+    else:
+        ax_conf.xaxis.set_major_locator(MaxNLocator(nbins=min(24, S), integer=True))
+    handles = [Patch(facecolor=c, label=_short(n, 18)) for n, c in list(present.items())[:12]]
+    handles.append(Patch(facecolor=BACKGROUND_COLOUR, label=background))
+    if (~valid).any():
+        handles.append(Patch(facecolor="0.9", edgecolor="0.45", hatch="///", label="no valid input"))
+    ax_conf.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.38), ncol=min(len(handles), 7),
+                   fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# strips of frames
+
+
+def _strip_figure(count: int, columns: int, title: str):
+    """(plt, fig, axes list of ``count`` axes): ``columns`` panels per row, rest switched off.
+    Figure: ``min(columns, count) * PANEL_WIDTH_IN`` wide, ``rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN`` high."""
+    from .plots import pyplot
+
+    plt = pyplot()
+    columns = max(1, min(int(columns), max(count, 1)))
+    rows = max(1, math.ceil(count / columns))
+    fig = plt.figure(figsize=(columns * PANEL_WIDTH_IN, rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN))
+    top = 1.0 - STRIP_TITLE_IN / (rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN)
+    grid = fig.add_gridspec(rows, columns, left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.06, hspace=0.25)
+    axes = []
+    for i in range(rows * columns):
+        ax = fig.add_subplot(grid[i // columns, i % columns])
+        ax.set_axis_off()
+        if i < count:
+            axes.append(ax)
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.0 - 0.12 * STRIP_TITLE_IN / (rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN))
+    return plt, fig, axes
+
+
+def _panel_title(t: int, label: str, confidence: float) -> str:
+    conf = f" ({float(confidence):.2f})" if confidence is not None and np.isfinite(float(confidence)) else ""
+    return f"t={t} s  {_short(str(label), 16)}{conf}"
+
+
+def _panel_text(ax, text: str) -> None:
+    """A panel's title as plain text above the axes (``set_title`` re-positions every title from
+    the axes' tight bounding boxes at draw time: seconds for a 120-panel strip)."""
+    ax.text(0.5, 1.02, text, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, clip_on=False)
+
+
+def _check_strip(frames: np.ndarray, labels: Sequence[str], confidence, name: str) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{name}: frames must be [S, H, W, 3] uint8, got {frames.shape}")
+    S = frames.shape[0]
+    conf = np.full(S, np.nan) if confidence is None else np.asarray(confidence, dtype=np.float64).reshape(-1)
+    if len(labels) != S or conf.shape[0] != S:
+        raise ValueError(f"{name}: {S} frames, {len(labels)} labels, {conf.shape[0]} confidences")
+    return frames.astype(np.uint8, copy=False), conf
+
+
+def plot_attention_strip(
+    frames: np.ndarray,
+    attention: np.ndarray | None,
+    labels: Sequence[str],
+    confidence: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    columns: int = 10,
+) -> dict[str, Any]:
+    """A grid of panels, one per second (``columns`` per row): the frame with the head's attention.
+
+    Args:
+        frames: uint8 [S, H, W, 3], one frame per second (:func:`read_frames`).
+        attention: [S, h, w] or [S, h*w] (:func:`attention_grid`), or None: the frames only.
+        labels: [S] predicted labels; confidence: [S] their probabilities (NaN: not shown).
+
+    Each map is upsampled bilinearly to H x W (:func:`train.sol_metrics.resize_map`), min-max
+    normalised per second and drawn as the jet heat map at opacity 0.5 over the frame
+    (:func:`train.sol_metrics.heatmap_overlay`). Panel titles: ``"t=3 s  dog (0.87)"``.
+    Figure size: :func:`_strip_figure` (saved at dpi 100).
+
+    Returns ``{"path": Path, "maps": float32 [S, H, W] the upsampled maps as drawn, before the
+    normalisation and colouring (None without attention), "cells": float32 [S, h, w] the attention
+    values used (None without attention)}``.
+    """
+    from . import sol_metrics as sol
+    from .plots import save_figure
+
+    frames, conf = _check_strip(frames, labels, confidence, "plot_attention_strip")
+    S, H, W = frames.shape[:3]
+    cells = maps = None
+    if attention is not None:
+        cells = attention_grid(attention)
+        if cells.shape[0] != S:
+            raise ValueError(f"plot_attention_strip: {S} frames but attention for {cells.shape[0]} seconds")
+        maps = np.stack([sol.resize_map(c, (H, W)) for c in cells]) if S else np.zeros((0, H, W), np.float32)
+    plt, fig, axes = _strip_figure(S, columns, title)
+    for t, ax in enumerate(axes):
+        image = frames[t] if maps is None else sol.heatmap_overlay(frames[t], sol.normalize_map(maps[t]), alpha=0.5)
+        ax.imshow(image, interpolation="nearest")
+        _panel_text(ax, _panel_title(t, labels[t], conf[t]))
+    out = save_figure(fig, path)
+    return {"path": out, "maps": maps, "cells": cells}
+
+
+def plot_sol_strip(
+    frames: np.ndarray,
+    maps: np.ndarray,
+    labels: Sequence[str],
+    confidence: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    columns: int = 10,
+    floor: float = 0.5,
+) -> dict[str, Any]:
+    """The sounding-object strip (stm head): per second the normalised map and its Otsu box.
+
+    Args:
+        frames: uint8 [S, H, W, 3]; maps: [S, h, w] (or [S, h*w]) sounding-object map per second;
+        labels: [S]; confidence: [S]; floor: pre-Otsu floor (:func:`train.sol_metrics.boxes_from_map`).
+
+    Each map: resized to H x W (``resize_map``), min-max normalised (``normalize_map``), boxes by
+    ``boxes_from_map(norm, floor)``, the box drawn is their ``enclosing_box`` (green), over the jet
+    overlay of the normalised map (opacity 0.5). Returns ``{"path": Path, "boxes": float64 [S, 4]
+    (x0, y0, x1, y1) in frame pixels, exclusive ends, NaN row where the map gives no box,
+    "maps": float32 [S, H, W] the normalised maps drawn}``.
+    """
+    from matplotlib.patches import Rectangle
+
+    from . import sol_metrics as sol
+    from .plots import save_figure
+
+    frames, conf = _check_strip(frames, labels, confidence, "plot_sol_strip")
+    S, H, W = frames.shape[:3]
+    cells = attention_grid(maps)
+    if cells.shape[0] != S:
+        raise ValueError(f"plot_sol_strip: {S} frames but maps for {cells.shape[0]} seconds")
+    norms = np.stack([sol.normalize_map(sol.resize_map(c, (H, W))) for c in cells]) if S else np.zeros((0, H, W), np.float32)
+    boxes = np.full((S, 4), np.nan)
+    for t in range(S):
+        box = sol.enclosing_box(sol.boxes_from_map(norms[t], floor))
+        if box is not None:
+            boxes[t] = box
+    plt, fig, axes = _strip_figure(S, columns, title)
+    for t, ax in enumerate(axes):
+        ax.imshow(sol.heatmap_overlay(frames[t], norms[t], alpha=0.5), interpolation="nearest")
+        if np.isfinite(boxes[t]).all():
+            x0, y0, x1, y1 = boxes[t]
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=(0.0, 0.9, 0.0), lw=2))
+        _panel_text(ax, _panel_title(t, labels[t], conf[t]))
+    out = save_figure(fig, path)
+    return {"path": out, "boxes": boxes, "maps": norms}
+
+
+# ---------------------------------------------------------------------------------------------
+# overlay video
+
+
+#: audio codecs that can be copied into the MP4 unchanged
+_MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2.0)) * 2)
+
+
+def _output_size(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(W, H) of the output picture: short side ``size`` (aspect ratio kept), both even."""
+    if not size:
+        return _even(width), _even(height)
+    scale = float(size) / min(width, height)
+    return _even(width * scale), _even(height * scale)
+
+
+def _rgb255(colour: tuple[float, float, float]) -> tuple[int, int, int]:
+    return (int(colour[0] * 255), int(colour[1] * 255), int(colour[2] * 255))
+
+
+class _TrackPainter:
+    """Draws the label track below a frame: current label text and a bar of the seconds."""
+
+    def __init__(self, width: int, labels: Sequence[str], confidence: np.ndarray, class_names, background: str):
+        self.width = width
+        self.labels = [str(x) for x in labels]
+        self.confidence = np.asarray(confidence, dtype=np.float64).reshape(-1) if confidence is not None else None
+        self.scale = float(np.clip(width / 400.0, 0.6, 2.5))
+        self.text_h = _even(22 * self.scale)
+        self.bar_h = _even(14 * self.scale)
+        self.height = _even(self.text_h + self.bar_h + 6 * self.scale)
+        S = len(self.labels)
+        self.edges = np.rint(np.linspace(0, width, S + 1)).astype(int) if S else np.array([0, width])
+        base = np.full((self.height, width, 3), 24, np.uint8)
+        y0 = self.text_h
+        for t, lab in enumerate(self.labels):
+            base[y0:y0 + self.bar_h, self.edges[t]:max(self.edges[t + 1] - 1, self.edges[t] + 1)] = \
+                _rgb255(label_colour(lab, class_names, background))
+        self.base = base
+
+    def draw(self, seconds: float) -> np.ndarray:
+        import cv2
+
+        panel = self.base.copy()
+        S = len(self.labels)
+        t = int(math.floor(seconds + 1e-9))
+        y0, y1 = self.text_h, self.text_h + self.bar_h
+        if 0 <= t < S:
+            cv2.rectangle(panel, (int(self.edges[t]), y0 - 1), (int(self.edges[t + 1]) - 1, y1), (255, 255, 255),
+                          max(1, int(round(self.scale))))
+            conf = self.confidence[t] if self.confidence is not None and t < len(self.confidence) else float("nan")
+            text = f"{t} s  {self.labels[t]}" + (f"  ({conf:.2f})" if np.isfinite(conf) else "")
+        else:
+            text = f"{max(t, 0)} s  (no prediction)"
+        if S:
+            x = int(np.clip(round(seconds / S * self.width), 0, self.width - 1))
+            cv2.line(panel, (x, y0 - 2), (x, y1 + 1), (255, 255, 255), 1)
+        cv2.putText(panel, text, (int(4 * self.scale), int(self.text_h * 0.72)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45 * self.scale, (255, 255, 255), 1, cv2.LINE_AA)
+        return panel
+
+
+def _open_encoder(out_path: Path, width: int, height: int, rate: fractions.Fraction, audio_template):
+    """(container, video stream, audio stream or None, codec name): libx264, else mpeg4."""
+    import av
+
+    container = av.open(str(out_path), mode="w")
+    try:
+        stream, codec = None, None
+        for codec in ("libx264", "mpeg4"):
+            try:
+                stream = container.add_stream(codec, rate=rate)
+                break
+            except Exception as exc:  # noqa: BLE001 - av.codec.codec.UnknownCodecError, ValueError
+                log.info("encoder %s unavailable (%s)", codec, exc)
+        if stream is None:
+            raise RuntimeError("neither libx264 nor mpeg4 can encode here (PyAV's FFmpeg lacks both)")
+        if codec != "libx264":
+            log.warning("libx264 is not available: writing %s with mpeg4 instead", out_path)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = 1 / rate
+        if codec == "libx264":
+            stream.options = {"crf": "20", "preset": "veryfast"}
+        else:
+            stream.bit_rate = int(max(1_000_000, width * height * float(rate) * 0.25))
+        audio = container.add_stream_from_template(audio_template) if audio_template is not None else None
+    except BaseException:
+        container.close()
+        raise
+    return container, stream, audio, codec
+
+
+def write_overlay_video(
+    path: str | Path,
+    out_path: str | Path,
+    attention: np.ndarray | None,
+    labels: Sequence[str],
+    confidence: np.ndarray,
+    fps: float | None = None,
+    size: int | None = 224,
+    class_names: Sequence[str] | None = None,
+    audio: bool = True,
+    background: str = BACKGROUND,
+) -> Path:
+    """The whole video with the attention overlay and a label track, as an H.264 MP4.
+
+    Args:
+        path: the input video; out_path: the MP4 to write (folders created).
+        attention: [S, h, w] or [S, h*w] per-second maps, or None (label track only).
+        labels: [S] predicted label per second; confidence: [S] their probabilities.
+        fps: output frame rate; None: the stream's native (average) rate. Output frame ``k`` (time
+            ``k / fps``) shows the last decoded frame at or before that time (frames dropped or
+            repeated to reach the rate); the video lasts until the last frame's end
+            (``duration * fps`` frames, +-1).
+        size: the output picture's short side in pixels, aspect ratio kept, even dimensions
+            (None: the native size); the label track is added BELOW the picture.
+        class_names: for the label colours (same as :func:`plot_timeline`'s when given).
+        audio: copy the first audio stream unchanged when MP4 can hold its codec (AAC, MP3, ...);
+            if that fails the video is rewritten without audio.
+
+    Each decoded frame (rotation applied) of second ``t = floor(pts)`` gets ``attention[t]``
+    (upsampled bilinearly to the picture, min-max normalised per second, jet colours, opacity
+    :data:`VIDEO_ALPHA`) when ``t < S``; frames at or after second S get no overlay. The track:
+    one cell per second coloured by label (:func:`label_colour`), the current second outlined,
+    a play-head line, and the text ``"3 s  dog  (0.87)"``. Encoded with libx264 (crf 20),
+    mpeg4 when libx264 is absent, yuv420p. Returns ``out_path``; ValueError naming the input when
+    it cannot be decoded.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_overlay_video(Path(path), out_path, attention, labels, confidence, fps, size, class_names,
+                                    audio, background)
+    except _AudioCopyError as exc:
+        log.warning("%s: copying the audio failed (%s); writing the video without audio", path, exc.__cause__)
+        return _write_overlay_video(Path(path), out_path, attention, labels, confidence, fps, size, class_names,
+                                    False, background)
+
+
+class _AudioCopyError(RuntimeError):
+    pass
+
+
+class _EncodeError(RuntimeError):
+    """The output cannot be written (message names it)."""
+
+
+def _write_overlay_video(path: Path, out_path: Path, attention, labels, confidence, fps, size, class_names,
+                         audio: bool, background: str) -> Path:
+    import cv2
+
+    from . import sol_metrics as sol
+
+    labels = [str(x) for x in labels]
+    S = len(labels)
+    cells = attention_grid(attention) if attention is not None else None
+    if cells is not None and cells.shape[0] != S:
+        raise ValueError(f"write_overlay_video: {S} labels but attention for {cells.shape[0]} seconds")
+    container, stream = _open_video(path)
+    out = None
+    try:
+        native = stream.average_rate or stream.guessed_rate
+        if not native or float(native) <= 0:
+            native = fractions.Fraction(25)
+        rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(native)
+        frame_step = 1.0 / float(native)
+        in_audio = None
+        if audio and container.streams.audio:
+            candidate = container.streams.audio[0]
+            if candidate.codec_context.name in _MP4_AUDIO:
+                in_audio = candidate
+            else:
+                log.info("%s: audio codec %s is not copied into MP4", path, candidate.codec_context.name)
+        streams = [stream] + ([in_audio] if in_audio is not None else [])
+
+        state: dict[str, Any] = {"k": 0, "prev": None}
+        colours: dict[int, np.ndarray] = {}
+        painter: _TrackPainter | None = None
+        geometry: dict[str, int] = {}
+
+        def picture(entry) -> np.ndarray:
+            """The finished output picture of a decoded frame entry [seconds, frame, cache]."""
+            nonlocal painter, out
+            if entry[2] is not None:
+                return entry[2]
+            frame = entry[1]
+            if not geometry:
+                turns = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                upright = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                w, h = _output_size(upright[0], upright[1], size)
+                geometry.update(w=w, h=h)
+                painter = _TrackPainter(w, labels, confidence, class_names, background)
+                try:
+                    opened = _open_encoder(out_path, w, h + painter.height, rate,
+                                           in_audio if in_audio is not None else None)
+                except Exception as exc:  # noqa: BLE001
+                    if in_audio is not None:
+                        raise _AudioCopyError(str(exc)) from exc
+                    raise _EncodeError(f"{out_path}: cannot be written ({' '.join(str(exc).split())})") from exc
+                out = opened
+            w, h = geometry["w"], geometry["h"]
+            rgb = _rgb(frame)  # rotation applied
+            if rgb.shape[:2] != (h, w):
+                shrink = w <= rgb.shape[1] and h <= rgb.shape[0]
+                rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            t = int(math.floor(entry[0] + 1e-9))
+            if cells is not None and 0 <= t < S:
+                if t not in colours:
+                    from matplotlib import colormaps
+
+                    norm = sol.normalize_map(sol.resize_map(cells[t], (h, w)))
+                    colours[t] = colormaps["jet"](norm)[..., :3].astype(np.float32) * 255.0
+                blended = rgb.astype(np.float32) * (1.0 - VIDEO_ALPHA) + colours[t] * VIDEO_ALPHA
+                rgb = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+            entry[2] = np.concatenate([rgb, painter.draw(entry[0])], axis=0)  # type: ignore[union-attr]
+            return entry[2]
+
+        def emit(entry, until: float) -> None:
+            """Write output frames k with time k / rate < ``until`` showing ``entry``."""
+            import av
+
+            while float(state["k"] / rate) < until - 1e-9:
+                image = picture(entry)
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = state["k"]
+                for packet in out[1].encode(frame):
+                    out[0].mux(packet)
+                state["k"] += 1
+
+        pending_audio: list = []
+        index = 0
+        try:
+            for packet in container.demux(*streams):
+                if packet.stream.type == "audio":
+                    if packet.dts is None:
+                        continue
+                    if out is None:
+                        pending_audio.append(packet)
+                    else:
+                        _mux_audio(out, pending_audio, packet)
+                    continue
+                for frame in packet.decode():
+                    entry = [_frame_seconds(frame, index, float(native)), frame, None]
+                    index += 1
+                    if state["prev"] is not None:
+                        emit(state["prev"], entry[0])
+                    elif entry[0] > 0:
+                        picture(entry)  # opens the encoder; the first frame also covers [0, its pts)
+                        emit(entry, entry[0])
+                    state["prev"] = entry
+            if state["prev"] is not None:
+                emit(state["prev"], state["prev"][0] + frame_step)
+        except (_AudioCopyError, _EncodeError, VideoReadError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - av.error.* while decoding / encoding
+            if out is not None and out[2] is not None and "mux" in str(exc).lower():
+                raise _AudioCopyError(str(exc)) from exc
+            raise VideoReadError(f"{path}: cannot be decoded ({' '.join(str(exc).split())})") from None
+        if out is None:
+            raise VideoReadError(f"{path}: no decodable video frame")
+        if pending_audio:
+            _mux_audio(out, pending_audio, None)
+        for packet in out[1].encode():
+            out[0].mux(packet)
+        log.info("wrote %s: %d frames at %.3g fps (%s)", out_path, state["k"], float(rate), out[3])
+    finally:
+        container.close()
+        if out is not None:
+            try:
+                out[0].close()
+            except Exception as exc:  # noqa: BLE001 - closing after an earlier failure
+                log.debug("closing %s: %s", out_path, exc)
+    return out_path
+
+
+def _mux_audio(out, pending: list, packet) -> None:
+    """Copy audio packets into the output's audio stream (those held back before it existed first)."""
+    if out[2] is None:
+        pending.clear()
+        return
+    try:
+        for held in pending + ([packet] if packet is not None else []):
+            held.stream = out[2]
+            out[0].mux(held)
+        pending.clear()
+    except Exception as exc:  # noqa: BLE001
+        raise _AudioCopyError(str(exc)) from exc
