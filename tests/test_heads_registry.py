@@ -39,6 +39,7 @@ TINY = {
     "d": 8, "heads": 2, "ffn_dim": 16, "mfb_pool": 1, "mfb_dim": 512,  # bmfn (mfb_dim = mfb_pool x 512)
     "embed": 4, "components": 4,  # cml embedders
     "dim": 8, "visual_channels": 16, "audio_channels": 8,  # stm
+    "decoder_ffn_dim": 16, "key_dim": 8, "att_hidden": 8,  # cmran, cmbs, cace
 }
 
 #: options that only enter the training objective (or its post-training fit): changing one must
@@ -61,6 +62,7 @@ TRAINING_ONLY = {
     "margin_weak": "cpsp: video-level contrastive margin, weak",
     "negatives_supervised": "cpsp: nearest negatives of the video-level contrastive loss, supervised",
     "negatives_weak": "cpsp: nearest negatives of the video-level contrastive loss, weak",
+    "contrastive_weight": "cace: weight of the contrastive loss (--contras_coeff)",
 }
 #: options the task applies around the head (tested with the task)
 APPLIED_BY_TASK = {"init_from": "coattention-cml: the cml task loads the checkpoint (tests/test_cml_task.py)"}

@@ -33,6 +33,12 @@ How it works, stage by stage (the two stages meet only at a feature store, as ev
    second, at its middle, with the weights overlaid); ``overlay.mp4`` on request;
    ``<out>/summary.csv`` for all videos.
 
+Runs of task ``sol`` (the STM head on a map store) predict the same way: each window runs as one
+causal sequence of its T x F sampled frames (as the task's test evaluation), a second's
+probabilities are the mean of its frames' softmax, and instead of the attention the outputs hold
+the sounding-object map (``sounding_object.npy``, mean of the second's frames) and
+``sounding_object.png`` with its Otsu box, whose coordinates are in ``predictions.json``.
+
 Probabilities are the softmax of the head's scores; the label of a second is the head's own
 prediction rule (:meth:`train.heads.base.Head.predict`, e.g. CMBS predicts background unless its
 event score passes 0.5), which is what the run's accuracy counted.
@@ -64,6 +70,8 @@ MIN_LAST_SECOND = 0.25
 #: windows per forward pass
 PREDICT_BATCH = 64
 SPLIT = "predict"
+#: tasks whose heads predict per-second labels of a video
+PREDICT_TASKS = ("avel", "sol")
 
 
 class PredictError(RuntimeError):
@@ -96,6 +104,8 @@ class VideoResult:
     valid: np.ndarray | None = None
     events: list[Event] = dataclasses.field(default_factory=list)
     attention: np.ndarray | None = None
+    #: what ``attention`` holds: the head's spatial attention, or (task sol) the sounding-object map
+    map_kind: str = "attention"
     duration: float | None = None
     windows: int = 0
     error: str | None = None
@@ -133,6 +143,10 @@ class LoadedRun:
     def segments(self) -> int:
         return int(self.features["segments"])
 
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "avel"))
+
 
 # ------------------------------------------------------------------------------------------
 # the run
@@ -154,9 +168,9 @@ def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike
         head, meta = build_head(path, device)
     except CheckpointError as exc:
         raise PredictError(str(exc)) from None
-    if meta.get("task", "avel") != "avel":
-        raise PredictError(f"{path}: a run of task {meta.get('task')!r}; avel-predict runs event-localization "
-                           "heads (task avel)")
+    if meta.get("task", "avel") not in PREDICT_TASKS:
+        raise PredictError(f"{path}: a run of task {meta.get('task')!r}; avel-predict runs the heads of tasks "
+                           f"{', '.join(PREDICT_TASKS)} (event localization, sounding objects)")
     features = meta.get("features")
     if not features or not features.get("extractor") or not features.get("fingerprint"):
         raise PredictError(f"{path}: the checkpoint does not record how its training features were made "
@@ -351,7 +365,12 @@ def check_features(store_path: Path, run: LoadedRun) -> Any:
     from .data import open_checked_store
 
     try:
-        store = open_checked_store(store_path, run.segments)
+        if run.task == "sol":
+            from .tasks.sol_task import open_map_store
+
+            store = open_map_store(store_path)
+        else:
+            store = open_checked_store(store_path, run.segments)
     except StoreError as exc:
         raise PredictError(f"the predict store cannot be read: {exc}") from None
     want = run.features["fingerprint"]
@@ -429,6 +448,25 @@ def run_head(run: LoadedRun, audio: np.ndarray, visual: np.ndarray, device: str 
     return np.concatenate(labels), np.concatenate(probs), attention
 
 
+def run_sol_head(run: LoadedRun, store, rows: np.ndarray, device: str = "cpu"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sounding-object head (task sol) on windows, each as one causal sequence of T x F frames
+    (as its test evaluation runs): (labels [W, T], probabilities [W, T, C], maps [W, T, h, w]);
+    a second's probabilities are the mean of its F frames' softmax, its label their argmax, its
+    map the mean of its F frames' sounding-object maps."""
+    import torch
+
+    from .tasks.sol_task import video_outputs
+
+    by_row = {}
+    for row, logits, maps in video_outputs(run.head, store, sorted(int(r) for r in rows), PREDICT_BATCH // 8 or 1, device):
+        probs = torch.from_numpy(logits).float().softmax(dim=-1).numpy().mean(axis=1)  # [T, C]
+        by_row[row] = (probs, maps.mean(axis=1))
+    probs = np.stack([by_row[int(r)][0] for r in rows])
+    maps = np.stack([by_row[int(r)][1] for r in rows])
+    return probs.argmax(axis=-1), probs, maps
+
+
 def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, class_names: Sequence[str],
                  background: str) -> list[Event]:
     """Runs of consecutive valid seconds with the same non-background label, with the mean
@@ -482,15 +520,19 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
         sorted_rows = rows[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        audio = read_rows(store, "audio", sorted_rows)[inverse]
-        visual = read_rows(store, "visual", sorted_rows)[inverse]
         valid = read_rows(store, "valid", sorted_rows)[inverse].astype(bool).reshape(-1)
         if not valid.any():
             note = str(reasons[int(rows[0])]) or "no second has both audio and visual features"
             res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "
                          "for each second")
             continue
-        label_ids, probs, attention = run_head(run, audio, visual, device)
+        if run.task == "sol":
+            label_ids, probs, attention = run_sol_head(run, store, rows, device)
+            res.map_kind = "sounding_object"
+        else:
+            audio = read_rows(store, "audio", sorted_rows)[inverse]
+            visual = read_rows(store, "visual", sorted_rows)[inverse]
+            label_ids, probs, attention = run_head(run, audio, visual, device)
         seconds = int(np.flatnonzero(valid)[-1]) + 1
         res.seconds = seconds
         res.valid = valid[:seconds]
@@ -528,15 +570,18 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         "labels": res.labels, "valid": [bool(v) for v in res.valid],
         "probabilities": np.round(res.probabilities, 6).tolist(),
         "events": [dataclasses.asdict(e) for e in res.events],
-        "head": run.meta.get("head"), "setting": run.meta.get("setting"), "checkpoint": str(run.checkpoint),
+        "head": run.meta.get("head"), "task": run.task, "setting": run.meta.get("setting"),
+        "checkpoint": str(run.checkpoint),
         "features_fingerprint": run.features.get("fingerprint"),
     }
     json_path = folder / "predictions.json"
     json_path.write_text(json.dumps(doc, indent=1))
     res.outputs["json"] = str(json_path)
+    sol_maps = res.map_kind == "sounding_object"
+    map_name = "sounding_object" if sol_maps else "attention"
     if res.attention is not None:
-        np.save(folder / "attention.npy", res.attention.astype(np.float32))
-        res.outputs["attention_values"] = str(folder / "attention.npy")
+        np.save(folder / f"{map_name}.npy", res.attention.astype(np.float32))
+        res.outputs[f"{map_name}_values"] = str(folder / f"{map_name}.npy")
     if not plots and not overlay_video:
         return
     from . import predict_plots as pp
@@ -549,10 +594,16 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         if res.attention is not None:
             try:
                 frames = pp.read_frames(res.path, [t + 0.5 for t in range(res.seconds)])
-                drawn = pp.plot_attention_strip(frames, res.attention, res.labels, conf, folder / "attention.png", title)
-                res.outputs["attention"] = str(drawn["path"])
+                if sol_maps:
+                    drawn = pp.plot_sol_strip(frames, res.attention, res.labels, conf, folder / "sounding_object.png", title)
+                    boxes = [None if np.isnan(b).any() else [round(float(x), 1) for x in b] for b in drawn["boxes"]]
+                    doc["sounding_object_boxes"] = boxes  # per second, x0 y0 x1 y1 on the 224 x 224 frame
+                    json_path.write_text(json.dumps(doc, indent=1))
+                else:
+                    drawn = pp.plot_attention_strip(frames, res.attention, res.labels, conf, folder / "attention.png", title)
+                res.outputs[map_name] = str(drawn["path"])
             except ValueError as exc:
-                log.warning("%s: no attention strip: %s", res.video_id, exc)
+                log.warning("%s: no %s strip: %s", res.video_id, map_name, exc)
     if overlay_video:
         res.outputs["overlay"] = str(pp.write_overlay_video(res.path, folder / "overlay.mp4", res.attention,
                                                             res.labels, conf, class_names=names,

@@ -18,7 +18,7 @@ from ..evaluate import EvalResult, evaluate_split
 from ..loop import FitResult
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline
+from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, store_recipe
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class AvelTask(Task):
     def checkpoint_meta(self) -> dict[str, Any]:
         """Class names and how the training store's features were made (``features``), so that
         ``avel-predict`` can compute the same features for new videos (:mod:`train.predict`)."""
-        return {"class_names": self.data.class_names, "features": store_recipe(self.data.bank, self.pipeline)}
+        return {"class_names": self.data.class_names, "features": store_recipe(self.data.bank.store_path, self.data.bank.fingerprint,
+                                                                            self.data.bank.attrs, self.data.bank.segments, self.pipeline)}
 
     def write_outputs(self, run_dir: Path, title: str, model, result: FitResult) -> None:
         """learning_curves.png, confusion_test.png, timeline_test.png, predictions_test.csv."""
@@ -113,24 +114,6 @@ class AvelTask(Task):
         test = result.results.get("test")
         if test is not None:
             write_split_predictions(run_dir / "predictions_test.csv", self.data, self.train_cfg.test_split, test.predictions)
-
-
-def store_recipe(bank, pipeline=None) -> dict[str, Any]:
-    """What made the training store: its fingerprint, the fields the fingerprint hashes, the full
-    extractor configuration and T (root attributes of the store), plus the feature cache folder of
-    the training pipeline (absolute), which ``avel-predict`` shares."""
-    attrs = dict(bank.attrs or {})
-    cache_root = None
-    if pipeline is not None and hasattr(pipeline, "store"):
-        cache_root = str(pipeline.path(pipeline.store.cache_root).resolve())
-    return {
-        "store": str(bank.store_path),
-        "fingerprint": bank.fingerprint,
-        "fingerprint_fields": attrs.get("fingerprint_fields"),
-        "extractor": attrs.get("extractor"),
-        "segments": int(bank.segments),
-        "cache_root": cache_root,
-    }
 
 
 def write_split_predictions(path: Path, data: TaskData, split_name: str, predictions) -> Path:

@@ -271,6 +271,25 @@ def baseline_entry(value: float | None, method: str) -> dict[str, Any]:
     return {"value": value, "method": method}
 
 
+def store_recipe(store_path, fingerprint: str, attrs: Mapping[str, Any] | None, segments: int, pipeline=None) -> dict[str, Any]:
+    """What made a run's training store, for its checkpoint (``features``): the store's
+    fingerprint, the fields the fingerprint hashes, the full extractor configuration and T (root
+    attributes of the store), plus the training pipeline's feature cache folder (absolute), which
+    ``avel-predict`` (:mod:`train.predict`) uses to compute the same features for new videos."""
+    attrs = dict(attrs or {})
+    cache_root = None
+    if pipeline is not None and hasattr(pipeline, "store"):
+        cache_root = str(pipeline.path(pipeline.store.cache_root).resolve())
+    return {
+        "store": str(store_path),
+        "fingerprint": fingerprint,
+        "fingerprint_fields": attrs.get("fingerprint_fields"),
+        "extractor": attrs.get("extractor"),
+        "segments": int(segments),
+        "cache_root": cache_root,
+    }
+
+
 def head_for_task(pipeline, head_name: str, task: str, num_classes: int):
     """The registered head ``head_name`` of ``task`` built with its overrides (not yet moved to a
     device)."""

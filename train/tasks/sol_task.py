@@ -47,7 +47,7 @@ from .. import sol_metrics as sol
 from ..data import DataError, match_rows, split_manifest
 from ..registry import register_task
 from ..runs import head_class_and_config, splits_to_load
-from .base import Evaluation, Task, baseline_entry, majority_baseline
+from .base import Evaluation, Task, baseline_entry, majority_baseline, store_recipe
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,10 @@ class SolTask(Task):
         return list(self.classes) + ["background"]
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"classes": self.classes}
+        """Classes and how the map store was made (``features``, for avel-predict)."""
+        return {"classes": self.classes, "class_names": self.class_names,
+                "features": store_recipe(self.store.path, self.store.fingerprint, self.store.attrs,
+                                         self.store.segments, self.pipeline)}
 
     @staticmethod
     def report_lines(results: list[dict[str, Any]]) -> str | None:
