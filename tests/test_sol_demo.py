@@ -91,3 +91,30 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     from matplotlib import image as mpimg
 
     assert min(mpimg.imread(drawn[0]).shape[:2]) >= 256
+
+    # avel-predict with the stm run on a test clip: the features are made again with the map store's
+    # recipe, and the sounding-object maps are those of the head on the training store's row
+    test_clip = out / "videos" / f"{video}.mp4"
+    stdout, printed = run_cli("train.predict_cli", "--run", str(run), str(test_clip), "--out", str(tmp_path / "pred"),
+                              "--no-progress", cwd=tmp_path)
+    assert "1 of 1 videos predicted" in stdout, printed[-3000:]
+    doc = json.loads((tmp_path / "pred" / video / "predictions.json").read_text())
+    assert doc["task"] == "sol" and doc["seconds"] == 10 and len(doc["sounding_object_boxes"]) == 10
+    saved = np.load(tmp_path / "pred" / video / "sounding_object.npy")
+    assert (tmp_path / "pred" / video / "sounding_object.png").stat().st_size > 1000
+
+    from extract.store import open_store
+    from train.predict import load_run
+    from train.tasks.sol_task import video_outputs
+
+    loaded = load_run(run)
+    train_store = open_store(out / "sol.zarr")
+    row = [str(k) for k in train_store.ids.tolist()].index(video)
+    ((_, logits, maps),) = list(video_outputs(loaded.head, train_store, [row], 1, "cpu"))
+    np.testing.assert_allclose(saved, maps.mean(axis=1), rtol=1e-3, atol=1e-5)
+    probs = np.asarray(doc["probabilities"])
+    import torch
+
+    expected = torch.from_numpy(logits).softmax(-1).numpy().mean(axis=1)
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    assert doc["labels"] == [loaded.class_names[i] for i in expected.argmax(-1)]

@@ -68,6 +68,8 @@ from torch.nn import functional as F
 from train.heads.base import Head, HeadOutput
 from train.heads.layers import (
     activation,
+    gated_predict,
+    gated_segment_scores,
     masked_mean,
     pool_over_time,
     mfb_pool,
@@ -351,16 +353,15 @@ class BMFNHead(Head):
 
     @staticmethod
     def segment_scores(s: torch.Tensor, s_c: torch.Tensor) -> torch.Tensor:
-        """[B,T,C] whose argmax is: background (last) if sigmoid(s_t) < 0.5, else argmax s_c."""
-        log_p = F.log_softmax(s_c, dim=-1)
-        fg = F.logsigmoid(s).unsqueeze(-1) + (log_p - log_p.max(dim=-1, keepdim=True).values).unsqueeze(1)
-        return torch.cat([fg, F.logsigmoid(-s).unsqueeze(-1)], dim=-1)
+        """s [B,T], s_c [B,C-1] -> [B,T,C] whose argmax is: background (last) if sigmoid(s_t) < 0.5, else
+        argmax s_c (:func:`train.heads.layers.gated_segment_scores`)."""
+        return gated_segment_scores(s, s_c, s_c.shape[-1] + 1)
 
     def predict(self, out: HeadOutput) -> torch.Tensor:
-        """Eq. 8 inference: s_t >= 0.5 -> the category of s_c, otherwise background (C - 1)."""
+        """Eq. 8 inference: s_t >= 0.5 -> the category of s_c, otherwise background (C - 1)
+        (:func:`train.heads.layers.gated_predict`, inclusive)."""
         s, s_c = out.extras["relevance_logits"], out.extras["category_logits"]
-        category = s_c.argmax(dim=-1, keepdim=True).expand_as(s)
-        return torch.where(torch.sigmoid(s) >= 0.5, category, torch.full_like(category, self.num_classes - 1))
+        return gated_predict(s, s_c, self.num_classes, inclusive=True)
 
     def weak_pooling(self, requested: str) -> str:
         """``train.weak_pool`` is ignored: heads.bmfn.weak_pool decides."""

@@ -315,5 +315,6 @@ class CACEHead(SupervisedRelationHead):
         return terms
 
     def predict(self, out: HeadOutput) -> torch.Tensor:
-        """sigmoid(is-event) > 0.5 -> argmax event_scores, else background (C - 1)."""
+        """sigmoid(is-event) > 0.5 -> argmax event_scores, else background (C - 1): :meth:`supervised_predict`
+        (:func:`train.heads.layers.gated_predict`, not inclusive)."""
         return self.supervised_predict(out)

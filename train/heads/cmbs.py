@@ -112,8 +112,7 @@ from torch.nn import functional as F
 
 from ..registry import register_head
 from .base import Head, HeadOutput
-from .bmfn import BMFNHead
-from .layers import BiLSTM, masked_mean, pool_over_time, valid_mask
+from .layers import BiLSTM, gated_predict, gated_segment_scores, masked_mean, pool_over_time, valid_mask
 from .relation import (AudioGuidedSpatialChannelAttention, AudioVisualInteraction, CrossModalRelationAttention,
                        InternalTemporalRelation)
 
@@ -357,7 +356,7 @@ class SupervisedRelationHead(Head):
     def supervised_output(self, is_event: torch.Tensor, event: torch.Tensor, gate: torch.Tensor,
                           av_score: torch.Tensor, extras: dict[str, torch.Tensor]) -> HeadOutput:
         extras.update({"is_event_scores": is_event, "event_scores": event, "gate": gate, "cas_scores": av_score})
-        return HeadOutput(scores=BMFNHead.segment_scores(is_event, event), extras=extras)
+        return HeadOutput(scores=gated_segment_scores(is_event, event, self.num_classes), extras=extras)
 
     def supervised_loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The four terms of ``supv_main.py`` (see the module docstring) and their sum."""
@@ -385,10 +384,10 @@ class SupervisedRelationHead(Head):
         return {"loss": terms["is_event"] + terms["gate"] + terms["event"] + terms["cas"], **terms}
 
     def supervised_predict(self, out: HeadOutput) -> torch.Tensor:
-        """``compute_accuracy_supervised``: sigmoid(is_event) > 0.5 -> argmax event_scores, else C - 1."""
-        is_event = out.extras["is_event_scores"]
-        category = out.extras["event_scores"].argmax(dim=-1, keepdim=True).expand_as(is_event)
-        return torch.where(torch.sigmoid(is_event) > 0.5, category, torch.full_like(category, self.num_classes - 1))
+        """``compute_accuracy_supervised``: sigmoid(is_event) > 0.5 -> argmax event_scores, else C - 1
+        (:func:`train.heads.layers.gated_predict`, not inclusive)."""
+        return gated_predict(out.extras["is_event_scores"], out.extras["event_scores"], self.num_classes,
+                             inclusive=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +485,4 @@ class CMBSHead(SupervisedRelationHead):
         sigmoid(event_gate) > 0.5 (always, see the module docstring) -> argmax raw_logits, else C - 1."""
         if self.setting == "supervised":
             return self.supervised_predict(out)
-        gate = out.extras["event_gate"]
-        category = out.extras["event_scores"].argmax(dim=-1, keepdim=True).expand_as(gate)
-        return torch.where(torch.sigmoid(gate) > 0.5, category, torch.full_like(category, self.num_classes - 1))
+        return gated_predict(out.extras["event_gate"], out.extras["event_scores"], self.num_classes, inclusive=False)

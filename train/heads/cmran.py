@@ -78,7 +78,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from train.heads.base import Head, HeadOutput
-from train.heads.layers import masked_mean, pool_over_time, valid_mask
+from train.heads.layers import gated_predict, gated_segment_scores, masked_mean, pool_over_time, valid_mask
 from train.heads.relation import (
     AudioGuidedSpatialChannelAttention,
     AudioVisualInteraction,
@@ -192,22 +192,15 @@ class CMRANHead(Head):
         return HeadOutput(self.segment_scores(is_event, event), extras)
 
     def segment_scores(self, is_event: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
-        """[B,T,C] whose argmax is :meth:`predict`'s rule (see the module docstring)."""
-        log_p = F.log_softmax(event, dim=-1)
-        relative = (log_p - log_p.max(dim=-1, keepdim=True).values).unsqueeze(1)  # [B,1,K], max 0
-        fg = F.logsigmoid(is_event).unsqueeze(-1) + relative  # [B,T,K]
-        bg = F.logsigmoid(-is_event).unsqueeze(-1)
-        background = self.num_classes - 1
-        if event.shape[-1] == background:  # supervised: foreground classes only
-            return torch.cat([fg, bg], dim=-1)
-        return torch.cat([fg[..., :background], torch.maximum(bg, fg[..., background:])], dim=-1)
+        """is_event [B,T], event [B,C-1] / [B,C] -> [B,T,C] whose argmax is :meth:`predict`'s rule (see the
+        module docstring; :func:`train.heads.layers.gated_segment_scores`)."""
+        return gated_segment_scores(is_event, event, self.num_classes)
 
     def predict(self, out: HeadOutput) -> torch.Tensor:
-        """``compute_accuracy_supervised``: sigmoid(is_event) > 0.5 -> argmax event_scores, else C - 1."""
+        """``compute_accuracy_supervised``: sigmoid(is_event) > 0.5 -> argmax event_scores, else C - 1
+        (:func:`train.heads.layers.gated_predict`, not inclusive)."""
         is_event, event = out.extras["is_event_scores"], out.extras["event_scores"]
-        event_class = event.argmax(dim=-1, keepdim=True).expand_as(is_event)
-        return torch.where(torch.sigmoid(is_event) > 0.5, event_class,
-                           torch.full_like(event_class, self.num_classes - 1))
+        return gated_predict(is_event, event, self.num_classes, inclusive=False)
 
     def weak_pooling(self, requested: str) -> str:
         """The reference max-pools the fused logits over time; ``train.weak_pool`` is ignored."""

@@ -9,6 +9,9 @@ Every layer is created once in ``__init__`` (nothing is built inside ``forward``
   AVLTC's TSGA (which mixes its pre-softmax map x_t over time) use it.
 * :func:`mfb_pool` — the sum-pooling + power + L2 normalisation of multi-modal factorized bilinear
   pooling (Yu et al. ICCV 2017), BMFN eq. 2.
+* :func:`gated_segment_scores`, :func:`gated_predict` — the "gated" per-segment prediction rule of
+  BMFN, CMRAN, CMBS and CACE-Net: an event segment (sigmoid of its is-event logit at 0.5) takes the
+  video's best event class, any other segment is background (C - 1).
 * :func:`valid_mask`, :func:`masked_mean`, :func:`pool_over_time`, :func:`one_hot_targets` — loss
   helpers that honour the batch's ``valid`` mask [B, T].
 """
@@ -117,6 +120,46 @@ def mfb_pool(product: torch.Tensor, k: int) -> torch.Tensor:
     pooled = product.unflatten(-1, (product.shape[-1] // k, k)).sum(-1)
     powered = torch.sign(pooled) * torch.sqrt(pooled.abs() + 1e-12)  # eps keeps the gradient finite at 0
     return F.normalize(powered, dim=-1)
+
+
+def check_event_classes(event: torch.Tensor, num_classes: int) -> None:
+    """The event scores of the gated rule have C - 1 (foreground) or C (background included) columns."""
+    if event.shape[-1] not in (num_classes - 1, num_classes):
+        raise ValueError(f"gated rule: event scores have {event.shape[-1]} classes, expected "
+                         f"{num_classes - 1} (foreground) or {num_classes} (with background) for C = {num_classes}")
+
+
+def gated_segment_scores(is_event: torch.Tensor, event: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-segment scores whose argmax is the gated rule of :func:`gated_predict` (with a tie at
+    sigmoid(is_event) = 0.5 going to the event class, as argmax takes the first maximum).
+
+    is_event [B, T] logits, event [B, K] logits with K = C - 1 (foreground classes only) or K = C
+    (background included: weak CMRAN / CMBS) -> [B, T, C]. With s_t = sigmoid(is_event) and
+    p = softmax(event): column c < K is ``log s_t + log p_c - max_c' log p_c'`` (the best class scores
+    log s_t); background (C - 1) is ``log(1 - s_t)``, for K = C the larger of that and its own column."""
+    check_event_classes(event, num_classes)
+    log_p = F.log_softmax(event, dim=-1)
+    relative = (log_p - log_p.max(dim=-1, keepdim=True).values).unsqueeze(1)  # [B,1,K], max 0
+    fg = F.logsigmoid(is_event).unsqueeze(-1) + relative  # [B,T,K]
+    bg = F.logsigmoid(-is_event).unsqueeze(-1)  # [B,T,1]
+    background = num_classes - 1
+    if event.shape[-1] == background:  # foreground classes only
+        return torch.cat([fg, bg], dim=-1)
+    return torch.cat([fg[..., :background], torch.maximum(bg, fg[..., background:])], dim=-1)
+
+
+def gated_predict(is_event: torch.Tensor, event: torch.Tensor, num_classes: int, inclusive: bool) -> torch.Tensor:
+    """The gated rule: is_event [B, T] logits, event [B, K] logits (K = C - 1 or C as in
+    :func:`gated_segment_scores`) -> [B, T] long: ``argmax event`` where sigmoid(is_event) passes 0.5,
+    else background C - 1 (with K = C the argmax may be background too). ``inclusive``: ``>= 0.5``
+    (BMFN eq. 8), else ``> 0.5`` (the CMRAN / CMBS / CACE-Net reference code). The test is on the
+    sigmoid, not on the logit's sign: a tiny negative logit whose sigmoid rounds to 0.5 passes
+    ``>= 0.5``."""
+    check_event_classes(event, num_classes)
+    category = event.argmax(dim=-1, keepdim=True).expand_as(is_event)
+    prob = torch.sigmoid(is_event)
+    gate = prob >= 0.5 if inclusive else prob > 0.5
+    return torch.where(gate, category, torch.full_like(category, num_classes - 1))
 
 
 def valid_mask(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
