@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 TASK = "avel"
 #: heads measured first (the papers' heads), the rest follow in name order
-PRIORITY = ("dmrn", "a+v-att", "coattention", "bmfn", "avltc")
+PRIORITY = ("dmrn", "a+v-att", "coattention", "bmfn", "avltc", "cace", "cmbs", "cmran", "cpsp", "psp")
 COLUMNS = ("head", "parameters", "setting", "epochs", "selected_epoch", "val_accuracy", "test_accuracy",
            "test_majority_baseline", "beats_baseline", "wall_seconds", "error")
 

@@ -244,8 +244,10 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, is_event: torch.Ten
 
 @register_head("cace")
 class CACEHead(SupervisedRelationHead):
-    """CACE-Net (He et al., ACM MM 2024; Brain-Cog-Lab/CACE-Net): CMBS's supervised model with
-    co-guided (audio <-> visual) attention and contrastive enhancement of the fused features.
+    """CACE-Net (He et al., ACM MM 2024; Brain-Cog-Lab/CACE-Net): co-guided attention + contrastive enhancement.
+
+    CMBS's supervised model with co-guided (audio <-> visual) attention and contrastive
+    enhancement of the fused features.
     Reported on AVE: 80.8 supervised (README: 80.796). Supervised only (the public weak model does
     not build; module docstring).
 

@@ -396,9 +396,10 @@ class SupervisedRelationHead(Head):
 
 @register_head("cmbs")
 class CMBSHead(SupervisedRelationHead):
-    """CMBS (Xia and Zhao, CVPR 2022; marmot-xy/CMBS): cross-modal gated attention, BiLSTMs
-    (supervised), CMRAN relation blocks, time-level gates, event-level CAS suppression, audio-visual
-    interaction. Reported on AVE: 79.3 supervised, 74.2 weak.
+    """CMBS (Xia and Zhao, CVPR 2022; marmot-xy/CMBS): cross-modal background suppression (gates + CAS).
+
+    Cross-modal gated attention, BiLSTMs (supervised), CMRAN relation blocks, time-level gates,
+    event-level CAS suppression, audio-visual interaction. Reported on AVE: 79.3 supervised, 74.2 weak.
 
     forward(audio [B, T, 128], visual [B, T, H, W, 512]) -> HeadOutput(scores [B, T, C], extras; see the
     module docstring). Parameters at the defaults, C = 29: supervised 9,200,473 (the reference

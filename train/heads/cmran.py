@@ -136,7 +136,7 @@ class CMRANConfig:
 
 @register_head("cmran")
 class CMRANHead(Head):
-    """CMRAN (Xu et al., ACM MM 2020), reference FloretCat/CMRAN; see :mod:`train.heads.cmran`.
+    """CMRAN (Xu et al., ACM MM 2020; FloretCat/CMRAN): audio-guided spatial-channel attention + relation-aware modules.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> scores [B,T,C] (argmax = the reference's
     prediction rule), extras ``attention`` [B,T,7,7], ``is_event_scores`` [B,T],

@@ -415,8 +415,10 @@ class PSPFamilyHead(Head):
 
 @register_head("psp")
 class PSPHead(PSPFamilyHead):
-    """PSP (Zhou et al. CVPR 2021: AVE 77.8% supervised, 73.5% weak): AVGA + BiLSTMs + positive sample
-    propagation + ``L2(ReLU(L1(fusion)))``; the weak model adds a temporal weight. See the module doc.
+    """PSP (Zhou et al., CVPR 2021; jasongief/PSP_CVPR_2021): positive sample propagation.
+
+    AVGA + BiLSTMs + positive sample propagation + ``L2(ReLU(L1(fusion)))``; the weak model adds a
+    temporal weight (AVE: 77.8 % supervised, 73.5 % weak). See the module doc.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C]: the segment logits
     (supervised) or the temporally weighted segment scores (weak); argmax = the reference's prediction;
@@ -479,7 +481,9 @@ class PSPHead(PSPFamilyHead):
 
 @register_head("cpsp")
 class CPSPHead(PSPFamilyHead):
-    """CPSP (Zhou et al. TPAMI 2022): the full PSP backbone + an is-event classifier per segment and a
+    """CPSP (Zhou et al., TPAMI 2022; jasongief/CPSP): contrastive positive sample propagation.
+
+    The full PSP backbone + an is-event classifier per segment and a
     category classifier on the time-averaged fusion, trained with PSP's AVPS loss and the segment- /
     video-level contrastive losses (L_spsa, L_vpsa). See the module doc.
 
