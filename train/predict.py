@@ -330,7 +330,8 @@ def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store
         command.append("--cache")
     if not progress:
         command.append("--no-progress")
-    log.info("features: %s", " ".join(command))
+    log.info("features of %d windows with the training store's extractor configuration (%s): %s",
+             len(samples), config, " ".join(command))
     code, tail = _run_echoing(command)
     if code not in (0, 1):
         raise PredictError("computing the features with the run's extractor configuration failed; nothing was "
@@ -339,22 +340,26 @@ def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store
 
 
 def _run_echoing(command: list[str]) -> tuple[int, str]:
-    """Run ``command``, passing its stderr through to ours as it comes (progress included); returns
-    (exit code, the last 4 KB of that stderr)."""
+    """Run ``command``, passing its stderr through to ours line by line (its progress lines
+    included, but not the resolved configuration it prints first: that is ``<out>/extract/
+    pipeline.yaml``); returns (exit code, the last 4 KB of its stderr)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])  # the source tree, when avel is not installed
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    tail = b""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+                            errors="replace", bufsize=1)
     assert proc.stderr is not None
-    while True:
-        chunk = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(4096)
-        if not chunk:
-            break
-        sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(chunk.decode(errors="replace"))
+    tail, in_config = "", False
+    for line in proc.stderr:
+        tail = (tail + line)[-4096:]
+        if line.startswith("# resolved configuration"):
+            in_config = True
+        if in_config:
+            in_config = bool(line.strip())
+            continue
+        sys.stderr.write(line)
         sys.stderr.flush()
-        tail = (tail + chunk)[-4096:]
-    return proc.wait(), tail.decode(errors="replace")
+    return proc.wait(), tail
 
 
 def check_features(store_path: Path, run: LoadedRun) -> Any:
