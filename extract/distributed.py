@@ -454,7 +454,14 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
                 continue
             for key, reason in result.events:
                 guard.observe(key, SystemFailure(reason) if reason else None)
-            count_outcomes(summary, plan, result.written or {})
+            written = result.written
+            if written is None and result.already and not job.recompute:
+                # planned as missing, final when the task ran: an earlier attempt of this run wrote
+                # the shard and its result was lost with its worker (the scheduler ran the task
+                # again); count the rows it wrote, as read back from the store
+                status = store.status()
+                written = {request.key: int(status[row]) for row, request in job.members}
+            count_outcomes(summary, plan, written or {})
             summary.workers[result.worker] = max(result.model_loads, summary.workers.get(result.worker, 0))  # type: ignore[attr-defined]
             bar.update(len(job.members))
             bar.set_postfix(failed=summary.failed, refresh=False)

@@ -297,3 +297,25 @@ def test_tls_scheduler_with_certificates_from_the_config(tmp_path):
         with pytest.raises(ConfigError, match="nope.pem does not exist"):
             with dask_client(missing.dask, cluster.scheduler_address):
                 pass
+
+
+def test_a_shard_whose_result_was_lost_and_recomputed_is_counted(client, videos, tmp_path):
+    """A worker that dies holding a FINISHED shard's result makes the scheduler run that task again;
+    the rerun finds the rows final and returns at once. Its rows were written by this run, so the
+    summary counts them (deterministic replay: the first attempt runs here, then the Dask run)."""
+    from extract.cache import store_specs
+    from extract.distributed import _run_jobs, extract_shard, plan_jobs
+    from extract.extractors import extractor_identity
+    from extract.prepare import open_run_store
+    from extract.provenance import store_attrs
+
+    pipeline = make_pipeline(retries=0)
+    cfg = pipeline.extract
+    attrs = store_attrs(cfg, extractor_identity(cfg))
+    with open_run_store(tmp_path / "lost.zarr", [r.key for r in videos], cfg.segments, store_specs(cfg), attrs,
+                        pipeline.store) as store:
+        jobs, plan = plan_jobs(store, videos, cfg, "cpu", decode_video, 1, False, store.lease)
+        first = extract_shard(jobs[0])  # the attempt whose result the driver never received
+        assert not first.already and first.done == len(jobs[0].members)
+        summary = _run_jobs(client, store, jobs, plan, videos, pipeline.dask, False, None)
+    assert (summary.done, summary.failed) == (9, 1)
