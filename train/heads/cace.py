@@ -100,7 +100,7 @@ from torch.nn import functional as F
 from ..registry import register_head
 from .base import HeadOutput
 from .cmbs import (ATTENTION_DROPOUT, AUDIO_DIM, VISUAL_DIM, CrossModalGatedAttention, LocalizeModule,
-                   SupervisedRelationHead, check_inputs, map_extras)
+                   RelationModelOptions, SupervisedRelationHead, check_inputs, map_extras)
 from .layers import valid_mask
 
 #: the paper's run (README, run_supp.sh) with supv_main.py's optimiser and scheduler
@@ -115,28 +115,9 @@ NOISE_STD = 0.1
 
 
 @dataclasses.dataclass
-class CACEConfig:
+class CACEConfig(RelationModelOptions):
     """Options of :class:`CACEHead` (defaults = ``configs/main.json`` + the README / run_supp.sh run)."""
 
-    #: model width (``d_model``)
-    d: int = 256
-    #: heads of the relation encoders / decoders (reference 4)
-    heads: int = 4
-    #: channel-attention width of the attention (``affine_video_1`` / ``affine_audio_1``: 512)
-    att_dim: int = 512
-    #: bottleneck / spatial / global-branch width of the attention (``affine_bottleneck``,
-    #: ``affine_video_2``, ``affine_video_ave``, ``affine_video_3``: 256)
-    att_hidden: int = 256
-    #: query / key width of the region self-attentions (512 // latent_dim 4 = 128)
-    key_dim: int = 128
-    #: encoder layers of each internal temporal relation module (``num_layers=2``)
-    encoder_layers: int = 2
-    #: decoder layers of each cross-modal relation attention module (``num_layers=1``)
-    decoder_layers: int = 1
-    #: dropout of the relation encoder / decoder layers (attention and residual; 0.1)
-    dropout: float = 0.1
-    #: segments averaged by the top-k pooling of the class activation sequences (reference 4)
-    top_k: int = 4
     #: strength of the time-level gates (main.json alpha)
     alpha: float = 0.1
     #: weight of the CAS branch in the event logits (main.json gamma)

@@ -165,10 +165,8 @@ def weak_setting_options() -> CMBSSettingOptions:
 
 
 @dataclasses.dataclass
-class CMBSConfig:
-    """Options of :class:`CMBSHead` (defaults = the reference AVE configuration); ``supervised`` /
-    ``weak`` hold the options whose reference values differ per setting (only the section of the
-    head's setting is used)."""
+class RelationModelOptions:
+    """The options CMBS and CACE-Net share (the relation model of ``main_model.py``)."""
 
     #: model width (``d_model``)
     d: int = 256
@@ -189,6 +187,14 @@ class CMBSConfig:
     dropout: float = 0.1
     #: segments averaged by the top-k pooling of the class activation sequences (reference 4)
     top_k: int = 4
+
+
+@dataclasses.dataclass
+class CMBSConfig(RelationModelOptions):
+    """Options of :class:`CMBSHead` (defaults = the reference AVE configuration); ``supervised`` /
+    ``weak`` hold the options whose reference values differ per setting (only the section of the
+    head's setting is used)."""
+
     supervised: CMBSSettingOptions = dataclasses.field(default_factory=CMBSSettingOptions)
     weak: CMBSSettingOptions = dataclasses.field(default_factory=weak_setting_options)
 
