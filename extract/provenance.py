@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from .settings import fingerprint, to_dict
-from .store import SCHEMA_VERSION
+from .store import SCHEMA_VERSION, differing_fields  # noqa: F401  (re-exported, see __all__)
 
 __all__ = ["VERSIONED", "package_versions", "store_fingerprint_fields", "effective_config", "file_identity",
            "ran_label", "differing_fields", "store_attrs"]
@@ -84,21 +83,6 @@ def file_identity(path: str) -> str:
 def ran_label(extractors) -> str:
     """What computes a row: ``vgg19=cpu/fp32,vggish=cpu/fp32`` (stored per row in ``ran``)."""
     return ",".join(f"{e.name}={e.device}/{getattr(e, 'precision', 'fp32')}" for e in extractors)
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: obj}
-
-
-def differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two fingerprint-field dicts, as ``key: old -> new``."""
-    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def store_attrs(cfg, identities: dict[str, Any]) -> dict[str, Any]:

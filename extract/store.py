@@ -467,6 +467,22 @@ def mark_complete(store: FeatureStore, shards: Sequence[int] | None = None) -> l
     return problems
 
 
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two stores' ``fingerprint_fields`` attributes, as
+    ``key: old -> new`` (what makes two feature sets differ; used by both stages)."""
+    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def require_complete(store: FeatureStore) -> None:
     """Refuse a store whose ``complete`` attribute is false (rows still being added, or a run
     stopped before it verified the store). Stores without the attribute are accepted."""

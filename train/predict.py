@@ -365,7 +365,7 @@ def _run_echoing(command: list[str]) -> tuple[int, str]:
 def check_features(store_path: Path, run: LoadedRun) -> Any:
     """Open the predict store; refuse it unless its fingerprint is the training store's (naming
     the fields that differ)."""
-    from extract.store import StoreError
+    from extract.store import StoreError, differing_fields
 
     from .data import open_checked_store
 
@@ -380,27 +380,13 @@ def check_features(store_path: Path, run: LoadedRun) -> Any:
         raise PredictError(f"the predict store cannot be read: {exc}") from None
     want = run.features["fingerprint"]
     if store.fingerprint != want:
-        fields = differing(run.features.get("fingerprint_fields") or {}, store.attrs.get("fingerprint_fields") or {})
+        fields = differing_fields(run.features.get("fingerprint_fields") or {}, store.attrs.get("fingerprint_fields") or {})
         raise PredictError(
             f"{store_path}: these features are not the ones the head was trained on (fingerprint "
             f"{store.fingerprint[:12]} vs the training store's {want[:12]}); differing: "
             + ("; ".join(fields) if fields else "unknown fields")
             + ". Make the same networks/weights and precision available here (see docs/predict.md)")
     return store
-
-
-def differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for the dotted keys whose values differ."""
-    def flat(obj, prefix=""):
-        if isinstance(obj, dict):
-            out = {}
-            for k, v in obj.items():
-                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-            return out
-        return {prefix: obj}
-
-    a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 # ------------------------------------------------------------------------------------------
