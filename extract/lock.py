@@ -57,6 +57,9 @@ CLAIM_FENCE = "claim:"
 
 #: store locks held in this process: (lock file real path, thread id) -> [open file, depth]
 _HELD: dict[tuple[str, int], list] = {}
+#: tokens of the claims this process holds (alive without asking the lock: on NFS, flock is
+#: emulated with POSIX record locks, which never conflict within one process)
+_OWN_CLAIMS: set[str] = set()
 
 
 def log_dir(store_dir: str | os.PathLike) -> Path:
@@ -278,6 +281,7 @@ class RowClaim:
         tmp = folder / f".{self.token}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, folder / f"{self.token}.json")
+        _OWN_CLAIMS.add(self.token)
         return self
 
     def release(self) -> None:
@@ -285,6 +289,7 @@ class RowClaim:
         if self._fh is None:
             return
         folder = _claims_dir(self.store_dir)
+        _OWN_CLAIMS.discard(self.token)
         for name in (f"{self.token}.json", f"{self.token}.lock"):
             (folder / name).unlink(missing_ok=True)
         _unlock(self._fh)
@@ -303,6 +308,8 @@ def claim_alive(store_dir: str | os.PathLike, token: str) -> bool:
     folder = _claims_dir(store_dir)
     if not (folder / f"{token}.json").is_file():
         return False
+    if token in _OWN_CLAIMS:
+        return True
     try:
         fh = open(folder / f"{token}.lock", "r")
     except FileNotFoundError:
@@ -324,6 +331,12 @@ def live_claims(store_dir: str | os.PathLike) -> list[dict]:
     for lock_path in sorted(folder.glob("*.lock")):
         token = lock_path.stem
         record_path = folder / f"{token}.json"
+        if token in _OWN_CLAIMS:  # held by this process (another thread)
+            try:
+                claims.append(json.loads(record_path.read_text()))
+            except (OSError, ValueError):
+                pass
+            continue
         try:
             fh = open(lock_path, "r")
         except FileNotFoundError:  # released meanwhile

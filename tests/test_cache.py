@@ -554,3 +554,20 @@ def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypa
     assert predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
                                     cache_root=tmp_path / "cache") == 0
     assert commands and "--cache" in commands[0] and "--wait" in commands[0]
+
+
+def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path, monkeypatch):
+    """On NFS, flock is emulated with POSIX record locks, which never conflict within one process:
+    asking its own claim's lock would succeed and call the claim dead. The claimant's own writers
+    and threads know it holds the claim; other processes ask the lock."""
+    import extract.lock as lock
+
+    create = functools.partial(lock.RowClaim, tmp_path / "s.zarr")
+    (tmp_path / "s.zarr" / "logs").mkdir(parents=True)
+    claim = create(["k1", "k2"]).acquire()
+    monkeypatch.setattr(lock, "_flock", lambda fh, exclusive=True, block=False: True)  # every lock "succeeds"
+    assert lock.fence_holds(tmp_path / "s.zarr", claim.fence)
+    assert [c["keys"] for c in lock.live_claims(tmp_path / "s.zarr")] == [["k1", "k2"]]
+    monkeypatch.undo()
+    claim.release()
+    assert not lock.fence_holds(tmp_path / "s.zarr", claim.fence) and lock.live_claims(tmp_path / "s.zarr") == []
