@@ -571,3 +571,42 @@ def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path,
     monkeypatch.undo()
     claim.release()
     assert not lock.fence_holds(tmp_path / "s.zarr", claim.fence) and lock.live_claims(tmp_path / "s.zarr") == []
+
+
+def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path, monkeypatch):
+    """The cache's lock is only held for moments by avel-extract --cache; one that holds it longer
+    (a plain avel-extract --store <cache>, an older avel) is waited for a while, then refused,
+    naming it, as for any store - unless --wait."""
+    import extract.cache as cache_module
+    from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
+    from extract.lock import StoreLock, StoreLocked
+    from extract.prepare import ensure_store
+
+    pipeline, root = shard4_pipeline(), tmp_path / "cache"
+    cfg, request = pipeline.extract, requests(media / "one", "a")[0]
+    attrs = feature_set_attrs(cfg)
+    cache_path = feature_set_path(root, attrs["fingerprint"])
+    ensure_store(cache_path, [content_key(request)], cfg.segments, store_specs(cfg), {**attrs, "complete": False},
+                 pipeline.store)
+    monkeypatch.setattr(cache_module, "CACHE_LOCK_PATIENCE_S", 0.5)
+    taken, release = threading.Event(), threading.Event()
+
+    def holder():
+        with StoreLock(cache_path):
+            taken.set()
+            release.wait(300)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert taken.wait(60)
+        with pytest.raises(StoreLocked, match=re.escape(f"(pid {os.getpid()} on host {socket.gethostname()}, command '")
+                           + ".*--wait"):
+            extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root, progress=False)
+        with on_log("extract.lock", "waiting for the store's lock", release.set):
+            summary = extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root,
+                                         progress=False, wait=True)
+    finally:
+        release.set()
+        thread.join(60)
+    assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)
