@@ -21,10 +21,21 @@ same file under two names (or in two projects) is computed once.
 **Using it** (:func:`extract_with_cache`, ``avel-extract --cache``): every requested video is
 hashed and looked up in the cache of the run's feature set; the misses (and only they) are
 extracted into the cache store (by :func:`extract.run.run_extraction`, or on a Dask cluster by
-:func:`extract.distributed.run_extraction_dask`, under the cache store's lock); then the project's
-own store (``store.path``, ids = the manifest's keys, as without a cache) is filled by copying the
-rows from the cache, shard by shard, by this process only. Files that cannot be read (missing,
-empty, unreadable) cannot be hashed: they are failed in the project store and not cached.
+:func:`extract.distributed.run_extraction_dask`); then the project's own store (``store.path``,
+ids = the manifest's keys, as without a cache) is filled by copying the rows from the cache, shard
+by shard, by this process only. Files that cannot be read (missing, empty, unreadable) cannot be
+hashed: they are failed in the project store and not cached.
+
+**Several projects at once.** The cache's lock (:class:`extract.lock.StoreLock`) is held only for
+moments: to grow the cache, to claim rows, to verify it. The rows a run computes are **claimed**
+(:class:`extract.lock.RowClaim`: a record of host, PID and command, and a flock that dies with the
+process), so projects that want other videos compute at the same time, writing their rows into
+the cache's shards under each shard's lock (read, change and write inside the lock), fenced by
+their claim. A run that needs rows another live run is computing is refused before it computes
+anything (exit 2, naming the claimant), or with ``--wait`` computes the rest, waits for that claim
+(saying for whom), copies what it computed and computes itself what it left undone (a failure, or
+a claimant that died). The last run to finish verifies what was written since the cache was last
+complete (``unverified_shards``) and marks it complete.
 
 **Complete.** A store is marked ``complete: true`` (root attribute, with ``verified``) only after
 :func:`verify_store` read it end to end: every row has a final status (done or failed), every
@@ -45,6 +56,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from .decode import DecodeError, VideoRequest
 from .run import RunSummary
@@ -199,15 +212,26 @@ def extract_with_cache(
     The project's rows to (re)fill are planned as without a cache (:func:`extract.run.plan_shards`:
     missing rows, rows whose file changed, and failed rows with ``retry_failed``). Their files are
     hashed; content the cache holds as done is copied, everything else is computed into the cache
-    by ``runner(pipeline, requests, store_path=..., progress=..., retry_failed=True)`` (default
-    :func:`extract.run.run_extraction`; a ``functools.partial`` of
+    by ``runner(pipeline, requests, store_path=..., progress=..., retry_failed=True, claim=...)``
+    (default :func:`extract.run.run_extraction`; a ``functools.partial`` of
     :func:`extract.distributed.run_extraction_dask` uses a cluster). **The cache holds successes
     only**: a failed cache row is never handed to a project, it is computed again by whoever asks
     for it; failures are the project's record (its store and ``logs/failures.jsonl``, with its own
-    paths). The cache's lock is held from planning to verification, the project's for the whole run.
+    paths).
+
+    **Several projects at once.** The project's own store is locked for the whole run (one run per
+    project store). The cache is not: its lock is held only for moments (to grow it, to claim rows,
+    to verify it), and the rows this run computes are **claimed** (:class:`extract.lock.RowClaim`,
+    recording host, PID and command), so projects that need other videos compute at the same time,
+    and no row is computed by two projects at once. Rows another live run has claimed are not
+    computed here: without ``wait`` the run is refused before anything is computed
+    (:class:`extract.lock.StoreLocked`, naming the claimant: exit 2); with ``wait`` it computes the
+    rest, then waits for those claims (saying for whom) and copies what they computed - or
+    computes itself what they left undone (failed, or their process died: a dead process's claim
+    ends with it). Every row is read out of the cache under its cache shard's lock and written into
+    the project store under the project shard's lock and lease.
     """
     from .extractors import resolve_device
-    from .lock import StoreLock
     from .prepare import check_existing_store, ensure_store, open_run_store
     from .provenance import effective_config
     from .requests import distinct_requests
@@ -232,64 +256,174 @@ def extract_with_cache(
         keys, unreadable = _content_keys(wanted)
         cache_requests = list({keys[r.key]: VideoRequest(keys[r.key], r.path, r.start, r.duration)
                                for r in wanted if r.key in keys}.values())
-        if plan.shards:
-            store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
         cache = None
         if cache_requests:
             cache_attrs = {**attrs, "cache": {"keys": "sha256 of the file bytes @ window start + duration"},
                            "complete": False}
             ensure_store(cache_path, [r.key for r in cache_requests], cfg.segments, specs, cache_attrs, pipeline.store)
-            with StoreLock(cache_path, wait=True):
-                todo, first_new_row = _prepare_cache(pipeline, cache_path, cache_requests, attrs)
-                summary.reused = sum(1 for r in wanted if r.key in keys and keys[r.key] not in todo)
-                if todo:
-                    run = (runner or _default_runner)(pipeline, [r for r in cache_requests if r.key in todo],
-                                                      store_path=cache_path, progress=progress, retry_failed=True)
-                    summary.run = run
-                    summary.computed = int(run.done + run.failed)
-                    summary.systemic = run.systemic
-                cache = open_store(cache_path, mode="r+")
-                if cache.attrs.get("complete") is not True:
-                    touched = {cache.shard_of(cache.row_of(k)) for k in todo}
-                    mark_complete(cache, None if first_new_row is None else sorted(touched))
+            computed, runs = _fill_cache(pipeline, cache_path, cache_requests, attrs, runner or _default_runner,
+                                         progress, wait)
+            summary.reused = sum(1 for r in wanted if r.key in keys and keys[r.key] not in computed)
+            summary.computed = int(sum(run.done + run.failed for run in runs))
+            summary.run = runs[-1] if runs else None
+            summary.systemic = next((run.systemic for run in runs if run.systemic), "")
+            _finish_cache(cache_path)
+            cache = open_store(cache_path)
+        if plan.shards:
+            store.set_attrs(complete=False, verified=None, cache=project_attrs["cache"])
         for shard, members in plan.shards:
-            count_outcomes(summary, plan, _copy_shard(store, shard, [r for _, r in members], keys, unreadable, cache,
-                                                      plan.sources))
-        return close_run(store, requests, summary, started)
+            outcome = _copy_shard(store, shard, [r for _, r in members], keys, unreadable, cache, plan.sources)
+            count_outcomes(summary, plan, outcome)
+        return close_run(store, requests, summary, started, [shard for shard, _ in plan.shards])
 
 
-def _default_runner(pipeline, requests, *, store_path, progress, retry_failed=False):
+def _default_runner(pipeline, requests, *, store_path, progress, retry_failed=False, claim=None):
     from .run import run_extraction
 
-    return run_extraction(pipeline, requests, store_path=store_path, progress=progress, retry_failed=retry_failed)
+    return run_extraction(pipeline, requests, store_path=store_path, progress=progress, retry_failed=retry_failed,
+                          claim=claim)
 
 
-def _prepare_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest], attrs: dict
-                   ) -> tuple[set[str], int | None]:
-    """Grow the cache store (the caller holds its lock); mark it incomplete if rows are to be
-    computed. Returns the content keys to compute (new, missing, and failed: the cache never
-    hands out a failure), and (when the cache was complete before) its former row count."""
+#: seconds a run without ``--wait`` tries to take the cache's lock before it is refused: the lock
+#: is only held for moments (growing the cache, claiming rows, verifying it), unless an older avel
+#: or a plain ``avel-extract --store <cache>`` holds it for a whole extraction
+CACHE_LOCK_PATIENCE_S = 120.0
+
+
+def _cache_lock(cache_path: Path, wait: bool):
+    from .lock import StoreLock
+
+    return StoreLock(cache_path, wait=wait, patience_s=CACHE_LOCK_PATIENCE_S)
+
+
+def _fill_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest], attrs: dict, runner: Callable,
+                progress: bool, wait: bool) -> tuple[set[str], list]:
+    """Make every requested content key final in the cache: claim and compute the ones nobody
+    computes (done rows are reused), and with ``wait`` wait for the ones other runs are computing,
+    then compute what they left undone. Returns (the keys this run computed, the runners' summaries)."""
+    from .lock import describe, wait_for_claim
+
+    by_key = {r.key: r for r in cache_requests}
+    pending = list(by_key)
+    computed: set[str] = set()
+    runs = []
+    while pending:
+        claim, others = _claim_rows(pipeline, cache_path, pending, attrs, wait)
+        if claim is not None:
+            try:
+                run = runner(pipeline, [by_key[k] for k in claim.keys], store_path=cache_path, progress=progress,
+                             retry_failed=True, claim=claim)
+            finally:
+                claim.release()
+            runs.append(run)
+            computed.update(claim.keys)
+            if run.systemic:
+                break
+        for record, keys in others:
+            log.warning("%s: waiting for %d videos that another avel-extract is computing into the cache: %s (--wait)",
+                        cache_path, len(keys), describe(record))
+            wait_for_claim(cache_path, record)
+            log.warning("%s: that run (pid %s) has ended", cache_path, record.get("pid"))
+        # what the others left undone (failed, or their process died) is computed by this run
+        pending = [k for _, keys in others for k in keys if k not in computed]
+    return computed, runs
+
+
+def _claim_rows(pipeline, cache_path: Path, keys: Sequence[str], attrs: dict, wait: bool):
+    """Under the cache's lock: grow the cache by the keys it lacks and claim every key of ``keys``
+    that is not done and that no live run claims. Returns (the claim, or None when nothing is to
+    compute; [(live claim record, the keys of ``keys`` it holds)]). Without ``wait``, keys that
+    another live run holds refuse the run (:class:`extract.lock.StoreLocked`) before anything is
+    changed."""
+    from .lock import RowClaim, StoreLocked, describe, live_claims
     from .prepare import check_identity, grow_store
     from .store import check_arrays
 
     cfg = pipeline.extract
     specs = store_specs(cfg)
-    keys = [r.key for r in cache_requests]
-    store = open_store(cache_path, mode="r+")
-    check_identity(store, attrs, cfg.segments)
-    store.repair_growth()
-    check_arrays(store, specs)
-    present = set(store.ids.tolist())
-    new = [k for k in keys if k not in present]
-    status = store.status()
-    todo = set(new) | {k for k in keys if k in present and status[store.row_of(k)] != STATUS_DONE}
-    # a cache that was complete before only needs its new shards verified afterwards
-    first_new_row = len(store) if store.attrs.get("complete") is True else None
-    if todo:
-        store.set_attrs(complete=False, verified=None)
-        grow_store(store, new)
-    log.info("%s: %d of %d videos are cached, %d to compute", cache_path, len(keys) - len(todo), len(keys), len(todo))
-    return todo, first_new_row
+    with _cache_lock(cache_path, wait):
+        store = open_store(cache_path, mode="r+")
+        check_identity(store, attrs, cfg.segments)
+        store.repair_growth()
+        check_arrays(store, specs)
+        present = set(store.ids.tolist())
+        status = store.status()
+        need = [k for k in keys if k not in present or status[store.row_of(k)] != STATUS_DONE]
+        held: dict[str, dict] = {}
+        for record in live_claims(cache_path):
+            held.update((k, record) for k in record.get("keys", ()))
+        others: dict[str, tuple[dict, list[str]]] = {}
+        for key in need:
+            if key in held:
+                others.setdefault(held[key]["token"], (held[key], []))[1].append(key)
+        if others and not wait:
+            n = sum(len(ks) for _, ks in others.values())
+            who = "; ".join(describe(record) for record, _ in list(others.values())[:3])
+            raise StoreLocked(
+                f"{cache_path}: {n} of the videos this run needs are being computed into the shared feature cache by "
+                f"another avel-extract ({who}); nothing was computed. Pass --wait to compute the other videos now and "
+                "then wait for those (their rows are then copied from the cache, not computed twice), or run again "
+                f"when it has finished (claims in {cache_path / 'logs' / 'claims'})")
+        free = [k for k in need if k not in held]
+        claim = None
+        if free:
+            new = [k for k in free if k not in present]
+            was_complete = store.attrs.get("complete") is True
+            unverified = [] if was_complete else store.attrs.get("unverified_shards")
+            grow_store(store, new)
+            shards = {store.shard_of(store.row_of(k)) for k in free}
+            store.set_attrs(complete=False, verified=None,
+                            unverified_shards=None if unverified is None else sorted(set(unverified) | shards))
+            claim = RowClaim(cache_path, free).acquire()
+        log.info("%s: %d of %d videos are cached, %d to compute now, %d being computed by other runs", cache_path,
+                 len(keys) - len(need), len(keys), len(free), len(need) - len(free))
+        return claim, list(others.values())
+
+
+def _finish_cache(cache_path: Path) -> None:
+    """Verify what was written into the cache since it was last complete and mark it complete
+    (:func:`extract.store.mark_complete`), unless another run still computes into it (the last
+    one verifies) or its lock is not to be had (a later run verifies)."""
+    from .lock import StoreLocked, live_claims
+
+    try:
+        with _cache_lock(cache_path, wait=False):
+            if live_claims(cache_path):
+                return
+            cache = open_store(cache_path, mode="r+")
+            if cache.attrs.get("complete") is True:
+                return
+            unverified = cache.attrs.get("unverified_shards")
+            if not mark_complete(cache, unverified):
+                cache.set_attrs(unverified_shards=[])
+    except StoreLocked as exc:
+        log.info("the cache is verified by a later run: %s", exc)
+
+
+def _read_cache_rows(cache: FeatureStore, keys: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """``{content key: {"status", "reason", "ran", "features": {name: row}}}``, each cache shard read
+    under its shard lock (never half rewritten by a writer of that shard)."""
+    from .lock import shard_lock
+
+    rows = {key: cache.row_of(key) for key in dict.fromkeys(keys)}
+    by_shard: dict[int, list[str]] = {}
+    for key, row in rows.items():
+        by_shard.setdefault(cache.shard_of(row), []).append(key)
+    out: dict[str, dict] = {}
+    for shard, shard_keys in sorted(by_shard.items()):
+        index = [rows[k] for k in shard_keys]
+        lo = cache.shard_rows(shard).start
+        with shard_lock(cache.path, shard):
+            hi = lo + cache.rows_per_shard
+            status = np.asarray(cache.group["status"][lo:hi], dtype=np.int8)
+            reason = cache.group["reason"][lo:hi].tolist()
+            ran = cache.group["ran"][lo:hi].tolist() if "ran" in cache.group else [""] * len(status)
+            features = {name: cache.read(name, index) for name in names}
+        for i, key in enumerate(shard_keys):
+            local = rows[key] - lo
+            out[key] = {"status": int(status[local]), "reason": str(reason[local]), "ran": str(ran[local]),
+                        "features": {name: features[name][i] for name in names}}
+    return out
 
 
 def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], keys: dict[str, str],
@@ -299,26 +433,22 @@ def _copy_shard(store: FeatureStore, shard: int, members: list[VideoRequest], ke
     ``{key: status written}``; a member whose cache row is still missing is left as it was."""
     from .run import ShardBlock
 
-    block = ShardBlock(store, shard)
     cached = [r for r in members if r.key in keys]
-    if cached:
-        cache_rows = [cache.row_of(keys[r.key]) for r in cached]
-        cache_status = cache.status()[cache_rows]
-        cache_reason, cache_ran = cache.records("reason")[cache_rows], cache.records("ran")[cache_rows]
-        features = {name: cache.read(name, cache_rows) for name in block.names}
-        for i, request in enumerate(cached):
-            row, source = store.row_of(request.key), sources.get(request.key, "")
-            if cache_status[i] == STATUS_DONE:
-                block.set_done(row, request, {name: features[name][i] for name in block.names}, source=source,
-                               ran=str(cache_ran[i]), note=str(cache_reason[i]))
-            elif cache_status[i] == STATUS_FAILED:
-                block.set_failed(row, request, str(cache_reason[i]), source=source)
+    names = store.feature_names()
+    rows = _read_cache_rows(cache, [keys[r.key] for r in cached], names) if cached else {}
+    with ShardBlock(store, shard) as block:
+        for request in cached:
+            row, source, got = store.row_of(request.key), sources.get(request.key, ""), rows[keys[request.key]]
+            if got["status"] == STATUS_DONE:
+                block.set_done(row, request, got["features"], source=source, ran=got["ran"], note=got["reason"])
+            elif got["status"] == STATUS_FAILED:
+                block.set_failed(row, request, got["reason"], source=source)
             # still missing (environment error, lost task): the row stays as it was
-    for request in members:
-        if request.key in unreadable:
-            block.set_failed(store.row_of(request.key), request, unreadable[request.key],
-                             source=sources.get(request.key, ""))
-    return block.commit()
+        for request in members:
+            if request.key in unreadable:
+                block.set_failed(store.row_of(request.key), request, unreadable[request.key],
+                                 source=sources.get(request.key, ""))
+        return block.commit()
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
 writes its attributes and holds its lock (:mod:`extract.lock`); it then plans the work as
 :class:`ShardJob` objects, one per store shard that has missing requested rows
 (:func:`plan_jobs` checks that no shard is given to two jobs). A task owns shard k of EVERY array:
-it reads the shard, sets its requested rows and writes the shard whole, status last
+under the shard's lock, and only while its run's fence (lease, or the cache claim) holds, it reads
+the shard, sets its requested rows and writes the shard whole, status last
 (:func:`extract.run.finish_shard`). Zarr 3 rewrites a whole shard on every write, so two writers
 on one shard lose rows (``tests/test_distributed.py`` shows it); one writer per shard never does.
 
@@ -50,6 +51,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -94,7 +96,8 @@ class ShardJob:
     device: str
     decode_fn: Callable = decode_video
     threads: int = 1
-    #: the run's lease token: the shard is written only while the store's lease still holds it
+    #: the run's fence: its lease token, or ``claim:<token>`` in the shared cache; the shard is
+    #: written only while it holds (:func:`extract.lock.fence_holds`); a job without one writes nothing
     lease: str = ""
     #: ``(key, file identity)`` of the members, recorded in the ``source`` row record
     sources: tuple[tuple[str, str], ...] = ()
@@ -162,6 +165,8 @@ def check_one_writer_per_shard(jobs: Sequence[ShardJob], rows_per_shard: int) ->
 #: per worker process: settings key -> extractors (networks loaded once per process)
 _EXTRACTORS: dict[str, list] = {}
 _MODEL_LOADS = 0
+#: held while the extractors are looked up or built: a worker with several threads builds them once
+_BUILD_LOCK = threading.Lock()
 
 
 def _settings_key(cfg, device: str) -> str:
@@ -172,23 +177,26 @@ def worker_extractors(cfg, device: str, threads: int = 1) -> list:
     """The extractors of ``cfg`` on ``device``, built on first use in this process and then reused.
 
     On CPU torch is limited to ``threads`` threads (one worker = one core's share by default).
+    The build holds a process-wide lock, so the tasks of a worker with several threads
+    (``dask.threads_per_worker`` > 1) that start together build the networks once, not once each.
     """
     global _MODEL_LOADS
     device = worker_device(device)
     key = _settings_key(cfg, device)
-    cached = _EXTRACTORS.get(key)
-    if cached is None:
-        import torch
+    with _BUILD_LOCK:
+        cached = _EXTRACTORS.get(key)
+        if cached is None:
+            import torch
 
-        from .extractors import build_extractors, resolve_device
+            from .extractors import build_extractors, resolve_device
 
-        if not resolve_device(device).startswith("cuda"):
-            torch.set_num_threads(max(1, int(threads)))
-        cached = build_extractors(cfg, device)
-        _EXTRACTORS.clear()  # one feature set per worker at a time: free the previous networks
-        _EXTRACTORS[key] = cached
-        _MODEL_LOADS += 1
-        log.info("worker %s: built extractors %s on %s", _worker_name(), [e.name for e in cached], device)
+            if not resolve_device(device).startswith("cuda"):
+                torch.set_num_threads(max(1, int(threads)))
+            cached = build_extractors(cfg, device)
+            _EXTRACTORS.clear()  # one feature set per worker at a time: free the previous networks
+            _EXTRACTORS[key] = cached
+            _MODEL_LOADS += 1
+            log.info("worker %s: built extractors %s on %s", _worker_name(), [e.name for e in cached], device)
     return cached
 
 
@@ -271,7 +279,7 @@ def extract_shard(job: ShardJob) -> ShardResult:
     decoded = [as_system_failure(_decode_one(job.decode_fn, request, grids, job.cfg.segments, audio, timeout))
                for _, request in job.members]
     written = finish_shard(store, job.shard, list(job.members), decoded, extractors, job.cfg.segments,
-                           sources=dict(job.sources), lease=job.lease or None)
+                           sources=dict(job.sources), lease=job.lease)
     # rows not written are environment errors (decode or compute): the driver's guard counts them
     events = tuple((request.key, None if written is None or request.key in written else
                     (result.reason if isinstance(result, Failure) else "not extracted (environment error)"))
@@ -333,9 +341,11 @@ def run_extraction_dask(
     on_result: Callable[[ShardResult, Any], None] | None = None,
     retry_failed: bool = False,
     wait: bool = False,
+    claim=None,
 ):
     """Extract ``requests`` into the store with one Dask task per shard; returns a
-    :class:`extract.run.RunSummary`.
+    :class:`extract.run.RunSummary`. ``claim``: as in :func:`extract.run.run_extraction` (the
+    shared cache: the tasks are fenced by the caller's claim on the rows).
 
     Everything that can be checked is checked before the store is created or touched: the
     scheduler address and whether it answers (``dask.connect_timeout``), an existing store's
@@ -348,7 +358,7 @@ def run_extraction_dask(
     """
     from .cache import store_specs
     from .extractors import extractor_identity, resolve_device
-    from .prepare import check_existing_store, open_run_store
+    from .prepare import check_existing_store, open_claimed_store, open_run_store
     from .provenance import effective_config, store_attrs
     from .requests import distinct_requests
     from .run import close_run
@@ -368,14 +378,17 @@ def run_extraction_dask(
                                                      resolve_path=pipeline.path))
         if client is not None:
             check_workers(client, [r.path for r in requests], [path.parent])
-        with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg, wait=wait) as store:
+        keys = [r.key for r in requests]
+        opened = (open_claimed_store(path, keys, cfg.segments, attrs, claim) if claim is not None
+                  else open_run_store(path, keys, cfg.segments, specs, attrs, store_cfg, wait=wait))
+        with opened as store:
             jobs, plan = plan_jobs(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker,
                                        retry_failed, store.lease)
             if client is None and jobs:
                 client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
                                                          resolve_path=pipeline.path))
             summary = _run_jobs(client, store, jobs, plan, requests, pipeline.dask, progress, on_result)
-            return close_run(store, requests, summary, started)
+            return close_run(store, requests, summary, started, [job.shard for job in jobs])
 
 
 def _check_on_worker(paths: list[str], folders: list[str]) -> list[str]:
@@ -430,7 +443,8 @@ def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, pro
         return summary
     from distributed import as_completed
 
-    store.set_attrs(complete=False, verified=None)
+    if not store.shared:
+        store.set_attrs(complete=False, verified=None)
     token = uuid.uuid4().hex[:8]
     resources = {"GPU": 1} if _wants_gpu(jobs[0].device) else None
     workers_before = set(client.scheduler_info().get("workers", {}))

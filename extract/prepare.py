@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from .provenance import differing_fields
 from .store import ArraySpec, FeatureStore, StoreError, check_arrays, create_store, open_store
 
-__all__ = ["ensure_store", "check_identity", "grow_store", "check_existing_store", "open_run_store"]
+__all__ = ["ensure_store", "check_identity", "grow_store", "check_existing_store", "open_run_store",
+           "open_claimed_store"]
 
 
 def ensure_store(path: Path, keys: Sequence[str], segments: int, specs: Sequence[ArraySpec],
@@ -70,8 +71,9 @@ def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequen
     (``wait``: queue behind another holder), open it for writing, repair an interrupted growth,
     refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`),
     append rows for the ``keys`` it lacks and take a new lease (fencing tasks of earlier runs);
-    yields the open :class:`FeatureStore` while the lock is held (released on exit). The store
-    is marked incomplete while the run works; the caller marks it complete at the end."""
+    yields the open :class:`FeatureStore` while the lock is held (released on exit). A store that
+    grows is marked incomplete first; the caller marks it complete at the end
+    (``store.verified_before`` says whether it was complete when opened)."""
     from .lock import StoreLock, new_lease
 
     ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
@@ -80,7 +82,29 @@ def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequen
         check_identity(store, attrs, segments)
         store.repair_growth()
         check_arrays(store, specs)
+        store.verified_before = store.attrs.get("complete") is True
         present = set(store.ids.tolist())
-        grow_store(store, [k for k in keys if k not in present])
+        new = [k for k in keys if k not in present]
+        if new and store.attrs.get("complete") is not False:
+            store.set_attrs(complete=False, verified=None)  # a kill during the run leaves it marked unfinished
+        grow_store(store, new)
         store.lease = new_lease(path)
         yield store
+
+
+@contextlib.contextmanager
+def open_claimed_store(path: Path, keys: Sequence[str], segments: int, attrs: dict[str, Any], claim):
+    """A store shared by several writers (the cache), opened for writing the rows of ``keys``
+    under ``claim`` (an :class:`extract.lock.RowClaim` its caller took under the store's lock,
+    after growing the store): nothing is locked, grown or re-leased here; the shard writers carry
+    the claim as their fence and leave the store's attributes to the claim's owner."""
+    store = open_store(path, mode="r+")
+    check_identity(store, attrs, segments)
+    unclaimed = sorted(set(keys) - set(claim.keys))
+    if unclaimed:
+        raise StoreError(f"{path}: rows {unclaimed[:3]} are not claimed by this run")
+    for key in keys:
+        store.row_of(key)  # KeyError naming the store if a row is absent
+    store.lease = claim.fence
+    store.shared = True
+    yield store

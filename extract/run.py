@@ -19,7 +19,9 @@ tasks, :mod:`extract.cache` fills a project store from a shared cache):
    **shard** (rows ``k*S .. k*S+S-1``): its planned rows are decoded and computed together and the
    shard is written whole (:meth:`FeatureStore.write_shard`, status last), so a run that is killed
    at any point and started again ends with a store identical, bit for bit, to an uninterrupted
-   run's.
+   run's. Like every shard writer (Dask tasks, the cache's copy) it reads, changes and writes the
+   shard under the shard's lock and only while its lease still holds (:class:`ShardBlock`), so
+   an orphaned task of an earlier run never interleaves with it.
 4. Decode worker processes (:class:`extract.decode.DecodePool`, ``extract.decode_workers``, default
    all cores) run ahead of the networks through a bounded queue; a decode that takes longer than
    ``extract.decode_timeout_s`` is killed and its video marked failed. The main process runs the
@@ -28,8 +30,11 @@ tasks, :mod:`extract.cache` fills a project store from a shared cache):
    ``reason`` array and to ``<store>/logs/failures.jsonl``. An error of the environment (a library
    that does not load, CUDA, memory: :func:`is_system_error`) is not the video's fault: its row
    stays missing, and when the same one hits :data:`SYSTEMIC_LIMIT` videos in a row the run stops
-   (exit 2). Every row records its file identity (``source``) and what computed it (``ran``). The
-   run ends by verifying the store and marking it ``complete``, then a summary that counts every
+   (exit 2); errors are the same when their reasons differ only in numbers, addresses and paths
+   (:func:`error_kind`: two CUDA out-of-memory errors asking for other byte counts). Every row
+   records its file identity (``source``) and what computed it (``ran``). The run ends by
+   verifying the store (the shards it wrote when the store was complete before, else all; the
+   status of every row always) and marking it ``complete``, then a summary that counts every
    requested video once; the exit code is 1 when some requested video is failed or missing.
 
 **The ``valid`` flags.** ``valid[t]`` is true when segment t has both modalities: the video covers
@@ -49,6 +54,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -57,7 +63,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .decode import Failure, VideoRequest, decode_video, warm_up
-from .prepare import open_run_store
+from .prepare import open_claimed_store, open_run_store
 from .provenance import effective_config, file_identity, ran_label, store_attrs
 from .requests import distinct_requests
 from .store import (
@@ -84,6 +90,8 @@ __all__ = [
     "close_run",
     "append_failures",
     "ShardBlock",
+    "FenceLost",
+    "error_kind",
     "FAILURES_FILE",
 ]
 
@@ -110,6 +118,10 @@ class SystemicError(RuntimeError):
     """The same environment error hit several videos in a row: the run stops (exit 2)."""
 
 
+class FenceLost(RuntimeError):
+    """A writer's fence no longer holds: a newer run owns the store (or the writer's claim ended)."""
+
+
 def is_system_error(exc: BaseException | str) -> bool:
     """Whether an exception (or a failure reason) comes from the environment rather than the input."""
     if isinstance(exc, (ImportError, MemoryError)):
@@ -125,9 +137,26 @@ def as_system_failure(result):
     return result
 
 
+#: the parts of an error text that differ between occurrences of the same error: paths, addresses,
+#: numbers (byte counts, device numbers, line numbers); :func:`error_kind` replaces them
+_VOLATILE = ((re.compile(r"0[xX][0-9a-fA-F]+"), "<addr>"),
+             (re.compile(r"(?<![\w.])(?:~|\.{1,2})?/[^\s'\",;()\[\]{}<>]+"), "<path>"),
+             (re.compile(r"\d+(?:\.\d+)?"), "<n>"))
+
+
+def error_kind(reason: str) -> str:
+    """A failure reason with its paths, addresses and numbers replaced (the error class and the
+    words kept): two CUDA out-of-memory errors that asked for different byte counts, or the same
+    missing library seen from two files, are the same kind."""
+    for pattern, placeholder in _VOLATILE:
+        reason = pattern.sub(placeholder, reason)
+    return reason
+
+
 class SystemicGuard:
-    """Counts consecutive :class:`SystemFailure` s with the same reason; raises
-    :class:`SystemicError` at :data:`SYSTEMIC_LIMIT`. Any other outcome resets it."""
+    """Counts consecutive :class:`SystemFailure` s of the same kind (:func:`error_kind`: the
+    reason with numbers, addresses and paths stripped); raises :class:`SystemicError` at
+    :data:`SYSTEMIC_LIMIT`. Any other outcome resets it."""
 
     def __init__(self, limit: int = SYSTEMIC_LIMIT):
         self.limit, self.count, self.reason, self.seen = limit, 0, None, 0
@@ -137,8 +166,9 @@ class SystemicGuard:
             self.count, self.reason = 0, None
             return
         self.seen += 1
-        self.count = self.count + 1 if result.reason == self.reason else 1
-        self.reason = result.reason
+        kind = error_kind(result.reason)
+        self.count = self.count + 1 if kind == self.reason else 1
+        self.reason = kind
         if self.count >= self.limit:
             raise SystemicError(
                 f"stopped: {self.count} videos in a row failed with the same error of this machine, not of the "
@@ -357,6 +387,7 @@ def run_extraction(
     extractors: list | None = None,
     retry_failed: bool = False,
     wait: bool = False,
+    claim=None,
 ) -> RunSummary:
     """Extract ``requests`` into the store (see the module docstring). Returns a :class:`RunSummary`.
 
@@ -364,6 +395,10 @@ def run_extraction(
     failing ones; it must be picklable); ``extractors`` defaults to
     :func:`extract.extractors.build_extractors` of ``pipeline.extract``. ``retry_failed``: compute
     failed rows again; ``wait``: queue behind another writer of the store instead of refusing.
+    ``claim``: an :class:`extract.lock.RowClaim` the caller holds on the requested rows of a store
+    shared by several writers (the cache, :mod:`extract.cache`): the store is then neither locked
+    nor grown nor given a new lease, its shards are fenced by the claim and its attributes are
+    left to the caller (:func:`extract.prepare.open_claimed_store`).
     """
     from .extractors import build_extractors, extractor_identity, resolve_device
 
@@ -382,7 +417,10 @@ def run_extraction(
     identities = {e.name: e.identity() for e in extractors} if extractors else extractor_identity(cfg)
     attrs = store_attrs(cfg, identities)
     specs = [s for s in core_specs(cfg.segments) if s.name == "valid"] + [s for e in extractors for s in e.arrays()]
-    with open_run_store(path, [r.key for r in requests], cfg.segments, specs, attrs, store_cfg, wait=wait) as store:
+    keys = [r.key for r in requests]
+    opened = (open_claimed_store(path, keys, cfg.segments, attrs, claim) if claim is not None
+              else open_run_store(path, keys, cfg.segments, specs, attrs, store_cfg, wait=wait))
+    with opened as store:
         return _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, retry_failed)
 
 
@@ -432,7 +470,8 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, 
     log.info("%s: %d videos to extract in %d shards, %d already done", store.path, len(tasks), len(todo), plan.skipped)
     guard = SystemicGuard()
     if tasks:
-        store.set_attrs(complete=False, verified=None)
+        if not store.shared:
+            store.set_attrs(complete=False, verified=None)
         workers = cfg.decode_workers or os.cpu_count() or 1
         workers = max(1, min(workers, len(tasks)))
         bar = progress_bar(len(tasks), progress, "extract")
@@ -447,11 +486,14 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, 
                 decoded = [prefetch.get() for _ in members]
                 outcome = finish_shard(store, shard, members, decoded, extractors, cfg.segments,
                                        sources=plan.sources, guard=guard)
+                if outcome is None:
+                    raise FenceLost(f"{store.path}: another run took the store over while this one was writing "
+                                    f"(shard {shard}); this run stops, the other one finishes the work")
                 count_outcomes(summary, plan, outcome)
                 bar.update(len(members))
                 bar.set_postfix(failed=summary.failed, refresh=False)
             summary.steady_seconds = time.monotonic() - steady_start
-        except SystemicError as exc:
+        except (SystemicError, FenceLost) as exc:
             summary.systemic = str(exc)
             log.error("%s", exc)
         finally:
@@ -459,7 +501,7 @@ def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, 
                 prefetch.close(pool)
             pool.close()
             bar.close()
-    return close_run(store, requests, summary, started)
+    return close_run(store, requests, summary, started, [shard for shard, _ in todo])
 
 
 def count_outcomes(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> None:
@@ -472,16 +514,23 @@ def count_outcomes(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> 
             summary.failed += 1
 
 
-def close_run(store: FeatureStore, requests, summary: RunSummary, started: float) -> RunSummary:
-    """Final counts from the store, and the ``complete`` mark (the store is verified end to end)."""
+def close_run(store: FeatureStore, requests, summary: RunSummary, started: float,
+              shards: Sequence[int] | None = None) -> RunSummary:
+    """Final counts from the store, and the ``complete`` mark (:func:`extract.store.mark_complete`).
+
+    ``shards``: the shards this run wrote. When the store was complete before the run
+    (``store.verified_before``, set by :func:`extract.prepare.open_run_store`), only they are
+    read back, so a store that only grows (avel-predict's) is not re-read whole on every call; the
+    status of every row is checked either way. Otherwise every shard is read. A shared store
+    (the cache) is marked by its owner (:mod:`extract.cache`), not here."""
     from .store import mark_complete
 
     status = store.status()
     final = [status[store.row_of(r.key)] for r in requests]
     summary.failed_total = int(sum(s == STATUS_FAILED for s in final))
     summary.missing = int(sum(s == STATUS_MISSING for s in final))
-    if store.attrs.get("complete") is not True:
-        mark_complete(store)
+    if not store.shared and store.attrs.get("complete") is not True:
+        mark_complete(store, shards if store.verified_before and shards is not None else None)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -493,9 +542,10 @@ def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Video
 
     Returns ``{key: status written}`` for the members (a :class:`SystemFailure` leaves its row as
     it was and is not in the dict). ``guard`` sees every outcome in row order and may raise
-    :class:`SystemicError` before anything is written. With ``lease`` (Dask tasks) the shard is
-    written under its shard lock and only if the store's lease still holds that token; otherwise
-    nothing is written and None is returned (a newer run owns the store).
+    :class:`SystemicError` before anything is written. The shard is read and written under its
+    shard lock, and only if the writer's fence still holds (``lease``, default ``store.lease``: the
+    run's lease token, or the claim of a cache writer; see :mod:`extract.lock`); otherwise nothing
+    is written and None is returned (a newer run owns the store).
     """
     decoded = [as_system_failure(d) for d in decoded]
     ok = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, Failure)]
@@ -506,32 +556,63 @@ def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Video
     if guard is not None:
         for i, (_, request) in enumerate(members):
             guard.observe(request.key, outcome[i])
-    if lease is None:
-        return _write_shard(store, shard, members, outcome, sources or {}, ran_label(extractors))
-    from .lock import lease_token, shard_lock
-
-    with shard_lock(store.path, shard):
-        if lease_token(store.path) != lease:
-            log.warning("shard %d of %s: a newer run owns the store; this task's results are dropped", shard, store.path)
-            return None
-        return _write_shard(store, shard, members, outcome, sources or {}, ran_label(extractors))
+    try:
+        with ShardBlock(store, shard, lease) as block:
+            _fill_shard(block, members, outcome, sources or {}, ran_label(extractors))
+            return block.commit()
+    except FenceLost as exc:
+        log.warning("%s; this writer's results are dropped", exc)
+        return None
 
 
 class ShardBlock:
-    """One shard of every per-row array, read so that it can be rewritten whole: set the rows of
-    its members (:meth:`set_done`, :meth:`set_failed`), then :meth:`commit` writes the shard (status
-    last) and appends the failures to ``logs/failures.jsonl``. Other rows keep what they hold."""
+    """One shard of every per-row array, rewritten whole by one fenced writer.
 
-    def __init__(self, store: FeatureStore, shard: int):
+    ``with ShardBlock(store, shard, fence) as block:`` takes the shard's lock
+    (:class:`extract.lock.shard_lock`), checks that the writer's fence still holds (``fence``,
+    default ``store.lease``; :func:`extract.lock.fence_holds`, else :class:`FenceLost`) and only
+    then reads the shard, so the read, the changes and the write all happen under the lock and no
+    other writer's rows are lost in between. Set the rows of the members (:meth:`set_done`,
+    :meth:`set_failed`), then :meth:`commit` writes the shard (status last) and appends the
+    failures to ``logs/failures.jsonl``. Other rows keep what they hold."""
+
+    def __init__(self, store: FeatureStore, shard: int, fence: str | None = None):
         self.store, self.shard = store, shard
-        self.rows = store.shard_rows(shard)
+        self.fence = fence if fence is not None else store.lease
+        self.written: dict[str, int] = {}
+        self.failures: list[dict] = []
+        self._lock = None
+
+    def __enter__(self) -> "ShardBlock":
+        from .lock import fence_holds, shard_lock
+
+        lock = shard_lock(self.store.path, self.shard)
+        lock.__enter__()
+        try:
+            if not fence_holds(self.store.path, self.fence):
+                raise FenceLost(f"shard {self.shard} of {self.store.path}: a newer run owns the store"
+                                if not str(self.fence or "").startswith("claim:") else
+                                f"shard {self.shard} of {self.store.path}: this writer's claim on its rows ended")
+            self._read()
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        self._lock = lock
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def _read(self) -> None:
+        store = self.store
+        self.rows = store.shard_rows(self.shard)
         lo, hi = self.rows.start, self.rows.stop
         self.names = store.feature_names()
         self.values = {name: store.read(name, slice(lo, hi)) for name in self.names}
         self.status = np.asarray(store.group["status"][lo:hi], dtype=np.int8).copy()
         self.records = {name: store.records(name)[lo:hi].copy() for name in ("reason", "source", "ran")}
-        self.written: dict[str, int] = {}
-        self.failures: list[dict] = []
 
     def _set(self, row: int, request: VideoRequest, state: int, reason: str, source: str, ran: str) -> int:
         local = row - self.rows.start
@@ -555,16 +636,16 @@ class ShardBlock:
                               "key": request.key, "path": request.path, "shard": self.shard, "reason": reason})
 
     def commit(self) -> dict[str, int]:
-        """Write the shard and the failure log; returns ``{key: status written}``."""
+        """Write the shard and the failure log (inside the ``with``); returns ``{key: status written}``."""
+        if self._lock is None:
+            raise RuntimeError("ShardBlock.commit outside its `with` block (the shard lock is not held)")
         records = {name: [str(v) for v in values] for name, values in self.records.items()}
         self.store.write_shard(self.shard, self.values, self.status, records.pop("reason"), records)
         append_failures(self.store.path, self.failures)
         return self.written
 
 
-def _write_shard(store: FeatureStore, shard: int, members, outcome: dict[int, Any], sources: dict[str, str],
-                 ran: str) -> dict[str, int]:
-    block = ShardBlock(store, shard)
+def _fill_shard(block: ShardBlock, members, outcome: dict[int, Any], sources: dict[str, str], ran: str) -> None:
     for i, (row, request) in enumerate(members):
         result, source = outcome[i], sources.get(request.key, "")
         if isinstance(result, SystemFailure):
@@ -575,4 +656,3 @@ def _write_shard(store: FeatureStore, shard: int, members, outcome: dict[int, An
         else:
             features, video = result
             block.set_done(row, request, features, source=source, ran=ran, note=_note(video.info))
-    return block.commit()

@@ -95,6 +95,12 @@ class FeatureStore:
         self.path = path
         self._ids: np.ndarray | None = None
         self._row_of: dict[str, int] | None = None
+        #: the fence its shard writers carry (a run's lease token, or ``claim:<token>``; see extract.lock)
+        self.lease: str | None = None
+        #: written by several runs at once (the shared cache): a runner leaves its attributes alone
+        self.shared = False
+        #: it was ``complete`` when this run opened it: only the shards the run writes need reading back
+        self.verified_before = False
 
     # -- identity ---------------------------------------------------------------------------
     @property

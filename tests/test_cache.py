@@ -3,9 +3,15 @@
 its new videos, completeness verification and readers refusing incomplete sets, the listing."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
+import re
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +315,298 @@ def test_a_settings_change_is_refused_before_any_feature_is_computed(media, tmp_
         extract_with_cache(make_pipeline(image_size=64), requests(media / "one", ["a", "b"]),
                            store_path=tmp_path / "P.zarr", root=root, progress=False, runner=runner)
     assert not called and len(list(root.iterdir())) == 1  # no second feature set was started
+
+
+# ------------------------------------------------------------------------------------------
+# several projects at once (issue 28): claims on rows, not a lock on whole extractions
+
+
+def rendezvous_decode(request, grids, segments, audio, me, other):
+    """decode_video once the other project has started decoding too. Decoding runs in worker
+    processes, so the signals are files; gives up after 60 s (under a lock held for a whole
+    extraction the other project never starts)."""
+    from extract.decode import DecodeError
+
+    Path(me).touch()
+    deadline = time.monotonic() + 60
+    while not Path(other).exists():
+        if time.monotonic() > deadline:
+            raise DecodeError("the other project never started computing")
+        time.sleep(0.05)
+    return decode_video(request, grids, segments, audio)
+
+
+def gated_decode(request, grids, segments, audio, gate):
+    """decode_video once the file ``gate`` exists (at most 120 s)."""
+    deadline = time.monotonic() + 120
+    while not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return decode_video(request, grids, segments, audio)
+
+
+class _OnLog(logging.Handler):
+    def __init__(self, text, action):
+        super().__init__(logging.DEBUG)
+        self.text, self.action, self.seen = text, action, []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if self.text in message:
+            self.seen.append(message)
+            self.action()
+
+
+@contextlib.contextmanager
+def on_log(logger: str, text: str, action=lambda: None):
+    """Call ``action`` when ``logger`` logs a message containing ``text`` (the code logs it right
+    before it blocks: a deterministic hook); yields the handler (``seen``: those messages)."""
+    handler, log = _OnLog(text, action), logging.getLogger(logger)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def shard4_pipeline():
+    """Four rows per shard: the cache rows of two small projects share a shard."""
+    return load_pipeline(None, {"extract": {**SMALL, "decode_workers": 1}, "store": {"rows_per_shard": 4}},
+                         search=False)
+
+
+def test_two_projects_extract_disjoint_videos_of_one_feature_set_at_the_same_time(media, tmp_path):
+    """Each project's decoder waits until the other project has started computing: both runs must
+    be inside their extraction at once (before, the cache's lock was held for a whole extraction and
+    the second project waited for the first). Their cache rows share one shard."""
+    from extract.cache import extract_with_cache, feature_set_path
+    from extract.run import run_extraction
+
+    from extract.extractors import build_extractors
+
+    pipeline, root, signals = shard4_pipeline(), tmp_path / "cache", tmp_path / "signals"
+    signals.mkdir()
+    results, errors = {}, []
+    # built here, once: random weights are drawn from torch's global generator, which two threads
+    # building at the same moment would share (separate processes, as real projects are, do not)
+    extractors = build_extractors(pipeline.extract, "cpu")
+
+    def project(name, names, other):
+        decode = functools.partial(rendezvous_decode, me=str(signals / name), other=str(signals / other))
+        try:
+            results[name] = extract_with_cache(pipeline, requests(media / "one", names), root=root, progress=False,
+                                               store_path=tmp_path / f"{name}.zarr",
+                                               runner=functools.partial(run_extraction, decode_fn=decode,
+                                                                        extractors=extractors))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=project, args=("A", "ab", "B")),
+               threading.Thread(target=project, args=("B", "cd", "A"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    for name in "AB":
+        assert (results[name].computed, results[name].done, results[name].failed, results[name].exit_code) == (2, 2, 0, 0)
+    # both stores and the cache hold the numbers of a plain extraction
+    reference = tmp_path / "plain.zarr"
+    run_extraction(pipeline, requests(media / "one", "abcd"), store_path=reference, progress=False)
+    plain = open_store(reference)
+    for name, rows in (("A", [0, 1]), ("B", [2, 3])):
+        store = open_store(tmp_path / f"{name}.zarr")
+        assert store.attrs["complete"] is True
+        for array in ("visual", "audio", "valid"):
+            np.testing.assert_array_equal(store.read(array), plain.read(array, rows))
+    cache = open_store(feature_set_path(root, results["A"].feature_set))
+    assert len(cache) == 4 and cache.num_shards == 1 and cache.status().tolist() == [STATUS_DONE] * 4
+    assert cache.attrs["complete"] is True and cache.attrs["unverified_shards"] == []
+    assert list((cache.path / "logs" / "claims").iterdir()) == []  # both claims ended
+
+
+def test_rows_another_project_computes_are_refused_or_waited_for_then_copied(media, tmp_path, monkeypatch):
+    """Project A is computing video a (its decoder held at a gate). Project B wants the same content:
+    without --wait it is refused (exit 2) naming A's host, PID and command, nothing computed; with
+    --wait it says whom it waits for, and then copies A's row instead of computing it again."""
+    import yaml
+    from click.testing import CliRunner
+
+    from extract.cache import extract_with_cache
+    from extract.cli import main
+    from extract.manifest import Sample, write_manifest
+    from extract.run import run_extraction
+
+    pipeline, root, gate = shard4_pipeline(), tmp_path / "cache", tmp_path / "gate"
+    claimed, results = threading.Event(), {}
+    runner = functools.partial(run_extraction, decode_fn=functools.partial(gated_decode, gate=str(gate)))
+    project_a = threading.Thread(target=lambda: results.update(A=extract_with_cache(
+        pipeline, requests(media / "one", "a"), store_path=tmp_path / "A.zarr", root=root, progress=False,
+        runner=runner)))
+    with on_log("extract.cache", "1 to compute now", claimed.set):
+        project_a.start()
+        assert claimed.wait(300)
+    # B through the CLI, without --wait: refused, naming A
+    monkeypatch.setenv("AVEL_CACHE", str(root))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"extract": {**SMALL, "decode_workers": 1},
+                                                            "store": {"rows_per_shard": 4}}))
+    write_manifest(tmp_path / "m.csv", [Sample("sx", "x", str(media / "two" / "x.mp4"), "", 0, 0, "test")],
+                   classes=["dog"])
+    cli = ["--config", str(tmp_path / "pipeline.yaml"), "--manifest", str(tmp_path / "m.csv"), "--store",
+           str(tmp_path / "B.zarr"), "--cache", "--no-progress", "--no-preflight"]
+    refused = CliRunner().invoke(main, cli, catch_exceptions=False)
+    assert refused.exit_code == 2, refused.output
+    who = f"pid {os.getpid()} on host {socket.gethostname()}, command "
+    assert "being computed into the shared feature cache" in refused.output and who in refused.output
+    assert "--wait" in refused.output and "nothing was computed" in refused.output
+    # with --wait: B says whom it waits for; A is let go; B copies A's row
+    with on_log("extract.cache", "waiting for 1 videos", gate.touch) as waiting:
+        b = extract_with_cache(pipeline, requests(media / "two", "x"), store_path=tmp_path / "B.zarr", root=root,
+                               progress=False, wait=True)
+    project_a.join(300)
+    assert len(waiting.seen) == 1 and who in waiting.seen[0]
+    assert (results["A"].computed, results["A"].done) == (1, 1)
+    assert (b.computed, b.reused, b.done, b.exit_code) == (0, 1, 1, 0)
+    np.testing.assert_array_equal(open_store(tmp_path / "B.zarr").read("visual"),
+                                  open_store(tmp_path / "A.zarr").read("visual"))
+
+
+def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
+    """A process claimed a row of the cache and was killed (kill -9) before computing it: the OS
+    released its claim; a project waiting for it computes the row itself."""
+    import signal
+    import subprocess
+    import sys
+
+    from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
+    from extract.lock import StoreLocked
+    from extract.prepare import ensure_store
+
+    pipeline, root = shard4_pipeline(), tmp_path / "cache"
+    cfg, request = pipeline.extract, requests(media / "one", "a")[0]
+    attrs = feature_set_attrs(cfg)
+    cache_path, key = feature_set_path(root, attrs["fingerprint"]), content_key(request)
+    ensure_store(cache_path, [key], cfg.segments, store_specs(cfg), {**attrs, "complete": False}, pipeline.store)
+    script = ("import sys; from extract.lock import RowClaim, StoreLock\n"
+              "with StoreLock(sys.argv[1]):\n    claim = RowClaim(sys.argv[1], [sys.argv[2]]).acquire()\n"
+              "print('claimed', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(cache_path), key], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(StoreLocked, match=re.escape(f"pid {holder.pid} on host {socket.gethostname()}, "
+                                                        f"command '-c {cache_path} {key}'")):
+            extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root, progress=False)
+        with on_log("extract.cache", "waiting for 1 videos", lambda: os.kill(holder.pid, signal.SIGKILL)):
+            summary = extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root,
+                                         progress=False, wait=True)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)
+    cache = open_store(cache_path)
+    assert cache.status().tolist() == [STATUS_DONE] and cache.attrs["complete"] is True
+    assert list((cache_path / "logs" / "claims").iterdir()) == []  # the dead claim was removed
+
+
+def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
+    """While a writer holds a cache shard (rewriting it), a project copying rows of that shard waits."""
+    from extract.cache import extract_with_cache, feature_set_path
+    from extract.lock import shard_lock
+
+    pipeline, root = shard4_pipeline(), tmp_path / "cache"
+    first = extract_with_cache(pipeline, requests(media / "one", "a"), store_path=tmp_path / "A.zarr", root=root,
+                               progress=False)
+    cache_path = feature_set_path(root, first.feature_set)
+    taken, release = threading.Event(), threading.Event()
+
+    def writer():
+        with shard_lock(cache_path, 0):
+            taken.set()
+            assert release.wait(300)
+
+    holder = threading.Thread(target=writer)
+    holder.start()
+    assert taken.wait(60)
+    with on_log("extract.lock", f"shard 0 of {cache_path}: waiting for its lock", release.set) as waited:
+        second = extract_with_cache(pipeline, requests(media / "two", "x"), store_path=tmp_path / "B.zarr", root=root,
+                                    progress=False)
+    release.set()
+    holder.join(60)
+    assert len(waited.seen) == 1 and (second.reused, second.computed, second.done) == (1, 0, 1)
+    np.testing.assert_array_equal(open_store(tmp_path / "B.zarr").read("visual"),
+                                  open_store(tmp_path / "A.zarr").read("visual"))
+
+
+def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypatch):
+    """avel-predict cannot pass --wait itself: its avel-extract waits (saying for whom) rather than
+    failing the prediction because another project is computing the same video."""
+    import types
+
+    import train.predict as predict
+
+    commands = []
+    monkeypatch.setattr(predict, "_run_echoing", lambda command: (commands.append(command), (0, ""))[1])
+    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)})
+    plan = predict._Plan("v", tmp_path / "v.mp4", 4.0, [0, 2])
+    assert predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
+                                    cache_root=tmp_path / "cache") == 0
+    assert commands and "--cache" in commands[0] and "--wait" in commands[0]
+
+
+def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path, monkeypatch):
+    """On NFS, flock is emulated with POSIX record locks, which never conflict within one process:
+    asking its own claim's lock would succeed and call the claim dead. The claimant's own writers
+    and threads know it holds the claim; other processes ask the lock."""
+    import extract.lock as lock
+
+    create = functools.partial(lock.RowClaim, tmp_path / "s.zarr")
+    (tmp_path / "s.zarr" / "logs").mkdir(parents=True)
+    claim = create(["k1", "k2"]).acquire()
+    monkeypatch.setattr(lock, "_flock", lambda fh, exclusive=True, block=False: True)  # every lock "succeeds"
+    assert lock.fence_holds(tmp_path / "s.zarr", claim.fence)
+    assert [c["keys"] for c in lock.live_claims(tmp_path / "s.zarr")] == [["k1", "k2"]]
+    monkeypatch.undo()
+    claim.release()
+    assert not lock.fence_holds(tmp_path / "s.zarr", claim.fence) and lock.live_claims(tmp_path / "s.zarr") == []
+
+
+def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path, monkeypatch):
+    """The cache's lock is only held for moments by avel-extract --cache; one that holds it longer
+    (a plain avel-extract --store <cache>, an older avel) is waited for a while, then refused,
+    naming it, as for any store - unless --wait."""
+    import extract.cache as cache_module
+    from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
+    from extract.lock import StoreLock, StoreLocked
+    from extract.prepare import ensure_store
+
+    pipeline, root = shard4_pipeline(), tmp_path / "cache"
+    cfg, request = pipeline.extract, requests(media / "one", "a")[0]
+    attrs = feature_set_attrs(cfg)
+    cache_path = feature_set_path(root, attrs["fingerprint"])
+    ensure_store(cache_path, [content_key(request)], cfg.segments, store_specs(cfg), {**attrs, "complete": False},
+                 pipeline.store)
+    monkeypatch.setattr(cache_module, "CACHE_LOCK_PATIENCE_S", 0.5)
+    taken, release = threading.Event(), threading.Event()
+
+    def holder():
+        with StoreLock(cache_path):
+            taken.set()
+            release.wait(300)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert taken.wait(60)
+        with pytest.raises(StoreLocked, match=re.escape(f"(pid {os.getpid()} on host {socket.gethostname()}, command '")
+                           + ".*--wait"):
+            extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root, progress=False)
+        with on_log("extract.lock", "waiting for the store's lock", release.set):
+            summary = extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root,
+                                         progress=False, wait=True)
+    finally:
+        release.set()
+        thread.join(60)
+    assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)

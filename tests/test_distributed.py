@@ -319,3 +319,59 @@ def test_a_shard_whose_result_was_lost_and_recomputed_is_counted(client, videos,
         assert not first.already and first.done == len(jobs[0].members)
         summary = _run_jobs(client, store, jobs, plan, videos, pipeline.dask, False, None)
     assert (summary.done, summary.failed) == (9, 1)
+
+
+def test_a_worker_with_several_threads_builds_the_networks_once(monkeypatch):
+    """Issue 28: two tasks that start together in a worker with ``threads_per_worker`` > 1 each
+    built the networks. The second must wait for the first build and reuse it (deterministic: the
+    first build holds until the second thread has asked for the networks)."""
+    import threading
+    import types
+
+    import torch
+
+    import extract.distributed as dist
+    import extract.extractors as extractors_module
+
+    monkeypatch.setattr(dist, "_EXTRACTORS", {})
+    started, second_in, builds = threading.Event(), threading.Event(), []
+
+    def build(cfg, device):
+        builds.append(threading.current_thread().name)
+        if len(builds) == 1:
+            started.set()
+            assert second_in.wait(60)
+        else:
+            second_in.set()  # (the old code) the second thread builds its own
+        return [types.SimpleNamespace(name="fake")]
+
+    class SpyLock:
+        """The build lock, noting when the second thread asks for it (it then blocks)."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread().name == "second":
+                second_in.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(extractors_module, "build_extractors", build)
+    if hasattr(dist, "_BUILD_LOCK"):
+        monkeypatch.setattr(dist, "_BUILD_LOCK", SpyLock(dist._BUILD_LOCK))
+    cfg, got = make_pipeline().extract, {}
+    threads_before = torch.get_num_threads()
+    try:
+        first = threading.Thread(target=lambda: got.update(first=dist.worker_extractors(cfg, "cpu")), name="first")
+        second = threading.Thread(target=lambda: got.update(second=dist.worker_extractors(cfg, "cpu")), name="second")
+        first.start()
+        assert started.wait(60)
+        second.start()
+        first.join(60)
+        second.join(60)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert builds == ["first"] and got["first"] is got["second"]

@@ -178,7 +178,12 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(data, extract
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreLocked, match=rf"another avel-extract is writing this store \(pid {holder.pid}, host "):
+        import re
+        import socket
+
+        # the holder's host, PID and command (issue 28: the command was not said)
+        who = re.escape(f"(pid {holder.pid} on host {socket.gethostname()}, command '-c {path}', started ")
+        with pytest.raises(StoreLocked, match="another avel-extract is writing this store " + who):
             run_extraction(make_pipeline(data), requests, store_path=path, progress=False, extractors=extractors)
     finally:
         holder.kill()

@@ -4,7 +4,9 @@ rows and changed files, environment errors, the lock's --wait and re-entrancy, f
 shard writers."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -262,6 +264,10 @@ def test_wait_in_a_second_process(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and float(out.split()[1]) >= released
     assert "waiting for the store's lock" in err
+    # it says whom it waits for: host, PID and command of the holder (this process)
+    import socket
+
+    assert f"held by pid {os.getpid()} on host {socket.gethostname()}, command '" in err
 
 
 def test_the_lock_is_reentrant_in_one_process(tmp_path):
@@ -299,6 +305,168 @@ def test_an_orphaned_task_of_an_earlier_run_writes_nothing(tmp_path, videos):
     assert extract_shard(current).done == 2
     with shard_lock(path, 0):  # the shard lock is a plain exclusive lock
         pass
+
+
+class _OnLog(logging.Handler):
+    """Calls ``action`` when a record of ``logger`` contains ``text`` (a deterministic hook: the
+    code under test logs it right before it blocks)."""
+
+    def __init__(self, text: str, action):
+        super().__init__(logging.DEBUG)
+        self.text, self.action = text, action
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.action()
+
+
+@contextlib.contextmanager
+def on_log(logger: str, text: str, action):
+    handler, log = _OnLog(text, action), logging.getLogger(logger)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def test_an_orphaned_task_interleaved_with_a_local_run_on_one_shard_loses_no_row(tmp_path, monkeypatch):
+    """Issue 28: a Dask task of an earlier run passed its lease check (it holds the shard's lock and
+    is in the middle of writing the shard) just before a new single-machine run starts and writes
+    other rows of the same shard. The local run must wait for the shard's lock and read the shard
+    only then; before, it wrote without the lock and the orphan's stale shard overwrote its rows."""
+    from extract.cache import store_specs
+    from extract.distributed import extract_shard, plan_jobs
+    from extract.extractors import extractor_identity
+    from extract.settings import load_pipeline
+    from extract.store import FeatureStore
+    from test_run import SMALL
+
+    for i, name in enumerate("abcd"):
+        clip(tmp_path / f"{name}.mp4", 2.0, seed=i + 1)
+    videos = [VideoRequest(k, str(tmp_path / f"{k}.mp4")) for k in "abcd"]
+    pipeline = load_pipeline(None, {"extract": {**SMALL, "segments": 2, "decode_workers": 1},
+                                    "store": {"rows_per_shard": 4}}, search=False)  # one shard holds all four
+    cfg, path = pipeline.extract, tmp_path / "s.zarr"
+    attrs = store_attrs(cfg, extractor_identity(cfg))
+    with open_run_store(path, [r.key for r in videos], cfg.segments, store_specs(cfg), attrs, pipeline.store) as store:
+        (orphan_job,), _ = plan_jobs(store, videos[:2], cfg, "cpu", lease=store.lease)  # run 1: rows a, b
+    # run 1's client is gone; its task goes on. It stops inside its write of the shard until `go`.
+    orphan_writing, go = threading.Event(), threading.Event()
+    real_write = FeatureStore.write_shard
+
+    def write_shard(self, *args, **kwargs):
+        if threading.current_thread().name == "orphan":
+            orphan_writing.set()
+            assert go.wait(300)
+        real_write(self, *args, **kwargs)
+        go.set()  # a local write that did not wait for the orphan (the old code): let the orphan finish now
+
+    monkeypatch.setattr(FeatureStore, "write_shard", write_shard)
+    result = {}
+    orphan = threading.Thread(target=lambda: result.update(r=extract_shard(orphan_job)), name="orphan")
+    orphan.start()
+    assert orphan_writing.wait(300)
+    # run 2, on this machine, for rows c and d of the same shard; it waits for the orphan's shard lock
+    # (and the orphan then finishes), or, unfenced, writes at once
+    with on_log("extract.lock", "waiting for its lock", go.set):
+        summary = run_extraction(pipeline, videos[2:], store_path=path, progress=False)
+    orphan.join(300)
+    assert result["r"].done == 2 and summary.done == 2
+    store = open_store(path)
+    assert store.status().tolist() == [STATUS_DONE] * 4  # no row lost
+    reference = tmp_path / "ref.zarr"
+    run_extraction(pipeline, videos, store_path=reference, progress=False)
+    for name in ("visual", "audio", "valid"):
+        np.testing.assert_array_equal(store.read(name), open_store(reference).read(name))
+    assert store.attrs["complete"] is True
+
+
+def test_a_shard_writer_without_its_fence_writes_nothing(tmp_path):
+    """Every writer is fenced: a ShardBlock with a stale lease or none is refused under the lock."""
+    from extract.run import FenceLost, ShardBlock
+
+    create_store(tmp_path / "s.zarr", ["a", "b"], 2, _specs(), _attrs(), rows_per_shard=2)
+    store = open_store(tmp_path / "s.zarr", mode="r+")
+    old = new_lease(tmp_path / "s.zarr")
+    new_lease(tmp_path / "s.zarr")
+    for fence in (None, old):
+        with pytest.raises(FenceLost, match="newer run owns the store"):
+            with ShardBlock(store, 0, fence):
+                pass
+    store.lease = lease_token(tmp_path / "s.zarr")
+    with ShardBlock(store, 0) as block:
+        block.set_failed(0, VideoRequest("a", "/x/a.mp4"), "broken", source="")
+        assert block.commit() == {"a": STATUS_FAILED}
+    assert open_store(tmp_path / "s.zarr").status().tolist() == [STATUS_FAILED, STATUS_MISSING]
+
+
+def test_out_of_memory_errors_with_other_byte_counts_are_the_same_error():
+    """Issue 28: the three-in-a-row stop compared whole reason texts; CUDA out-of-memory messages
+    carry byte counts, so it rarely fired."""
+    from extract.run import SystemFailure, SystemicError, SystemicGuard
+
+    def oom(mib, free):
+        return SystemFailure(f"compute failed: OutOfMemoryError: CUDA out of memory. Tried to allocate {mib} MiB "
+                             f"(GPU 0; 7.79 GiB total capacity; {free} GiB already allocated; process 0x7f3a{mib} "
+                             f"has 5.1 GiB in use; /opt/venv/lib/python3.11/site-packages/torch/nn/functional.py:{mib})")
+
+    guard = SystemicGuard()
+    guard.observe("v0", oom("20.00", "6.41"))
+    guard.observe("v1", oom("126.50", "6.52"))
+    with pytest.raises(SystemicError, match="3 videos in a row"):
+        guard.observe("v2", oom("2.00", "7.10"))
+    # the class of the error is kept: other errors, or other classes, do not add up
+    guard = SystemicGuard()
+    guard.observe("v0", oom("20.00", "6.41"))
+    guard.observe("v1", SystemFailure("compute failed: RuntimeError: CUDA error: an illegal memory access at 0x7f00"))
+    guard.observe("v2", oom("2.00", "7.10"))
+    assert guard.count == 1
+    from extract.run import error_kind
+
+    assert error_kind("ImportError: /a/b/libx.so.1: undefined symbol: y") == error_kind(
+        "ImportError: /c/libx.so.2: undefined symbol: y")
+    assert error_kind("OSError: No space left on device") != error_kind("MemoryError: No space left on device")
+
+
+def test_a_run_on_a_complete_store_reads_back_only_the_shards_it_wrote(tmp_path, monkeypatch):
+    """Issue 28: every write run verified the whole store; a predict store only grows, so each call
+    re-read every earlier video. Now: the shards written, when the store was complete before (the
+    status of every row is still checked); everything when it was not."""
+    import extract.store as store_module
+
+    for i, name in enumerate("abcde"):
+        clip(tmp_path / f"{name}.mp4", 2.0, seed=i + 1)
+    videos = [VideoRequest(k, str(tmp_path / f"{k}.mp4")) for k in "abcde"]
+    pipeline, path = make_pipeline(tmp_path, segments=2), tmp_path / "s.zarr"
+    verified = []
+    real = store_module.verify_store
+
+    def spy(store, shards=None):
+        verified.append(None if shards is None else sorted(shards))
+        return real(store, shards)
+
+    monkeypatch.setattr(store_module, "verify_store", spy)
+    assert run_extraction(pipeline, videos[:3], store_path=path, progress=False).done == 3
+    assert verified == [None]  # a new store: read whole
+    assert run_extraction(pipeline, videos, store_path=path, progress=False).done == 2  # rows d, e
+    assert verified[1:] == [[1, 2]]  # row c's shard 1 (c, d) and shard 2 (e); shard 0 not re-read
+    assert open_store(path).attrs["complete"] is True
+    # a store that was not complete (a run stopped) is read whole by the next run
+    open_store(path, mode="r+").set_attrs(complete=False)
+    clip(tmp_path / "f.mp4", 2.0, seed=9)
+    run_extraction(pipeline, videos + [VideoRequest("f", str(tmp_path / "f.mp4"))], store_path=path, progress=False)
+    assert verified[2:] == [None]
+    # the status of every row is checked all the same: a row that lost its status is found
+    store = open_store(path, mode="r+")
+    (path / "status" / "c" / "0").unlink()  # rows a, b read as missing
+    clip(tmp_path / "g.mp4", 2.0, seed=10)
+    summary = run_extraction(pipeline, [VideoRequest("g", str(tmp_path / "g.mp4"))], store_path=path, progress=False)
+    assert summary.done == 1 and verified[3:] == [[3]]
+    assert open_store(path).attrs["complete"] is False
 
 
 def test_requests_have_absolute_paths_whatever_the_working_directory(tmp_path, monkeypatch):

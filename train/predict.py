@@ -325,7 +325,7 @@ def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store
     config.write_text("# written by avel-predict: the training store's extractor configuration\n"
                       + yaml.safe_dump(predict_pipeline(run.features, store, cache_root, device), sort_keys=False))
     command = [sys.executable, "-m", "extract.cli", "--config", str(config), "--manifest", str(manifest),
-               "--store", str(store)]
+               "--store", str(store), "--wait"]  # behind another run computing these videos: wait, saying for whom
     if cache:
         command.append("--cache")
     if not progress:
