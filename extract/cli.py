@@ -44,7 +44,7 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
       avel-extract --recipe ave2018 --split all        # the public AVE features' recipe
       avel-extract --split all --workers 16
       avel-extract --manifest manifests/ave/test.csv --video-root data/ave/videos --store data/stores/ave.zarr
-      avel-extract --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
+      avel-extract --recipe avel --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
       avel-extract demo              # generate the offline demo dataset
       avel-extract --split all --device cuda --scheduler tcp://head-node:8786   # a Dask cluster
       avel-extract --split all --cache && avel-extract list-cache                # shared cache

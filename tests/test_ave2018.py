@@ -520,3 +520,27 @@ def test_decoder_and_frame_rule_record_in_the_identity():
 
     text = json.dumps(extractor_identity(cfg)["vgg19"]["preprocessing"])
     assert "int(n / T)" in text and "constant-rate" in text and "INTER_LINEAR" in text
+
+
+def test_predict_checks_the_recipe_before_any_work(weight_files, tmp_path):
+    """avel-predict's first step on a run trained on an ave2018 (or imported) store: the weights
+    resolve and give the training store's fingerprint; a missing file or other weights are
+    refused, naming the file or the differing fields (tests/test_ave2018_e2e.py: end to end)."""
+    from extract.extractors import extractor_identity
+    from extract.provenance import store_attrs
+    from extract.settings import to_dict
+    from train.predict import LoadedRun, PredictError, check_features_recipe
+
+    cfg = ave2018(visual_weights=str(weight_files["keras1"]), audio_weights="random")
+    attrs = store_attrs(cfg, extractor_identity(cfg))
+    features = {"fingerprint": attrs["fingerprint"], "fingerprint_fields": attrs["fingerprint_fields"],
+                "extractor": to_dict(cfg), "segments": 10}
+    run = LoadedRun(None, {}, tmp_path / "checkpoint.safetensors", ["a", "background"], features)
+    check_features_recipe(run, "cpu")  # the same weights here: nothing to say
+    other = dict(features, extractor={**features["extractor"], "visual_weights": str(weight_files["keras2"])})
+    with pytest.raises(PredictError, match=r"differing: extractors\.vgg19\.weights\.vgg19\.name: 'vgg19_keras1\.h5' -> "
+                                           r"'vgg19_keras2\.h5'"):
+        check_features_recipe(LoadedRun(None, {}, run.checkpoint, run.class_names, other), "cpu")
+    gone = dict(features, extractor={**features["extractor"], "visual_weights": str(tmp_path / "moved.h5")})
+    with pytest.raises(PredictError, match=r"moved\.h5 .*does not exist"):
+        check_features_recipe(LoadedRun(None, {}, run.checkpoint, run.class_names, gone), "cpu")
