@@ -171,7 +171,8 @@ def cfr_output_frames(pts: np.ndarray, rate: float, durations: np.ndarray | None
         pts: [N] presentation times of the decoded frames in seconds (decoder order), relative to
             the video stream's start.
         rate: output frames per second.
-        durations: [N] display durations in seconds (the packets' durations); default: the step to
+        durations: [N] display durations in seconds (the packets' durations) in **presentation
+            order** (sorted by time, whatever the decoder order of ``pts``); default: the step to
             the next frame, the median step for the last one. A duration of 0 counts as 1/rate.
         offset: seconds from the container's start to the video stream's start (ffmpeg measures
             output time from the container's start: an audio stream that starts earlier makes
@@ -196,7 +197,9 @@ def cfr_output_frames(pts: np.ndarray, rate: float, durations: np.ndarray | None
         last = float(np.median(positive)) if positive.size else 1.0 / rate
         span = np.append(steps, last)
     else:
-        span = np.asarray(durations, dtype=np.float64).reshape(-1)[order]
+        span = np.asarray(durations, dtype=np.float64).reshape(-1)
+        if span.size != pts.size:
+            raise ValueError(f"cfr_output_frames: {span.size} durations for {pts.size} frames")
     source: list[int] = []
     slot: list[int] = []
     next_slot, history, previous = 0, [0, 0, 0], None
