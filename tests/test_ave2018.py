@@ -544,3 +544,28 @@ def test_predict_checks_the_recipe_before_any_work(weight_files, tmp_path):
     gone = dict(features, extractor={**features["extractor"], "visual_weights": str(tmp_path / "moved.h5")})
     with pytest.raises(PredictError, match=r"moved\.h5 .*does not exist"):
         check_features_recipe(LoadedRun(None, {}, run.checkpoint, run.class_names, gone), "cpu")
+
+
+def test_predict_pre_check_accepts_the_fingerprint_of_an_extracted_store(tmp_path):
+    """The fingerprint avel-predict recomputes from a store's recorded configuration before any
+    work is the one the extraction wrote, so runs on extracted stores go on (an avel store here;
+    for ave2018 the end-to-end test extracts into the imported store, whose fingerprint the
+    pre-check accepts)."""
+    from extract.decode import VideoRequest
+    from extract.media import write_clip
+    from extract.run import run_extraction
+    from extract.store import open_store
+    from train.predict import LoadedRun, check_features_recipe
+    from train.tasks.base import store_recipe
+
+    rng = np.random.default_rng(0)
+    path = write_clip(tmp_path / "c.mp4", rng.integers(0, 255, (20, 48, 64, 3), dtype=np.uint8), fps=10,
+                      audio=(0.1 * rng.standard_normal(32000)).astype(np.float32), sample_rate=16000)
+    extract = {"recipe": "avel", "segments": 2, "visual_weights": "random", "audio_weights": "random",
+               "batch_frames": 2, "decode_workers": 1, "device": "cpu", "frames_per_segment": 1, "image_size": 32}
+    pipeline = load_pipeline(None, {"extract": extract, "store": {"rows_per_shard": 2}}, search=False)
+    summary = run_extraction(pipeline, [VideoRequest("c", str(path))], store_path=tmp_path / "s.zarr", progress=False)
+    assert summary.done == 1
+    store = open_store(tmp_path / "s.zarr")
+    features = store_recipe(store.path, store.fingerprint, store.attrs, store.segments)
+    check_features_recipe(LoadedRun(None, {}, tmp_path / "ck.safetensors", ["a", "background"], features), "cpu")
