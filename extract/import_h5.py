@@ -23,13 +23,12 @@ A stage-1 job (it writes a store), so it lives in ``extract``; ``avel-extract im
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-import dataclasses
-from typing import Any
 
 from .ave import read_annotations
 from .store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store

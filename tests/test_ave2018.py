@@ -23,7 +23,6 @@ import pytest
 
 from ave2018_testutils import (
     CAFFE_MEAN_BGR,
-    conv_layer_names,
     ffmpeg_rgb24_frames,
     random_vgg19_convs,
     reference_frame_numbers,
