@@ -496,7 +496,7 @@ def _weights_label(weights: Any) -> str:
     for name, ident in weights.items():
         if not isinstance(ident, dict):
             continue
-        sha = str(ident.get("sha256", ""))
+        sha = str(ident.get("sha256") or "")  # None: a known file's logical identity (extract.weights)
         label = ident.get("name") or ident.get("source") or ""
         parts.append(f"{name}={label}({sha[:12]}{'...' if len(sha) > 12 else ''})" if label else f"{name}({sha[:12]})")
     return ", ".join(parts) or "-"

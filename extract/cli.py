@@ -16,7 +16,8 @@ log = logging.getLogger("avel")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="Manifest CSV to extract instead of (or besides) --split.")
 @click.option("--video-root", type=click.Path(file_okay=False), default=None, help="Folder the manifest's paths are relative to (default: the split's video_root, else the manifest's folder).")
 @click.option("--store", default=None, help="Feature store to write (default: store.path, relative to pipeline.yaml's folder; this option is relative to the working directory). Created if absent; new videos are appended.")
-@click.option("--weights", type=click.Choice(["pretrained", "random"]), default=None, help="'random' = random weights for every network the configuration uses (VGG-19, VGGish, ResNet-152 of the sol maps; tests, offline demo, benchmarks); recorded in the store. Default: pretrained weights, which must be available locally (see docs/extraction.md).")
+@click.option("--recipe", "--preset", "recipe", type=click.Choice(["avel", "ave2018"]), default=None, help="Named extraction recipe (extract.recipe): 'ave2018' = features equal to the public AVE files (Keras VGG-19 imagenet weights, BGR minus Caffe means, the reference's frame rule, cv2 bilinear resize; VGGish AudioSet), the one to use with heads or checkpoints trained on them and to add videos to an imported store; 'avel' = avel's own (torchvision VGG-19). Recorded in the store and its fingerprint; a key that contradicts the recipe is an error naming it (docs/extraction.md, Recipes).")
+@click.option("--weights", type=click.Choice(["pretrained", "random"]), default=None, help="'random' = random weights for every network the configuration uses (VGG-19, VGGish, ResNet-152 of the sol maps; tests, offline demo, benchmarks); recorded in the store. Default: the recipe's pretrained weights, which must be available locally (see docs/extraction.md).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: extract.device; auto = cuda if available). On CPU torch uses all cores.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Network precision (default: extract.precision); part of the store fingerprint.")
 @click.option("--workers", type=int, default=None, help="Decode worker processes (default: extract.decode_workers, else all cores).")
@@ -33,16 +34,17 @@ log = logging.getLogger("avel")
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, split, manifest, video_root, store, weights, device, precision, workers, threads, timeout, scheduler, use_cache,
-         retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
+def main(ctx, split, manifest, video_root, store, recipe, weights, device, precision, workers, threads, timeout, scheduler,
+         use_cache, retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
     \b
     Examples:
       avel-extract --split train
+      avel-extract --recipe ave2018 --split all        # the public AVE features' recipe
       avel-extract --split all --workers 16
       avel-extract --manifest manifests/ave/test.csv --video-root data/ave/videos --store data/stores/ave.zarr
-      avel-extract --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
+      avel-extract --recipe avel --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
       avel-extract demo              # generate the offline demo dataset
       avel-extract --split all --device cuda --scheduler tcp://head-node:8786   # a Dask cluster
       avel-extract --split all --cache && avel-extract list-cache                # shared cache
@@ -67,10 +69,12 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
     lock, weights, environment).
     """
     extra: dict = {"extract": {}, "store": {}}
+    if recipe:
+        extra["extract"]["recipe"] = recipe
     if weights == "random":
         extra["extract"].update(visual_weights="random", audio_weights="random", sol_visual_weights="random")
-    elif weights == "pretrained":
-        extra["extract"].update(visual_weights="imagenet", audio_weights="vggish", sol_visual_weights="imagenet")
+    elif weights == "pretrained":  # "pretrained" = the recipe's VGG-19 weights (extract.config.ExtractConfig)
+        extra["extract"].update(visual_weights="pretrained", audio_weights="vggish", sol_visual_weights="imagenet")
     if device:
         extra["extract"]["device"] = device
     if precision:
@@ -86,7 +90,7 @@ def main(ctx, split, manifest, video_root, store, weights, device, precision, wo
 
         extra["store"]["path"] = os.path.abspath(store)
     if ctx.invoked_subcommand is not None:
-        ctx.obj = {"config": config, "sets": sets, "verbose": verbose, "extra": extra, "weights": weights}
+        ctx.obj = {"config": config, "sets": sets, "verbose": verbose, "extra": extra, "weights": weights, "recipe": recipe}
         return
     setup_logging(verbose)
     pipeline = resolve(config, sets, extra)
@@ -323,31 +327,46 @@ def doctor(obj, as_json):
 @click.option("--audio", required=True, type=click.Path(exists=True, dir_okay=False), help="audio_feature.h5 ([4143, 10, 128]).")
 @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="AVE Annotations.txt: row i of the h5 files is annotation line i; one store row per video.")
 @click.option("--store", "store_path", default=None, help="The store to write (default: the main --store, else store.path).")
+@click.option("--visual-weights", default="keras-imagenet", show_default=True, help="The VGG-19 weights that made the visual file: 'keras-imagenet' (Keras VGG19 imagenet, as the public files; no file needed), a weights file (identified by its sha256) or 'random'.")
+@click.option("--audio-weights", default="vggish", show_default=True, help="The VGGish weights that made the audio file: 'vggish' (the AudioSet release, as the public files; no file needed), a weights file or 'random'.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at the path.")
 @click.pass_obj
-def import_h5(obj, visual, audio, annotations, store_path, overwrite):
+def import_h5(obj, visual, audio, annotations, store_path, visual_weights, audio_weights, overwrite):
     """Write a feature store from the public AVE feature files instead of extracting the videos.
 
     \b
-    The store (--store, default store.path) has the contract's arrays and records the h5 files'
-    sha256 as its weights identity, so it is never mistaken for features avel extracted.
+    The store (--store, default store.path) has the contract's arrays and records what made the
+    files as an extraction would: the ave2018 recipe (extract.recipe) with the Keras VGG-19
+    imagenet and AudioSet VGGish weights, and the fingerprint that follows. So it is ONE feature
+    set with `avel-extract --recipe ave2018`: avel-predict computes new videos' features for a
+    head trained on it, and `avel-extract --recipe ave2018 --store <it>` adds videos to it (both
+    need the weights files then, see docs/extraction.md). The source files' sha256 are recorded
+    under 'sources'. The recipe is the main command's --recipe (default ave2018); --set
+    extract.KEY=VALUE of the main command applies too, pipeline.yaml's extract section does not.
     Example:
       avel-extract import-h5 --visual visual_feature.h5 --audio audio_feature.h5 \\
           --annotations /path/to/AVE/Annotations.txt --store data/stores/ave_h5.zarr
     """
     from .import_h5 import import_ave_h5
+    from .settings import ConfigError, merge, parse_set_option
     from .store import StoreError
+    from .weights import WeightsUnavailable
 
     setup_logging(obj["verbose"])
     pipeline = resolve(obj["config"], obj["sets"], obj["extra"])
     try:
+        from .config import ExtractConfig
+
+        explicit = {"recipe": obj.get("recipe") or "ave2018", "visual_weights": visual_weights,
+                    "audio_weights": audio_weights, **parse_set_option(obj["sets"]).get("extract", {})}
+        cfg = merge(ExtractConfig(), explicit, "extract")
         store = import_ave_h5(visual, audio, annotations, store_path or pipeline.path(pipeline.store.path),
-                              rows_per_shard=pipeline.store.rows_per_shard,
+                              extract_cfg=cfg, rows_per_shard=pipeline.store.rows_per_shard,
                               compression_level=pipeline.store.compression_level, overwrite=overwrite)
-    except StoreError as exc:
+    except (StoreError, ConfigError, WeightsUnavailable, ValueError) as exc:
         click.echo(f"avel-extract import-h5: error: {exc}", err=True)
         sys.exit(2)
-    click.echo(f"imported {len(store)} videos into {store.path} (fingerprint {store.fingerprint})")
+    click.echo(f"imported {len(store)} videos into {store.path} (recipe {cfg.recipe}, fingerprint {store.fingerprint})")
 
 
 @main.command("config")

@@ -14,6 +14,14 @@ file, ``duration`` seconds long, default the first T seconds):
   ``frame_valid`` False. decord applies rotation metadata (a 90-degree phone video comes out
   upright, e.g. 568x320 coded -> 320 wide x 568 high).
 
+  Grids of the AVE reference's frame-count rule (``FrameGrid.rule == "index"``, the ``ave2018``
+  recipe) pick their frames from the constant-rate frame list ffmpeg would output
+  (:func:`extract.frames.cfr_output_frames`, fed with the stream's guessed frame rate, start offset
+  and packet durations read with PyAV: :func:`stream_timing`) with
+  :func:`extract.frames.index_rule_plan`. The decoder stays decord: on every clip of
+  ../shared/media its RGB frames equal ``ffmpeg -pix_fmt rgb24`` (imageio's reader) pixel for
+  pixel, rotation and the choice among two video streams included (docs/extraction.md, "Decoder").
+
   Measured on this project's 2-core machine, shared with other jobs (decord2 3.4, one decoder
   thread), 160 frames needed out of the first 300 of a 30 fps clip: v_ZNVhz7ctTq0.mp4 (480x360) get_batch of all 160 sorted indices
   254 ms, get_batch in chunks of 32 145 ms, reading every frame in order with ``next()`` 128 ms,
@@ -75,6 +83,8 @@ __all__ = [
     "load_decord",
     "decode_video",
     "plan_frames",
+    "StreamTiming",
+    "stream_timing",
     "DecodePool",
     "FETCH_CHUNK",
 ]
@@ -142,6 +152,64 @@ def plan_frames(pts: np.ndarray, per_segment: int, segments: int, start: float =
     return index, valid
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamTiming:
+    """What ffmpeg's constant-rate conversion of the video stream needs (:func:`stream_timing`)."""
+
+    #: output frames per second: ffmpeg's guessed frame rate of the stream (``r_frame_rate``, or
+    #: the average rate when that is implausible)
+    rate: float
+    #: seconds from the container's start to the video stream's start
+    offset: float
+    #: the container has no other stream (ffmpeg's ``vscfr``: no duplicated initial frames)
+    single_stream: bool
+    #: packet durations in seconds, in presentation order, or None when unknown
+    durations: np.ndarray | None
+
+
+def stream_timing(path: str, frames: int | None = None) -> StreamTiming:
+    """Read the video stream's timing with PyAV, demuxing packets only (no decoding).
+
+    The stream is ``av_find_best_stream``'s (``streams.best("video")``), the one decord decodes.
+    ``frames``: the decoder's frame count; packet durations are returned only when the packets
+    are exactly that many (else None: :func:`extract.frames.cfr_output_frames` then uses the
+    steps between frames). Raises ValueError when there is no video stream or no usable rate.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.best("video")
+        if stream is None:
+            raise ValueError("PyAV finds no video stream")
+        rate = stream.guessed_rate or stream.average_rate
+        if not rate or float(rate) <= 0:
+            raise ValueError(f"video stream #{stream.index} has no frame rate")
+        base = float(stream.time_base) if stream.time_base else 0.0
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None and base else 0.0
+        first = (container.start_time or 0) / 1_000_000
+        single = len(container.streams) == 1
+        packets = sorted((p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None and p.size)
+    durations = None
+    if base and frames is not None and len(packets) == int(frames):
+        durations = np.asarray([d for _, d in packets], dtype=np.float64) * base
+    return StreamTiming(rate=float(rate), offset=start - first if not single else 0.0, single_stream=single,
+                        durations=durations)
+
+
+def plan_index_frames(timestamps: np.ndarray, timing: StreamTiming, per_segment: int, segments: int,
+                      start: float = 0.0, duration: float | None = None, cfr=None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame indices (decoder order) and validity for a grid of the reference's frame-count rule:
+    ([T, F] int64, [T, F] bool). ``cfr``: a precomputed :func:`extract.frames.cfr_output_frames`."""
+    from .frames import cfr_output_frames, index_rule_plan
+
+    if cfr is None:
+        cfr = cfr_output_frames(timestamps, timing.rate, timing.durations, timing.offset, timing.single_stream)
+    source, slot = cfr
+    position, valid = index_rule_plan(slot / timing.rate, segments, per_segment, timing.rate, start, duration)
+    index = source[position] if source.size else np.zeros_like(position)
+    return index.astype(np.int64), valid
+
+
 def _frame_duration(timestamps: np.ndarray, fps: float) -> float | None:
     """Seconds one frame is shown: median pts step, or 1/fps for one-frame streams."""
     from .frames import default_frame_duration
@@ -153,10 +221,13 @@ def _frame_duration(timestamps: np.ndarray, fps: float) -> float | None:
     return single if single > 0 else (1.0 / fps if fps > 0 else None)
 
 
-def read_frames(reader, grids: Sequence, segments: int, start: float, duration: float | None
+def read_frames(reader, grids: Sequence, segments: int, start: float, duration: float | None,
+                timing: StreamTiming | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """Sample, fetch (one sorted forward pass) and prepare the frames of every grid.
 
+    Each grid's frames follow its ``rule``: ``"pts"`` (:func:`plan_frames`) or ``"index"``
+    (:func:`plan_index_frames`, which needs the stream's ``timing``, :func:`stream_timing`).
     Returns ``(frames {grid: uint8 [T, F, h, w, 3]}, valid {grid: bool [T, F]}, info)``.
     """
     count = len(reader)
@@ -166,8 +237,20 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
     fps = float(reader.get_avg_fps() or 0.0)
     frame_duration = _frame_duration(timestamps, fps)
     plans = {}
+    cfr = None
     for grid in grids:
-        if grid.name not in plans:
+        if grid.name in plans:
+            continue
+        if getattr(grid, "rule", "pts") == "index":
+            if timing is None:
+                raise ValueError(f"frame grid {grid.name!r} uses the frame-count rule, which needs the stream timing")
+            if cfr is None:
+                from .frames import cfr_output_frames
+
+                cfr = cfr_output_frames(timestamps[:, 0], timing.rate, timing.durations, timing.offset, timing.single_stream)
+            plans[grid.name] = (grid, *plan_index_frames(timestamps[:, 0], timing, grid.per_segment, segments, start,
+                                                         duration, cfr=cfr))
+        else:
             plans[grid.name] = (grid, *plan_frames(timestamps[:, 0], grid.per_segment, segments, start, duration, frame_duration))
     needed = np.unique(np.concatenate([index[valid] for _, index, valid in plans.values()] + [np.zeros(0, np.int64)]))
     prepared: dict[str, list[np.ndarray]] = {name: [] for name in plans}
@@ -204,6 +287,9 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
         "frame_index": {name: index for name, (_, index, _) in plans.items()},
         "frame_pts": {name: timestamps[np.clip(index, 0, count - 1), 0] for name, (_, index, _) in plans.items()},
     }
+    if cfr is not None:
+        info["cfr_rate"] = timing.rate
+        info["cfr_frames"] = int(cfr[0].size)
     return frames, valid_out, info
 
 
@@ -312,7 +398,10 @@ def decode_video(request: VideoRequest, grids: Sequence, segments: int, audio: b
     except Exception as exc:  # noqa: BLE001
         raise DecodeError(f"cannot open video: {_short(exc)}") from None
     try:
-        frames, valid, info = read_frames(reader, grids, segments, request.start, request.duration)
+        timing = None
+        if any(getattr(g, "rule", "pts") == "index" for g in grids):
+            timing = stream_timing(request.path, frames=len(reader))
+        frames, valid, info = read_frames(reader, grids, segments, request.start, request.duration, timing)
     except DecodeError:
         raise
     except Exception as exc:  # noqa: BLE001

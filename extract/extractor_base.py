@@ -38,15 +38,17 @@ __all__ = [
 class FrameGrid:
     """Frames an extractor needs.
 
-    ``per_segment`` frames per 1-s segment at the times of
-    :func:`extract.frames.segment_frame_times`; ``prepare`` (picklable, numpy/cv2 only) maps decoded
-    uint8 [N, H, W, 3] RGB frames to uint8 [N, h, w, 3] in the decode workers; grids with equal
-    ``name`` are decoded once and shared between extractors.
+    ``per_segment`` frames per 1-s segment chosen by the frame ``rule`` (:mod:`extract.frames`:
+    ``"pts"`` at the times of :func:`extract.frames.segment_frame_times`, ``"index"`` the AVE
+    reference's frame-count rule); ``prepare`` (picklable, numpy/cv2 only) maps decoded uint8
+    [N, H, W, 3] RGB frames to uint8 [N, h, w, 3] in the decode workers; grids with equal ``name``
+    are decoded once and shared between extractors.
     """
 
     per_segment: int
     prepare: Callable[[np.ndarray], np.ndarray]
     name: str
+    rule: str = "pts"
 
 
 @dataclasses.dataclass
@@ -164,6 +166,22 @@ class Extractor:
 # ------------------------------------------------------------------------------------------
 # Frame CNNs (shared by vgg19 and sol_extractors.resnet152_maps)
 
+#: the identity texts of the frame rules, interpolations and input normalisations (they enter the
+#: store fingerprint: avel's own are unchanged since the first stores)
+_FRAME_TIMES = {
+    "pts": "start + t + (i + 0.5) / F, nearest pts, ties earlier",
+    "index": "AVE reference: interval = int(n / T), frame int(l * interval + (i / F) * interval) of the n "
+             "constant-rate frames (ffmpeg vsync cfr) of the window",
+}
+_INTERPOLATION_TEXT = {
+    "auto": "cv2 INTER_AREA when shrinking, else INTER_LINEAR",
+    "linear": "cv2 INTER_LINEAR",
+}
+_NORMALIZE_TEXT = {
+    "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "caffe": {"order": "BGR", "range": "0-255", "mean": [103.939, 116.779, 123.68]},
+}
+
 
 class FrameCNNExtractor(Extractor):
     """Base of extractors that run an image CNN on the frames of a :class:`FrameGrid`.
@@ -216,6 +234,22 @@ class FrameCNNExtractor(Extractor):
         raise NotImplementedError
 
     @classmethod
+    def frame_rule(cls, cfg: ExtractConfig) -> str:
+        """Which decoded frames stand for a segment (:data:`extract.frames.FRAME_RULES`)."""
+        return "pts"
+
+    @classmethod
+    def interpolation(cls, cfg: ExtractConfig) -> str:
+        """The resize interpolation (:data:`extract.frames.INTERPOLATIONS`)."""
+        return "auto"
+
+    @classmethod
+    def normalization(cls, cfg: ExtractConfig) -> str:
+        """The network input: ``"imagenet"`` (:func:`extract.nets.normalize_frames`) or ``"caffe"``
+        (:func:`extract.nets.caffe_normalize_frames`)."""
+        return "imagenet"
+
+    @classmethod
     def resolved_weights_identity(cls, cfg: ExtractConfig) -> dict[str, Any]:
         """``{weights_kind: identity}`` of the configured weights (resolved and hashed, not loaded)."""
         from .weights import resolve_weights
@@ -226,14 +260,15 @@ class FrameCNNExtractor(Extractor):
     def frame_preprocessing(cls, cfg: ExtractConfig, aggregate: str) -> dict[str, Any]:
         """The ``preprocessing`` part of :meth:`describe` (enters the fingerprint); ``aggregate``
         says how the per-frame outputs are combined."""
+        rule, interpolation, normalization = cls.frame_rule(cfg), cls.interpolation(cfg), cls.normalization(cfg)
         return {
             "segments": cfg.segments,
             "frames_per_segment": cls.frames_per_segment(cfg),
-            "frame_times": "start + t + (i + 0.5) / F, nearest pts, ties earlier",
+            "frame_times": _FRAME_TIMES[rule],
             "image_size": cls.input_size(cfg),
             "resize": cfg.resize,
-            "interpolation": "cv2 INTER_AREA when shrinking, else INTER_LINEAR",
-            "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "interpolation": _INTERPOLATION_TEXT[interpolation],
+            "normalize": _NORMALIZE_TEXT[normalization],
             "aggregate": aggregate,
             "min_valid_fraction": cls.min_valid_fraction,
         }
@@ -243,10 +278,13 @@ class FrameCNNExtractor(Extractor):
         from .frames import prepare_frames
 
         per_segment, size = cls.frames_per_segment(cfg), cls.input_size(cfg)
+        rule, interpolation = cls.frame_rule(cfg), cls.interpolation(cfg)
+        suffix = "" if (rule, interpolation) == ("pts", "auto") else f"_{rule}_{interpolation}"
         return FrameGrid(
             per_segment=per_segment,
-            prepare=functools.partial(prepare_frames, image_size=size, resize=cfg.resize),
-            name=f"rgb_f{per_segment}_{size}_{cfg.resize}",
+            prepare=functools.partial(prepare_frames, image_size=size, resize=cfg.resize, interpolation=interpolation),
+            name=f"rgb_f{per_segment}_{size}_{cfg.resize}{suffix}",
+            rule=rule,
         )
 
     def _weights_identity(self) -> dict[str, Any]:
@@ -287,12 +325,13 @@ class FrameCNNExtractor(Extractor):
         """uint8 [h, w, 3] frames (at most batch_frames) -> float32 [n, C, s, s]; zero-padded to batch_frames."""
         import torch
 
-        from .nets import normalize_frames
+        from .nets import caffe_normalize_frames, normalize_frames
 
+        normalize = caffe_normalize_frames if self.normalization(self.cfg) == "caffe" else normalize_frames
         n = len(frames)
         batch = np.zeros((max(n, int(self.cfg.batch_frames)),) + frames[0].shape, np.uint8)
         batch[:n] = np.stack(frames)
         with torch.inference_mode(), _autocast(self.precision, self.device):
-            x = normalize_frames(torch.from_numpy(batch).to(self.device, non_blocking=True))
+            x = normalize(torch.from_numpy(batch).to(self.device, non_blocking=True))
             y = self.model(x)
         return y[:n].float().cpu().numpy()

@@ -9,8 +9,10 @@ fingerprint (:meth:`Extractor.identity`) and computes rows from :class:`DecodedV
 Built in:
 
 - ``vgg19`` -> ``visual`` [T, 7, 7, 512] float16: VGG-19 pool5 of ``frames_per_segment`` frames
-  per 1-s segment (times: :func:`extract.frames.segment_frame_times`), averaged over the segment's
-  valid frames, channel-last as the AVE ``visual_feature.h5``;
+  per 1-s segment (``extract.frame_rule``: times of :func:`extract.frames.segment_frame_times`, or
+  the AVE reference's frame-count rule), averaged over the segment's valid frames, channel-last as
+  the AVE ``visual_feature.h5``; input ``extract.normalize`` (ImageNet mean/std on RGB, or Caffe
+  BGR minus means for the Keras / Caffe weights of the ``ave2018`` recipe);
 - ``vggish`` -> ``audio`` [T, 128] float32: one VGGish embedding per segment from the first 0.96 s
   of each second (:func:`extract.audio.segment_patches`).
 
@@ -74,6 +76,18 @@ class VGG19Extractor(FrameCNNExtractor):
     @classmethod
     def input_size(cls, cfg: ExtractConfig) -> int:
         return cfg.image_size
+
+    @classmethod
+    def frame_rule(cls, cfg: ExtractConfig) -> str:
+        return cfg.frame_rule
+
+    @classmethod
+    def interpolation(cls, cfg: ExtractConfig) -> str:
+        return cfg.interpolation
+
+    @classmethod
+    def normalization(cls, cfg: ExtractConfig) -> str:
+        return cfg.normalize
 
     @staticmethod
     def build_model(weights):

@@ -11,7 +11,9 @@
 - :func:`damp_residual_branches`: the scale-keeping random init of a torchvision ResNet (used by
   the ``resnet152_maps`` extractor's ``"random"`` ResNet-152).
 - :func:`prepare_frames` (numpy + cv2, defined in :mod:`extract.frames` so decode workers do not
-  import torch) and :func:`normalize_frames` (torch, ImageNet mean/std).
+  import torch), :func:`normalize_frames` (torch, ImageNet mean/std) and
+  :func:`caffe_normalize_frames` (BGR 0-255 minus the Caffe means, as Keras'
+  ``vgg19.preprocess_input``: the input of the Keras / Oxford Caffe VGG-19 weights).
 
 torch is imported at module level: import this module only where networks run.
 """
@@ -43,6 +45,8 @@ __all__ = [
     "damp_residual_branches",
     "prepare_frames",
     "normalize_frames",
+    "caffe_normalize_frames",
+    "CAFFE_BGR_MEAN",
     "count_parameters",
 ]
 
@@ -54,6 +58,8 @@ VGGISH_LAYERS: tuple[Any, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the Caffe VGG means, in BGR order, on 0-255 (keras imagenet_utils 'caffe' mode)
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 # vggish_params.py
 EMBEDDING_SIZE = 128
@@ -119,9 +125,12 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 def build_vgg19_pool5(weights: str | WeightsSource, seed: int = 0) -> nn.Module:
     """VGG-19 up to pool5, frozen, eval mode: [N, 3, H, W] normalised RGB -> [N, 512, H/32, W/32].
 
-    ``weights``: a spec for :func:`extract.weights.resolve_weights` (``"imagenet"``, a path,
-    ``"random"``) or a resolved :class:`WeightsSource`. A file must be a torchvision VGG-19 state
-    dict; its ``features.*`` tensors are loaded strictly (the classifier is not needed for pool5).
+    ``weights``: a spec for :func:`extract.weights.resolve_weights` (``"imagenet"``,
+    ``"keras-imagenet"``, a path, ``"random"``) or a resolved :class:`WeightsSource`. A file must be
+    a torchvision VGG-19 state dict or a Keras VGG-19 ``.h5`` weights file (converted by
+    :func:`extract.keras_h5.vgg19_state_dict`); its ``features.*`` tensors are loaded strictly (the
+    classifier is not needed for pool5). The Keras / Caffe weights expect
+    :func:`caffe_normalize_frames` inputs, torchvision's :func:`normalize_frames` inputs.
     ``seed`` initialises random weights reproducibly (the global RNG is left untouched).
     """
     source = _as_source(weights, "vgg19", seed)
@@ -136,7 +145,7 @@ def build_vgg19_pool5(weights: str | WeightsSource, seed: int = 0) -> nn.Module:
         try:
             features.load_state_dict(sub, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"{source.path}: not a torchvision VGG-19 state dict ({exc})") from None
+            raise ValueError(f"{source.path}: not a torchvision VGG-19 state dict ({' '.join(str(exc).split())})") from None
     return _frozen(features)
 
 
@@ -300,3 +309,17 @@ def normalize_frames(frames: torch.Tensor | np.ndarray, dtype: torch.dtype = tor
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device)
     x = (x.to(torch.float32) / 255.0 - mean) / std  # [N, H, W, 3]
     return x.permute(0, 3, 1, 2).to(dtype)  # NCHW view of NHWC memory = channels_last
+
+
+def caffe_normalize_frames(frames: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, H, W, 3] RGB -> ``dtype`` [N, 3, H, W]: channels flipped to BGR, values 0-255 minus
+    :data:`CAFFE_BGR_MEAN` (103.939, 116.779, 123.68), no scaling: Keras'
+    ``vgg19.preprocess_input`` ("caffe" mode), the input the Oxford Caffe VGG-19 weights expect.
+    Keeps the input's device; NHWC memory (channels_last), like :func:`normalize_frames`.
+    """
+    x = torch.as_tensor(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"caffe_normalize_frames expects [N, H, W, 3], got {tuple(x.shape)}")
+    mean = torch.tensor(CAFFE_BGR_MEAN, dtype=torch.float32, device=x.device)
+    x = x.flip(-1).to(torch.float32) - mean  # [N, H, W, 3] BGR
+    return x.permute(0, 3, 1, 2).to(dtype)

@@ -834,6 +834,7 @@ def _locate_weights(spec: str, kind: str) -> dict[str, Any]:
     spec = str(spec).strip()
     if spec == "random":
         return {"status": "random", "text": "random initialisation (no file)"}
+    canon = W.ALTERNATES.get(kind, {}).get(spec, canon)  # e.g. vgg19 "keras-imagenet": any of its files
     if spec in canon.specs:
         searched = W._candidate_paths(canon)  # the module's own lookup order
         found = next((p for p in searched if p.is_file()), None)

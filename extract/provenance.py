@@ -53,12 +53,17 @@ def store_fingerprint_fields(cfg, identities: dict[str, Any]) -> dict[str, Any]:
 
     Only the store's own extractors enter it (each identity carries its weights, preprocessing and
     precision), so a setting of an extractor the store does not hold (``frames_per_segment`` for
-    an audio-only store, say) neither refuses a run nor misses the cache."""
-    return {
+    an audio-only store, say) neither refuses a run nor misses the cache. A named recipe other
+    than avel's own (``extract.recipe: ave2018``) enters it by name too."""
+    fields = {
         "schema_version": SCHEMA_VERSION,
         "segments": cfg.segments,
         "extractors": identities,
     }
+    recipe = getattr(cfg, "recipe", "avel")
+    if recipe != "avel":  # avel's own stores keep the fingerprints they had before recipes existed
+        fields["recipe"] = recipe
+    return fields
 
 
 def effective_config(cfg, device: str):

@@ -211,7 +211,11 @@ def merge(instance: Any, overrides: Mapping[str, Any] | None, where: str) -> Any
             changes[key] = merge(current, value, f"{where}.{key}")
         else:
             changes[key] = coerce(value, tp, f"{where}.{key}")
-    return dataclasses.replace(instance, **changes)
+    result = dataclasses.replace(instance, **changes)
+    # a section may resolve keys that depend on which ones were given (extract.recipe fills and
+    # checks the keys of its recipe: ExtractConfig.resolve_overrides)
+    hook = getattr(result, "resolve_overrides", None)
+    return hook(overrides, where) if callable(hook) else result
 
 
 def to_dict(obj: Any) -> Any:

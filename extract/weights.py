@@ -9,18 +9,31 @@ its PCA, ``extract.sol_visual_weights`` for ResNet-152 in pipeline.yaml: :data:`
 
   1. in the folder named by the environment variable ``AVEL_WEIGHTS_DIR``;
   2. in the torch hub cache, ``torch.hub.get_dir()/checkpoints/<filename>``;
-  3. downloaded from its URL into the torch hub cache (unless ``AVEL_OFFLINE=1``), the sha256
-     prefix in the file name checked;
+  3. in the Keras cache, ``$KERAS_HOME/models`` (default ``~/.keras/models``);
+  4. downloaded from its URL into the torch hub cache (unless ``AVEL_OFFLINE=1``), its checksum
+     checked;
 
-- a path to a ``.pth``/``.pt`` (pickled state dict) or ``.safetensors`` file;
+- ``"keras-imagenet"`` (VGG-19 only, the ``ave2018`` recipe): the Keras applications ``imagenet``
+  weights, i.e. Oxford VGG's Caffe weights, as any of their files (:data:`ALTERNATES`), looked up
+  the same way: ``vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5`` (downloaded if none is
+  found), ``vgg19_weights_tf_dim_ordering_tf_kernels.h5`` or jcjohnson's ``vgg19-d01eb7cb.pth``;
+- a path to a ``.pth``/``.pt`` (pickled state dict), ``.safetensors`` file, or (VGG-19) a Keras
+  ``.h5`` weights file in the legacy HDF5 layout (:mod:`extract.keras_h5`);
 - ``"random"``: freshly initialised weights from a seed (tests, smoke runs).
 
 Nothing falls back silently: if the file cannot be found or fetched, :class:`WeightsUnavailable`
 names the file, where avel looked for it, where to download it and put it, and the config key that
 chooses these weights (so that it can point at a file, or at ``random``).
 
-The *identity* of weights (``{"name", "sha256", "seed"}``) enters the store fingerprint; the file
-digest is cached per (path, mtime, size) so repeated resolution does not re-hash 550 MB.
+The *identity* of weights (``{"name", "sha256", "seed"}``) enters the store fingerprint. A file
+listed in :data:`KNOWN_FILES` (recognised by its published checksum: the md5 Keras publishes, or
+the sha256 prefix in a torch hub file name) has a **logical** identity, ``{"name": <logical
+name>, "sha256": None, "seed": None}``: the Keras ``.h5`` files and jcjohnson's ``.pth`` of the
+same Caffe weights are all ``vgg19-keras-imagenet``, so features made from either fingerprint
+equal, and a store imported from the public AVE files (which records that identity without
+having the files) matches an ``ave2018`` extraction. Any other file is identified by its own
+sha256 (``{"name": <file name>, "sha256": <digest>, "seed": None}``), random weights by their seed.
+Digests are cached per (path, mtime, size) so repeated resolution does not re-hash 550 MB.
 """
 from __future__ import annotations
 
@@ -39,6 +52,13 @@ __all__ = [
     "WeightsSource",
     "WeightsUnavailable",
     "CANONICAL",
+    "ALTERNATES",
+    "KNOWN_FILES",
+    "KnownFile",
+    "known_identity",
+    "declared_identity",
+    "identify_file",
+    "file_md5",
     "CONFIG_KEYS",
     "resolve_weights",
     "file_sha256",
@@ -87,6 +107,71 @@ CANONICAL: dict[str, Canonical] = {
 }
 
 
+#: other pretrained weights of a network kind, by spec word: the first file name is the one
+#: downloaded when none of them is found (the aliases are other files of the same weights)
+ALTERNATES: dict[str, dict[str, Canonical]] = {
+    "vgg19": {
+        "keras-imagenet": Canonical(
+            "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+            "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ("keras-imagenet",),
+            aliases=("vgg19_weights_tf_dim_ordering_tf_kernels.h5", "vgg19-d01eb7cb.pth"),
+        ),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownFile:
+    """A published weights file: its logical identity and how to recognise it.
+
+    ``md5``: the full md5 hex digest (Keras publishes these as ``file_hash`` in
+    ``keras/applications/*.py``); ``sha256_prefix``: the prefix of the sha256 that a torch hub
+    file name carries (``vgg19-dcbb9e9d.pth``)."""
+
+    kind: str
+    logical: str
+    filename: str
+    url: str
+    md5: str | None = None
+    sha256_prefix: str | None = None
+
+
+#: the files avel knows, one logical identity per set of weights (docs/extraction.md, "Weights")
+KNOWN_FILES: tuple[KnownFile, ...] = (
+    KnownFile("vgg19", "vgg19-torchvision-imagenet1k-v1", "vgg19-dcbb9e9d.pth",
+              "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth", sha256_prefix="dcbb9e9d"),
+    # Keras applications VGG19(weights="imagenet"): Oxford VGG's ILSVRC-2014 Caffe model ported to
+    # Keras (TensorFlow kernel order); md5 from keras/applications/vgg19.py
+    KnownFile("vgg19", "vgg19-keras-imagenet", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+              "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", md5="253f8cb515780f3b799900260a226db6"),
+    KnownFile("vgg19", "vgg19-keras-imagenet", "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+              "vgg19_weights_tf_dim_ordering_tf_kernels.h5", md5="cbe5617147190e668d6c5d5026f83318"),
+    # the same Caffe model converted to a torchvision state dict (github.com/jcjohnson/pytorch-vgg)
+    KnownFile("vgg19", "vgg19-keras-imagenet", "vgg19-d01eb7cb.pth",
+              "https://s3-us-west-2.amazonaws.com/jcjohns-models/vgg19-d01eb7cb.pth", sha256_prefix="d01eb7cb"),
+    KnownFile("resnet152", "resnet152-torchvision-imagenet1k-v1", "resnet152-394f9c45.pth",
+              "https://download.pytorch.org/models/resnet152-394f9c45.pth", sha256_prefix="394f9c45"),
+    KnownFile("vggish", "vggish-audioset", "vggish-10086976.pth",
+              "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
+              sha256_prefix="10086976"),
+    KnownFile("vggish_pca", "vggish-audioset-pca", "pca_params-970ea276.pth",
+              "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-970ea276.pth",
+              sha256_prefix="970ea276"),
+)
+
+
+def known_identity(logical: str) -> dict[str, Any]:
+    """The weights identity of the known weights ``logical`` (e.g. ``"vgg19-keras-imagenet"``),
+    as a resolved file of them has it; no file needed (``avel-extract import-h5`` records it)."""
+    if not any(k.logical == logical for k in KNOWN_FILES):
+        raise ValueError(f"unknown logical weights {logical!r} (known: {', '.join(sorted({k.logical for k in KNOWN_FILES}))})")
+    return {"name": logical, "sha256": None, "seed": None}
+
+
 #: network kind -> the pipeline.yaml key whose spec chooses its weights
 CONFIG_KEYS: dict[str, str] = {
     "vgg19": "extract.visual_weights",
@@ -107,43 +192,48 @@ class WeightsUnavailable(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightsSource:
-    """Resolved weights: a file (``path``) or ``random`` initialisation from ``seed``."""
+    """Resolved weights: a file (``path``) or ``random`` initialisation from ``seed``.
+
+    ``logical``: the logical identity of a known file (:data:`KNOWN_FILES`), else None."""
 
     kind: str
     name: str
     path: Path | None
     sha256: str
     seed: int | None
+    logical: str | None = None
 
     @property
     def is_random(self) -> bool:
         return self.path is None
 
     def identity(self) -> dict[str, Any]:
-        """JSON identity for the store fingerprint: ``{"name", "sha256" | "random", "seed"}``."""
+        """JSON identity for the store fingerprint: ``{"name", "sha256" | "random", "seed"}``; a
+        known file's is its logical one (:func:`known_identity`), whichever of its files this is."""
+        if self.logical is not None:
+            return known_identity(self.logical)
         return {"name": self.name, "sha256": self.sha256, "seed": self.seed}
 
     def load(self) -> dict[str, Any]:
         """The state dict of the file (CPU tensors); ValueError for random weights."""
         if self.path is None:
             raise ValueError(f"{self.kind}: random weights have no state dict to load")
-        return load_state_dict(self.path)
+        return load_state_dict(self.path, kind=self.kind)
 
 
 # ------------------------------------------------------------------------------------------
 # digests
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, str, int, int], str] = {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, cached per (absolute path, mtime_ns, size)."""
+def _file_digest(path: str | os.PathLike, algorithm: str) -> str:
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
+    key = (algorithm, str(path), st.st_mtime_ns, st.st_size)
     digest = _DIGESTS.get(key)
     if digest is None:
-        h = hashlib.sha256()
+        h = hashlib.new(algorithm)
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
@@ -151,19 +241,54 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, cached per (absolute path, mtime_ns, size)."""
+    return _file_digest(path, "sha256")
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """md5 hex digest of a file (the checksum Keras publishes), cached like :func:`file_sha256`."""
+    return _file_digest(path, "md5")
+
+
+def identify_file(path: str | os.PathLike, kind: str) -> KnownFile | None:
+    """The known file (:data:`KNOWN_FILES`) of network ``kind`` that ``path`` is, by checksum (the
+    file's name does not matter), or None. HDF5 files are compared by md5, others by the sha256
+    prefix."""
+    path = Path(path)
+    hdf5 = path.suffix.lower() in (".h5", ".hdf5")
+    for known in KNOWN_FILES:
+        if known.kind != kind:
+            continue
+        if known.md5 and hdf5 and file_md5(path) == known.md5:
+            return known
+        if known.sha256_prefix and not hdf5 and file_sha256(path).startswith(known.sha256_prefix):
+            return known
+    return None
+
+
 # ------------------------------------------------------------------------------------------
 # loading
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+def load_state_dict(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Load a state dict with ``torch.load(weights_only=True)`` (or safetensors) on the CPU.
 
     The torchvggish PCA file stores numpy arrays; their reconstruction functions are allowed for
-    this load only (still the restricted ``weights_only`` unpickler, no arbitrary code).
+    this load only (still the restricted ``weights_only`` unpickler, no arbitrary code). A Keras
+    ``.h5`` weights file (legacy HDF5 layout) loads for ``kind="vgg19"`` as a torchvision
+    ``features.*`` state dict (:func:`extract.keras_h5.vgg19_state_dict`); it is refused, naming
+    the file, the layer and the shape, when its layers are not VGG-19's.
     """
     import torch
 
     path = Path(path)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        if kind != "vgg19":
+            raise ValueError(f"{path}: Keras .h5 weights files are read for VGG-19 only, not for {kind or 'this network'}")
+        from .keras_h5 import vgg19_state_dict
+
+        return {name: torch.from_numpy(value) for name, value in vgg19_state_dict(path).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -211,9 +336,14 @@ def hub_checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def keras_models_dir() -> Path:
+    """Where Keras keeps downloaded application weights: ``$KERAS_HOME/models`` (``~/.keras/models``)."""
+    return Path(os.path.expanduser(os.environ.get("KERAS_HOME") or "~/.keras")) / "models"
+
+
 def _candidate_paths(canon: Canonical) -> list[Path]:
     names = (canon.filename,) + canon.aliases
-    folders = [d for d in (weights_dir(), hub_checkpoints_dir()) if d is not None]
+    folders = [d for d in (weights_dir(), hub_checkpoints_dir(), keras_models_dir()) if d is not None]
     return [folder / name for folder in folders for name in names]
 
 
@@ -222,16 +352,18 @@ def _offline() -> bool:
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``dest`` (via a temporary file in the same folder); verify the sha256 prefix.
+    """Fetch ``url`` into ``dest`` (via a temporary file in the same folder); verify its checksum.
 
     The file name's part after the last ``-`` (e.g. ``dcbb9e9d`` in ``vgg19-dcbb9e9d.pth``) is the
-    beginning of the file's sha256, as torch.hub names its checkpoints.
+    beginning of the file's sha256, as torch.hub names its checkpoints; a Keras file's md5 is
+    checked against :data:`KNOWN_FILES`.
     """
     import urllib.request
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = dest.stem.rsplit("-", 1)[-1] if "-" in dest.stem else ""
-    h = hashlib.sha256()
+    md5 = next((k.md5 for k in KNOWN_FILES if k.filename == dest.name and k.md5), None)
+    h, h_md5 = hashlib.sha256(), hashlib.md5()
     log.info("downloading %s to %s", url, dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
@@ -239,7 +371,10 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 h.update(block)
-        if prefix and not h.hexdigest().startswith(prefix):
+                h_md5.update(block)
+        if md5 and h_md5.hexdigest() != md5:
+            raise RuntimeError(f"md5 {h_md5.hexdigest()} is not the published {md5} (corrupt download?)")
+        if prefix and not md5 and not h.hexdigest().startswith(prefix):
             raise RuntimeError(f"sha256 {h.hexdigest()[:16]}... does not start with {prefix} (corrupt download?)")
         os.replace(tmp, dest)
     finally:
@@ -259,6 +394,7 @@ def _unavailable_message(kind: str, canon: Canonical, searched: list[Path], why:
         + ", ".join(str(p) for p in searched)
         + f". Download {canon.url} and save it as {target / canon.filename}"
         + (f" (or set ${WEIGHTS_DIR_ENV} to the folder holding it)" if where is None else "")
+        + (f"; any of {', '.join(canon.aliases)} (the same weights) is used as well" if canon.aliases else "")
         + f"; or set {key} to the path of the file (e.g. --set {key}=/path/to/{canon.filename}), "
         + f"or to 'random' for untrained weights (--set {key}=random)."
     )
@@ -280,11 +416,18 @@ def _resolve_canonical(kind: str, canon: Canonical) -> Path:
     return dest
 
 
+def _file_source(kind: str, path: Path) -> WeightsSource:
+    known = identify_file(path, kind)
+    return WeightsSource(kind=kind, name=path.name, path=path, sha256=file_sha256(path), seed=None,
+                         logical=known.logical if known is not None else None)
+
+
 def resolve_weights(spec: str, kind: WeightsKind, seed: int = 0) -> WeightsSource:
     """Resolve a weights spec for network ``kind`` (``vgg19``, ``vggish``, ``vggish_pca``, ``resnet152``).
 
     ``spec``: ``"imagenet"`` / ``"vggish"`` / ``"pretrained"`` (the canonical file, see the module
-    docstring), a file path, or ``"random"`` (identity ``sha256="random"`` with ``seed``).
+    docstring), ``"keras-imagenet"`` (VGG-19: any file of the Keras applications weights,
+    :data:`ALTERNATES`), a file path, or ``"random"`` (identity ``sha256="random"`` with ``seed``).
     Raises :class:`WeightsUnavailable` (file missing, download impossible) or ValueError (a spec
     word that does not fit ``kind``).
     """
@@ -294,12 +437,20 @@ def resolve_weights(spec: str, kind: WeightsKind, seed: int = 0) -> WeightsSourc
     spec = str(spec).strip()
     if spec == "random":
         return WeightsSource(kind=kind, name="random", path=None, sha256="random", seed=int(seed))
-    if spec in canon.specs:
-        path = _resolve_canonical(kind, canon)
-        return WeightsSource(kind=kind, name=canon.filename, path=path, sha256=file_sha256(path), seed=None)
-    looks_like_path = os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(spec).exists()
+    alternate = ALTERNATES.get(kind, {}).get(spec)
+    if spec in canon.specs or alternate is not None:
+        path = _resolve_canonical(kind, alternate or canon)
+        source = _file_source(kind, path)
+        if source.logical is None:
+            log.warning("%s weights %s do not have the published checksum of %s (a partial download or another "
+                        "file under its name?): identified by their own sha256 %s..., so stores made with the "
+                        "published file will not match", kind, path, path.name, source.sha256[:12])
+        return source
+    looks_like_path = (os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors", ".bin", ".h5", ".hdf5"))
+                       or Path(spec).exists())
     if not looks_like_path:
-        allowed = ", ".join(repr(s) for s in canon.specs + ("random",))
+        words = canon.specs + tuple(ALTERNATES.get(kind, {})) + ("random",)
+        allowed = ", ".join(repr(s) for s in words)
         raise ValueError(f"{kind} weights ({config_key(kind)}): unknown spec {spec!r}; expected {allowed} or a file path")
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
@@ -308,4 +459,21 @@ def resolve_weights(spec: str, kind: WeightsKind, seed: int = 0) -> WeightsSourc
             f"{kind} weights file {path} (set by {key}) does not exist (looked at {path.resolve()}); fix the path "
             f"in {key}, or set it to {canon.specs[0]!r} ({canon.url}) or 'random'"
         )
-    return WeightsSource(kind=kind, name=path.name, path=path, sha256=file_sha256(path), seed=None)
+    return _file_source(kind, path)
+
+
+def declared_identity(spec: str, kind: WeightsKind, seed: int = 0) -> dict[str, Any]:
+    """The identity weights ``spec`` WOULD resolve to, without needing the canonical files: a spec
+    word of published weights gives their logical identity (:func:`known_identity`), ``random``
+    the seeded one; a file path is resolved and hashed (the file must exist). Used to record
+    what made features computed elsewhere (``avel-extract import-h5``)."""
+    spec = str(spec).strip()
+    if spec == "random":
+        return WeightsSource(kind=kind, name="random", path=None, sha256="random", seed=int(seed)).identity()
+    canon = ALTERNATES.get(kind, {}).get(spec) or (CANONICAL[kind] if spec in CANONICAL[kind].specs else None)
+    if canon is not None:
+        known = next((k for k in KNOWN_FILES if k.kind == kind and k.filename == canon.filename), None)
+        if known is None:  # every canonical file is in the table (tests/test_ave2018.py checks it)
+            raise ValueError(f"{kind} weights {spec!r}: {canon.filename} is not in the known-files table")
+        return known_identity(known.logical)
+    return resolve_weights(spec, kind, seed=seed).identity()

@@ -49,9 +49,13 @@ def test_import_one_row_per_video_first_annotation_row(files, tmp_path):
     attrs = store.attrs
     sha = hashlib.sha256((r / "visual_feature.h5").read_bytes()).hexdigest()
     assert attrs["sources"]["visual"]["sha256"] == sha
-    assert attrs["weights"]["identity"] == WEIGHTS_IDENTITY
-    assert attrs["weights"]["visual"]["sha256"] == sha
-    assert attrs["extractor"]["annotation_rows"] == 5 and len(attrs["fingerprint"]) == 16
+    assert WEIGHTS_IDENTITY in attrs["imported"]["description"] and attrs["imported"]["annotation_rows"] == 5
+    # what made the files, as an extraction records it: the ave2018 recipe, Keras VGG-19 imagenet and
+    # AudioSet VGGish (logical identities: no weights file needed), the fingerprint of that extraction
+    assert attrs["extractor"]["recipe"] == "ave2018" and attrs["extractor"]["frame_rule"] == "index"
+    assert attrs["weights"]["vgg19"] == {"vgg19": {"name": "vgg19-keras-imagenet", "sha256": None, "seed": None}}
+    assert attrs["weights"]["vggish"]["vggish"] == {"name": "vggish-audioset", "sha256": None, "seed": None}
+    assert attrs["fingerprint_fields"]["recipe"] == "ave2018" and len(attrs["fingerprint"]) == 16
 
 
 def test_import_refuses_wrong_layout(files, tmp_path):
@@ -83,7 +87,7 @@ def test_import_h5_subcommand(files, tmp_path):
             "--annotations", r / "Annotations.txt", "--store", out]
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert "imported 4 videos" in res.output
+    assert "imported 4 videos" in res.output and "recipe ave2018" in res.output
     np.testing.assert_array_equal(open_checked_store(out).read("audio")[2], files["audio"][3])
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 2 and "exists already" in res.output  # avel-extract: 2 = could not start

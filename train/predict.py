@@ -19,9 +19,13 @@ How it works, stage by stage (the two stages meet only at a feature store, as ev
    into the predict store (``--store``, default ``<out>/features.zarr``) through the shared
    feature cache (the training pipeline's ``store.cache_root``; ``$AVEL_CACHE`` overrides), so a
    second head on the same videos decodes nothing. The new store's fingerprint must equal the
-   training store's: same networks and weights, frames per segment, precision, resize rule. When it
-   cannot (a weights file missing here, a GPU-only precision), nothing is predicted and the error
-   says which field differs and what to do.
+   training store's: same recipe, networks and weights, frames per segment, precision, resize rule.
+   Before any video is touched (:func:`check_features_recipe`) the weights are resolved and the
+   fingerprint they would give is compared with the training store's: a weights file missing here
+   stops the prediction naming the file, where avel looked and where to download it; other
+   weights (or settings) name the differing fields. A store imported from the public AVE files
+   (``avel-extract import-h5``) records the ``ave2018`` recipe and the Keras VGG-19 / AudioSet
+   VGGish weights, so a head trained on it predicts new videos whose features that recipe computes.
 4. **Heads.** Each window is one sample of the head, exactly as in training: the head sees T
    seconds at a time, its temporal context (BiLSTM, self-attention) never crosses a window edge,
    and the invalid seconds of a partial last window are zero features the head sees but whose
@@ -289,6 +293,47 @@ def window_key(video_id: str, start: int, segments: int) -> str:
 
 # ------------------------------------------------------------------------------------------
 # features (avel-extract in a child process)
+
+
+def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
+    """Refuse, before any work, a run whose training features cannot be computed here: resolve
+    the weights of the training store's extractor configuration (a missing file raises with the
+    file's name, where avel looked and where to download it) and compare the fingerprint they give
+    (the precision that runs on ``device``, default the configuration's) with the training
+    store's, naming the differing fields."""
+    from extract.devices import resolve_device
+    from extract.extractors import extractor_identity
+    from extract.provenance import effective_config, store_attrs
+    from extract.settings import ConfigError, load_pipeline
+    from extract.store import differing_fields
+    from extract.weights import WeightsUnavailable
+
+    recipe = dict(run.features["extractor"])
+    if device:
+        recipe["device"] = device
+    try:
+        cfg = load_pipeline(None, {"extract": recipe}, search=False).extract
+    except ConfigError as exc:
+        raise PredictError(f"{run.checkpoint}: the training store's extractor configuration is not valid in this avel: "
+                           f"{exc}") from None
+    try:
+        identities = extractor_identity(cfg)
+    except (WeightsUnavailable, ValueError) as exc:
+        raise PredictError("the run's features cannot be computed here, nothing was predicted: "
+                           + " ".join(str(exc).split())) from None
+    try:
+        where = resolve_device(cfg.device)
+    except Exception as exc:  # noqa: BLE001 - e.g. cuda asked on a machine without it
+        raise PredictError(f"extract.device={cfg.device!r} is not usable here ({exc}); pass --extract-device cpu") from None
+    attrs = store_attrs(effective_config(cfg, where), identities)
+    want = run.features["fingerprint"]
+    if attrs["fingerprint"] != want:
+        fields = differing_fields(run.features.get("fingerprint_fields") or {}, attrs["fingerprint_fields"])
+        raise PredictError(
+            f"the features this machine would compute for the run are not the ones its head was trained on (fingerprint "
+            f"{attrs['fingerprint'][:12]} vs the training store's {want[:12]}); differing: "
+            + ("; ".join(fields[:8]) if fields else "unknown fields")
+            + ". Make the same weights files and precision available here (see docs/predict.md); nothing was predicted")
 
 
 def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | None, device: str | None) -> dict[str, Any]:
@@ -682,6 +727,7 @@ def predict_videos(
     extraction run (default: the training store's setting). Raises :class:`PredictError` when
     nothing can be predicted (bad run, features that cannot be made as in training)."""
     loaded = load_run(run, checkpoint, device)
+    check_features_recipe(loaded, extract_device)
     paths = collect_videos(list(videos), manifest, video_root)
     out = Path(out) if out is not None else default_out(loaded)
     out.mkdir(parents=True, exist_ok=True)
