@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from .provenance import differing_fields
+from .provenance import differing_fields, same_feature_set
 from .store import ArraySpec, FeatureStore, StoreError, check_arrays, create_store, open_store
 
-__all__ = ["ensure_store", "check_identity", "grow_store", "check_existing_store", "open_run_store",
+__all__ = ["ensure_store", "check_identity", "upgrade_store", "grow_store", "check_existing_store", "open_run_store",
            "open_claimed_store"]
 
 
@@ -43,12 +43,29 @@ def check_identity(store: FeatureStore, attrs: dict[str, Any], segments: int) ->
                          "use another store.path or the store's settings")
     if store.fingerprint != attrs["fingerprint"]:
         old = store.attrs.get("fingerprint_fields") or {}
+        if same_feature_set(store.fingerprint, old, attrs["fingerprint"]):
+            return  # recorded before logical weights identities: the same features (upgrade_store)
         diffs = differing_fields(old, attrs["fingerprint_fields"]) if old else ["(the store records no fingerprint fields)"]
         raise StoreError(
             f"{store.path}: refusing to write: the store was made with other extraction settings "
             f"(fingerprint {store.fingerprint} != {attrs['fingerprint']}); differing: " + "; ".join(diffs[:12])
             + ". Use another store.path, or the store's settings (see its 'extractor' attribute)."
         )
+
+
+def upgrade_store(store: FeatureStore, attrs: dict[str, Any]) -> None:
+    """Record the current identity attributes in a store that :func:`check_identity` accepted as
+    the same feature set under an older record (the driver only, holding the store's lock): its
+    ``fingerprint``, ``fingerprint_fields``, ``extractors`` and ``weights`` become this run's, the
+    old fingerprint is kept in ``upgraded_from``. Nothing happens when they are equal already."""
+    if store.fingerprint == attrs["fingerprint"]:
+        return
+    import logging
+
+    logging.getLogger(__name__).warning("%s: recorded weights identities upgraded (fingerprint %s -> %s; the "
+                                        "features are the same)", store.path, store.fingerprint, attrs["fingerprint"])
+    store.set_attrs(upgraded_from=store.fingerprint, **{k: attrs[k] for k in ("fingerprint", "fingerprint_fields",
+                                                                            "extractors", "weights") if k in attrs})
 
 
 def grow_store(store: FeatureStore, new_keys: Sequence[str]) -> None:
@@ -80,6 +97,7 @@ def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequen
     with StoreLock(path, wait=wait):
         store = open_store(path, mode="r+")
         check_identity(store, attrs, segments)
+        upgrade_store(store, attrs)
         store.repair_growth()
         check_arrays(store, specs)
         store.verified_before = store.attrs.get("complete") is True

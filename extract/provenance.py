@@ -15,7 +15,7 @@ from .settings import fingerprint, to_dict
 from .store import SCHEMA_VERSION, differing_fields  # noqa: F401  (re-exported, see __all__)
 
 __all__ = ["VERSIONED", "package_versions", "store_fingerprint_fields", "effective_config", "file_identity",
-           "ran_label", "differing_fields", "store_attrs"]
+           "ran_label", "differing_fields", "store_attrs", "upgraded_fields", "same_feature_set"]
 
 #: packages whose versions are recorded in the store (distribution name -> label)
 VERSIONED = {"torch": "torch", "torchvision": "torchvision", "decord2": "decord", "zarr": "zarr",
@@ -101,3 +101,29 @@ def store_attrs(cfg, identities: dict[str, Any]) -> dict[str, Any]:
         "versions": package_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def upgraded_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fingerprint_fields`` of an older store or checkpoint with every weights identity as
+    avel records it now (:func:`extract.weights.upgrade_identity`); the rest unchanged."""
+    import copy
+
+    from .weights import upgrade_identity
+
+    out = copy.deepcopy(fields or {})
+    for ident in (out.get("extractors") or {}).values():
+        weights = ident.get("weights") if isinstance(ident, dict) else None
+        if isinstance(weights, dict):
+            for kind, value in weights.items():
+                weights[kind] = upgrade_identity(value)
+    return out
+
+
+def same_feature_set(old_fingerprint: str, old_fields: dict[str, Any] | None, new_fingerprint: str) -> bool:
+    """Whether a store or checkpoint recorded as ``old_fingerprint`` / ``old_fields`` holds the
+    features of ``new_fingerprint``: equal fingerprints, or equal once the old record's weights
+    identities are upgraded (:func:`upgraded_fields`: stores made before logical weights
+    identities existed)."""
+    if old_fingerprint == new_fingerprint:
+        return True
+    return bool(old_fields) and fingerprint(upgraded_fields(old_fields)) == new_fingerprint

@@ -172,6 +172,24 @@ def known_identity(logical: str) -> dict[str, Any]:
     return {"name": logical, "sha256": None, "seed": None}
 
 
+def upgrade_identity(identity: Any) -> Any:
+    """The identity a weights file has now, for an identity recorded before logical identities
+    existed (avel 0.1 stores and checkpoints: ``{"name": <file name>, "sha256": <its sha256>,
+    "seed": None}``): a known file (:data:`KNOWN_FILES`, recognised by its sha256 prefix as
+    :func:`identify_file` does) becomes its logical identity (:func:`known_identity`); anything
+    else is returned unchanged. Stores made with the published files then keep matching the
+    features avel computes with those files today."""
+    if not isinstance(identity, dict) or identity.get("seed") is not None:
+        return identity
+    sha = str(identity.get("sha256") or "")
+    if len(sha) != 64:
+        return identity
+    for known in KNOWN_FILES:
+        if known.sha256_prefix and sha.startswith(known.sha256_prefix):
+            return known_identity(known.logical)
+    return identity
+
+
 #: network kind -> the pipeline.yaml key whose spec chooses its weights
 CONFIG_KEYS: dict[str, str] = {
     "vgg19": "extract.visual_weights",

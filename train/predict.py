@@ -303,7 +303,7 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
     store's, naming the differing fields."""
     from extract.devices import resolve_device
     from extract.extractors import extractor_identity
-    from extract.provenance import effective_config, store_attrs
+    from extract.provenance import effective_config, same_feature_set, store_attrs
     from extract.settings import ConfigError, load_pipeline
     from extract.store import differing_fields
     from extract.weights import WeightsUnavailable
@@ -327,7 +327,7 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
         raise PredictError(f"extract.device={cfg.device!r} is not usable here ({exc}); pass --extract-device cpu") from None
     attrs = store_attrs(effective_config(cfg, where), identities)
     want = run.features["fingerprint"]
-    if attrs["fingerprint"] != want:
+    if not same_feature_set(want, run.features.get("fingerprint_fields"), attrs["fingerprint"]):
         fields = differing_fields(run.features.get("fingerprint_fields") or {}, attrs["fingerprint_fields"])
         raise PredictError(
             f"the features this machine would compute for the run are not the ones its head was trained on (fingerprint "
@@ -423,8 +423,10 @@ def check_features(store_path: Path, run: LoadedRun) -> Any:
             store = open_checked_store(store_path, run.segments)
     except StoreError as exc:
         raise PredictError(f"the predict store cannot be read: {exc}") from None
+    from extract.provenance import same_feature_set
+
     want = run.features["fingerprint"]
-    if store.fingerprint != want:
+    if not same_feature_set(want, run.features.get("fingerprint_fields"), store.fingerprint):
         fields = differing_fields(run.features.get("fingerprint_fields") or {}, store.attrs.get("fingerprint_fields") or {})
         raise PredictError(
             f"{store_path}: these features are not the ones the head was trained on (fingerprint "
