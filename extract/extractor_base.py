@@ -318,25 +318,22 @@ class FrameCNNExtractor(Extractor):
         from .nets import normalize_frames
 
         n = len(frames)
-        batch = self._staging((max(n, int(self.cfg.batch_frames)),) + frames[0].shape)
-        host = batch.numpy()
-        for i, frame in enumerate(frames):
-            host[i] = frame
-        host[n:] = 0
+        batch = self._staging((max(n, int(self.cfg.batch_frames)),) + frames[0].shape)  # reused: see _staging
+        batch[:n], batch[n:] = frames, 0
         with torch.inference_mode(), _autocast(self.precision, self.device):
-            x = normalize_frames(batch.to(self.device, non_blocking=True))
+            x = normalize_frames(torch.from_numpy(batch).to(self.device, non_blocking=True))
             y = self.model(x)
-        return y[:n].float().cpu().numpy()  # waits for the forward: the staging buffer is free again
+        return y[:n].float().cpu().numpy()
 
-    def _staging(self, shape: tuple[int, ...]):
-        """The uint8 host buffer a forward batch is assembled in, reused: page-locked on CUDA, so
-        that the host->device copy is a DMA that does not stage through pageable memory."""
+    def _staging(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The uint8 host buffer a forward batch is assembled in, reused by every forward (each
+        waits for its result, so the buffer is free again): page-locked on CUDA, so that the
+        host->device copy is a DMA that does not stage through pageable memory."""
         import torch
 
         buffer = getattr(self, "_staging_buffer", None)
         if buffer is None or tuple(buffer.shape) != tuple(shape):
-            buffer = torch.empty(shape, dtype=torch.uint8)
-            if self.device.startswith("cuda"):
-                buffer = buffer.pin_memory()
+            pinned = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.startswith("cuda"))
+            self._staging_tensor, buffer = pinned, pinned.numpy()  # the tensor keeps the page-locked memory
             self._staging_buffer = buffer
         return buffer
