@@ -123,7 +123,7 @@ def _fit(data, head, seed, cfg):
 @pytest.mark.parametrize("head, setting", [(TermsHead, "supervised"), (LinearTestHead, "weak"), ("dmrn", "supervised")])
 def test_resident_training_equals_the_per_batch_loop_seed_for_seed(ds, monkeypatch, head, setting):
     cfg = train_cfg(setting=setting)
-    for seed in (0, 1):
+    for seed in (0, 1) if isinstance(head, type) else (1,):  # the real head: one seed (CPU time)
         resident = _fit(ds["data"], head, seed, cfg)
         with monkeypatch.context() as m:
             m.setattr(train.loop, "train_epoch", per_batch_train_epoch)
@@ -246,3 +246,30 @@ def test_a_non_finite_loss_leaves_the_weights_of_the_last_finite_batch(small, fu
     assert str(err.value).startswith(f"epoch 5, batch {bad_batch} (videos {', '.join(keys)}): the training loss is nan")
     for key, value in expected.items():
         assert torch.equal(model.state_dict()[key], value), key  # the batches after it did not train either
+
+
+@pytest.fixture(scope="module")
+def cml_dataset(tmp_path_factory):
+    from test_cml_task import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("cml_syncs"))
+
+
+def test_cross_modality_epochs_and_evaluation_wait_once_too(cml_dataset, head="avdln", sizes=(1000, 400)):
+    from test_cml_task import pipeline_for
+
+    from train.tasks.cml_task import CmlTask
+
+    task, model, _, _ = CmlTask.setup(pipeline_for(cml_dataset, head), head, 0)
+    counts = []
+    for batch_size in sizes:  # 1 batch, then 3 (avdln: batches of the 960 training segments of 96 videos)
+        syncs = HostSyncCounter()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        with syncs:
+            train_epoch(model, optimizer, task, batch_size, torch.Generator().manual_seed(0), np.random.default_rng(0))
+        counts.append(dict(syncs.calls))
+    assert counts[0] == counts[1] == {"numpy": 1, "tolist": 1}, counts
+    evaluation = HostSyncCounter()
+    with evaluation:
+        task.evaluate(model, "val")  # distances and loss read once (plus the query bookkeeping on the host)
+    assert evaluation.total <= 4, evaluation.calls
