@@ -64,6 +64,7 @@ def test_a_failing_or_overrunning_part_is_recorded_and_the_next_runs(tmp_path, m
     monkeypatch.setattr("extract.bench.make_bench_clips", lambda *a, **k: [clip])
 
     def slow(*args):
+        args[-1]["first"] = 1.5  # measured before the time ran out: kept
         time.sleep(5)
         return {"never": True}
 
@@ -79,6 +80,7 @@ def test_a_failing_or_overrunning_part_is_recorded_and_the_next_runs(tmp_path, m
     assert time.perf_counter() - started < 4  # the slow part was stopped at its limit
     sections = report["sections"]
     assert not sections["checks"]["ok"] and "limit of 1 s" in sections["checks"]["error"]
+    assert sections["checks"]["figures"] == {"first": 1.5}
     assert not sections["extraction"]["ok"] and sections["extraction"]["error"] == "RuntimeError: no cuDNN here"
     assert sections["training"]["ok"] and sections["training"]["figures"]["heads"]["dmrn"]["schedule_s"] == 42.0
     saved = json.loads((tmp_path / "g.json").read_text())

@@ -129,17 +129,21 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run_section(name: str, fn: Callable[[], dict], limit: float) -> dict[str, Any]:
-    """``{"ok", "seconds", "figures" | "error", "traceback"}`` of ``fn()`` under ``limit`` seconds."""
+def run_section(name: str, fn: Callable[[dict], dict | None], limit: float) -> dict[str, Any]:
+    """``{"ok", "seconds", "figures", "error", "traceback"}`` of ``fn(figures)`` under ``limit``
+    seconds. ``fn`` fills ``figures`` as it goes (and may return more of them), so a part that
+    fails or runs out of time keeps what it measured before."""
     started = time.perf_counter()
     log.info("gpucheck: %s (limit %.0f s)", name, limit)
+    figures: dict[str, Any] = {}
     try:
         with time_limit(limit):
-            figures = fn()
-        out = {"ok": True, "figures": figures}
+            figures.update(fn(figures) or {})
+        out: dict[str, Any] = {"ok": True, "figures": figures}
     except (Exception, SectionTimeout) as exc:  # noqa: BLE001 - recorded, the next section runs
         log.warning("gpucheck: %s failed: %s: %s", name, type(exc).__name__, exc)
-        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        out = {"ok": False, "figures": figures, "error": f"{type(exc).__name__}: {exc}",
+               "traceback": traceback.format_exc()[-3000:]}
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
@@ -329,10 +333,8 @@ def _train_config():
     return load_pipeline(search=False).train
 
 
-def run_checks(plan: Plan, device: str, workdir: Path, clips: Sequence[Path]) -> dict[str, Any]:
-    from .hostsync import HostSyncCounter  # noqa: F401  (importable: the counter of tests/test_train_resident.py)
-
-    out: dict[str, Any] = {}
+def run_checks(plan: Plan, device: str, workdir: Path, clips: Sequence[Path], out: dict[str, Any]) -> None:
+    """The checks, one after the other, into ``out``."""
     size = plan.image_size if not plan.reduced else min(plan.image_size, 64)
     out["batch_independence"] = _guard(lambda: check_batch_independence(device, image_size=size))
     media = _shared_media()
@@ -348,7 +350,6 @@ def run_checks(plan: Plan, device: str, workdir: Path, clips: Sequence[Path]) ->
             workdir, device, plan.check_rows, plan.check_epochs, plan.check_seeds))
     else:
         out["resident_vs_cpu"] = {"skipped": "needs a CUDA device (reduced mode)"}
-    return out
 
 
 def _guard(fn: Callable[[], dict]) -> dict[str, Any]:
@@ -378,7 +379,7 @@ def _shared_media() -> list[Path]:
 # 3. extraction
 
 
-def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir: Path) -> dict[str, Any]:
+def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir: Path, figures: dict[str, Any]) -> None:
     """:func:`extract.bench.run_benchmark` on the clips (repeated to ``plan.videos``), plus VGG-19
     at fp32 for the speed-up of the configured precision."""
     from extract.bench import bench_vgg19, run_benchmark
@@ -392,7 +393,7 @@ def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir
                                     "data": {"root": str(workdir)}}, search=False)
     videos = [clips[i % len(clips)] for i in range(plan.videos)]
     result = run_benchmark(pipeline, videos, vgg_seconds=plan.vgg_seconds)
-    figures = {
+    figures.update({
         "precision": result.precision, "clips": len(clips), "videos": result.clips,
         "clip": f"{plan.clip_size[1]}x{plan.clip_size[0]}, {plan.clip_fps} fps, 10 s",
         "frames_per_video": result.frames_per_video, "image_size": plan.image_size, "batch_frames": plan.batch_frames,
@@ -401,19 +402,18 @@ def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir
         "decode_videos_per_s": result.decode_videos_per_s, "decode_failed": result.decode_failed,
         "end_to_end_videos_per_s": result.end_to_end_videos_per_s, "bound_videos_per_s": result.bound,
         "ratio_to_bound": result.ratio, "text": result.text(),
-    }
+    })
     if result.precision != "fp32":
         fp32 = VGG19Extractor(dataclasses.replace(pipeline.extract, precision="fp32"), device)
         figures["vgg19_fp32_frames_per_s"] = bench_vgg19(fp32, plan.vgg_seconds / 2)
         del fp32
-    return figures
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. training
 
 
-def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float) -> dict[str, Any]:
+def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float, figures: dict[str, Any]) -> None:
     """Seconds per epoch / full schedule of each head with this trainer (store loaded once,
     resident on ``device``) and with the per-batch h5 loop (:func:`train.bench.time_reference_loop`);
     the first head's whole schedule run with :func:`train.loop.fit` when the time allows."""
@@ -426,8 +426,8 @@ def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float) 
     dev = torch.device(device)
     started = time.perf_counter()
     paths = make_synthetic(workdir / "ave-sized", plan.rows)
-    figures: dict[str, Any] = {"rows": plan.rows, "train_samples": paths["sizes"]["train"],
-                               "store_seconds": round(time.perf_counter() - started, 2), "heads": {}}
+    figures.update({"rows": plan.rows, "train_samples": paths["sizes"]["train"],
+                    "store_seconds": round(time.perf_counter() - started, 2), "heads": {}})
     manifests = {k: paths["manifests"][k] for k in ("train", "val", "test")}
     _sync(dev)
     t0 = time.perf_counter()
@@ -489,7 +489,6 @@ def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float) 
         finally:
             if _cuda(dev):
                 torch.cuda.empty_cache()
-    return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,15 +559,15 @@ def summary_text(report: dict[str, Any]) -> str:
             continue
         state = "ok" if sec["ok"] else f"FAILED ({sec.get('error')})"
         lines.append(f"- {name}: {state}, {sec['seconds']:.0f} s")
-        if name == "checks" and sec["ok"]:
-            for check, res in sec["figures"].items():
+        if name == "checks":
+            for check, res in (sec.get("figures") or {}).items():
                 if "skipped" in res:
                     lines.append(f"    {check}: skipped ({res['skipped']})")
                 else:
                     detail = {k: res.get(k) for k in ("max_abs_diff", "max", "mean_difference", "allowed") if k in res}
                     lines.append(f"    {check}: {'ok' if res.get('ok') else 'FAILED'} {detail}"
                                  + (f" {res['error']}" if "error" in res else ""))
-        if name == "extraction" and sec["ok"]:
+        if name == "extraction" and "text" in (sec.get("figures") or {}):
             lines += ["    " + line for line in sec["figures"]["text"].splitlines()]
     lines.append("targets:")
     for t in report["targets"]:
@@ -614,15 +613,15 @@ def run_gpucheck(out: str | Path, workdir: str | Path, *, device: str = "auto", 
     if {"checks", "extraction"} & set(sections):
         from extract.bench import make_bench_clips
 
-        clip_section = run_section("clips", lambda: {"paths": [str(p) for p in make_bench_clips(
+        clip_section = run_section("clips", lambda figures: {"paths": [str(p) for p in make_bench_clips(
             workdir / "clips", plan.clips, plan.clip_size, plan.clip_fps)]}, plan.limits.get("clips", 180))
         report["sections"]["clips"] = clip_section
         clips = [Path(p) for p in (clip_section.get("figures") or {}).get("paths", [])]
         save()
     steps = {
-        "checks": lambda: run_checks(plan, device, workdir, clips),
-        "extraction": lambda: run_extraction_bench(plan, device, clips, workdir),
-        "training": lambda: run_training_bench(plan, device, workdir, deadline),
+        "checks": lambda figures: run_checks(plan, device, workdir, clips, figures),
+        "extraction": lambda figures: run_extraction_bench(plan, device, clips, workdir, figures),
+        "training": lambda figures: run_training_bench(plan, device, workdir, deadline, figures),
     }
     for name in SECTIONS[1:]:
         if name not in sections:
