@@ -14,7 +14,6 @@ two stores of the same videos made at two precisions (e.g. ``avel-extract --prec
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
