@@ -137,7 +137,7 @@ def run_section(name: str, fn: Callable[[dict], dict | None], limit: float) -> d
     log.info("gpucheck: %s (limit %.0f s)", name, limit)
     figures: dict[str, Any] = {}
     try:
-        with time_limit(limit):
+        with time_limit(limit), torch_flags_kept():
             figures.update(fn(figures) or {})
         out: dict[str, Any] = {"ok": True, "figures": figures}
     except (Exception, SectionTimeout) as exc:  # noqa: BLE001 - recorded, the next section runs
@@ -146,6 +146,20 @@ def run_section(name: str, fn: Callable[[dict], dict | None], limit: float) -> d
                "traceback": traceback.format_exc()[-3000:]}
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
+
+
+@contextlib.contextmanager
+def torch_flags_kept():
+    """Restore torch's global determinism and cuDNN flags afterwards: training seeds set
+    deterministic kernels on CUDA (as every avel-train run does), which must not slow down the
+    extraction figures of the next part (avel-extract never sets them)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def _cuda(device: str | torch.device) -> bool:
