@@ -75,10 +75,9 @@ def test_a_failing_or_overrunning_part_is_recorded_and_the_next_runs(tmp_path, m
     monkeypatch.setattr(gpucheck, "run_extraction_bench", broken)
     monkeypatch.setattr(gpucheck, "run_training_bench", lambda *a: {"heads": {"dmrn": {"schedule_s": 42.0}}})
     plan = dataclasses.replace(gpucheck.reduced_plan(), limits={"machine": 60, "checks": 1, "extraction": 60, "training": 60})
-    started = time.perf_counter()
     report = gpucheck.run_gpucheck(tmp_path / "g.json", tmp_path / "w", device="cpu", plan=plan)
-    assert time.perf_counter() - started < 4  # the slow part was stopped at its limit
     sections = report["sections"]
+    assert sections["checks"]["seconds"] < 4.5  # stopped at its limit of 1 s, not after its 5-s sleep
     assert not sections["checks"]["ok"] and "limit of 1 s" in sections["checks"]["error"]
     assert sections["checks"]["figures"] == {"first": 1.5}
     assert not sections["extraction"]["ok"] and sections["extraction"]["error"] == "RuntimeError: no cuDNN here"
