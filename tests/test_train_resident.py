@@ -273,3 +273,17 @@ def test_cross_modality_epochs_and_evaluation_wait_once_too(cml_dataset, head="a
     with evaluation:
         task.evaluate(model, "val")  # distances and loss read once (plus the query bookkeeping on the host)
     assert evaluation.total <= 4, evaluation.calls
+
+
+def test_the_counter_counts_each_kind_of_wait():
+    x = torch.arange(6.0)
+    with HostSyncCounter() as syncs:
+        x.sum().item(), float(x[0]), int(x[1]), bool(x.any()), x.tolist(), x.numpy(), x.cpu(), x[x > 2], x.nonzero()
+        y = x * 2 + 1  # arithmetic: nothing
+        try:
+            torch.cuda.synchronize()  # counted (without a CUDA device it then raises)
+        except (RuntimeError, AssertionError):
+            pass
+    assert dict(syncs.calls) == {"item": 1, "__float__": 1, "__int__": 1, "__bool__": 1, "tolist": 1, "numpy": 1,
+                                 "cpu": 1, "__getitem__": 1, "nonzero": 1, "cuda.synchronize": 1}
+    assert y.shape == x.shape

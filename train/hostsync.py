@@ -44,7 +44,8 @@ class HostSyncCounter(TorchFunctionMode):
     """``with HostSyncCounter() as syncs: ...`` then ``syncs.total`` / ``syncs.calls`` (name -> count).
 
     Counted: the calls of :data:`SYNCING`, indexing with a boolean mask, ``.to("cpu")`` of a
-    device tensor (on a CPU, where the device is the host, ``.to("cpu")`` is not counted).
+    device tensor (on a CPU, where the device is the host, ``.to("cpu")`` is not counted), and
+    ``torch.cuda.synchronize`` (as ``cuda.synchronize``).
     ``device_only``: count only calls whose tensor is not on the CPU (meaningful on a GPU).
     :meth:`paused` (a context manager) stops counting for a while, e.g. inside an optimiser step
     whose step counter is a host tensor by design."""
@@ -54,6 +55,22 @@ class HostSyncCounter(TorchFunctionMode):
         self.device_only = device_only
         self.calls: collections.Counter[str] = collections.Counter()
         self._paused = 0
+
+    def __enter__(self):
+        # an explicit wait is no torch function: counted by wrapping it while the mode is active
+        self._synchronize = torch.cuda.synchronize
+
+        def synchronize(*args, **kwargs):
+            if not self._paused:
+                self.calls["cuda.synchronize"] += 1
+            return self._synchronize(*args, **kwargs)
+
+        torch.cuda.synchronize = synchronize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize = self._synchronize
+        return super().__exit__(*exc)
 
     @property
     def total(self) -> int:
