@@ -200,8 +200,8 @@ class StepGuard:
     optimiser only while ``healthy``: a fused optimiser skips the step itself (``found_inf``, as
     for mixed precision: parameters and moments untouched), any other one steps and the parameters
     are put back to their values before the step. After the first non-finite loss of an epoch the
-    weights therefore stay those of the last finite batch; the loop raises at the end of the epoch
-    (:meth:`failure`)."""
+    weights therefore stay those of the last finite batch; :func:`train_epoch` reads the flags with
+    its epoch sums (:meth:`tensors`) and raises at the end of the epoch."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device | str):
         self.optimizer = optimizer
