@@ -77,8 +77,6 @@ class FeatureBank:
         return sum(t.element_size() * t.nelement() for t in (self.audio, self.visual, self.valid))
 
     def to(self, device: torch.device | str) -> "FeatureBank":
-        """The bank on ``device`` (its rows' finiteness computed first, on the host)."""
-        self.finite_rows()
         return dataclasses.replace(
             self, audio=self.audio.to(device), visual=self.visual.to(device), valid=self.valid.to(device)
         )
@@ -274,12 +272,12 @@ def load_task_data(
     for name, manifest in read.items():
         keep, rows = matched[name]
         splits[name] = make_split(name, manifest, keep, np.asarray([bank_row[int(r)] for r in rows], np.int64), bank, T)
-    bank.finite_rows()
     device = torch.device(device)
     log.info("features in memory: %.2f GB on %s", bank.nbytes() / 1e9, device)
     if device.type != "cpu":
         bank = bank.to(device)
         splits = {k: v.to(device) for k, v in splits.items()}
+    bank.finite_rows()  # once, where the bank now lives: batches are then checked from the host
     return TaskData(bank, splits, list(classes or []))
 
 
@@ -351,8 +349,8 @@ def iterate_batches(
     """Batches over a split in order, or in a random order drawn from ``generator``.
 
     The order is drawn on the host and copied to the bank's device once (not per batch), so
-    drawing a batch never waits for the device (``index`` of a batch is a numpy slice of it): on a GPU the gather and cast happen there, from
-    the resident bank. On CPU the visual rows are gathered and cast into two staging buffers reused
+    drawing a batch never waits for the device (``index`` of a batch is a numpy slice of the
+    order): on a GPU the gather and cast happen there, from the resident bank. On CPU the visual rows are gathered and cast into two staging buffers reused
     for every batch (a fresh 64 MB tensor per batch costs more than the cast itself): a batch is
     valid until the next one is drawn.
     """
