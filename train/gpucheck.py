@@ -90,7 +90,7 @@ def full_plan() -> Plan:
 
 def reduced_plan() -> Plan:
     """A CPU-sized run: the same steps, small enough for a 2-core machine in a few minutes."""
-    return Plan(reduced=True, clips=2, videos=4, frames_per_segment=1, batch_frames=16, vgg_seconds=2.0, rows=200,
+    return Plan(reduced=True, clips=2, videos=4, frames_per_segment=1, image_size=112, batch_frames=16, vgg_seconds=2.0, rows=120,
                 timed_epochs=1, reference_epochs=1, full_schedule=False, check_rows=60, check_epochs=2, check_seeds=(0,),
                 limits={"machine": 60, "checks": 300, "extraction": 300, "training": 600})
 
@@ -592,9 +592,14 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: seconds for a whole run: full (one H100 box: < 8 minutes), reduced (a small CPU)
+BUDGET_S = {"full": 450.0, "reduced": 900.0}
+
+
 def run_gpucheck(out: str | Path, workdir: str | Path, *, device: str = "auto", plan: Plan | None = None,
-                 sections: Sequence[str] = SECTIONS, budget_s: float = 450.0) -> dict[str, Any]:
-    """Run the sections, writing the JSON to ``out`` after each one; returns the report."""
+                 sections: Sequence[str] = SECTIONS, budget_s: float | None = None) -> dict[str, Any]:
+    """Run the sections, writing the JSON to ``out`` after each one; returns the report.
+    ``budget_s`` default: :data:`BUDGET_S` of the plan's mode."""
     from extract.devices import resolve_device
 
     started, wall = time.perf_counter(), _dt.datetime.now(_dt.timezone.utc)
@@ -603,12 +608,14 @@ def run_gpucheck(out: str | Path, workdir: str | Path, *, device: str = "auto", 
         plan = full_plan() if _cuda(device) else reduced_plan()
     out, workdir = Path(out), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if budget_s is None:
+        budget_s = BUDGET_S["reduced" if plan.reduced else "full"]
     deadline = started + budget_s
     mode = ("full" if not plan.reduced else
-            "reduced (" + ("no CUDA device here: " if not _cuda(device) else "") + "fewer and smaller clips, a small store; "
-            "not the GPU figures)")
+            "reduced (" + ("no CUDA device here: " if not _cuda(device) else "") + "fewer and smaller clips, 1 frame per "
+            "segment at 112 x 112, a small store; not the GPU figures)")
     report: dict[str, Any] = {"avel_gpucheck": SCHEMA, "command": sys.argv, "started": wall.isoformat(timespec="seconds"),
-                              "device": device, "reduced": plan.reduced, "mode": mode,
+                              "device": device, "reduced": plan.reduced, "mode": mode, "budget_s": budget_s,
                               "plan": dataclasses.asdict(plan), "sections": {}, "out": str(out)}
     info = machine_info(device)
     report["machine"], report["machine_label"] = info, machine_label(info)
