@@ -94,3 +94,22 @@ def test_the_resident_check_runs_its_code_on_the_cpu(tmp_path):
     assert result["ok"] and result["mean_difference"] == 0.0
     assert result["test_accuracy"]["cpu"] == result["test_accuracy"]["device"]
     assert len(result["test_accuracy"]["cpu"]) == 2 and all(0 <= a <= 1 for a in result["test_accuracy"]["cpu"])
+
+
+def test_the_training_part_runs_a_whole_schedule_when_it_fits(tmp_path):
+    """The full mode's path (here with the 3-epoch test head): timed epochs, the whole schedule
+    run with fit, the h5 loop, the extrapolations."""
+    from train_testutils import TEST_HEAD, registered_test_head
+
+    plan = dataclasses.replace(gpucheck.reduced_plan(), rows=100, heads=(TEST_HEAD,), full_schedule=True)
+    figures: dict = {}
+    with registered_test_head():
+        gpucheck.run_training_bench(plan, "cpu", tmp_path, time.perf_counter() + 600, figures)
+    head = figures["heads"][TEST_HEAD]
+    assert "error" not in head, head.get("traceback")
+    assert head["schedule_epochs"] == 3 and head["batch_size"] == 8  # the head's own schedule
+    assert head["full_schedule_fit_s"] > 0 and 0 <= head["full_schedule_test_accuracy"] <= 1
+    assert head["full_schedule_measured_s"] == pytest.approx(figures["load_s"] + head["full_schedule_fit_s"])
+    ref = head["reference_loop"]
+    assert ref["schedule_s"] == pytest.approx(ref["load_s"] + 3 * ref["epoch_s"] + 1 * ref["eval_s"])  # evaluations every 5 epochs
+    assert figures["train_samples"] == 80

@@ -347,7 +347,7 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
 @click.option("--out", type=click.Path(dir_okay=False), default="gpucheck.json", show_default=True, help="The JSON file with every figure (rewritten after each part, so a run that is cut short keeps what it measured).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-gpucheck", show_default=True, help="Where the generated clips and synthetic stores are made (kept and reused by the next run).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cuda, cuda:N, cpu.")
-@click.option("--reduced/--full", "reduced", default=None, help="Reduced mode (2 clips, 1 frame per segment at 112 x 112, a 120-video store, one timed epoch) or the full GPU sizes. Default: full on CUDA, reduced without.")
+@click.option("--reduced/--full", "reduced", default=None, help="Reduced mode (2 clips, 1 frame per segment at 112 x 112, a 158-video store, one timed epoch) or the full GPU sizes. Default: full on CUDA, reduced without.")
 @click.option("--only", default=None, metavar="PARTS", help="Comma list of the parts to run: checks, extraction, training (default: all).")
 @click.option("--budget", type=click.FloatRange(min=10), default=None, help="Seconds for the whole run (default 450 full, 900 reduced); a part that would start past it is recorded as not run, a part is stopped at it, and the whole DMRN schedule is only run if it fits.")
 @click.option("--clips", type=click.IntRange(min=1), default=None, help="Distinct clips to render (full: 32, reduced: 2).")
@@ -355,7 +355,7 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
 @click.option("--clip-size", default=None, metavar="WxH", help="Frame size of the generated 10-s clips (default 640x360, AVE's).")
 @click.option("--frames-per-segment", type=click.IntRange(min=1), default=None, help="VGG-19 frames per 1-s segment (full: 16, AVE's; reduced: 1).")
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="VGG-19 input side (full: 224; reduced: 112).")
-@click.option("--rows", type=click.IntRange(min=100), default=None, help="Videos in the synthetic training store (full: 4143, AVE's; reduced: 120; at least 100, so that the h5 loop has a batch of 64).")
+@click.option("--rows", type=click.IntRange(min=100), default=None, help="Videos in the synthetic training store (full: 4143, AVE's; reduced: 158; at least 100, so that the h5 loop has a batch of 64).")
 @click.option("--heads", default=None, help="Comma list of the heads to time (default: dmrn,a+v-att,cmbs).")
 @click.pass_obj
 def gpucheck_command(obj, out, workdir, device, reduced, only, budget, clips, videos, clip_size, frames_per_segment,
