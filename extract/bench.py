@@ -84,6 +84,50 @@ def find_clips(spec: str) -> list[Path]:
     return clips
 
 
+#: the benchmark clips: AVE's usual frame size (height, width) and rate
+BENCH_CLIP_SIZE = (360, 640)
+BENCH_CLIP_FPS = 30
+
+
+def _write_bench_clip(job: tuple) -> str:
+    """Render one demo scene (:mod:`extract.demo`: textured background, moving shape, tones) at
+    the benchmark size and encode it (runs in a worker process)."""
+    from .demo import SAMPLE_RATE, compensate_priming, render_audio, render_frames
+    from .media import write_clip
+
+    video, seed, fps, size, path = job
+    partial = Path(path).with_name(f".{Path(path).name}.partial.mp4")
+    write_clip(partial, render_frames(video, seed, fps=fps, frame_size=size), fps=fps,
+               audio=compensate_priming(render_audio(video, seed)), sample_rate=SAMPLE_RATE, crf=23)
+    os.replace(partial, path)
+    return str(path)
+
+
+def make_bench_clips(folder: str | Path, count: int, frame_size: tuple[int, int] = BENCH_CLIP_SIZE,
+                     fps: int = BENCH_CLIP_FPS, seed: int = 0, workers: int | None = None) -> list[Path]:
+    """``count`` 10-s H.264/AAC clips of ``frame_size`` (height, width) at ``fps`` under ``folder``
+    (the demo's scenes, :func:`extract.demo.render_frames`), rendered in ``workers`` processes
+    (default all cores); clips already there are kept. Returns their paths, sorted."""
+    import concurrent.futures
+    import multiprocessing
+
+    from .demo import plan_demo
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = frame_size
+    plan = plan_demo(max(count, 15), seed, 0)[:count]
+    paths = [folder / f"bench_{width}x{height}_{fps}fps_s{seed}_{i:03d}.mp4" for i in range(count)]
+    jobs = [(video, seed, fps, (height, width), str(path)) for video, path in zip(plan, paths) if not path.exists()]
+    if jobs:
+        log.info("rendering %d benchmark clips (%dx%d, %d fps, 10 s) into %s", len(jobs), width, height, fps, folder)
+        workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+        context = multiprocessing.get_context("spawn")  # safe after CUDA was initialised in this process
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            list(pool.map(_write_bench_clip, jobs))
+    return paths
+
+
 def bench_vgg19(extractor, seconds: float = 10.0, min_batches: int = 2) -> float:
     """Frames/s of ``extractor._forward`` on random frames (one warm-up batch, then >= ``seconds``)."""
     import torch

@@ -86,8 +86,10 @@ class ExtractConfig:
     vggish_relu: bool = True
     #: (fp) apply the AudioSet PCA + 8-bit quantisation post-processing (AVE features: false)
     vggish_pca: bool = False
-    #: (fp) "fp32", "bf16" or "fp16" autocast for the networks (GPU); CPU runs fp32 unless bf16 asked
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: (fp) network precision: "auto" (bf16 autocast + channels_last on a CUDA GPU, fp16 on a GPU
+    #: without bf16, fp32 on a CPU), "fp32", "bf16" or "fp16" (GPU only; fp32 on a CPU); the store
+    #: records the precision that really ran
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     device: str = "auto"
     #: frames per VGG-19 forward batch

@@ -30,6 +30,8 @@ __all__ = [
     "get_extractor",
     "resolve_device",
     "effective_precision",
+    "auto_precision",
+    "configured_precision",
     "FrameCNNExtractor",
 ]
 
@@ -91,14 +93,40 @@ def get_extractor(name: str) -> type["Extractor"]:
         raise ValueError(f"extract.extractors: unknown extractor {name!r} (registered: {', '.join(sorted(EXTRACTORS))})") from None
 
 
+def auto_precision(device: str) -> str:
+    """What ``extract.precision: auto`` runs on ``device``: bf16 autocast on a CUDA GPU with bf16
+    (compute capability >= 8.0, or one torch cannot query here: a Dask driver without the
+    workers' GPU), fp16 on an older GPU, fp32 on a CPU."""
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    import torch
+
+    try:
+        major, _ = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError, ValueError):  # no CUDA here: the common GPU of today
+        return "bf16"
+    return "bf16" if major >= 8 else "fp16"
+
+
 def effective_precision(precision: str, device: str) -> str:
-    """The precision actually used: as asked on CUDA; on CPU fp32 unless bf16 is asked."""
+    """The precision actually used: ``auto`` as :func:`auto_precision` says; otherwise as asked
+    on CUDA, and on a CPU fp32 unless bf16 is asked."""
+    if precision == "auto":
+        return auto_precision(device)
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"extract.precision: expected fp32, bf16 or fp16, got {precision!r}")
+        raise ValueError(f"extract.precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if not str(device).startswith("cuda") and precision == "fp16":
         log.warning("extract.precision=fp16 is not used on %s; running fp32 (use bf16 for reduced precision on CPU)", device)
         return "fp32"
     return precision
+
+
+def configured_precision(cfg: ExtractConfig) -> str:
+    """``cfg.precision`` with ``auto`` resolved on ``cfg.device`` (what an extractor's identity
+    records when it is described from a configuration that was not resolved yet)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return auto_precision(resolve_device(cfg.device))
 
 
 def _autocast(precision: str, device: str):
@@ -329,9 +357,22 @@ class FrameCNNExtractor(Extractor):
 
         normalize = caffe_normalize_frames if self.normalization(self.cfg) == "caffe" else normalize_frames
         n = len(frames)
-        batch = np.zeros((max(n, int(self.cfg.batch_frames)),) + frames[0].shape, np.uint8)
-        batch[:n] = np.stack(frames)
+        batch = self._staging((max(n, int(self.cfg.batch_frames)),) + frames[0].shape)  # reused: see _staging
+        batch[:n], batch[n:] = frames, 0
         with torch.inference_mode(), _autocast(self.precision, self.device):
             x = normalize(torch.from_numpy(batch).to(self.device, non_blocking=True))
             y = self.model(x)
         return y[:n].float().cpu().numpy()
+
+    def _staging(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The uint8 host buffer a forward batch is assembled in, reused by every forward (each
+        waits for its result, so the buffer is free again): page-locked on CUDA, so that the
+        host->device copy is a DMA that does not stage through pageable memory."""
+        import torch
+
+        buffer = getattr(self, "_staging_buffer", None)
+        if buffer is None or tuple(buffer.shape) != tuple(shape):
+            pinned = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.startswith("cuda"))
+            self._staging_tensor, buffer = pinned, pinned.numpy()  # the tensor keeps the page-locked memory
+            self._staging_buffer = buffer
+        return buffer

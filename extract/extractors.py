@@ -38,6 +38,8 @@ from .extractor_base import (  # noqa: F401  (re-exported: the public names of t
     Extractor,
     FrameCNNExtractor,
     FrameGrid,
+    auto_precision,
+    configured_precision,
     effective_precision,
     get_extractor,
     register_extractor,
@@ -114,7 +116,7 @@ class VGG19Extractor(FrameCNNExtractor):
             "weights": weights,
             "output": {"array": "visual", "layer": "pool5", "layout": "T,H,W,C", "dtype": "float16"},
             "preprocessing": cls.frame_preprocessing(cfg, aggregate="mean over valid frames"),
-            "precision": cfg.precision,
+            "precision": configured_precision(cfg),
         }
 
     def compute(self, videos: list[DecodedVideo]) -> list[dict[str, np.ndarray]]:

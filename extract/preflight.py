@@ -420,7 +420,10 @@ def _precision_note(cfg, device: str) -> str:
     with _quiet("extract.extractors"):
         real = effective_precision(asked, device)
     cnn = "/".join(frame_cnns) or "frame CNNs"
-    if real != asked:
+    if asked == "auto":
+        text = (f"precision auto: {cnn} run {real}" + (" autocast, channels_last" if real != "fp32" else "")
+                + f" on {device}")
+    elif real != asked:
         text = (f"extract.precision={asked} is not used on {device}: {cnn} run {real} "
                 f"(only bf16 reduces precision on CPU)")
     elif real == "fp32":

@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
-from .extractor_base import DecodedVideo, Extractor, FrameCNNExtractor, register_extractor
+from .extractor_base import DecodedVideo, Extractor, FrameCNNExtractor, configured_precision, register_extractor
 from .store import ArraySpec
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class ResNet152MapsExtractor(FrameCNNExtractor):
             "output": {"array": "frame_maps", "layer": "layer4 (conv5_x)", "layout": "T,F,H,W,C", "dtype": "float16",
                        "scale": "frame_maps_scale: maps = stored * scale (power of two, 1 when in the float16 range)"},
             "preprocessing": cls.frame_preprocessing(cfg, aggregate="none (one map per frame)"),
-            "precision": cfg.precision,
+            "precision": configured_precision(cfg),
         }
 
     def compute(self, videos: list[DecodedVideo]) -> list[dict[str, np.ndarray]]:

@@ -147,10 +147,13 @@ def test_projects_share_the_cache_and_compute_only_what_it_lacks(client, media, 
 def test_feature_set_identity_counts_what_changes_the_numbers_only():
     from extract.cache import feature_set_id
 
-    base = feature_set_id(make_pipeline().extract)
-    # layout/runtime choices: same feature set
+    base = feature_set_id(make_pipeline(precision="fp32").extract)
+    # layout/runtime choices: same feature set (the device too, at a fixed precision)
     for same in ({"batch_frames": 64}, {"decode_workers": 7}, {"device": "cuda"}, {"decode_timeout_s": 5.0}):
-        assert feature_set_id(make_pipeline(**same).extract) == base, same
+        assert feature_set_id(make_pipeline(precision="fp32", **same).extract) == base, same
+    # precision auto (the default) is resolved on the device: fp32 on a CPU, bf16 on a GPU
+    assert feature_set_id(make_pipeline(device="cpu").extract) == base
+    assert feature_set_id(make_pipeline(device="cuda").extract) == feature_set_id(make_pipeline(precision="bf16").extract)
     # what changes the numbers: another feature set
     others = {feature_set_id(make_pipeline(**other).extract) for other in (
         {"frames_per_segment": 2}, {"precision": "bf16"}, {"random_seed": 1}, {"image_size": 64},

@@ -152,12 +152,15 @@ def test_fingerprint_ignores_layout_and_runtime_settings(data):
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
 
-    base = make_pipeline(data).extract
-    same = make_pipeline(data, batch_frames=64, decode_workers=7, device="cuda", decode_timeout_s=5.0).extract
+    base = make_pipeline(data, precision="fp32").extract
+    same = make_pipeline(data, precision="fp32", batch_frames=64, decode_workers=7, device="cuda", decode_timeout_s=5.0).extract
     changed = make_pipeline(data, precision="bf16").extract
     fp = lambda cfg: store_attrs(cfg, extractor_identity(cfg))["fingerprint"]  # noqa: E731
     assert fp(base) == fp(same)
     assert fp(base) != fp(changed)
+    # precision auto: what runs depends on the device (bf16 on a GPU, fp32 on a CPU), and so does the fingerprint
+    auto = {device: make_pipeline(data, device=device).extract for device in ("cpu", "cuda")}
+    assert fp(auto["cpu"]) == fp(base) and fp(auto["cuda"]) == fp(changed)
 
 
 LOCK_HOLDER = """

@@ -137,6 +137,43 @@ def test_fp16_asked_on_a_cpu_is_recorded_as_the_fp32_that_ran(tmp_path):
                        progress=False)
 
 
+def test_precision_auto_runs_fp32_on_a_cpu_and_keeps_the_fingerprint_of_stores_made_before(tmp_path):
+    """The default ``auto`` resolves on a CPU to fp32 before anything is fingerprinted: a store
+    made with the former default (fp32, e.g. the demo's) accepts an auto run as its own."""
+    from extract.extractor_base import auto_precision, effective_precision
+    from extract.extractors import extractor_identity
+
+    assert make_pipeline(tmp_path).extract.precision == "auto"  # the default
+    assert effective_precision("auto", "cpu") == auto_precision("cpu") == "fp32"
+    auto_cfg, fp32_cfg = make_pipeline(tmp_path).extract, make_pipeline(tmp_path, precision="fp32").extract
+    auto_cfg = dataclasses.replace(auto_cfg, device="cpu")
+    assert extractor_identity(auto_cfg) == extractor_identity(fp32_cfg)  # described unresolved: auto -> fp32 too
+    clip(tmp_path / "a.mp4", 3.0, seed=1)
+    clip(tmp_path / "b.mp4", 3.0, seed=2)
+    a, b = VideoRequest("a", str(tmp_path / "a.mp4")), VideoRequest("b", str(tmp_path / "b.mp4"))
+    made = run_extraction(make_pipeline(tmp_path, precision="fp32", device="cpu"), [a], store_path=tmp_path / "s.zarr",
+                          progress=False)
+    assert made.exit_code == 0
+    before = open_store(tmp_path / "s.zarr").fingerprint
+    more = run_extraction(make_pipeline(tmp_path, device="cpu"), [a, b], store_path=tmp_path / "s.zarr", progress=False)
+    assert (more.done, more.skipped, more.exit_code) == (1, 1, 0)
+    store = open_store(tmp_path / "s.zarr")
+    assert store.fingerprint == before and store.attrs["extractor"]["precision"] == "fp32"
+    assert store.records("ran").tolist() == ["vgg19=cpu/fp32,vggish=cpu/fp32"] * 2
+
+
+def test_precision_auto_on_a_gpu_is_bf16_or_fp16_by_its_generation(monkeypatch):
+    import torch
+
+    from extract.extractor_base import effective_precision
+
+    for capability, expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert effective_precision("auto", "cuda:0") == expected
+    # asked explicitly: as asked on a GPU
+    assert effective_precision("fp32", "cuda") == "fp32" and effective_precision("fp16", "cuda") == "fp16"
+
+
 def test_the_fingerprint_covers_only_the_stores_own_extractors(tmp_path):
     from extract.extractors import extractor_identity
 

@@ -9,8 +9,9 @@ One synthetic AVE-sized store (``rows`` videos x 10 x 7x7x512 float16 + 10 x 128
   :func:`train.loop.train_epoch` of the avel task (+ one validation pass per epoch, as ``fit`` does);
 - **reference-style loop** (YapengTian/AVE-ECCV18 ``dataloader.AVEDataset`` + ``supervised_main``):
   read the h5 arrays, then for every batch copy its samples one by one into a float32 numpy batch,
-  wrap it as tensors, move it to the device, forward/backward/step; evaluate the 402 test videos in
-  one batch every 5 epochs.
+  wrap it as tensors, move it to the device, forward/backward/step, read the loss back; every 5
+  epochs read the h5 files again (``val`` builds a new dataset) and evaluate the 402 test videos
+  in one batch.
 
 Both use the same head (default ``dmrn``), Adam 1e-3, batch 64, the head's own loss. Reported:
 seconds per epoch, load time, and the extrapolated full schedule (``schedule_epochs``, AVEL: 300);
@@ -126,13 +127,16 @@ class Stopwatch:
         self.times[f"{key}_cpu_s"] = (time.process_time() - cpu) / repeats
 
 
-def _build(head_name: str, device: torch.device, seed: int = 0):
+def _build(head_name: str, device: torch.device, seed: int = 0, fused: bool = False):
+    """The head and Adam 1e-3 (``fused`` on a GPU: what :func:`train.loop.make_optimizer` gives
+    this trainer; the reference uses torch's default)."""
     from .registry import get_head
 
     torch.manual_seed(seed)
     cls = get_head(head_name)
     model = cls(num_classes=NUM_EVENTS + 1, setting="supervised").to(device)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    fused = fused and device.type == "cuda"
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
 
 
 def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
@@ -147,7 +151,7 @@ def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs:
     timed = Stopwatch(device)
     with timed("load"):
         data = load_task_data(paths["store"], {k: paths["manifests"][k] for k in ("train", "val")}, device=device)
-    model, optimizer = _build(head_name, device)
+    model, optimizer = _build(head_name, device, fused=True)
     task = AvelTask(data, load_pipeline(search=False).train)
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     for key in ("warm_up", "data_epoch"):  # the second pass is the one reported
@@ -163,31 +167,40 @@ def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs:
     return timed.times
 
 
-def time_reference_loop(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
-    """The reference's data path: whole h5 arrays in numpy, per-sample copies into a batch."""
+def _read_reference_h5(h5: dict, order: str) -> tuple[np.ndarray, ...]:
+    """What the reference's ``AVEDataset.__init__`` reads (dataloader.py): the order, then the
+    whole audio, labels and visual arrays."""
     import h5py
 
+    with h5py.File(h5[order], "r") as f:
+        indices = f["order"][:]
+    with h5py.File(h5["audio_feature"], "r") as f:
+        audio_all = f["avadataset"][:]
+    with h5py.File(h5["labels"], "r") as f:
+        labels_all = f["avadataset"][:]
+    with h5py.File(h5["visual_feature"], "r") as f:
+        visual_all = f["avadataset"][:]
+    return indices, audio_all, labels_all, visual_all
+
+
+def time_reference_loop(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
+    """The reference's data path (YapengTian/AVE-ECCV18 dataloader.py ``AVEDataset`` and
+    supervised_main.py ``train`` / ``val``): whole h5 arrays in numpy, each batch copied sample
+    by sample into float32 numpy buffers, moved to the device, the loss read back every step; an
+    evaluation (``val``, every 5 epochs) builds a new dataset of the test order, i.e. reads the
+    h5 files again, and scores its 402 videos in one batch."""
     h5 = paths["h5"]
     timed = Stopwatch(device)
     with timed("load"):
-        with h5py.File(h5["train_order"], "r") as f:
-            order = f["order"][:]
-        with h5py.File(h5["test_order"], "r") as f:
-            test_order = f["order"][:]
-        with h5py.File(h5["audio_feature"], "r") as f:
-            audio_all = f["avadataset"][:]
-        with h5py.File(h5["labels"], "r") as f:
-            labels_all = f["avadataset"][:]
-        with h5py.File(h5["visual_feature"], "r") as f:
-            visual_all = f["avadataset"][:]
+        order, audio_all, labels_all, visual_all = _read_reference_h5(h5, "train_order")
     model, optimizer = _build(head_name, device)
 
-    def batch_of(lis, b, size, vb, ab, lb):
+    def batch_of(lis, b, size, vb, ab, lb, visual, audio, labels):
         for i in range(size):
             idx = lis[b * size + i]
-            vb[i] = visual_all[idx]
-            ab[i] = audio_all[idx]
-            lb[i] = labels_all[idx]
+            vb[i] = visual[idx]
+            ab[i] = audio[idx]
+            lb[i] = labels[idx]
         one_hot = torch.from_numpy(lb).float().to(device)
         return {"audio": torch.from_numpy(ab).float().to(device), "visual": torch.from_numpy(vb).float().to(device),
                 "labels": one_hot.argmax(-1), "video_label": one_hot[:, :, :NUM_EVENTS].amax(1).argmax(-1)}
@@ -195,28 +208,31 @@ def time_reference_loop(paths: dict, head_name: str, device: torch.device, epoch
     vb = np.zeros((batch_size, T, 7, 7, 512), np.float32)
     ab = np.zeros((batch_size, T, 128), np.float32)
     lb = np.zeros((batch_size, T, NUM_EVENTS + 1), np.float32)
+    arrays = (visual_all, audio_all, labels_all)
     nb_batch = len(order) // batch_size
     for key in ("warm_up", "data_epoch"):  # the second pass is the one reported
         with timed(key):
             for b in range(nb_batch):
-                batch_of(order, b, batch_size, vb, ab, lb)["visual"].sum()
+                batch_of(order, b, batch_size, vb, ab, lb, *arrays)["visual"].sum()
     model.train()
     with timed("epoch", epochs):
         for _ in range(epochs):
             for b in range(nb_batch):
-                batch = batch_of(order, b, batch_size, vb, ab, lb)
+                batch = batch_of(order, b, batch_size, vb, ab, lb, *arrays)
                 optimizer.zero_grad()
                 loss = total_loss(model.loss(model(batch["audio"], batch["visual"]), batch))
                 loss.backward()
                 optimizer.step()
                 float(loss.detach())
-    n_test = len(test_order)
-    tv = np.zeros((n_test, T, 7, 7, 512), np.float32)
-    ta = np.zeros((n_test, T, 128), np.float32)
-    tl = np.zeros((n_test, T, NUM_EVENTS + 1), np.float32)
+    del visual_all, arrays
     model.eval()
     with timed("eval"), torch.no_grad():
-        batch = batch_of(test_order, 0, n_test, tv, ta, tl)
+        test_order, audio_all, labels_all, visual_all = _read_reference_h5(h5, "test_order")
+        n_test = len(test_order)
+        tv = np.zeros((n_test, T, 7, 7, 512), np.float32)
+        ta = np.zeros((n_test, T, 128), np.float32)
+        tl = np.zeros((n_test, T, NUM_EVENTS + 1), np.float32)
+        batch = batch_of(test_order, 0, n_test, tv, ta, tl, visual_all, audio_all, labels_all)
         model(batch["audio"], batch["visual"]).scores.cpu().numpy()
     del visual_all
     return timed.times

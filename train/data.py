@@ -54,10 +54,20 @@ class FeatureBank:
     store_path: Path
     fingerprint: str
     attrs: dict
+    #: [R] bool, host: every number of row i is finite (see :meth:`finite_rows`)
+    finite: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def segments(self) -> int:
         return int(self.audio.shape[1])
+
+    def finite_rows(self) -> np.ndarray:
+        """[R] bool on the host: row i's audio and visual numbers are all finite. Computed once
+        (when the bank is loaded, else on first use), so that a training batch is checked from
+        the host without waiting for the device."""
+        if self.finite is None:
+            self.finite = finite_rows(self.audio, self.visual)
+        return self.finite
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +80,19 @@ class FeatureBank:
         return dataclasses.replace(
             self, audio=self.audio.to(device), visual=self.visual.to(device), valid=self.valid.to(device)
         )
+
+
+def finite_rows(*arrays: torch.Tensor, block: int = LOAD_BLOCK_ROWS) -> np.ndarray:
+    """[R] bool: all numbers of row i of every array [R, ...] are finite (``block`` rows at a time,
+    one transfer at the end)."""
+    rows = int(arrays[0].shape[0])
+    parts = []
+    for start in range(0, rows, block):
+        ok = torch.ones(min(block, rows - start), dtype=torch.bool, device=arrays[0].device)
+        for array in arrays:
+            ok &= torch.isfinite(array[start:start + block]).reshape(len(ok), -1).all(dim=1)
+        parts.append(ok)
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, bool)
 
 
 @dataclasses.dataclass
@@ -254,6 +277,7 @@ def load_task_data(
     if device.type != "cpu":
         bank = bank.to(device)
         splits = {k: v.to(device) for k, v in splits.items()}
+    bank.finite_rows()  # once, where the bank now lives: batches are then checked from the host
     return TaskData(bank, splits, list(classes or []))
 
 
@@ -281,17 +305,22 @@ def make_split(name: str, manifest: Manifest, keep: np.ndarray, bank_rows: np.nd
 
 
 def make_batch(
-    bank: FeatureBank, split: SplitData, index: torch.Tensor, staging: tuple[torch.Tensor, torch.Tensor] | None = None
+    bank: FeatureBank, split: SplitData, index: torch.Tensor, staging: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device_index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch of samples ``index`` (positions in ``split``), on the bank's device.
+    """Batch of samples ``index`` (positions in ``split``: int64 numpy or CPU tensor), on the
+    bank's device.
 
     Keys: ``audio`` [B, T, 128] f32, ``visual`` [B, T, 7, 7, 512] f32, ``labels`` [B, T],
-    ``video_label`` [B], ``valid`` [B, T], ``index`` [B]. ``staging`` = (float16, float32)
-    buffers of at least B rows (CPU): the rows are gathered and cast into them instead of fresh
-    tensors (see :func:`iterate_batches`).
+    ``video_label`` [B], ``valid`` [B, T] on the bank's device, and ``index`` [B] (the positions,
+    as given: on the host). ``device_index``: ``index`` already on the bank's device (else it is
+    copied there, which waits for the device). ``staging`` = (float16, float32) buffers of at least B
+    rows (CPU): the rows are gathered and cast into them instead of fresh tensors (see
+    :func:`iterate_batches`).
     """
-    index = index.to(split.rows.device)
-    rows = split.rows[index]
+    if device_index is None:
+        device_index = torch.as_tensor(index).to(split.rows.device)
+    rows = split.rows[device_index]
     if staging is not None:
         half, full = (buf[: len(rows)] for buf in staging)
         # gather as int16: CPU index_select has no fast float16 kernel, the bits are the same
@@ -302,9 +331,9 @@ def make_batch(
     return {
         "audio": bank.audio.index_select(0, rows),
         "visual": visual,
-        "labels": split.labels[index],
-        "video_label": split.video_labels[index],
-        "valid": split.valid[index],
+        "labels": split.labels[device_index],
+        "video_label": split.video_labels[device_index],
+        "valid": split.valid[device_index],
         "index": index,
     }
 
@@ -319,18 +348,22 @@ def iterate_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches over a split in order, or in a random order drawn from ``generator``.
 
-    On CPU the visual rows are gathered and cast into two staging buffers reused for every batch
-    (a fresh 64 MB tensor per batch costs more than the cast itself): a batch is valid until the
-    next one is drawn. On a GPU the gather and cast happen on the device.
+    The order is drawn on the host and copied to the bank's device once (not per batch), so
+    drawing a batch never waits for the device (``index`` of a batch is a numpy slice of the
+    order): on a GPU the gather and cast happen there, from the resident bank. On CPU the visual rows are gathered and cast into two staging buffers reused
+    for every batch (a fresh 64 MB tensor per batch costs more than the cast itself): a batch is
+    valid until the next one is drawn.
     """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    on_device, host = order.to(split.rows.device, non_blocking=True), order.numpy()
     staging = None
     if bank.device.type == "cpu" and n > 0:
         shape = (min(batch_size, n),) + tuple(bank.visual.shape[1:])
         staging = (torch.empty(shape, dtype=bank.visual.dtype), torch.empty(shape, dtype=torch.float32))
     for start in range(0, n, batch_size):
-        yield make_batch(bank, split, order[start : start + batch_size], staging)
+        stop = start + batch_size
+        yield make_batch(bank, split, host[start:stop], staging, on_device[start:stop])
 
 
 def resolve_device(name: str) -> torch.device:

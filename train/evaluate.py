@@ -90,19 +90,22 @@ def score_predictions(pred: np.ndarray, labels: np.ndarray, num_classes: int, lo
 @torch.no_grad()
 def predict_split(model, bank: FeatureBank, split: SplitData, batch_size: int = 256, weak_pool: str = "mean") -> tuple[np.ndarray, float]:
     """Run ``model`` (eval mode) over a split: predictions [N, T] and the mean batch loss
-    (the head's training loss for its setting, weighted by batch size)."""
+    (the head's training loss for its setting, weighted by batch size).
+
+    One pass on the bank's device: predictions and the loss sum stay there until the split is
+    done, then come back in one transfer each."""
     was_training = model.training
     model.eval()
-    preds, loss_sum = [], 0.0
+    preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=bank.device)
     try:
         for batch in iterate_batches(bank, split, batch_size):
             out = model(batch["audio"], batch["visual"])
-            loss_sum += float(total_loss(model.loss(out, batch, weak_pool))) * len(batch["index"])
-            preds.append(model.predict(out).cpu())
+            loss_sum += total_loss(model.loss(out, batch, weak_pool)).double() * len(batch["index"])
+            preds.append(model.predict(out))
     finally:
         model.train(was_training)
-    pred = torch.cat(preds).numpy() if preds else np.zeros((0, bank.segments), np.int64)
-    return pred, loss_sum / max(len(split), 1)
+    pred = torch.cat(preds).cpu().numpy() if preds else np.zeros((0, bank.segments), np.int64)
+    return pred, float(loss_sum) / max(len(split), 1)
 
 
 def evaluate_split(model, bank: FeatureBank, split: SplitData, num_classes: int, batch_size: int = 256, weak_pool: str = "mean") -> EvalResult:

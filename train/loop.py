@@ -12,7 +12,9 @@ labelled :data:`TEST_SELECTION_LABEL` in metrics and outputs).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -121,8 +123,14 @@ def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Gene
 
 
 def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam (the optimiser of every AVEL reference) and a per-epoch StepLR or MultiStepLR (or None)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    """Adam (the optimiser of every AVEL reference) and a per-epoch StepLR or MultiStepLR (or None).
+
+    On a GPU, Adam runs fused (one kernel per step for all parameters, equal to the default
+    implementation to float rounding), which also lets :class:`StepGuard` skip a step on the
+    device; on a CPU it is torch's default implementation, bit for bit as before."""
+    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay,
+                                 **({"fused": True} if on_gpu else {}))
     scheduler = None
     if schedule.milestones:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
@@ -173,16 +181,63 @@ def check_batch_finite(task: "Task", batch: dict[str, Any], epoch: int, index: i
         )
 
 
-def check_loss_finite(task: "Task", loss: torch.Tensor, batch: dict[str, Any], epoch: int, index: int) -> None:
-    """Raise :class:`NonFiniteError` when a batch's loss is NaN or inf (its inputs were finite)."""
-    value = float(loss.detach())
-    if math.isfinite(value):
-        return
-    raise NonFiniteError(
+def loss_error(task: "Task", value: float, batch: dict[str, Any], epoch: int, index: int) -> NonFiniteError:
+    """The :class:`NonFiniteError` of a batch whose loss is ``value`` (NaN or inf) although its
+    inputs were finite."""
+    return NonFiniteError(
         f"epoch {epoch}, batch {index} ({_videos_text(task.batch_videos(batch))}): the training loss is {value} "
         "although every input of the batch is finite: the run diverged (try a lower --lr) or the head "
-        "computes a non-finite value"
+        "computes a non-finite value; the weights were not updated from it"
     )
+
+
+class StepGuard:
+    """Optimiser steps that never learn from a non-finite loss, decided on the device (no host
+    synchronisation per step).
+
+    :meth:`observe` folds each batch's loss into an on-device flag ``healthy`` (every loss of the
+    epoch so far finite) and remembers the first bad batch and its loss; :meth:`step` steps the
+    optimiser only while ``healthy``: a fused optimiser skips the step itself (``found_inf``, as
+    for mixed precision: parameters and moments untouched), any other one steps and the parameters
+    are put back to their values before the step. After the first non-finite loss of an epoch the
+    weights therefore stay those of the last finite batch; :func:`train_epoch` reads the flags with
+    its epoch sums (:meth:`tensors`) and raises at the end of the epoch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device | str):
+        self.optimizer = optimizer
+        self.healthy = torch.ones((), dtype=torch.bool, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.saved = None if self.fused else [torch.empty_like(p) for p in self.params]
+
+    def observe(self, loss: torch.Tensor, index: int) -> None:
+        value = loss.detach()
+        ok = torch.isfinite(value)
+        first = self.healthy & ~ok
+        self.first_bad = torch.where(first, index, self.first_bad)
+        self.bad_loss = torch.where(first, value.double(), self.bad_loss)
+        self.healthy = self.healthy & ok
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.fused:
+            self.optimizer.found_inf = (~self.healthy).float()
+            self.optimizer.step()
+            return
+        torch._foreach_copy_(self.saved, self.params)
+        self.optimizer.step()
+        for param, saved in zip(self.params, self.saved):
+            param.copy_(torch.where(self.healthy, param, saved))
+
+    def close(self) -> None:
+        if self.fused and hasattr(self.optimizer, "found_inf"):
+            del self.optimizer.found_inf
+
+    def tensors(self) -> list[torch.Tensor]:
+        """``healthy``, the first bad batch index and its loss as float64 (for one transfer)."""
+        return [self.healthy.double(), self.first_bad.double(), self.bad_loss]
 
 
 def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torch.Generator,
@@ -190,9 +245,16 @@ def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torc
     """One Adam step per batch of ``task.train_batches`` (model in train mode); with ``grad_clip``
     the gradients are first scaled to a global L2 norm of at most that value.
 
-    Every batch is checked before it is used: a NaN or inf in an input (:func:`check_batch_finite`)
-    or in the loss (:func:`check_loss_finite`) raises :class:`NonFiniteError` before the optimiser
-    steps, naming ``epoch``, the batch and its videos.
+    Nothing in the epoch waits for the device: losses, loss terms, training hits and clipped steps
+    are summed on the device and read back once, at the end of the epoch.
+
+    Nothing is trained on non-finite numbers. A batch whose input holds NaN or inf (the task says
+    so from the host, :meth:`~train.tasks.base.Task.batch_finite`: its inputs are checked once when
+    they are loaded) raises :class:`NonFiniteError` (:func:`check_batch_finite`) before the
+    optimiser steps. A non-finite loss is caught on the device (:class:`StepGuard`): from that
+    batch on no step changes the weights, and at the end of the epoch :class:`NonFiniteError`
+    names the epoch, the batch and its videos (the batch is drawn again from the epoch's
+    generator states).
 
     Returns the epoch-row entries ``train_loss`` (mean loss per batch element, a batch having
     ``batch["audio"].shape[0]`` elements), ``train_<term>`` for each named term of the head's loss
@@ -203,37 +265,69 @@ def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torc
     from .heads.base import split_loss
 
     model.train()
-    loss_sum, count, correct, total, counted = 0.0, 0, 0, 0, False
-    term_sums: dict[str, float] = {}
-    steps, clipped = 0, 0
-    for index, batch in enumerate(task.train_batches(model, batch_size, generator, rng)):
-        check_batch_finite(task, batch, epoch, index)
-        out = model(batch["audio"], batch["visual"])
-        loss, terms = split_loss(task.loss(model, out, batch))
-        check_loss_finite(task, loss, batch, epoch, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            clipped += int(float(norm) > grad_clip)
-        optimizer.step()
-        steps += 1
-        n = int(batch["audio"].shape[0])
-        loss_sum += float(loss.detach()) * n
-        for name, term in terms.items():
-            term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) * n
-        count += n
-        hits = task.batch_accuracy(model, out, batch)
-        if hits is not None:
-            counted = True
-            correct, total = correct + hits[0], total + hits[1]
-    row = {"train_loss": loss_sum / max(count, 1)}
-    row.update({f"train_{name}": value / max(count, 1) for name, value in term_sums.items()})
+    device = task.device
+    replay = _generator_copy(generator), copy.deepcopy(rng)  # to draw a failing batch again
+    zero = functools.partial(torch.zeros, (), dtype=torch.float64, device=device)
+    loss_sum, correct, clipped = zero(), zero(), zero()
+    term_sums: dict[str, torch.Tensor] = {}
+    count, total, steps, counted = 0, 0, 0, False
+    guard = StepGuard(optimizer, device)
+    try:
+        for index, batch in enumerate(task.train_batches(model, batch_size, generator, rng)):
+            if not task.batch_finite(batch):  # None (the task cannot tell from the host) or False
+                check_batch_finite(task, batch, epoch, index)
+            out = model(batch["audio"], batch["visual"])
+            loss, terms = split_loss(task.loss(model, out, batch))
+            guard.observe(loss, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                clipped += norm > grad_clip
+            guard.step()
+            steps += 1
+            n = int(batch["audio"].shape[0])
+            loss_sum += loss.detach().double() * n
+            for name, term in terms.items():
+                term_sums[name] = term_sums.get(name, zero()) + term.detach().double() * n
+            count += n
+            hits = task.batch_accuracy(model, out, batch)
+            if hits is not None:
+                counted = True
+                correct += hits[0]
+                total += int(hits[1])
+    finally:
+        guard.close()
+    # the one synchronisation of the epoch
+    values = torch.stack([loss_sum, correct, clipped, *guard.tensors(), *term_sums.values()]).tolist()
+    loss_total, hit_total, clip_total, healthy, first_bad, bad_loss = values[:6]
+    if not healthy:
+        batch = _batch_at(task, model, batch_size, replay, int(first_bad))
+        raise loss_error(task, bad_loss, batch, epoch, int(first_bad))
+    row = {"train_loss": loss_total / max(count, 1)}
+    row.update({f"train_{name}": value / max(count, 1) for name, value in zip(term_sums, values[6:])})
     if grad_clip is not None:
-        row["clipped_steps"] = clipped / max(steps, 1)
+        row["clipped_steps"] = clip_total / max(steps, 1)
     if counted:
-        row["train_accuracy"] = correct / max(total, 1)
+        row["train_accuracy"] = hit_total / max(total, 1)
     return row
+
+
+def _generator_copy(generator: torch.Generator) -> torch.Generator:
+    copy_ = torch.Generator(device=generator.device)
+    copy_.set_state(generator.get_state())
+    return copy_
+
+
+def _batch_at(task: "Task", model, batch_size: int, replay: tuple[torch.Generator, np.random.Generator],
+              index: int) -> dict[str, Any]:
+    """Batch ``index`` of an epoch, drawn again from copies of the generators as they were when
+    the epoch began (only when a batch must be named in an error)."""
+    generator, rng = replay
+    for i, batch in enumerate(task.train_batches(model, batch_size, generator, rng)):
+        if i == index:
+            return batch
+    return {}
 
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data import TaskData, iterate_batches, load_from_pipeline
@@ -36,6 +37,8 @@ class AvelTask(Task):
     def __init__(self, data: TaskData, train_cfg, pipeline=None):
         super().__init__(train_cfg, data.bank.device, data.splits, data.num_classes, pipeline)
         self.data = data
+        #: split name -> its bank rows on the host (to name and check batches without the device)
+        self.host_rows = {name: split.rows.cpu().numpy() for name, split in data.splits.items()}
 
     @classmethod
     def prepare(cls, pipeline, device: torch.device) -> "AvelTask":
@@ -50,15 +53,23 @@ class AvelTask(Task):
         split = self.splits[self.train_cfg.train_split]
         return iterate_batches(self.data.bank, split, batch_size, shuffle=True, generator=generator)
 
+    def _batch_rows(self, batch) -> np.ndarray:
+        """Bank rows of a training batch's samples (``batch["index"]`` = positions in the train
+        split, on the host)."""
+        return self.host_rows[self.train_cfg.train_split][np.asarray(batch["index"])]
+
     def batch_videos(self, batch) -> list[str]:
-        """Store keys of a training batch's samples (``batch["index"]`` = positions in the train split)."""
-        split = self.splits[self.train_cfg.train_split]
-        rows = split.rows[batch["index"].to(split.rows.device)].tolist()
-        return [self.data.bank.keys[int(r)] for r in rows]
+        """Store keys of a training batch's samples."""
+        return [self.data.bank.keys[int(r)] for r in self._batch_rows(batch)]
+
+    def batch_finite(self, batch) -> bool:
+        """From the bank's row check made when it was loaded (:meth:`train.data.FeatureBank.finite_rows`)."""
+        return bool(self.data.bank.finite_rows()[self._batch_rows(batch)].all())
 
     def batch_accuracy(self, model, out, batch):
+        """Hits stay on the device (summed there by the loop)."""
         with torch.no_grad():
-            return int((model.predict(out) == batch["labels"]).sum()), batch["labels"].numel()
+            return (model.predict(out) == batch["labels"]).sum(), batch["labels"].numel()
 
     def evaluate(self, model, split_name: str) -> Evaluation:
         res = evaluate_split(model, self.data.bank, self.splits[split_name], self.num_classes, EVAL_BATCH,

@@ -20,8 +20,9 @@ What :func:`train.loop.fit` asks of a task:
 - ``train_cfg`` (the ``train`` section), ``device``, ``splits`` (the loaded splits by name);
 - :meth:`train_batches`: the shuffled batches of one epoch of the train split, dicts holding
   ``audio`` [B, ...] and ``visual`` [B, ...] (the head's inputs) and the targets of the loss;
-- :meth:`batch_videos` (the videos of a batch, named when a batch holds NaN/inf) and
-  :attr:`input_arrays` (the store array each batch input is read from);
+- :meth:`batch_finite` (from the host: are the batch's inputs finite), :meth:`batch_videos` (the
+  videos of a batch, named when a batch holds NaN/inf) and :attr:`input_arrays` (the store array
+  each batch input is read from);
 - :meth:`loss` (default: the head's loss with ``train.weak_pool``) and, optionally,
   :meth:`batch_accuracy` (hits of the training predictions, for the ``train_accuracy`` column);
 - :meth:`prepare_evaluation` (before every evaluation; default nothing) and :meth:`evaluate`, which
@@ -130,13 +131,21 @@ class Task:
         Default: ``batch["videos"]`` when the batch carries it, else none."""
         return [str(v) for v in batch.get("videos", [])]
 
+    def batch_finite(self, batch: Mapping[str, Any]) -> bool | None:
+        """Whether every floating-point input of a training batch is finite, answered from the
+        host without waiting for the device (the tasks check their inputs once, when loaded), or
+        None when the task cannot tell that way (default): the loop then checks the batch on the
+        device, which costs a synchronisation per batch."""
+        return None
+
     def loss(self, model, out, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch: the head's loss, with ``train.weak_pool``."""
         return model.loss(out, batch, self.train_cfg.weak_pool)
 
-    def batch_accuracy(self, model, out, batch: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    def batch_accuracy(self, model, out, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | int, int] | None:
         """(correct, counted) predictions of a training batch, or None when the task has no
-        training accuracy (default)."""
+        training accuracy (default). ``correct`` may stay a tensor on the device (the loop sums it
+        there), ``counted`` is a host int."""
         return None
 
     # -- evaluation -------------------------------------------------------------------------

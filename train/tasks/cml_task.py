@@ -143,20 +143,24 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
 def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
                      generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos;
-    ``video`` [B] = the position of each row's video in ``train.keys``."""
+    ``video`` [B] = the position of each row's video in ``train.keys``; ``index`` [B] (numpy,
+    host) = the rows' positions in ``flat`` (segments) or ``train.keys`` (videos). The order is
+    drawn on the host and copied to the device once per epoch."""
     if flat is not None:
         n = flat["audio"].shape[0]
-        order = torch.randperm(n, generator=generator).to(flat["audio"].device)
+        order = torch.randperm(n, generator=generator)
+        on_device, host = order.to(flat["audio"].device), order.numpy()
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            yield {k: v[idx] for k, v in flat.items()}
+            idx = on_device[start:start + batch_size]
+            yield {**{k: v[idx] for k, v in flat.items()}, "index": host[start:start + batch_size]}
         return
     n = len(train.keys)
-    order = torch.randperm(n, generator=generator).to(train.audio.device)
+    order = torch.randperm(n, generator=generator)
+    on_device, host = order.to(train.audio.device), order.numpy()
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = on_device[start:start + batch_size]
         yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx],
-               "video": idx}
+               "video": idx, "index": host[start:start + batch_size]}
 
 
 @dataclasses.dataclass
@@ -187,20 +191,20 @@ def evaluate(model, split: CmlSplit, weak_pool: str = "mean") -> CmlResult:
             f"split {split.name!r} has no CML query (no event shorter than the video with features for "
             "every segment); cross-modality localization cannot be evaluated on it"
         )
-    dists, loss_sum, n_sum = [], 0.0, 0
-    for start in range(0, len(split.keys), EVAL_BATCH):
+    dists, loss_sum, n_sum = [], torch.zeros((), dtype=torch.float64, device=split.audio.device), 0
+    for start in range(0, len(split.keys), EVAL_BATCH):  # on the device; one transfer at the end
         sl = slice(start, start + EVAL_BATCH)
         out = model(split.audio[sl], split.visual(sl))
-        dists.append(model.distance_matrix(out).float().cpu())
+        dists.append(model.distance_matrix(out).float())
         n = int(split.audio[sl].shape[0])
-        loss_sum += float(total_loss(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]}, weak_pool))) * n
+        loss_sum += total_loss(model.loss(out, {"match": split.match[sl], "valid": split.valid[sl]}, weak_pool)).double() * n
         n_sum += n
-    dist = torch.cat(dists).numpy()[split.query_video]
+    dist = torch.cat(dists).cpu().numpy()[split.query_video]
     onsets = [q.onset for q in split.queries]
     lengths = [q.length for q in split.queries]
     metrics = cml.cml_metrics(dist, onsets, lengths)
     preds = cml.predict_starts(dist, onsets, lengths)
-    return CmlResult(metrics, preds, dist, loss_sum / max(n_sum, 1))
+    return CmlResult(metrics, preds, dist, float(loss_sum) / max(n_sum, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +224,8 @@ class CmlTask(Task):
         super().__init__(train_cfg, data.bank.device, data.splits, data.num_classes, pipeline)
         self.data = data
         self.flat: dict[str, torch.Tensor] | None = None
+        #: [rows of a training batch's ``index``] bool, host: the row's inputs are finite
+        self.finite: np.ndarray | None = None
 
     @classmethod
     def prepare(cls, pipeline, device: torch.device) -> "CmlTask":
@@ -239,6 +245,18 @@ class CmlTask(Task):
         self.splits = {name: make_cml_split(self.data, name, not model.uses_spatial) for name in self.data.splits}
         train = self.splits[self.train_cfg.train_split]
         self.flat = train.flat_segments() if model.segment_wise else None
+        from ..data import finite_rows
+
+        if self.flat is not None:
+            self.finite = finite_rows(self.flat["audio"], self.flat["visual"])
+        else:  # videos: their audio rows, and their rows of the visual source (the bank's, checked when loaded)
+            source = train.visual_source
+            visual_ok = self.data.bank.finite_rows() if source is self.data.bank.visual else finite_rows(source)
+            self.finite = finite_rows(train.audio) & visual_ok[train.visual_rows.cpu().numpy()]
+
+    def batch_finite(self, batch) -> bool | None:
+        """From the training rows' check made in :meth:`attach`."""
+        return None if self.finite is None else bool(self.finite[np.asarray(batch["index"])].all())
 
     def train_batches(self, model, batch_size, generator, rng):
         return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator)

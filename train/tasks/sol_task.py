@@ -173,7 +173,9 @@ def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng:
                      device) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches of one random valid second per sample (samples without any valid second
     are left out): audio [B, F, 6, 4, Ca], visual [B, F, 8, 8, Cv], labels [B, F]; ``video`` [B]
-    (sample positions in ``split``) and ``second`` [B] say where each row comes from."""
+    (sample positions in ``split``) and ``second`` [B] say where each row comes from; ``finite``
+    (bool) says whether the maps read were all finite (checked on the host, before the copy to
+    the device)."""
     usable = np.flatnonzero(split.valid.any(1))
     order = usable[rng.permutation(len(usable))]
     for start in range(0, len(order), batch_size):
@@ -185,7 +187,7 @@ def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng:
         audio = torch.from_numpy(a).to(device).float()[:, None].expand(-1, F, -1, -1, -1)
         labels = torch.from_numpy(split.labels[idx, seconds]).to(device)[:, None].expand(-1, F)
         yield {"audio": audio, "visual": visual, "labels": labels, "video": torch.from_numpy(idx),
-               "second": torch.from_numpy(seconds)}
+               "second": torch.from_numpy(seconds), "finite": bool(np.isfinite(v).all() and np.isfinite(a).all())}
 
 
 @torch.no_grad()
@@ -395,6 +397,10 @@ class SolTask(Task):
         """``<store key> (second s)`` of each row of a training batch."""
         keys = self.splits[self.train_cfg.train_split].keys
         return [f"{keys[int(i)]} (second {int(t)})" for i, t in zip(batch["video"].tolist(), batch["second"].tolist())]
+
+    def batch_finite(self, batch) -> bool:
+        """The host check of the maps read for the batch (:func:`training_batches`)."""
+        return batch["finite"]
 
     def train_batches(self, model, batch_size, generator, rng):
         return training_batches(self.store, self.splits[self.train_cfg.train_split], batch_size, rng, self.device)
