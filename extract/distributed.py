@@ -393,6 +393,10 @@ def run_extraction_dask(
         with opened as store:
             jobs, plan = plan_jobs(store, requests, cfg, cfg.device, decode_fn, torch_threads(pipeline.dask, address),
                                    retry_failed, store.lease)
+            if address == SLURM and 0 < len(jobs) < pipeline.dask.slurm.jobs:
+                log.warning("%d shard tasks for %d SLURM worker jobs: %d jobs have nothing to do (a shard is the unit "
+                            "of work: a smaller store.rows_per_shard, set when the store is made, spreads the work)",
+                            len(jobs), pipeline.dask.slurm.jobs, pipeline.dask.slurm.jobs - len(jobs))
             if client is None and jobs:
                 client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
                                                          resolve_path=pipeline.path))

@@ -133,8 +133,9 @@ class SlurmConfig:
     #: seconds a worker waits for a scheduler it lost before it exits (ends its job): a killed
     #: avel leaves no job running for longer than this
     death_timeout: float = 60.0
-    #: seconds between looks at the queue (squeue) for jobs that ended
-    poll_interval: float = 5.0
+    #: seconds between looks at the queue (one ``squeue`` call) for jobs that ended; Dask moves a lost
+    #: worker's tasks at once, this only decides how soon a new job is asked for
+    poll_interval: float = 15.0
     #: job names are ``<job_name>-<stage>-<run id>`` (squeue -n ...)
     job_name: str = "avel"
     #: jobs that end before their worker connected, in a row, before the run stops (exit 2)

@@ -363,8 +363,12 @@ class SlurmStats:
     replaced: int = 0
     #: job ids that ended before their worker connected
     failed_starts: list[str] = dataclasses.field(default_factory=list)
+    #: seconds of the checks before any job (sinfo, sbatch --test-only)
+    checks_s: float | None = None
     #: seconds from the first sbatch to the first worker connected
     first_worker_s: float | None = None
+    #: seconds from cancelling the jobs to squeue listing none of them
+    cancel_s: float | None = None
     #: jobs still listed by squeue after the run ended and its jobs were cancelled
     left: list[str] = dataclasses.field(default_factory=list)
     cancelled: bool = False
@@ -381,7 +385,9 @@ class SlurmStats:
         if self.cancelled:
             line += ("; all cancelled at the end, none left in the queue" if not self.left else
                      f"; still in the queue after cancelling: {', '.join(self.left)} (scancel them)")
-        return line
+        timings = [f"{label} {value:.1f} s" for label, value in (("checks", self.checks_s), ("cancelling", self.cancel_s))
+                   if value is not None]
+        return line + (f" ({', '.join(timings)})" if timings else "")
 
 
 class SlurmWorkers:
@@ -395,8 +401,10 @@ class SlurmWorkers:
     """
 
     def __init__(self, cfg, *, threads: int = 1, gpu: bool = False, stage: str = "run",
-                 log_directory: str | os.PathLike | None = None, connect_timeout: float = 10.0):
+                 log_directory: str | os.PathLike | None = None, connect_timeout: float = 10.0,
+                 log_summary: bool = True):
         self.cfg = cfg
+        self.log_summary = log_summary
         self.threads = max(1, int(threads))
         self.gpu = gpu
         self.job_name = f"{cfg.job_name}-{stage}-{uuid.uuid4().hex[:6]}"
@@ -411,6 +419,7 @@ class SlurmWorkers:
         self._handled: set[str] = set()  # job ids already counted as ended
         self._failed_in_row = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # _register runs in the watcher and in the caller's thread
         self._watcher: threading.Thread | None = None
         self._running = False  # the first worker connected: the caller's work has begun
         self._sigterm = None
@@ -426,7 +435,9 @@ class SlurmWorkers:
     def check(self) -> str:
         """:func:`check_request` for this run's job script; the partition."""
         require_jobqueue()
+        started = time.monotonic()
         self.stats.partition = check_request(self.cfg, self.script())
+        self.stats.checks_s = time.monotonic() - started
         return self.stats.partition
 
     # -- context manager
@@ -455,13 +466,13 @@ class SlurmWorkers:
         options = cluster_options(self.cfg, threads=self.threads, gpu=self.gpu, job_name=self.job_name,
                                   log_directory=self.log_directory)
         options["queue"] = partition
-        self._t0 = time.monotonic()
         # replacing lost jobs is this class's work (the watcher), not the cluster's own timer
         # (read when a worker leaves: set for the life of the cluster, restored by close)
         self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "3600s"})
         self.cluster = jobqueue.SLURMCluster(**options)
         log.info("SLURM: Dask scheduler at %s; submitting %d worker job(s) %s to partition %s (logs: %s)",
                  self.cluster.scheduler_address, self.cfg.jobs, self.job_name, partition, self.log_directory)
+        self._t0 = time.monotonic()  # sbatch runs at once, in the cluster's event loop
         self.cluster.scale(jobs=self.cfg.jobs)
         self.client = Client(self.cluster, timeout=f"{self.connect_timeout}s")
         self._watcher = threading.Thread(target=self._watch, name="avel-slurm-watcher", daemon=True)
@@ -473,6 +484,7 @@ class SlurmWorkers:
         timeout = self.cfg.start_timeout
         last_note = time.monotonic()
         while not self._worker_names():
+            self._register()
             if self.error:
                 raise ConfigError(self.error)
             now = time.monotonic()
@@ -484,6 +496,7 @@ class SlurmWorkers:
                 last_note = now
             time.sleep(0.1)
         self.stats.first_worker_s = time.monotonic() - self._t0
+        self._register()
         log.info("SLURM: first worker connected %.1f s after submitting (%s)", self.stats.first_worker_s,
                  self._queue_text())
 
@@ -499,7 +512,8 @@ class SlurmWorkers:
                 while "COMPLETING" in self.stats.lost.values() and time.monotonic() < deadline:
                     self._settle(self._states() or {})
                     time.sleep(0.2)
-        try:
+        started = time.monotonic()
+        try:  # the cluster cancels its jobs; a second Ctrl-C here still reaches the scancel below
             if self.client is not None:
                 with contextlib.suppress(Exception):
                     self.client.close(timeout=10)
@@ -510,11 +524,12 @@ class SlurmWorkers:
             if self.cluster is not None:
                 self.stats.cancelled = True
                 self._cancel_all()
+                self.stats.cancel_s = time.monotonic() - started
             if self._config is not None:
                 self._config.__exit__(None, None, None)
                 self._config = None
             self._restore_sigterm()
-        if self.cluster is not None:
+        if self.cluster is not None and self.log_summary:
             log.info("%s", self.stats.text())
         self.cluster = self.client = None
 
@@ -609,13 +624,14 @@ class SlurmWorkers:
 
     def _register(self) -> None:
         """Note the jobs submitted since the last look, and the workers that connected."""
-        self._worker_names()
-        for job_id, name in self._jobs().items():
-            if job_id not in self._names:
-                self._names[job_id] = name
-                if not job_id.startswith("?"):
-                    self.stats.started.append(job_id)
-                    log.info("SLURM: submitted worker job %s (worker %s)", job_id, name)
+        with self._lock:
+            self._worker_names()
+            for job_id, name in self._jobs().items():
+                if job_id not in self._names:
+                    self._names[job_id] = name
+                    if not job_id.startswith("?"):
+                        self.stats.started.append(job_id)
+                        log.info("SLURM: submitted worker job %s (worker %s)", job_id, name)
 
     def _look(self) -> None:
         self._register()
@@ -715,11 +731,12 @@ class SlurmWorkers:
 
 def stage_workers(pipeline, *, stage: str, device: str) -> SlurmWorkers:
     """The :class:`SlurmWorkers` of a stage: ``dask.slurm`` of ``pipeline``, a GPU per job when
-    ``device`` is cuda, the log folder resolved against pipeline.yaml's folder."""
+    ``device`` is cuda, the log folder resolved against pipeline.yaml's folder. The caller prints
+    :attr:`SlurmWorkers.stats` in its summary (no log line of its own)."""
     dask_cfg = pipeline.dask
     return SlurmWorkers(dask_cfg.slurm, threads=dask_cfg.threads_per_worker, gpu=str(device).startswith("cuda"),
                         stage=stage, log_directory=pipeline.path(dask_cfg.slurm.log_directory),
-                        connect_timeout=float(dask_cfg.connect_timeout))
+                        connect_timeout=float(dask_cfg.connect_timeout), log_summary=False)
 
 
 def print_job_script(pipeline, *, stage: str, device: str, echo: Callable[[str], Any] = print) -> None:
