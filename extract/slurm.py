@@ -285,7 +285,7 @@ def check_request(cfg, script: str) -> str:
     fits = [n for n in members if n.cpus >= cfg.cores and n.memory >= mib
             and (not cfg.gpus or (n.gpus.get(cfg.gpu_type, 0) if cfg.gpu_type else sum(n.gpus.values())) >= cfg.gpus)]
     if members and not fits:
-        asked = f"{cfg.cores} CPUs (dask.slurm.cores), {mib} MB (dask.slurm.memory {cfg.memory})"
+        asked = f"{cfg.cores} CPU{'s' if cfg.cores > 1 else ''} (dask.slurm.cores), {mib} MB (dask.slurm.memory {cfg.memory})"
         if cfg.gpus:
             asked += f" and {cfg.gpus} {cfg.gpu_type or ''} GPU (dask.slurm.gpus)".replace("  ", " ")
         shown = "; ".join(n.describe() for n in sorted(members, key=lambda n: (-n.cpus, -n.memory))[:4])

@@ -36,8 +36,10 @@ from pathlib import Path
 PACKAGES = ("slurm-wlm", "slurmctld", "slurmd", "munge")
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sinfo", "squeue", "sbatch", "scancel", "scontrol")
-#: the default partition of the test cluster
+#: the default partition of the test cluster; one whose time limit is 5 minutes; one that is down
 PARTITION = "debug"
+SHORT = "short"
+DOWN = "closed"
 
 
 def _find(name: str) -> str | None:
@@ -155,6 +157,8 @@ MinJobAge=600
 InactiveLimit=0
 {node_line()} State=UNKNOWN
 PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName={SHORT} Nodes=ALL MaxTime=5 State=UP
+PartitionName={DOWN} Nodes=ALL MaxTime=INFINITE State=DOWN
 """)
     return conf
 

@@ -31,7 +31,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from slurm_testutils import PARTITION, StallInFirstJob, start_slurm, unavailable
+from slurm_testutils import DOWN, PARTITION, SHORT, StallInFirstJob, start_slurm, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -237,16 +237,24 @@ def test_demo_extraction_through_slurm_equals_the_single_process_store(slurm, de
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("setting, message", [
-    ("dask.slurm.partition=gpux", f"dask.slurm.partition: 'gpux' is not a partition of this SLURM cluster "
-                                  f"(sinfo lists: {PARTITION}*; * = the default)"),
-    ("dask.slurm.cores=64", f"no node of SLURM partition '{PARTITION}' can hold one worker job of 64 CPUs"),
-    ("dask.slurm.directives=[--gres=tpu:1]", "SLURM refuses the worker job (sbatch --test-only"),
-], ids=["partition", "cores", "sbatch-test-only"])
-def test_a_request_slurm_cannot_run_is_refused_before_a_store_exists(slurm, demo, setting, message):
+@pytest.mark.parametrize("settings, message", [
+    (["dask.slurm.partition=gpux"], f"dask.slurm.partition: 'gpux' is not a partition of this SLURM cluster "
+                                    f"(sinfo lists: {PARTITION}*, {SHORT}, {DOWN}; * = the default)"),
+    ([f"dask.slurm.partition={DOWN}"], f"SLURM partition '{DOWN}' is down, not up (sinfo): jobs would wait forever"),
+    ([f"dask.slurm.partition={SHORT}", "dask.slurm.walltime=00:10:00"],
+     f"dask.slurm.walltime 00:10:00 is longer than partition '{SHORT}' allows (00:05:00)"),
+    (["dask.slurm.cores=64"], f"no node of SLURM partition '{PARTITION}' can hold one worker job of 64 CPUs "
+                              "(dask.slurm.cores), 3072 MB (dask.slurm.memory 3GB): its nodes: "),
+    # 100000 GB = 10**14 bytes, rounded up to 93133 GiB as dask-jobqueue writes --mem (SLURM's MB are MiB)
+    (["dask.slurm.memory=100000GB"], f"no node of SLURM partition '{PARTITION}' can hold one worker job of 1 CPU "
+                                     "(dask.slurm.cores), 95368192 MB (dask.slurm.memory 100000GB): its nodes: "),
+    (["dask.slurm.directives=[--gres=tpu:1]"], "SLURM refuses the worker job (sbatch --test-only, partition 'debug'): "
+                                               "sbatch: error: Invalid generic resource (gres) specification"),
+], ids=["no-partition", "partition-down", "walltime", "cores", "memory", "sbatch-test-only"])
+def test_a_request_slurm_cannot_run_is_refused_before_a_store_exists(slurm, demo, settings, message):
     before = slurm.jobs(all_states=True)
     r = run([*EXTRACT, "--config", str(demo), "--split", "all", "--store", "refused.zarr", "--no-progress",
-             "--scheduler", "slurm", "--set", setting], env_of(slurm), demo.parent)
+             "--scheduler", "slurm", *[a for s in settings for a in ("--set", s)]], env_of(slurm), demo.parent)
     assert r.rc == 2, r.tail()
     assert message in r.err, r.tail()
     assert not (demo.parent / "refused.zarr").exists()
