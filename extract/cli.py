@@ -23,7 +23,8 @@ log = logging.getLogger("avel")
 @click.option("--workers", type=int, default=None, help="Decode worker processes (default: extract.decode_workers, else all cores).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for the networks on a CPU (default: extract.threads, else every core). Bounds avel-extract on a shared machine.")
 @click.option("--timeout", "timeout", type=float, default=None, help="Seconds one video may take to decode before its worker is killed and the video marked failed (default: extract.decode_timeout_s).")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on Dask: 'local' (an embedded LocalCluster on 127.0.0.1), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml or DASK_DISTRIBUTED__COMM__TLS__*). Default: dask.scheduler; unset = this machine's decode pool (fastest on one machine).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on Dask: 'local' (an embedded LocalCluster on 127.0.0.1), 'slurm' (worker jobs on SLURM, settings in dask.slurm; needs the extra: pip install -e \".[slurm]\"), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml or DASK_DISTRIBUTED__COMM__TLS__*). Default: dask.scheduler; unset = this machine's decode pool (fastest on one machine).")
+@click.option("--print-job-script", is_flag=True, help="Print the SLURM job script one worker job would run (--scheduler slurm, settings in dask.slurm) and exit.")
 @click.option("--cache", "use_cache", is_flag=True, help="Use the feature cache shared by projects (store.cache_root, $AVEL_CACHE overrides): compute only the videos it lacks (by file content), then fill the store from it.")
 @click.option("--retry-failed", is_flag=True, help="Extract the rows whose status is failed again (only those; rows whose file changed are always re-extracted). The summary says how many were retried and how many now succeed.")
 @click.option("--wait", is_flag=True, help="If another avel-extract is writing the store, or (with --cache) computing videos this run needs into the cache, queue behind it (saying whom it waits for: host, PID, command) instead of stopping with exit 2.")
@@ -35,7 +36,7 @@ log = logging.getLogger("avel")
 @verbose_option
 @click.pass_context
 def main(ctx, split, manifest, video_root, store, recipe, weights, device, precision, workers, threads, timeout, scheduler,
-         use_cache, retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
+         print_job_script, use_cache, retry_failed, wait, no_preflight, no_progress, print_config, config, sets, verbose):
     """Extract VGG-19 pool5 maps and VGGish embeddings per 1-s segment into a Zarr feature store.
 
     \b
@@ -47,6 +48,7 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
       avel-extract --recipe avel --weights random --set extract.frames_per_segment=4 bench --clips 'clips/*.mp4'
       avel-extract demo              # generate the offline demo dataset
       avel-extract --split all --device cuda --scheduler tcp://head-node:8786   # a Dask cluster
+      avel-extract --split all --scheduler slurm                                 # SLURM jobs (dask.slurm)
       avel-extract --split all --cache && avel-extract list-cache                # shared cache
 
     \b
@@ -66,7 +68,8 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
     \b
     Exit codes: 0 all requested videos extracted; 1 some video failed or is not extracted (see
     the summary); 2 the run could not start or was stopped (configuration, manifest, store,
-    lock, weights, environment).
+    lock, weights, environment, a SLURM request that cannot run); 130 interrupted (Ctrl-C; with
+    --scheduler slurm every worker job is cancelled first).
     """
     extra: dict = {"extract": {}, "store": {}}
     if recipe:
@@ -97,6 +100,16 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
     if print_config:
         click.echo(pipeline.dump())
         return
+    if print_job_script:
+        from .settings import ConfigError
+        from .slurm import print_job_script as show_script, slurm_device
+
+        try:
+            show_script(pipeline, stage="extract", device=slurm_device(pipeline.extract.device, pipeline.dask.slurm),
+                        echo=click.echo)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+        return
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
     click.echo("# resolved configuration\n" + pipeline.dump(), err=True)
@@ -120,7 +133,7 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
     import functools
     import os
 
-    from .daskclient import LOCAL, dask_client
+    from .daskclient import LOCAL, SLURM, dask_client
     from .distributed import check_workers, run_extraction_dask
     from .lock import StoreLocked
     from .manifest import ManifestError
@@ -131,11 +144,19 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
     from .store import StoreError
 
     scheduler = scheduler or pipeline.dask.scheduler
+    slurm = None
     try:
         requests = collect_requests(pipeline, split, manifest, video_root)
         with contextlib.ExitStack() as stack:
             client = None
-            if scheduler and scheduler != LOCAL:
+            if scheduler == SLURM:  # checked (partition, resources, sbatch --test-only) before any job is queued
+                from .slurm import slurm_device, stage_workers
+
+                pipeline.extract.device = slurm_device(pipeline.extract.device, pipeline.dask.slurm)
+                slurm = stage_workers(pipeline, stage="extract", device=pipeline.extract.device)
+                slurm.check()
+                client = stack.enter_context(slurm).client
+            elif scheduler and scheduler != LOCAL:
                 client = stack.enter_context(dask_client(pipeline.dask, scheduler, gpu=str(pipeline.extract.device).startswith("cuda"),
                                                          resolve_path=pipeline.path))
             if preflight:
@@ -155,9 +176,21 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
                 result = runner(pipeline, requests, wait=wait, **common)
     except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, FileNotFoundError, ValueError) as exc:
         print(f"avel-extract: error: {exc}", file=sys.stderr)
+        _print_jobs(slurm)
         return 2
+    except KeyboardInterrupt:
+        print("avel-extract: interrupted; run the same command again to compute what is missing", file=sys.stderr)
+        _print_jobs(slurm)
+        return 130
     print(result.text(), file=sys.stderr)
+    _print_jobs(slurm)
     return result.exit_code
+
+
+def _print_jobs(slurm) -> None:
+    """The SLURM jobs line of the summary (started, lost, replaced, cancelled), when jobs were started."""
+    if slurm is not None and slurm.stats.started:
+        print(f"  {slurm.stats.text()}", file=sys.stderr)
 
 
 def _preflight(pipeline, client) -> None:
@@ -169,10 +202,15 @@ def _preflight(pipeline, client) -> None:
     if client is None:  # the weights are resolved here too, when the store's identity is computed
         require_environment(cfg, cfg.device, build_networks=False)
         return
-    answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
+    try:
+        answers = client.run(check_environment, cfg, cfg.device, build_networks=False)
+        weights = client.run(_weights_problem, cfg)  # every worker loads its networks from its own disk
+    except Exception as exc:  # noqa: BLE001 - a worker lost during the check (killed, out of memory)
+        raise PreflightError(f"the environment check could not run on the Dask workers ({type(exc).__name__}: {exc}); "
+                             "nothing was written. A worker that dies here has often run out of memory (its memory "
+                             "limit: dask.slurm.memory on SLURM, `dask worker --memory-limit` elsewhere)") from None
     failed = [f"worker {worker}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
               for worker, checks in sorted(answers.items()) for c in checks if not c.ok]
-    weights = client.run(_weights_problem, cfg)  # every worker loads its networks from its own disk
     failed += [f"worker {worker}: weights: {problem}" for worker, problem in sorted(weights.items()) if problem]
     if failed:
         raise PreflightError("the environment check failed on the Dask workers; nothing was written:\n  "

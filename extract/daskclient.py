@@ -3,7 +3,9 @@
 ``local`` (or None) starts an embedded LocalCluster whose scheduler, workers and dashboard listen
 on 127.0.0.1 only; ``tcp://HOST:PORT`` and ``tls://HOST:PORT`` connect to an existing scheduler
 after a quick TCP probe (a refused address is reported at once) within ``dask.connect_timeout``
-seconds. Imports ``distributed`` only when called.
+seconds; ``slurm`` submits worker jobs to SLURM (:mod:`extract.slurm`, section ``dask.slurm``).
+:func:`check_workers` checks on every worker that the run's files are reachable there.
+Imports ``distributed`` only when called.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .settings import ConfigError
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 #: the loopback address an embedded cluster listens on
 LOOPBACK = "127.0.0.1"
+#: ``--scheduler slurm``: Dask workers as SLURM jobs (:mod:`extract.slurm`)
+SLURM = "slurm"
 
 
 def security_from_config(dask_cfg, scheduler: str, resolve_path: Callable[[str], Path] = Path):
@@ -56,12 +60,21 @@ def security_from_config(dask_cfg, scheduler: str, resolve_path: Callable[[str],
 
 @contextlib.contextmanager
 def dask_client(dask_cfg, scheduler: str | None = None, *, gpu: bool = False,
-                resolve_path: Callable[[str], Path] = Path) -> Iterator[Any]:
+                resolve_path: Callable[[str], Path] = Path, stage: str = "run") -> Iterator[Any]:
     """A :class:`distributed.Client` for ``scheduler`` (default ``dask.scheduler``; ``local`` or
-    None = an embedded LocalCluster on 127.0.0.1, closed on exit)."""
+    None = an embedded LocalCluster on 127.0.0.1, closed on exit; ``slurm`` = worker jobs named
+    after ``stage``, cancelled on exit)."""
+    address = scheduler or dask_cfg.scheduler or LOCAL
+    if address == SLURM:
+        from .slurm import SlurmWorkers
+
+        with SlurmWorkers(dask_cfg.slurm, threads=dask_cfg.threads_per_worker, gpu=gpu, stage=stage,
+                          log_directory=resolve_path(dask_cfg.slurm.log_directory),
+                          connect_timeout=float(dask_cfg.connect_timeout)) as workers:
+            yield workers.client
+        return
     from distributed import Client, LocalCluster
 
-    address = scheduler or dask_cfg.scheduler or LOCAL
     if address == LOCAL:
         workers = dask_cfg.n_workers or (_gpu_count() if gpu else 0) or max(
             1, (os.cpu_count() or 1) // max(1, dask_cfg.threads_per_worker))
@@ -90,7 +103,7 @@ def check_address(address: str) -> tuple[str, str, int]:
     """``tcp://HOST:PORT`` / ``tls://HOST:PORT`` -> (protocol, host, port); ConfigError otherwise."""
     from urllib.parse import urlsplit
 
-    usage = f"--scheduler {address!r}: expected 'local', tcp://HOST:PORT or tls://HOST:PORT"
+    usage = f"--scheduler {address!r}: expected 'local', 'slurm', tcp://HOST:PORT or tls://HOST:PORT"
     if "://" not in address:
         raise ConfigError(usage)
     parts = urlsplit(address)
@@ -123,3 +136,41 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def _check_on_worker(paths: list[str], folders: list[str]) -> list[str]:
+    """Runs on a worker: problems with reading ``paths`` and writing into ``folders`` there."""
+    import tempfile
+
+    problems = [f"cannot read {p}" for p in paths if not os.access(p, os.R_OK)]
+    for folder in folders:
+        probe_dir = folder
+        while probe_dir and not os.path.isdir(probe_dir):  # the store's folder may not exist yet
+            probe_dir = os.path.dirname(probe_dir)
+        try:
+            with tempfile.NamedTemporaryFile(dir=probe_dir or "/", prefix=".avel-write-check-"):
+                pass
+        except OSError as exc:
+            problems.append(f"cannot write in {folder} ({exc.strerror or exc})")
+    return problems
+
+
+def check_workers(client, paths: Sequence[str], folders: Sequence[os.PathLike]) -> None:
+    """Check on every worker that the videos are readable and the folders writable there; a
+    ConfigError naming the worker and the paths otherwise (before any row is written)."""
+    folders = [str(f) for f in folders]
+    # a file this process cannot read either is an input error (failed per video), not the cluster's
+    paths = [p for p in paths if os.access(p, os.R_OK)]
+    try:
+        answers = client.run(_check_on_worker, paths, folders)
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot run the check is a problem too
+        raise ConfigError(f"could not check the Dask workers: {type(exc).__name__}: {exc}") from None
+    if not answers:
+        raise ConfigError("the Dask cluster has no workers: start `dask worker SCHEDULER_ADDRESS` first")
+    bad = {worker: problems for worker, problems in answers.items() if problems}
+    if bad:
+        lines = []
+        for worker, problems in sorted(bad.items()):
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            lines.append(f"worker {worker}: {shown}")
+        raise ConfigError(
+            "the Dask workers cannot reach this run's files (a cluster needs the videos, the store and the cache on a "
+            "file system every worker sees, at the same absolute paths): " + " | ".join(lines))

@@ -9,7 +9,10 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
 - ``local``: an embedded :class:`distributed.LocalCluster` whose scheduler, workers, nannies and
   dashboard all listen on 127.0.0.1 only (random ports), ``dask.n_workers`` processes (default:
   one per GPU with ``extract.device`` cuda, else one per ``dask.threads_per_worker`` cores);
-- ``tcp://host:8786``: an existing scheduler (e.g. started by dask-jobqueue on SLURM, see docs/cluster.md);
+- ``slurm``: worker jobs submitted to SLURM through dask-jobqueue (:mod:`extract.slurm`, section
+  ``dask.slurm``): checked before any job is queued, jobs that end early replaced, every job
+  cancelled at the end; on a CPU each task uses ``dask.slurm.cores`` torch threads;
+- ``tcp://host:8786``: an existing scheduler;
 - ``tls://host:8786``: the same with Dask's TLS security, certificates from ``dask.tls_ca_file``,
   ``dask.tls_client_cert``, ``dask.tls_client_key`` or from Dask's own configuration/environment
   (``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``..._CLIENT__CERT``, ``..._CLIENT__KEY``).
@@ -318,7 +321,8 @@ def count_reschedules(store_path, lease: str) -> int:
     return len(shards) - len(set(shards))
 
 
-from .daskclient import LOCAL, LOOPBACK, dask_client, security_from_config  # noqa: E402,F401  (re-exported)
+from .daskclient import (LOCAL, LOOPBACK, SLURM, _check_on_worker, check_workers, dask_client,  # noqa: E402,F401
+                         security_from_config)  # (re-exported)
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,25 +369,34 @@ def run_extraction_dask(
 
     started = time.monotonic()
     store_cfg = pipeline.store
-    cfg = effective_config(pipeline.extract, resolve_device(pipeline.extract.device))
+    address = scheduler or pipeline.dask.scheduler or LOCAL
+    extract_cfg = pipeline.extract
+    if address == SLURM:  # auto = the compute nodes' device (a GPU when the jobs ask for one), not this machine's
+        from .slurm import slurm_device
+
+        extract_cfg = dataclasses.replace(extract_cfg, device=slurm_device(extract_cfg.device, pipeline.dask.slurm))
+    cfg = effective_config(extract_cfg, resolve_device(extract_cfg.device))
     path = Path(os.path.abspath(store_path if store_path is not None else pipeline.path(store_cfg.path)))
     requests = distinct_requests(requests, allow_empty=True)  # first wins, as in extract.run
     attrs = store_attrs(cfg, extractor_identity(cfg))
     specs = store_specs(cfg)
     check_existing_store(path, attrs, cfg.segments)
-    address = scheduler or pipeline.dask.scheduler or LOCAL
     with contextlib.ExitStack() as stack:
         if client is None and address != LOCAL:  # a remote cluster: reach it and check its workers first
             client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
-                                                     resolve_path=pipeline.path))
+                                                     resolve_path=pipeline.path, stage="extract"))
         if client is not None:
             check_workers(client, [r.path for r in requests], [path.parent])
         keys = [r.key for r in requests]
         opened = (open_claimed_store(path, keys, cfg.segments, attrs, claim) if claim is not None
                   else open_run_store(path, keys, cfg.segments, specs, attrs, store_cfg, wait=wait))
         with opened as store:
-            jobs, plan = plan_jobs(store, requests, cfg, cfg.device, decode_fn, pipeline.dask.threads_per_worker,
-                                       retry_failed, store.lease)
+            jobs, plan = plan_jobs(store, requests, cfg, cfg.device, decode_fn, torch_threads(pipeline.dask, address),
+                                   retry_failed, store.lease)
+            if address == SLURM and 0 < len(jobs) < pipeline.dask.slurm.jobs:
+                log.warning("%d shard tasks for %d SLURM worker jobs: %d jobs have nothing to do (a shard is the unit "
+                            "of work: a smaller store.rows_per_shard, set when the store is made, spreads the work)",
+                            len(jobs), pipeline.dask.slurm.jobs, pipeline.dask.slurm.jobs - len(jobs))
             if client is None and jobs:
                 client = stack.enter_context(dask_client(pipeline.dask, address, gpu=_wants_gpu(cfg.device),
                                                          resolve_path=pipeline.path))
@@ -391,44 +404,13 @@ def run_extraction_dask(
             return close_run(store, requests, summary, started, [job.shard for job in jobs])
 
 
-def _check_on_worker(paths: list[str], folders: list[str]) -> list[str]:
-    """Runs on a worker: problems with reading ``paths`` and writing into ``folders`` there."""
-    import tempfile
-
-    problems = [f"cannot read {p}" for p in paths if not os.access(p, os.R_OK)]
-    for folder in folders:
-        probe_dir = folder
-        while probe_dir and not os.path.isdir(probe_dir):  # the store's folder may not exist yet
-            probe_dir = os.path.dirname(probe_dir)
-        try:
-            with tempfile.NamedTemporaryFile(dir=probe_dir or "/", prefix=".avel-write-check-"):
-                pass
-        except OSError as exc:
-            problems.append(f"cannot write in {folder} ({exc.strerror or exc})")
-    return problems
-
-
-def check_workers(client, paths: Sequence[str], folders: Sequence[os.PathLike]) -> None:
-    """Check on every worker that the videos are readable and the folders writable there; a
-    ConfigError naming the worker and the paths otherwise (before any row is written)."""
-    folders = [str(f) for f in folders]
-    # a file this process cannot read either is an input error (failed per video), not the cluster's
-    paths = [p for p in paths if os.access(p, os.R_OK)]
-    try:
-        answers = client.run(_check_on_worker, paths, folders)
-    except Exception as exc:  # noqa: BLE001 - a worker that cannot run the check is a problem too
-        raise ConfigError(f"could not check the Dask workers: {type(exc).__name__}: {exc}") from None
-    if not answers:
-        raise ConfigError("the Dask cluster has no workers: start `dask worker SCHEDULER_ADDRESS` first")
-    bad = {worker: problems for worker, problems in answers.items() if problems}
-    if bad:
-        lines = []
-        for worker, problems in sorted(bad.items()):
-            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            lines.append(f"worker {worker}: {shown}")
-        raise ConfigError(
-            "the Dask workers cannot reach this run's files (a cluster needs the videos, the store and the cache on a "
-            "file system every worker sees, at the same absolute paths): " + " | ".join(lines))
+def torch_threads(dask_cfg, address: str) -> int:
+    """torch threads of one task on a CPU: ``dask.threads_per_worker`` (one core per task), or on
+    SLURM the job's cores shared by its task threads (``dask.slurm.cores // threads_per_worker``)."""
+    per_worker = max(1, int(dask_cfg.threads_per_worker))
+    if address == SLURM:
+        return max(1, int(dask_cfg.slurm.cores) // per_worker)
+    return per_worker
 
 
 def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):

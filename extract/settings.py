@@ -89,10 +89,64 @@ class StoreConfig:
     compression_level: int = 3
 
 
+@dataclasses.dataclass
+class SlurmConfig:
+    """``--scheduler slurm``: Dask worker jobs on a SLURM cluster (dask-jobqueue, :mod:`extract.slurm`).
+
+    Each job runs one Dask worker process with ``dask.threads_per_worker`` task threads; a job that
+    ends early (``scancel``, walltime, node failure) is replaced while there is work. Every job is
+    cancelled when the command ends. ``avel-extract --print-job-script`` shows the job script.
+    """
+
+    #: partition (``#SBATCH -p``); null = the cluster's default partition
+    partition: str | None = None
+    #: account charged (``#SBATCH -A``); null = your default account
+    account: str | None = None
+    #: worker jobs kept running while there is work (a job that ends early is replaced)
+    jobs: int = 1
+    #: CPUs per job (``--cpus-per-task``): on a CPU, the torch threads of the networks
+    cores: int = 1
+    #: memory per job (``--mem``), e.g. 16GB
+    memory: str = "8GB"
+    #: walltime per job (``-t``): MINUTES, HH:MM:SS or D-HH:MM:SS (SLURM's resolution is one minute)
+    walltime: str = "01:00:00"
+    #: GPUs per job (``--gres=gpu:1``): 0 or 1; one worker per GPU, more GPUs = more jobs
+    gpus: int = 0
+    #: GPU type in the request (``--gres=gpu:TYPE:1``, e.g. a100); null = any GPU
+    gpu_type: str | None = None
+    #: shell lines of the job script run before the worker starts (``module load ...``,
+    #: ``source /path/venv/bin/activate``)
+    prologue: list[str] = dataclasses.field(default_factory=list)
+    #: extra ``#SBATCH`` options, e.g. ``[--qos=normal, --constraint=v100]``
+    directives: list[str] = dataclasses.field(default_factory=list)
+    #: network interface of the scheduler (here) and the workers: ib0, eth0, ...; lo on a
+    #: one-machine SLURM; null = the address of this host's default route
+    interface: str | None = None
+    #: the Python of the jobs (null = the one running avel: the same environment on the shared file system)
+    python: str | None = None
+    #: each job's stdout/stderr (``<job name>-<job id>.out/.err``), relative to pipeline.yaml's folder
+    log_directory: str = "data/slurm-logs"
+    #: a worker's scratch folder (Dask spilling), e.g. $TMPDIR; null = Dask's default
+    local_directory: str | None = None
+    #: seconds to wait for the first worker (jobs pending in the queue); null = as long as it takes
+    start_timeout: float | None = None
+    #: seconds a worker waits for a scheduler it lost before it exits (ends its job): a killed
+    #: avel leaves no job running for longer than this
+    death_timeout: float = 60.0
+    #: seconds between looks at the queue (one ``squeue`` call) for jobs that ended; Dask moves a lost
+    #: worker's tasks at once, this only decides how soon a new job is asked for
+    poll_interval: float = 15.0
+    #: job names are ``<job_name>-<stage>-<run id>`` (squeue -n ...)
+    job_name: str = "avel"
+    #: jobs that end before their worker connected, in a row, before the run stops (exit 2)
+    max_failed_starts: int = 3
+
+
 @section("dask")
 @dataclasses.dataclass
 class DaskConfig:
-    """How work is distributed. ``scheduler: null`` = an embedded LocalCluster on loopback."""
+    """How work is distributed. ``scheduler: null`` = an embedded LocalCluster on loopback;
+    ``slurm`` = worker jobs on SLURM (section ``dask.slurm``)."""
 
     scheduler: str | None = None
     n_workers: int | None = None
@@ -105,6 +159,8 @@ class DaskConfig:
     retries: int = 2
     #: seconds to wait for a tcp:// / tls:// scheduler to answer before the run stops (exit 2)
     connect_timeout: float = 10.0
+    #: ``--scheduler slurm``: the worker jobs
+    slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
 
 
 # --------------------------------------------------------------------------------------------

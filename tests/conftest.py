@@ -45,21 +45,35 @@ def demo_run(tmp_path_factory):
 
 
 _MEDIA_TESTS: set[str] = set()
+#: tests against the real SLURM that tests/test_slurm.py starts (marker ``slurm``)
+_SLURM_TESTS: set[str] = set()
 
 
 def pytest_collection_modifyitems(items):
     _MEDIA_TESTS.update(item.nodeid for item in items if "media_dir" in getattr(item, "fixturenames", ()))
+    _SLURM_TESTS.update(item.nodeid for item in items if item.get_closest_marker("slurm"))
 
 
-def pytest_terminal_summary(terminalreporter):
-    """One line saying whether the tests on the real clips of ../shared/media ran (CI reads it)."""
+def _outcomes(terminalreporter, nodeids: set[str]) -> dict[str, int]:
+    """passed / failed / skipped / error counts of the tests ``nodeids`` (one outcome per test)."""
     outcomes: dict[str, int] = {}
     for status in ("passed", "failed", "skipped", "error"):
         for report in terminalreporter.stats.get(status, []):
-            if getattr(report, "nodeid", None) in _MEDIA_TESTS and getattr(report, "when", "call") in ("call", "setup"):
+            if getattr(report, "nodeid", None) in nodeids and getattr(report, "when", "call") in ("call", "setup"):
                 if status == "passed" and report.when != "call":
                     continue
                 outcomes[status] = outcomes.get(status, 0) + 1
+    return outcomes
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line each saying whether the tests on the real clips of ../shared/media and the tests
+    against a real SLURM ran (CI reads them: .ci/run fails when the SLURM tests did not all pass)."""
     if _MEDIA_TESTS:
+        outcomes = _outcomes(terminalreporter, _MEDIA_TESTS)
         text = ", ".join(f"{n} {s}" for s, n in sorted(outcomes.items())) or "none run"
         terminalreporter.write_line(f"real-media tests ({SHARED / 'media'}): {text} of {len(_MEDIA_TESTS)}")
+    if _SLURM_TESTS:
+        outcomes = _outcomes(terminalreporter, _SLURM_TESTS)
+        text = ", ".join(f"{n} {s}" for s, n in sorted(outcomes.items())) or "none run"
+        terminalreporter.write_line(f"slurm tests: {text} of {len(_SLURM_TESTS)}")

@@ -97,7 +97,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--head", type=CommaList(RegistryChoice(_head_names)), default=None, metavar="NAME[,NAME...]", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads. A comma list (dmrn,bmfn) runs a sweep: every head x setting x seed, with a results table.")
 @click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
 @click.option("--setting", type=CommaList(click.Choice(["supervised", "weak"])), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment. 'supervised,weak' sweeps both.")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the sweep's runs as Dask tasks: 'local' (a LocalCluster on 127.0.0.1, dask.n_workers processes), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml). Default: dask.scheduler; unset = one run after the other here.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the sweep's runs as Dask tasks: 'local' (a LocalCluster on 127.0.0.1, dask.n_workers processes), 'slurm' (worker jobs on SLURM, settings in dask.slurm; needs the extra: pip install -e \".[slurm]\"), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml). Default: dask.scheduler; unset = one run after the other here.")
+@click.option("--print-job-script", is_flag=True, help="Print the SLURM job script one worker job of a sweep would run (--scheduler slurm, settings in dask.slurm) and exit.")
 @click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4; several seeds report mean ± std (default: train.seeds).")
 @click.option("--select-on", type=click.Choice(["val", "test", "last"]), default=None, help="Split that picks the evaluated epoch (default val). 'test' only to compare with papers; outputs are labelled optimistic.")
 @click.option("--store", default=None, help="Feature store to read (default: store.path).")
@@ -112,7 +113,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, lr, batch_size, device, threads, print_config, list_heads, config, sets, verbose):
+def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on, store, epochs, lr, batch_size, device, threads,
+         print_config, list_heads, config, sets, verbose):
     """Train a localization head on a feature store and report segment accuracy.
 
     Accuracy = correct 1-s segments / all segments of the split, background included (AVE test:
@@ -133,6 +135,7 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
       avel-train --head a+v-att --setting weak --set train.weak_pool=max
       avel-train --list-heads
       avel-train --head dmrn,bmfn --seeds 0-4 --scheduler local     # sweep, mean ± std table
+      avel-train --head dmrn,bmfn --seeds 0-4 --scheduler slurm     # the runs as SLURM jobs (dask.slurm)
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "sets": sets, "verbose": verbose}
@@ -146,14 +149,32 @@ def main(ctx, head, task, setting, scheduler, seeds, select_on, store, epochs, l
                           seeds=seeds, select_on=select_on, store=store,
                           epochs=epochs, lr=lr, batch_size=batch_size, device=device, threads=threads)
     pipeline = resolve(config, sets, extra)
+    scheduler = scheduler or pipeline.dask.scheduler
+    if scheduler == "slurm" or print_job_script:  # the compute nodes' device and cores, not this machine's
+        from extract.settings import ConfigError
+        from extract.slurm import slurm_device
+
+        try:
+            pipeline.train.device = slurm_device(pipeline.train.device, pipeline.dask.slurm)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+        pipeline.train.threads = pipeline.train.threads or pipeline.dask.slurm.cores
     if not pipeline.train.threads:  # recorded in config.yaml: the number of threads really used
         pipeline.train.threads = os.cpu_count() or 1
+    if print_job_script:
+        from extract.slurm import print_job_script as show_script
+
+        try:
+            show_script(pipeline, stage="train", device=pipeline.train.device, echo=click.echo)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+        return
     click.echo(pipeline.dump(), err=True)
     if print_config:
         return
-    scheduler = scheduler or pipeline.dask.scheduler
     runs = max(1, len(heads)) * max(1, len(settings)) * len(pipeline.train.seeds)
-    if len(heads) > 1 or len(settings) > 1 or (scheduler and runs > 1):
+    # on SLURM even one run goes to a job (this is a login node)
+    if len(heads) > 1 or len(settings) > 1 or (scheduler and runs > 1) or scheduler == "slurm":
         sys.exit(run_sweep_cli(pipeline, heads, settings, scheduler, verbose))
     try:
         results = run_seeds(pipeline, verbose)
@@ -177,18 +198,45 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
     cfg = pipeline.train
     specs = expand_runs(heads or [cfg.head], settings or [cfg.setting], cfg.seeds)
     where = f"Dask scheduler {scheduler}" if scheduler else "this process, one after the other"
+    if scheduler == "slurm":
+        where = f"SLURM jobs: {pipeline.dask.slurm.jobs} at a time"
     click.echo(f"sweep: {len(specs)} runs ({where})", err=True)
+    slurm = None
+
+    def jobs_line() -> None:
+        if slurm is not None and slurm.stats.started:
+            click.echo(f"  {slurm.stats.text()}", err=True)
+
+    def echo_row(row) -> None:
+        click.echo(f"  {row['head']} {row['setting']} seed {row['seed']}: {row['error'] or row['run_dir']}", err=True)
+
     try:
-        rows = run_sweep(pipeline, specs, scheduler=scheduler,
-                         on_result=lambda row: click.echo(f"  {row['head']} {row['setting']} seed {row['seed']}: "
-                                                          f"{row['error'] or row['run_dir']}", err=True))
+        if scheduler == "slurm":  # heads and settings, then SLURM (partition, resources, sbatch --test-only)
+            from extract.slurm import stage_workers
+
+            from .sweep import check_spec
+
+            for spec in specs:
+                check_spec(cfg.task, spec)
+            slurm = stage_workers(pipeline, stage="train", device=cfg.device)
+            slurm.check()
+            with slurm:
+                rows = run_sweep(pipeline, specs, client=slurm.client, on_result=echo_row)
+        else:
+            rows = run_sweep(pipeline, specs, scheduler=scheduler, on_result=echo_row)
     except (*_user_errors(), ValueError) as exc:
+        jobs_line()
         if verbose > 1:
             raise
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("avel-train: interrupted", err=True)
+        jobs_line()
+        return 130
     paths = write_sweep(pipeline.path(cfg.runs_root), cfg.task, rows)
     click.echo(sweep_markdown(sweep_table(rows), cfg.task))
     click.echo(f"results: {paths['results']}, {paths['markdown']} (every run: {paths['runs']})", err=True)
+    jobs_line()
     return 1 if any(row["error"] for row in rows) else 0
 
 

@@ -11,7 +11,12 @@ Where they run:
 - ``--scheduler local``: an embedded LocalCluster on 127.0.0.1 (``dask.n_workers`` processes,
   ``dask.threads_per_worker`` threads; keep 1 thread: runs seed torch's global generator);
 - ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.daskclient`
-  for TLS). Runs on ``train.device`` cuda ask for the resource ``GPU=1``.
+  for TLS). Runs on ``train.device`` cuda ask for the resource ``GPU=1``;
+- ``--scheduler slurm``: worker jobs on SLURM (:mod:`extract.slurm`, section ``dask.slurm``); a
+  job that ends early is replaced and its run starts again (a run is deterministic for its seed).
+
+On a cluster every worker must read the store and write the run folders at the driver's paths
+(checked on the workers before the first run is submitted).
 
 The results are gathered in the driver into ``runs_root/sweep-<task>-<time>/``: ``runs.csv``
 (one row per run), ``results.csv`` and ``results.md`` (per head and setting: number of runs and
@@ -163,12 +168,15 @@ def run_sweep(pipeline, specs: Sequence[RunSpec], *, scheduler: str | None = Non
                 on_result(rows[spec])
         return [rows[spec] for spec in specs]
 
-    from extract.daskclient import dask_client
+    from extract.daskclient import check_workers, dask_client
 
-    with dask_client(pipeline.dask, scheduler) if client is None else contextlib.nullcontext(client) as c:
+    gpu = str(pipeline.train.device).startswith("cuda")
+    with (dask_client(pipeline.dask, scheduler, gpu=gpu, resolve_path=pipeline.path, stage="train") if client is None
+          else contextlib.nullcontext(client)) as c:
         from distributed import as_completed
 
-        gpu = str(pipeline.train.device).startswith("cuda")
+        # the shared file system rule: the store is read and the run folders written at the same paths
+        check_workers(c, [str(pipeline.path(pipeline.store.path))], [str(pipeline.path(pipeline.train.runs_root))])
         token = f"{time.time_ns():x}"
         futures = {}
         for i, spec in enumerate(specs):
