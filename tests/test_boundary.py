@@ -14,7 +14,8 @@ TRAIN = Path(__file__).resolve().parents[1] / "train"
 #: store factory writes through the contract only; ``extract.frames`` is the frame geometry rule,
 #: numpy + cv2, so that avel-predict draws the frames the features were computed from)
 ALLOWED = {"extract.store", "extract.manifest", "extract.settings", "extract.clitools", "extract.daskclient",
-           "extract.progress", "extract.synthetic", "extract.devices", "extract.frames"}
+           "extract.progress", "extract.synthetic", "extract.devices", "extract.frames",
+           "extract.slurm"}  # SLURM worker jobs: shared plumbing (imports daskclient and settings only)
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
