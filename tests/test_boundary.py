@@ -52,9 +52,10 @@ def test_the_scan_sees_function_level_and_package_imports(tmp_path):
     assert "extract.cache" in names and "extract.run" in names
 
 
-#: avel-predict joins the two stages (developers' guide: "predict, which joins them, imports both,
+#: avel-predict (and the whole-pipeline checks gpucheck and precision_report) join the two stages
+#: (developers' guide: "predict, which joins them, imports both,
 #: in-process"), so its modules may import stage 1
-JOINING = ("predict.py", "predict_cli.py", "predict_plots.py")
+JOINING = ("predict.py", "predict_cli.py", "predict_plots.py", "gpucheck.py", "precision_report.py")
 
 
 @pytest.mark.parametrize("path", [p for p in train_modules() if p.name not in JOINING],
