@@ -227,6 +227,67 @@ class CachedFrames:
         return self._fps
 
 
+#: decord's message for a file whose header gives neither a frame count nor a duration
+NO_DURATION = "Failed to measure duration/frame-count"
+
+
+def remux_video_stream(src: str, dst) -> None:
+    """Copy the first video stream of ``src`` (packets unchanged, no decoding) into the Matroska
+    file or file object ``dst``; the muxer writes the duration that a live-written file lacks."""
+    import av
+
+    with av.open(str(src)) as source:
+        if not source.streams.video:
+            raise ValueError(f"{src}: no video stream")
+        stream = source.streams.video[0]
+        with av.open(dst, mode="w", format="matroska") as out:
+            copy = out.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                packet.stream = copy
+                out.mux(packet)
+
+
+class TemporaryCopy:
+    """A remuxed copy of a video's stream (:func:`remux_video_stream`) in the temporary folder,
+    removed by :meth:`close`; on Linux it is unlinked at once and read as ``/proc/self/fd/N``, so
+    nothing is left behind even when the process is killed."""
+
+    def __init__(self, src: str):
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="avel-remux-", suffix=".mkv")
+        self._fd = fd
+        self._name: str | None = name
+        try:
+            with open(name, "wb") as fh:
+                remux_video_stream(src, fh)
+            proc = f"/proc/self/fd/{fd}"
+            if os.path.exists(proc):
+                os.unlink(name)
+                self._name, self.path = None, proc
+            else:
+                self.path = name
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._name is not None:
+            try:
+                os.unlink(self._name)
+            except OSError:
+                pass
+            self._name = None
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
 def file_identity(path: str) -> tuple[int, int, int, int]:
     """(device, inode, size, modification time in ns): a reader kept for another identity is stale."""
     st = os.stat(path)
@@ -245,11 +306,27 @@ class OpenVideo:
         self.audio_opens = 0
         #: the file has no audio stream (found once, not looked for again)
         self.no_audio = False
+        self._copy: TemporaryCopy | None = None
 
     def frames(self, open_reader) -> CachedFrames:
-        """The video reader; ``open_reader(path)`` makes a decord ``VideoReader`` the first time."""
+        """The video reader; ``open_reader(path)`` makes a decord ``VideoReader`` the first time.
+
+        A file whose header gives neither a frame count nor a duration (Matroska/WebM written
+        live, e.g. by a browser's MediaRecorder) is refused by decord ("Failed to measure
+        duration/frame-count"); its video stream is then copied, packet for packet, into a
+        temporary Matroska file that has them (:func:`remux_video_stream`), and decord reads that
+        copy: the same packets, so the same frames and timestamps. The copy lives as long as
+        this entry (on Linux it is unlinked at once and read through ``/proc/self/fd``)."""
         if self._frames is None:
-            self._frames = CachedFrames(open_reader(self.path))
+            try:
+                reader = open_reader(self.path)
+            except Exception as exc:  # noqa: BLE001 - decord's DECORDError
+                if NO_DURATION not in str(exc):
+                    raise
+                log.info("%s: no duration or frame count in the header; decoding a remuxed copy", self.path)
+                self._copy = TemporaryCopy(self.path)
+                reader = open_reader(self._copy.path)
+            self._frames = CachedFrames(reader)
         return self._frames
 
     def audio(self, reopen: bool = False) -> AudioStream:
@@ -270,6 +347,9 @@ class OpenVideo:
     def close(self) -> None:
         self.drop_audio()
         self._frames = None  # decord frees its reader when the object goes
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
 
 
 class Sources:

@@ -293,3 +293,85 @@ def test_a_file_without_audio_or_with_an_empty_stream_is_visual_only(tmp_path):
     assert wave is None and info == {"audio_error": "audio stream is empty"}
     video = decode_video(VideoRequest("empty", str(empty)), GRIDS, 2, audio=True)
     assert video.audio is None and video.frame_valid["g2"].all()
+
+
+# ------------------------------------------------------------------------------------------
+# Matroska / WebM without a duration in the header (written live, as browsers record)
+
+
+def write_live(path, fmt: str, video_codec: str, audio_codec: str, seconds: float = 12.0, rate: int = 48000):
+    """Video + mono audio, muxed in time order with the muxer's ``live`` option: no Duration, no Cues."""
+    import av
+
+    container = av.open(str(path), mode="w", format=fmt, options={"live": "1"})
+    try:
+        video = container.add_stream(video_codec, rate=FPS)
+        video.width = video.height = SIZE
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream(audio_codec, rate=rate)
+        audio.layout = "mono"
+        frames, wave = moving_frames(seconds), chirp(seconds, rate, 1)[0]
+        step, k, lo = 960, 0, 0
+        while k < len(frames) or lo < wave.size:
+            if k < len(frames) and (lo >= wave.size or k / FPS <= lo / rate):
+                for packet in video.encode(av.VideoFrame.from_ndarray(frames[k], format="rgb24")):
+                    container.mux(packet)
+                k += 1
+            else:
+                fmt_name = audio.codec_context.codec.audio_formats[0].name
+                chunk = np.ascontiguousarray(wave[None, lo:lo + step])
+                frame = av.AudioFrame.from_ndarray(chunk if fmt_name in ("flt", "fltp") else (chunk * 32767).astype(np.int16),
+                                                   format=fmt_name if fmt_name in ("flt", "fltp") else "s16", layout="mono")
+                frame.sample_rate = rate
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+                lo += step
+        for stream in (video, audio):
+            for packet in stream.encode():
+                container.mux(packet)
+    finally:
+        container.close()
+    return path
+
+
+@pytest.mark.parametrize("fmt, video_codec, audio_codec, ext", [("matroska", "libx264", "aac", "mkv"),
+                                                                  ("webm", "libvpx", "libopus", "webm")])
+def test_a_video_without_a_duration_is_probed_and_decoded(tmp_path, fmt, video_codec, audio_codec, ext):
+    import glob
+    import tempfile
+
+    import av
+
+    from train.predict import probe_duration, window_starts
+
+    path = write_live(tmp_path / f"live.{ext}", fmt, video_codec, audio_codec)
+    with av.open(str(path)) as container:  # the trap: no duration anywhere in the header
+        assert container.duration is None and all(not s.duration and not s.frames for s in container.streams)
+        reference = [(float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    assert len(reference) == 120
+    assert probe_duration(path) == pytest.approx(12.0, abs=0.05)
+    assert window_starts(probe_duration(path), 10) == [0, 10]
+
+    leftovers = set(glob.glob(f"{tempfile.gettempdir()}/avel-remux-*"))
+    grid = FrameGrid(per_segment=2, prepare=lambda f: np.asarray(f), name="raw")
+    src = Sources()
+    import extract.sources as sources
+
+    saved, sources.SOURCES = sources.SOURCES, src
+    try:
+        videos = [decode_video(VideoRequest(f"live@{s}", str(path), float(s), 10.0), [grid], 10, audio=True) for s in (0, 10)]
+    finally:
+        sources.SOURCES = saved
+    pts = np.array([t for t, _ in reference])
+    for start, video in zip((0, 10), videos):
+        times = start + np.arange(10)[:, None] + (np.arange(2)[None, :] + 0.5) / 2
+        valid = video.frame_valid["raw"]
+        assert valid.sum() == (20 if start == 0 else 4)
+        for t, f in zip(*np.nonzero(valid)):
+            want = reference[int(np.argmin(np.abs(pts - times[t, f]) + 1e-9 * pts))][1]
+            assert np.array_equal(video.frames["raw"][t, f], want), (start, t, f)
+        assert video.audio is not None and video.info["audio_rate"] == 48000
+    # the last window: 2 s of audio (plus the codec's priming and padding, < 0.1 s)
+    assert videos[0].audio.shape == (160000,) and 32000 <= videos[1].audio.shape[0] <= 33600
+    src.clear()
+    assert set(glob.glob(f"{tempfile.gettempdir()}/avel-remux-*")) == leftovers  # no copy left behind
