@@ -12,7 +12,9 @@ file, ``duration`` seconds long, default the first T seconds):
   input) right here in the worker, and the prepared frames are gathered into [T, F, h, w, 3].
   Requested times outside the stream (short videos) or beyond the window's ``duration`` are
   ``frame_valid`` False. decord applies rotation metadata (a 90-degree phone video comes out
-  upright, e.g. 568x320 coded -> 320 wide x 568 high).
+  upright, e.g. 568x320 coded -> 320 wide x 568 high). The ``VideoReader`` and its timestamps
+  stay open in the process for the video's next window (:mod:`extract.sources`): a long video is
+  indexed once per worker, not once per window.
 
   Measured on this project's 2-core machine, shared with other jobs (decord2 3.4, one decoder
   thread), 160 frames needed out of the first 300 of a 30 fps clip: v_ZNVhz7ctTq0.mp4 (480x360) get_batch of all 160 sorted indices
