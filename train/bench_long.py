@@ -329,14 +329,20 @@ def report(figures: list[RunFigures], baseline: RunFigures | None) -> dict:
     return doc
 
 
+HEADER = (f"{'run':<10} {'video':>8} {'wall s':>8} {'peak PSS MiB':>13} {'peak RSS MiB':>13} {'procs':>5} "
+          f"{'exit':>4}  load before -> after")
+
+
+def row_line(r: dict) -> str:
+    """One run's figures as a line of the table under :data:`HEADER`."""
+    return (f"{r['label']:<10} {r['seconds_of_video'] / 60:>7.1f}m {r['wall_s']:>8.1f} {r['peak_pss_mib']:>13.0f} "
+            f"{r['peak_rss_mib']:>13.0f} {r['processes']:>5} {r['exit_code']:>4}  "
+            f"{'/'.join(map(str, r['load_before']))} -> {'/'.join(map(str, r['load_after']))}")
+
+
 def summary_lines(doc: dict) -> list[str]:
-    rows = ([doc["baseline"]] if "baseline" in doc else []) + [r for r in doc["runs"] if r["label"] != "baseline"]
-    lines = [f"{'run':<10} {'video':>8} {'wall s':>8} {'peak PSS MiB':>13} {'peak RSS MiB':>13} {'procs':>5} "
-             f"{'exit':>4}  load before -> after"]
-    for r in rows:
-        lines.append(f"{r['label']:<10} {r['seconds_of_video'] / 60:>7.1f}m {r['wall_s']:>8.1f} {r['peak_pss_mib']:>13.0f} "
-                     f"{r['peak_rss_mib']:>13.0f} {r['processes']:>5} {r['exit_code']:>4}  "
-                     f"{'/'.join(map(str, r['load_before']))} -> {'/'.join(map(str, r['load_after']))}")
+    rows = ([doc["baseline"]] if "baseline" in doc else []) + list(doc["runs"])
+    lines = [HEADER] + [row_line(r) for r in rows]
     if "time_ratio" in doc:
         lines.append(f"length x{doc['length_ratio']:.1f}: time x{doc['time_ratio']:.2f} (target <= {1.1 * doc['length_ratio']:.1f}), "
                      f"peak PSS x{doc['pss_ratio']:.2f} (target <= 1.2), peak RSS x{doc['rss_ratio']:.2f}")
@@ -389,11 +395,11 @@ def main(workdir, run_dir, minutes, baseline_seconds, fps, epochs, nice, interva
     if baseline_seconds:
         baseline = time_predict(run, clips[baseline_seconds], work / "out" / "baseline", "baseline", baseline_seconds,
                                 nice, interval)
-        click.echo(summary_lines(report([baseline], None))[1], err=True)
+        click.echo(HEADER + "\n" + row_line(dataclasses.asdict(baseline)), err=True)
     for seconds in lengths:
         label = f"{seconds // 60}min"
         figures.append(time_predict(run, clips[seconds], work / "out" / label, label, seconds, nice, interval))
-        click.echo(summary_lines(report(figures[-1:], None))[1], err=True)
+        click.echo(row_line(dataclasses.asdict(figures[-1])), err=True)
     doc = report(figures, baseline)
     doc["command"] = " ".join(sys.argv)
     doc["run"] = str(run)
