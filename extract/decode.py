@@ -234,7 +234,12 @@ def read_audio(path: str, start: float, seconds: float, source=None) -> tuple[np
     from .audio import SAMPLE_RATE, resample, to_mono
     from .sources import AudioDecodeError, NoAudioStream, OpenVideo
 
-    entry = source if source is not None else OpenVideo(path)
+    entry = source
+    if entry is None:
+        try:
+            entry = OpenVideo(path)
+        except OSError as exc:
+            raise DecodeError(f"cannot read {path}: {_short(exc)}") from None
     info: dict[str, Any] = {}
     if entry.no_audio:
         info["audio_error"] = "no audio stream"
