@@ -226,6 +226,14 @@ class CachedFrames:
             self._fps = float(self._reader.get_avg_fps() or 0.0)
         return self._fps
 
+    def rewind(self) -> None:
+        """Seek back to frame 0, which empties decord's decoder queues (``Seek`` clears them).
+        Kept between windows without this, a reader's decoder thread went on filling its frame
+        queue while the process waited for the next window: 1-4 GB per decode worker within
+        minutes on a 60-minute 25 fps clip. After it, the next window starts from where a fresh
+        reader starts."""
+        self._reader.seek(0)
+
 
 #: decord's message for a file whose header gives neither a frame count nor a duration
 NO_DURATION = "Failed to measure duration/frame-count"
@@ -339,6 +347,11 @@ class OpenVideo:
             self.audio_opens += 1
         return self._audio
 
+    def rest(self) -> None:
+        """Leave the readers idle until the next window (:meth:`CachedFrames.rewind`)."""
+        if self._frames is not None:
+            self._frames.rewind()
+
     def drop_audio(self) -> None:
         if self._audio is not None:
             self._audio.close()
@@ -378,6 +391,11 @@ class Sources:
 
     def give_back(self, entry: OpenVideo) -> None:
         if self.capacity <= 0:
+            entry.close()
+            return
+        try:
+            entry.rest()
+        except Exception:  # noqa: BLE001 - a reader that cannot even seek is not kept
             entry.close()
             return
         with self._lock:
