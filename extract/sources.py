@@ -15,8 +15,11 @@ where the previous one stopped:
   before the kept samples (windows out of order) reopens the file and decodes from its start:
   slower, never different.
 - **Frames** (:class:`CachedFrames`): the decord ``VideoReader`` stays open, with its frame
-  timestamps read once; ``get_batch`` of a window's frames seeks to the keyframe before them, as
-  a fresh reader does, or decodes on from where the previous window stopped.
+  timestamps read once (opening one reads every packet of the file to index it). After each
+  window it is rewound to frame 0 (:meth:`CachedFrames.rewind`: decord's seek empties its decoder
+  queues, which its decoder thread otherwise fills with the rest of the file while the worker
+  waits), so every window's ``get_batch`` starts as a fresh reader's does: it seeks to the
+  keyframe before the window's first frame and decodes from there.
 
 **Same samples as before.** Sample ``i`` of the stream is the ``i``-th sample the decoder outputs
 from the start of the file, all frames concatenated, exactly what decord's ``AudioReader``
