@@ -78,7 +78,7 @@ def small_run(tmp_path):
     return tmp_path / "run", load_run(tmp_path / "run")
 
 
-def fake_stages(monkeypatch, seconds: int = 12, attention: bool = False):
+def fake_stages(monkeypatch, seconds: int = 12, attention: bool = False, map_kind: str = "attention"):
     """predict_videos without probing, extraction or store: every video gets ``seconds`` of
     labels (and 7x7 attention maps when asked)."""
     import train.predict as P
@@ -92,7 +92,8 @@ def fake_stages(monkeypatch, seconds: int = 12, attention: bool = False):
             out.append(P.VideoResult(plan.video_id, str(plan.path), seconds=seconds, labels=labels, probabilities=probs,
                                      valid=np.ones(seconds, bool), duration=float(seconds), windows=len(plan.starts),
                                      class_names=CLASSES,
-                                     attention=rng.random((seconds, 7, 7)).astype(np.float32) if attention else None))
+                                     attention=rng.random((seconds, 7, 7)).astype(np.float32) if attention else None,
+                                     map_kind=map_kind))
         return out
 
     monkeypatch.setattr(P, "probe_duration", lambda path: float(seconds))
@@ -194,3 +195,26 @@ def test_long_videos_get_one_strip_picture_per_minute(tmp_path, monkeypatch):
     assert pp.strip_pages(121) == [(0, 60), (60, 120), (120, 121)]
     with pytest.raises(ValueError, match="too large for one figure"):
         pp._strip_figure(pp.MAX_STRIP_PANELS + 1, 10, "")
+
+
+def test_sounding_object_strips_come_in_pages_and_every_second_keeps_its_box(tmp_path, monkeypatch):
+    import json
+
+    import train.predict_plots as pp
+    from train.predict import predict_videos
+
+    run_dir, _ = small_run(tmp_path)
+    fake_stages(monkeypatch, seconds=70, attention=True, map_kind="sounding_object")
+    (tmp_path / "sol.mp4").write_bytes(b"x")
+    monkeypatch.setattr(pp, "read_frames", lambda path, times, **kw: np.full((len(times), 32, 32, 3), 90, np.uint8))
+    (res,) = predict_videos([tmp_path / "sol.mp4"], run=run_dir, out=tmp_path / "out", progress=False)
+    assert res.ok, res.error
+    folder = tmp_path / "out" / "sol"
+    assert sorted(p.name for p in folder.glob("sounding_object*.png")) == ["sounding_object-000m.png",
+                                                                           "sounding_object-001m.png"]
+    boxes = json.loads((folder / "predictions.json").read_text())["sounding_object_boxes"]
+    assert len(boxes) == 70
+    # the boxes of the second page are those of its maps (drawn from second 60 on)
+    want = pp.plot_sol_strip(np.full((10, 32, 32, 3), 90, np.uint8), res.attention[60:70], res.labels[60:70],
+                             res.confidence()[60:70], tmp_path / "check.png")["boxes"]
+    assert boxes[60:] == [None if np.isnan(b).any() else [round(float(x), 1) for x in b] for b in want]
