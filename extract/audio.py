@@ -33,6 +33,7 @@ This module needs numpy; :func:`resample` imports torch when called (no torchaud
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -106,7 +107,10 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     the output phase ``j mod (sr_out / g)`` (``g = gcd(sr_in, sr_out)``), so they form a kernel
     bank [sr_out / g, 1, width] (:func:`_kernel_bank`, computed in float64, cached) that ``conv1d`` applies
     with stride ``sr_in / g`` to the zero-padded signal (samples outside the signal count as
-    zeros, as in resampy). The signal is convolved in float32 (rounding ~1e-7 relative).
+    zeros, as in resampy). A bank larger than :data:`BANK_BYTES` (rates sharing few factors with
+    ``sr_out``: 16,000 phases x ~sr_in taps) is never built whole: blocks of its phases are built
+    from the compact weights (:func:`_phase_weights`) and applied one after the other, each
+    output phase by the same ``conv1d`` arithmetic, so the output is the same. The signal is convolved in float32 (rounding ~1e-7 relative).
     Output length as resampy: ``int(S * sr_out / sr_in)``; any length works, including signals
     shorter than the filter.
     """
@@ -121,30 +125,70 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
         return np.zeros(0, np.float32)
     import torch
 
-    bank, left, stride = _kernel_bank(sr_in, sr_out)  # [phases, 1, width] float32, taps before sample 0
-    phases, _, width = bank.shape
+    weights = _phase_weights(sr_in, sr_out)
+    phases, stride, left, width = weights.phases, weights.stride, weights.left, weights.width
     blocks = -(-length // phases)  # conv1d output positions: each yields one output per phase
     right = max(0, (blocks - 1) * stride + width - left - x.size)
     padded = np.zeros(left + x.size + right, np.float32)
     padded[left: left + x.size] = x
     with torch.inference_mode():
-        y = torch.nn.functional.conv1d(
-            torch.from_numpy(padded)[None, None],  # [1, 1, L]
-            bank,  # [phases, 1, width]
-            stride=stride,
-        )  # [1, phases, >= blocks]
-        out = y[0, :, :blocks].T.reshape(-1)[:length]  # output j = block * phases + phase
-        return out.numpy().copy()
+        signal = torch.from_numpy(padded)[None, None]  # [1, 1, L]
+        rows = max(1, BANK_BYTES // (4 * width))  # phases per bank block
+        if rows >= phases:
+            y = torch.nn.functional.conv1d(signal, _kernel_bank(sr_in, sr_out)[0], stride=stride)  # [1, phases, >= blocks]
+            out = y[0, :, :blocks].T.reshape(-1)[:length]  # output j = block * phases + phase
+            return out.numpy().copy()
+        out = torch.empty(blocks, phases)
+        for lo in range(0, phases, rows):  # a bank too large to hold: a block of phases at a time
+            hi = min(phases, lo + rows)
+            y = torch.nn.functional.conv1d(signal, weights.dense(lo, hi), stride=stride)  # [1, hi - lo, >= blocks]
+            out[:, lo:hi] = y[0, :, :blocks].T
+        return out.reshape(-1)[:length].numpy().copy()
+
+
+#: the largest kernel bank (bytes) that :func:`resample` builds at once and caches: rates that
+#: share few factors with the output rate (11,127 Hz, a mislabelled 44,099 Hz -> 16 kHz: 16,000
+#: phases of 11,000-44,000 taps, 0.7-2.8 GB) are applied a block of phases at a time instead
+BANK_BYTES = 16 * 2 ** 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseWeights:
+    """resampy's kaiser_best weights per output phase, compactly: phase ``p`` weighs input samples
+    ``base[p] - i`` by ``w_left[p, i]`` and ``base[p] + 1 + i`` by ``w_right[p, i]`` (i < taps),
+    relative to its block's first sample (float32 of the float64 values). :meth:`dense` lays rows
+    out as the kernel bank of ``conv1d`` ([rows, 1, width], tap ``k`` on sample ``k - left``)."""
+
+    phases: int
+    stride: int
+    left: int
+    width: int
+    base: np.ndarray  # [phases] int64
+    w_left: np.ndarray  # [phases, taps] float32
+    w_right: np.ndarray  # [phases, taps] float32
+
+    def dense(self, lo: int, hi: int):
+        """torch float32 [hi - lo, 1, width]: rows ``lo..hi-1`` of the kernel bank."""
+        import torch
+
+        taps = self.w_left.shape[1]
+        bank = np.zeros((hi - lo, self.width), np.float32)
+        rows = np.arange(hi - lo)[:, None]
+        offsets = np.arange(taps)[None, :]
+        base = self.base[lo:hi, None] + self.left
+        bank[rows, base - offsets] = self.w_left[lo:hi]
+        bank[rows, base + 1 + offsets] = self.w_right[lo:hi]
+        return torch.from_numpy(bank)[:, None, :]
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.w_left.nbytes + self.w_right.nbytes
 
 
 @functools.lru_cache(maxsize=8)
-def _kernel_bank(sr_in: int, sr_out: int):
-    """resampy's kaiser_best weights per output phase: (torch [sr_out/g, 1, width] float32, left, sr_in/g).
-
-    Row ``p`` holds the weights of output ``j = q * (sr_out/g) + p``; its tap ``k`` multiplies input
-    sample ``q * (sr_in/g) + k - left``. Computed in float64 (exact integer phase arithmetic),
-    stored as float32; cached (do not modify the returned tensor).
-    """
+def _phase_weights(sr_in: int, sr_out: int) -> PhaseWeights:
+    """The :class:`PhaseWeights` of ``sr_in -> sr_out`` (cached: at most 2 x phases x taps floats,
+    17 MB for 44,099 Hz -> 16 kHz, where the dense bank would be 2.8 GB)."""
     g = math.gcd(sr_in, sr_out)
     phases, stride = sr_out // g, sr_in // g
     zeros = RESAMPLER["zero_crossings"]
@@ -156,18 +200,28 @@ def _kernel_bank(sr_in: int, sr_out: int):
     base = p * stride // phases  # n_p = floor(p sr_in / sr_out), exactly
     frac = scale * ((p * stride - base * phases) / phases)  # scale * (t - n), in [0, scale)
     i = np.arange(taps, dtype=np.float64)[None, :]
-    w_left = _kaiser_sinc(frac[:, None] + i * step, scale)  # weights of samples n - i
-    w_right = _kaiser_sinc((scale - frac)[:, None] + i * step, scale)  # weights of samples n + 1 + i
+    w_left = np.empty((phases, taps), np.float32)
+    w_right = np.empty((phases, taps), np.float32)
+    for lo in range(0, phases, 1024):  # float64 in blocks: no phases x taps float64 temporaries
+        f = frac[lo:lo + 1024, None]
+        w_left[lo:lo + 1024] = _kaiser_sinc(f + i * step, scale)  # weights of samples n - i
+        w_right[lo:lo + 1024] = _kaiser_sinc((scale - f) + i * step, scale)  # weights of samples n + 1 + i
     left = taps - 1  # the earliest tap of phase 0 (n_0 = 0) is sample -(taps - 1)
     width = left + int(base[-1]) + 1 + taps
-    bank = np.zeros((phases, width), np.float64)
-    rows = p[:, None]
-    offsets = np.arange(taps)[None, :]
-    bank[rows, base[:, None] + left - offsets] = w_left
-    bank[rows, base[:, None] + left + 1 + offsets] = w_right
-    import torch
+    return PhaseWeights(phases, stride, left, width, base, w_left, w_right)
 
-    return torch.from_numpy(bank.astype(np.float32))[:, None, :], left, stride
+
+@functools.lru_cache(maxsize=8)
+def _kernel_bank(sr_in: int, sr_out: int):
+    """resampy's kaiser_best weights per output phase: (torch [sr_out/g, 1, width] float32, left, sr_in/g).
+
+    Row ``p`` holds the weights of output ``j = q * (sr_out/g) + p``; its tap ``k`` multiplies input
+    sample ``q * (sr_in/g) + k - left``. Computed in float64 (exact integer phase arithmetic),
+    stored as float32; cached (do not modify the returned tensor). Used by :func:`resample` only
+    when it takes at most :data:`BANK_BYTES`; larger banks are never built whole.
+    """
+    weights = _phase_weights(sr_in, sr_out)
+    return weights.dense(0, weights.phases), weights.left, weights.stride
 
 
 def _kaiser_sinc(u: np.ndarray, scale: float) -> np.ndarray:

@@ -112,10 +112,26 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
         return
     if not split and not manifest:
         raise click.UsageError("give --split NAME or --manifest FILE (see --help)")
+    _require_device(pipeline, scheduler=scheduler or pipeline.dask.scheduler)
     click.echo("# resolved configuration\n" + pipeline.dump(), err=True)
     sys.exit(run_command(pipeline, split=split, manifest=manifest, video_root=video_root, progress=not no_progress,
                      scheduler=scheduler, cache=use_cache, retry_failed=retry_failed, wait=wait,
                      preflight=not no_preflight))
+
+
+def _require_device(pipeline, command: str = "avel-extract", scheduler: str | None = None) -> None:
+    """Exit 2 with one line when extract.device names a device torch cannot use (cuda without a
+    GPU, cuda:3 on a 2-GPU machine, a misspelt name); ``auto`` always resolves. On a Dask cluster
+    the device is the workers' business (their preflight checks it)."""
+    from .devices import resolve_device
+
+    if scheduler and scheduler != "local":
+        return
+    try:
+        resolve_device(pipeline.extract.device, check=True)
+    except ValueError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_command(pipeline, *, split: str | None = None, manifest: str | None = None, video_root: str | None = None,
@@ -250,6 +266,7 @@ def bench(obj, clips, limit, vgg_seconds, keep_store):
     if obj.get("weights") is None:
         extra["extract"].update(visual_weights="random", audio_weights="random")
     pipeline = resolve(obj["config"], obj["sets"], extra)
+    _require_device(pipeline, "avel-extract bench")
     try:
         paths = find_clips(clips)
     except ValueError as exc:

@@ -12,7 +12,9 @@ file, ``duration`` seconds long, default the first T seconds):
   input) right here in the worker, and the prepared frames are gathered into [T, F, h, w, 3].
   Requested times outside the stream (short videos) or beyond the window's ``duration`` are
   ``frame_valid`` False. decord applies rotation metadata (a 90-degree phone video comes out
-  upright, e.g. 568x320 coded -> 320 wide x 568 high).
+  upright, e.g. 568x320 coded -> 320 wide x 568 high). The ``VideoReader`` and its timestamps
+  stay open in the process for the video's next window (:mod:`extract.sources`): a long video is
+  indexed once per worker, not once per window.
 
   Grids of the AVE reference's frame-count rule (``FrameGrid.rule == "index"``, the ``ave2018``
   recipe) pick their frames from the constant-rate frame list ffmpeg would output
@@ -30,21 +32,22 @@ file, ``duration`` seconds long, default the first T seconds):
   indices costs about the same as a sequential read with decord2 (within ~15 %), and chunking
   does not hurt; we keep chunked ``get_batch`` because it never converts unneeded frames to RGB.
 
-- **Audio.** ``decord.AudioReader`` at the stream's native rate with the channels intact, the
-  channels averaged (:func:`extract.audio.to_mono`, as VGGish's reference does) and resampled to
-  16 kHz with :func:`extract.audio.resample` (the reference's resampy ``kaiser_best`` filter, our
-  own torch implementation). decord's Python API does not expose the native rate, so
-  :func:`_native_sample_rate` reads it from the container with PyAV (the first audio stream,
-  the one decord decodes); nothing process-wide is touched, so this is safe in threaded (Dask)
-  workers. A rate that cannot be read makes the audio unusable (``audio=None``,
-  reason in ``info["audio_error"]``): decord's own libswresample resampling is never used, since
-  it is not the reference's filter (on the real clips of ../shared/media its 16 kHz output
-  differed from kaiser_best by 0.01 % (44.1 kHz v_ZNVhz7ctTq0) to 2.7 % (8 kHz nasa_13013,
-  upsampled) relative RMS).
-  The waveform is then cut to the window: sample 0 = ``start``. No audio stream -> ``audio=None``
-  (the video still gets its visual features; its segments are not valid, see
-  :mod:`extract.run`). An audio stream that cannot be decoded is treated the same way, with the
-  error in ``info["audio_error"]``.
+- **Audio.** The file's first audio stream (the one decord's ``AudioReader`` decoded, which
+  this project used before) decoded with PyAV at its native rate, channels intact, into float
+  planar samples bit-identical to decord's (:mod:`extract.sources`), the channels averaged
+  (:func:`extract.audio.to_mono`, as VGGish's reference does) and resampled to 16 kHz with
+  :func:`extract.audio.resample` (the reference's resampy ``kaiser_best`` filter, our own torch
+  implementation; FFmpeg's libswresample is never used to change the rate: on the real clips of
+  ../shared/media its 16 kHz output differed from kaiser_best by 0.01 % (44.1 kHz
+  v_ZNVhz7ctTq0) to 2.7 % (8 kHz nasa_13013, upsampled) relative RMS). The window is cut with
+  sample 0 = ``round(start * rate)`` of the stream decoded from the file's start, plus a margin
+  of 10 ms either side for the resampling filter. The windows of one video share one forward
+  pass over the stream in each process (:data:`extract.sources.SOURCES`), so a window decodes
+  only what lies between the previous window and its own end: time and memory grow linearly with
+  the length of a video. No audio stream, or a stream without samples -> ``audio=None`` with
+  ``info["audio_error"]`` (the video still gets its visual features; its segments are not
+  valid, see :mod:`extract.run`). An audio stream that exists but cannot be decoded raises
+  :class:`DecodeError`: the row fails (and ``--retry-failed`` computes it again).
 
 - **Failures.** Missing, zero-byte, non-video and corrupt files raise :class:`DecodeError` with a
   one-line reason; the pool turns any exception into a failed result.
@@ -297,71 +300,64 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
 # audio
 
 
-def _native_sample_rate(path: str) -> int:
-    """Native sample rate (Hz) of the audio stream decord decodes, read with PyAV.
-
-    decord's ``AudioReader`` decodes the *first* audio stream of the container (its
-    ``audio_reader.cc`` loops over the streams and stops at the first audio one; it does not call
-    ``av_find_best_stream``) and keeps its ``codecpar->sample_rate`` as the "original sample
-    rate". We open the container with PyAV and return that same value of that same stream.
-    ``streams.best("audio")`` would be wrong for files with several audio streams: on
-    ../shared/media/nasa_13013.mp4 (AAC 8 kHz stream #1, AAC 16 kHz stream #4) it picks #4.
-    Only this container's own objects are used: no file descriptors are redirected and no global
-    state is changed, so concurrent threads are unaffected. Raises ``ValueError`` (with the
-    reason) when there is no audio stream or its rate is missing; PyAV's own errors (``av.error.*``)
-    when the file cannot be opened.
-    """
-    import av
-
-    with av.open(str(path)) as container:
-        audio = container.streams.audio
-        if not audio:
-            raise ValueError("PyAV finds no audio stream")
-        stream = audio[0]
-        rate = int(stream.codec_context.sample_rate or 0)
-    if rate <= 0:
-        raise ValueError(f"audio stream #{stream.index} declares no sample rate ({rate})")
-    return rate
-
-
-def read_audio(path: str, start: float, seconds: float) -> tuple[np.ndarray | None, dict[str, Any]]:
+def read_audio(path: str, start: float, seconds: float, source=None) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Mono 16 kHz float32 waveform of ``[start, start + seconds)`` (shorter if the stream ends), or None.
 
-    None when the file has no audio stream, it cannot be decoded or its native sample rate cannot
-    be read (reason in ``info["audio_error"]``). Otherwise ``info["audio_resampler"]`` is
-    ``"kaiser_best"`` (:func:`extract.audio.resample`).
+    The samples are those of the file's first audio stream decoded from its start
+    (:class:`extract.sources.AudioStream`: sample 0 = the decoder's first output sample, the
+    window's first sample = ``round(start * rate)``); ``source`` is the video's
+    :class:`extract.sources.OpenVideo`, whose stream goes on where the previous window of the
+    video stopped (without one, the file is decoded from its start up to the window's end).
+
+    None (reason in ``info["audio_error"]``) only when the file has no audio stream or its stream
+    decodes to no samples at all: the video is then visual-only. An audio stream that exists but
+    cannot be opened, decoded or read (corrupt packets, an unknown codec, no sample rate, an I/O
+    error) raises :class:`DecodeError` with the reason: the row fails and is computed again by
+    ``--retry-failed``. Otherwise ``info["audio_resampler"]`` is ``"kaiser_best"``
+    (:func:`extract.audio.resample`), ``info["audio_rate"]`` / ``info["audio_channels"]`` the
+    stream's.
     """
     from .audio import SAMPLE_RATE, resample, to_mono
+    from .sources import AudioDecodeError, NoAudioStream, OpenVideo
 
-    decord = load_decord()
+    entry = source
+    if entry is None:
+        try:
+            entry = OpenVideo(path)
+        except OSError as exc:
+            raise DecodeError(f"cannot read {path}: {_short(exc)}") from None
     info: dict[str, Any] = {}
-    try:
-        reader = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=-1, mono=False)
-    except Exception as exc:  # noqa: BLE001 - decord raises DECORDError/RuntimeError
-        message = _short(exc)
-        info["audio_error"] = "no audio stream" if "find audio stream" in message.lower() else f"audio unreadable: {message}"
+    if entry.no_audio:
+        info["audio_error"] = "no audio stream"
         return None, info
-    channels, native_samples = reader.shape
-    samples = np.asarray(reader._array, dtype=np.float32)  # [C, S]; decord keeps the decoded array here
-    del reader
-    if samples.size == 0:
+    try:
+        stream = entry.audio()
+        rate = stream.rate
+        first, last = int(round(start * rate)), int(round((start + seconds) * rate))
+        # a few samples of context either side keep the resampling filter's edges faithful
+        pad = int(rate // 100)
+        lo = max(0, first - pad)
+        if lo < stream.base:  # an earlier window than the stream's position: decode from the start again
+            stream = entry.audio(reopen=True)
+        samples = stream.read(lo, last + pad)  # [C, n] native rate, sample 0 = lo
+    except NoAudioStream:
+        entry.no_audio = True
+        info["audio_error"] = "no audio stream"
+        return None, info
+    except AudioDecodeError as exc:
+        entry.drop_audio()
+        raise DecodeError(f"the audio stream cannot be decoded: {exc}") from None
+    finally:
+        if source is None:
+            entry.close()
+    if stream.ended and stream.decoded == 0:
         info["audio_error"] = "audio stream is empty"
         return None, info
-    try:
-        rate = _native_sample_rate(path)
-    except Exception as exc:  # noqa: BLE001 - av.error.*, ValueError: the audio is unusable
-        info["audio_error"] = f"audio sample rate unreadable: {_short(exc)}"
-        return None, info
-    mono = to_mono(samples)
-    first, last = int(round(start * rate)), int(round((start + seconds) * rate))
-    # a few samples of context either side keep the resampling filter's edges faithful
-    pad = int(rate // 100)
-    lo = max(0, first - pad)
-    piece = resample(mono[lo: last + pad], rate, SAMPLE_RATE)
+    piece = resample(to_mono(samples), rate, SAMPLE_RATE)
     offset = int(round((first - lo) * SAMPLE_RATE / rate))
     wave = piece[offset: offset + int(round(seconds * SAMPLE_RATE))]
-    info.update(audio_resampler="kaiser_best", audio_rate=rate, audio_channels=int(channels),
-                audio_seconds=float(native_samples / rate))
+    info.update(audio_resampler="kaiser_best", audio_rate=rate, audio_channels=int(stream.channels),
+                audio_codec=stream.codec)
     return np.ascontiguousarray(wave, dtype=np.float32), info
 
 
@@ -389,29 +385,39 @@ def decode_video(request: VideoRequest, grids: Sequence, segments: int, audio: b
     Raises :class:`DecodeError` (with the reason) when the video cannot be used at all.
     """
     from .extractors import DecodedVideo
+    from .sources import SOURCES
 
     check_file(request.path)
     decord = load_decord()
     seconds = float(segments if request.duration is None else min(request.duration, segments))
+    entry = SOURCES.take(request.path)  # the readers of this video's previous window, if this process has them
+    keep = False
     try:
-        reader = decord.VideoReader(request.path, ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError(f"cannot open video: {_short(exc)}") from None
-    try:
-        timing = None
-        if any(getattr(g, "rule", "pts") == "index" for g in grids):
-            timing = stream_timing(request.path, frames=len(reader))
-        frames, valid, info = read_frames(reader, grids, segments, request.start, request.duration, timing)
-    except DecodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError(f"cannot decode video frames: {_short(exc)}") from None
+        try:
+            reader = entry.frames(lambda path: decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1))
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError(f"cannot open video: {_short(exc)}") from None
+        try:
+            timing = None
+            if any(getattr(g, "rule", "pts") == "index" for g in grids):
+                if entry.timing is None:  # packets read once per video, not once per window
+                    entry.timing = stream_timing(request.path, frames=len(reader))
+                timing = entry.timing
+            frames, valid, info = read_frames(reader, grids, segments, request.start, request.duration, timing)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError(f"cannot decode video frames: {_short(exc)}") from None
+        wave = None
+        if audio:
+            wave, audio_info = read_audio(request.path, request.start, seconds, source=entry)
+            info.update(audio_info)
+        keep = True
     finally:
-        del reader
-    wave = None
-    if audio:
-        wave, audio_info = read_audio(request.path, request.start, seconds)
-        info.update(audio_info)
+        if keep:
+            SOURCES.give_back(entry)
+        else:
+            entry.close()
     info["window"] = [request.start, seconds]
     return DecodedVideo(key=request.key, frames=frames, frame_valid=valid, audio=wave, info=info)
 

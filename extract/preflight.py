@@ -343,6 +343,10 @@ def _check_decode(cfg) -> tuple[Check, Any]:
             return Check("decode", False,
                          f"decoding a generated {CLIP_SECONDS}-s H.264/AAC clip with {decord_label} failed: {_error(exc)}",
                          "decord (or the resampler) does not work in this environment: " + _reinstall_fix("decord2")), None
+        finally:
+            from .sources import SOURCES
+
+            SOURCES.clear()  # the readers of the probe clip, which is deleted now
     problems = _verify_decoded(video, grids, CLIP_SECONDS)
     if problems:
         return Check("decode", False,

@@ -17,8 +17,9 @@ from .store import SCHEMA_VERSION, differing_fields  # noqa: F401  (re-exported,
 __all__ = ["VERSIONED", "package_versions", "store_fingerprint_fields", "effective_config", "file_identity",
            "ran_label", "differing_fields", "store_attrs", "upgraded_fields", "same_feature_set"]
 
-#: packages whose versions are recorded in the store (distribution name -> label)
-VERSIONED = {"torch": "torch", "torchvision": "torchvision", "decord2": "decord", "zarr": "zarr",
+#: packages whose versions are recorded in the store (distribution name -> label); decord decodes
+#: the frames, PyAV ("av") the audio
+VERSIONED = {"torch": "torch", "torchvision": "torchvision", "decord2": "decord", "av": "av", "zarr": "zarr",
              "numpy": "numpy", "librosa": "librosa", "avel": "avel"}
 
 

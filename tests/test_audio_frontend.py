@@ -178,3 +178,81 @@ def test_resample_needs_no_torchaudio(monkeypatch):
     y = audio.resample(x, 48000, SR)
     assert y.shape == (8000,) and np.abs(y).max() == pytest.approx(0.5, abs=2e-3)
     assert "torchaudio" not in audio.RESAMPLER["name"] and "conv1d" in audio.RESAMPLER["name"]
+
+
+# ---- the kernel bank of rates that share few factors with 16 kHz ------------------------------
+
+
+def former_resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """extract/audio.py resample at commit b8fe0b3 (lines 101-166), transcribed: the WHOLE kernel
+    bank [sr_out/g, 1, width] built in float64, cast to float32, applied by one conv1d."""
+    import torch
+
+    g = math.gcd(sr_in, sr_out)
+    phases, stride = sr_out // g, sr_in // g
+    scale = min(1.0, sr_out / sr_in)
+    step = int(scale * 2 ** 13) / 2 ** 13
+    taps = int(50 / step) + 1
+    p = np.arange(phases, dtype=np.int64)
+    base = p * stride // phases
+    frac = scale * ((p * stride - base * phases) / phases)
+    i = np.arange(taps, dtype=np.float64)[None, :]
+    left = taps - 1
+    width = left + int(base[-1]) + 1 + taps
+    bank = np.zeros((phases, width), np.float64)
+    offsets = np.arange(taps)[None, :]
+    bank[p[:, None], base[:, None] + left - offsets] = audio._kaiser_sinc(frac[:, None] + i * step, scale)
+    bank[p[:, None], base[:, None] + left + 1 + offsets] = audio._kaiser_sinc((scale - frac)[:, None] + i * step, scale)
+    kernel = torch.from_numpy(bank.astype(np.float32))[:, None, :]
+    del bank
+    length = x.size * sr_out // sr_in
+    blocks = -(-length // phases)
+    right = max(0, (blocks - 1) * stride + width - left - x.size)
+    padded = np.zeros(left + x.size + right, np.float32)
+    padded[left: left + x.size] = x
+    with torch.inference_mode():
+        y = torch.nn.functional.conv1d(torch.from_numpy(padded)[None, None], kernel, stride=stride)
+        return y[0, :, :blocks].T.reshape(-1)[:length].numpy().copy()
+
+
+@pytest.mark.parametrize("sr_in, seconds", [(1601, 0.5), (1601, 3.0), (1601, 14.0), (3203, 8.0), (44100, 2.0), (48000, 2.0)])
+def test_resample_in_blocks_of_phases_equals_the_whole_bank(sr_in, seconds, monkeypatch):
+    """1601 and 3203 Hz share no factor with 16 kHz: 16,000 phases, banks of 104 and 202 MB that
+    are now applied in blocks of at most BANK_BYTES; the output is bit for bit the former one.
+    44.1/48 kHz (small banks, one conv1d as before) are unchanged too."""
+    built = []
+    dense = audio.PhaseWeights.dense
+    monkeypatch.setattr(audio.PhaseWeights, "dense", lambda self, lo, hi: (built.append((hi - lo) * self.width * 4),
+                                                                          dense(self, lo, hi))[1])
+    audio._kernel_bank.cache_clear()
+    x = (np.random.default_rng(sr_in).standard_normal(int(sr_in * seconds)) * 0.3).astype(np.float32)
+    ours = audio.resample(x, sr_in, SR)
+    want = former_resample(x, sr_in, SR)
+    assert ours.shape == want.shape and np.array_equal(ours, want), float(np.abs(ours - want).max())
+    assert max(built) <= audio.BANK_BYTES
+    whole = audio._phase_weights(sr_in, SR).phases * audio._phase_weights(sr_in, SR).width * 4
+    assert (len(built) > 1) == (whole > audio.BANK_BYTES)
+
+
+@pytest.mark.parametrize("sr_in", [11127, 44099])
+def test_the_bank_memory_is_bounded_for_any_rate(sr_in, monkeypatch):
+    """11,127 Hz and a mislabelled 44,099 Hz: the whole banks would be 0.69 and 2.8 GB (1.5 and
+    5.7 GB while built in float64); blocks of at most BANK_BYTES are built instead, from compact
+    weights of a few MB, and the output is resampy's kaiser_best (float64 transcription)."""
+    built = []
+    dense = audio.PhaseWeights.dense
+    monkeypatch.setattr(audio.PhaseWeights, "dense", lambda self, lo, hi: (built.append((hi - lo) * self.width * 4),
+                                                                          dense(self, lo, hi))[1])
+    audio._phase_weights.cache_clear()
+    audio._kernel_bank.cache_clear()
+    weights = audio._phase_weights(sr_in, SR)
+    assert weights.phases == 16000 and weights.phases * weights.width * 4 > 650 * 2 ** 20  # what it would be
+    assert weights.nbytes < 20 * 2 ** 20
+    x = (np.random.default_rng(1).standard_normal(int(sr_in * 0.2)) * 0.3).astype(np.float32)
+    ours = audio.resample(x, sr_in, SR)
+    assert built and max(built) <= audio.BANK_BYTES
+    assert audio._kernel_bank.cache_info().currsize == 0  # the whole bank was never built
+    ref = ref_resampy_kaiser_best(x.astype(np.float64), sr_in, SR)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    audio._phase_weights.cache_clear()

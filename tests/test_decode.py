@@ -285,25 +285,29 @@ def peak_hz(wave: np.ndarray, rate: int = 16000) -> float:
 
 
 def test_native_sample_rate_is_the_stream_rate(clips):
-    from extract.decode import _native_sample_rate
+    from extract.sources import AudioStream, NoAudioStream
 
-    assert _native_sample_rate(str(clips["six"])) == 48000
-    assert _native_sample_rate(str(clips["low"])) == 8000
-    assert _native_sample_rate(str(clips["full"])) == 16000
-    with pytest.raises(ValueError, match="no audio stream"):
-        _native_sample_rate(str(clips["silent"]))
+    for name, rate in [("six", 48000), ("low", 8000), ("full", 16000)]:
+        stream = AudioStream(str(clips[name]))
+        assert stream.rate == rate
+        stream.close()
+    with pytest.raises(NoAudioStream, match="no audio stream"):
+        AudioStream(str(clips["silent"]))
 
 
 def test_native_sample_rate_is_that_of_the_stream_decord_decodes(tmp_path):
-    """With two audio streams decord decodes the first (not FFmpeg's "best"): the rate must be its."""
+    """With two audio streams decord decoded the first (not FFmpeg's "best"): so do we, at its rate."""
     import av
 
-    from extract.decode import _native_sample_rate, read_audio
+    from extract.decode import read_audio
+    from extract.sources import AudioStream
 
     path = write_two_audio_streams(tmp_path / "two.mp4")
     with av.open(str(path)) as container:
         assert container.streams.best("audio").codec_context.sample_rate == 48000  # the trap
-    assert _native_sample_rate(str(path)) == 8000
+    stream = AudioStream(str(path))
+    assert (stream.rate, stream.channels, stream.stream.index) == (8000, 1, 1)
+    stream.close()
     wave, info = read_audio(str(path), 0.0, 2.0)
     assert info["audio_rate"] == 8000 and info["audio_channels"] == 1 and info["audio_resampler"] == "kaiser_best"
     assert wave.shape == (32000,)
@@ -312,12 +316,15 @@ def test_native_sample_rate_is_that_of_the_stream_decord_decodes(tmp_path):
 
 
 def test_native_sample_rate_on_the_real_two_stream_clip(media_dir):
-    from extract.decode import _native_sample_rate, read_audio
+    from extract.decode import read_audio
+    from extract.sources import AudioStream
 
     path = media_dir / "nasa_13013.mp4"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
-    assert _native_sample_rate(str(path)) == 8000  # stream #1; the "best" audio stream (#4) is 16 kHz
+    stream = AudioStream(str(path))
+    assert stream.rate == 8000  # stream #1; the "best" audio stream (#4) is 16 kHz
+    stream.close()
     wave, info = read_audio(str(path), 0.0, 10.0)
     assert info["audio_rate"] == 8000 and info["audio_channels"] == 2 and wave.shape == (160000,)
 
@@ -328,7 +335,7 @@ def test_reading_the_rate_leaves_stdout_alone(tmp_path, capfd):
     so lines written meanwhile by other threads vanished, or broke the parse of the rate)."""
     import threading
 
-    from extract.decode import _native_sample_rate, read_audio
+    from extract.decode import read_audio
 
     path = write_indexed_clip(tmp_path / "tiny.mp4", 0.2, audio=tone(0.2, 48000, 440.0), sample_rate=48000)
     capfd.readouterr()
@@ -358,7 +365,6 @@ def test_reading_the_rate_leaves_stdout_alone(tmp_path, capfd):
     assert len(written) > 100
     assert lines == [f"line {k}" for k in written], f"{len(written) - len(lines)} of {len(written)} lines lost"
     assert rates == [(48000, "kaiser_best", (1600,))] * 60
-    assert _native_sample_rate(str(path)) == 48000
 
 
 def test_no_file_descriptor_is_redirected(clips, monkeypatch):
@@ -372,17 +378,22 @@ def test_no_file_descriptor_is_redirected(clips, monkeypatch):
     assert video.info["audio_rate"] == 48000 and video.audio.shape == (48000,)
 
 
-def test_unreadable_sample_rate_makes_the_audio_unusable(clips, monkeypatch):
-    """No decord fallback resampling: without the native rate there is no audio, with the reason."""
-    import extract.decode as decode
+def test_unreadable_sample_rate_fails_the_window(clips, monkeypatch):
+    """No decord fallback resampling and no silent visual-only row: an audio stream whose rate
+    cannot be read fails the window with the reason (a failed row, retried by --retry-failed)."""
+    import extract.sources as sources
+    from extract.decode import read_audio
 
-    def unreadable(path):
-        raise ValueError("audio stream #1 declares no sample rate (0)")
+    class NoRate(sources.AudioStream):
+        def __init__(self, path):
+            raise sources.AudioDecodeError("audio stream #1 declares no sample rate (0)")
 
-    monkeypatch.setattr(decode, "_native_sample_rate", unreadable)
-    wave, info = decode.read_audio(str(clips["six"]), 0.0, 3.0)
-    assert wave is None
-    assert info == {"audio_error": "audio sample rate unreadable: audio stream #1 declares no sample rate (0)"}
-    video = decode_video(VideoRequest("six", str(clips["six"])), [grid(2)], segments=3, audio=True)
-    assert video.audio is None and video.info["audio_error"].startswith("audio sample rate unreadable")
-    assert "audio_resampler" not in video.info and video.frame_valid["id2"].all()
+    monkeypatch.setattr(sources, "AudioStream", NoRate)
+    sources.SOURCES.clear()
+    with pytest.raises(DecodeError, match=r"^the audio stream cannot be decoded: audio stream #1 declares no sample rate \(0\)$"):
+        read_audio(str(clips["six"]), 0.0, 3.0)
+    with pytest.raises(DecodeError, match="declares no sample rate"):
+        decode_video(VideoRequest("six", str(clips["six"])), [grid(2)], segments=3, audio=True)
+    # without audio the same file decodes: only its audio is broken
+    video = decode_video(VideoRequest("six", str(clips["six"])), [grid(2)], segments=3, audio=False)
+    assert video.audio is None and video.frame_valid["id2"].all()

@@ -216,6 +216,83 @@ def test_a_hung_decode_is_killed_and_the_run_goes_on(data, extractors, tmp_path)
     assert store.reasons()[1] == "decode timed out after 8 s (worker killed)"
 
 
+def audio_io_error_once(request, grids, segments, audio):
+    """decode_video, except that reading the audio packets of video "a" fails once with an I/O
+    error (EIO, as a flaky network disk gives: file a.mp4, whatever its key); a marker file beside the clip remembers that it
+    happened, since the run's decode workers are processes."""
+    import errno
+
+    import extract.sources as sources
+
+    marker = Path(request.path + ".io-error-once")
+    if Path(request.path).name != "a.mp4" or marker.exists():
+        return decode_video(request, grids, segments, audio)
+    marker.touch()
+    sources.SOURCES.clear()
+    original = sources.AudioStream.__init__
+
+    def failing_init(self, path):
+        original(self, path)
+
+        def packets():
+            raise OSError(errno.EIO, "Input/output error")
+            yield  # a generator
+
+        self._packets = packets()
+
+    sources.AudioStream.__init__ = failing_init
+    try:
+        return decode_video(request, grids, segments, audio)
+    finally:
+        sources.AudioStream.__init__ = original
+
+
+def test_an_audio_read_error_fails_the_row_and_retry_failed_makes_it_done(data, extractors, tmp_path):
+    """An audio stream that exists but cannot be read is a failed row with its reason (not a done
+    row without audio), skipped by a plain rerun, computed again by --retry-failed; through the
+    cache it is never served: the next run computes it again."""
+    import functools
+    import shutil
+
+    from extract.cache import extract_with_cache
+    from extract.run import run_extraction
+
+    for name in ("a", "f"):
+        shutil.copy(data / f"{name}.mp4", tmp_path / f"{name}.mp4")
+    requests = [VideoRequest(name, str(tmp_path / f"{name}.mp4")) for name in ("a", "f")]
+    pipeline = make_pipeline(data)
+    path = tmp_path / "s.zarr"
+    run = functools.partial(run_extraction, pipeline, requests, store_path=path, progress=False, extractors=extractors,
+                            decode_fn=audio_io_error_once)
+    first = run()
+    assert (first.done, first.failed) == (1, 1)
+    store = open_store(path)
+    reason = store.reasons()[0]
+    assert reason == ("the audio stream cannot be decoded: reading audio packets failed after 0 samples: "
+                      "OSError: [Errno 5] Input/output error"), reason
+    assert store.status().tolist() == [STATUS_FAILED, STATUS_DONE]
+    assert run().skipped_failed == 1 and open_store(path).status()[0] == STATUS_FAILED
+    retried = run(retry_failed=True)
+    assert (retried.done, retried.retried_ok, retried.failed) == (1, 1, 0)
+    store = open_store(path)
+    assert store.status().tolist() == [STATUS_DONE, STATUS_DONE] and store.reasons()[0] == ""
+    grids = [e.frame_grid for e in extractors if e.frame_grid is not None]
+    video = decode_video(requests[0], grids, T, True)
+    np.testing.assert_array_equal(store.read("audio", [0])[0], extractors[1].compute([video])[0]["audio"])
+
+    # through the shared cache: the failed row is the project's record, the cache never serves it
+    (tmp_path / "a.mp4.io-error-once").unlink()
+    runner = functools.partial(run_extraction, extractors=extractors, decode_fn=audio_io_error_once)
+    cached = functools.partial(extract_with_cache, pipeline, requests, root=tmp_path / "cache", progress=False,
+                               runner=runner)
+    one = cached(store_path=tmp_path / "p1.zarr")
+    assert (one.done, one.failed, one.computed) == (1, 1, 2)
+    assert open_store(tmp_path / "p1.zarr").reasons()[0].startswith("the audio stream cannot be decoded")
+    two = cached(store_path=tmp_path / "p2.zarr")  # another project: "a" is computed again, "f" reused
+    assert (two.done, two.failed, two.computed, two.reused) == (2, 0, 1, 1)
+    assert open_store(tmp_path / "p2.zarr").status().tolist() == [STATUS_DONE, STATUS_DONE]
+
+
 def test_split_names_comma_lists_and_all(tmp_path):
     from extract.requests import collect_requests, resolve_splits
 

@@ -369,6 +369,16 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _check_device(device: str | None) -> None:
+    """A UserError (one line, exit 2) for a device torch cannot use, before any work."""
+    from extract.devices import resolve_device
+
+    try:
+        resolve_device(device, check=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 @main.command("bench")
 @click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-bench", show_default=True, help="Where the synthetic store and h5 files are made (once) and reused.")
 @click.option("--head", "head_name", default=None, help="Head to time (default: dmrn when registered, else the first registered head).")
@@ -386,6 +396,7 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     from .bench import run_benchmark
 
     setup_logging(obj["verbose"])
+    _check_device(device)
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
@@ -487,6 +498,7 @@ def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_r
     from .tasks.sol_task import render_videos
 
     setup_logging(obj["verbose"])
+    _check_device(device)
     pipeline = resolve(obj["config"], obj["sets"])
     try:
         paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,

@@ -47,11 +47,14 @@ Probabilities are the softmax of the head's scores; the label of a second is the
 prediction rule (:meth:`train.heads.base.Head.predict`, e.g. CMBS predicts background unless its
 event score passes 0.5), which is what the run's accuracy counted.
 
-A video that cannot be predicted (missing, unreadable, no audio stream, failed extraction) gets a
-result with ``error`` set and no outputs; the others are predicted. Imports no decoder at import time.
+A video that cannot be predicted (missing, unreadable, no audio stream, failed extraction, its
+``predictions.csv`` / ``.json`` not writable) gets a result with ``error`` set; the others are
+predicted. The two prediction files are written whole or not at all (a temporary file renamed);
+a picture that fails is a warning in ``outputs["warning"]``. Imports no decoder at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -251,7 +254,9 @@ def video_ids(paths: Sequence[Path]) -> list[str]:
 
 def probe_duration(path: Path) -> float:
     """Seconds of a video (the longest of its container, video and audio streams), read with
-    PyAV without decoding. Raises ValueError naming the file when it is missing or unreadable."""
+    PyAV without decoding. A file whose header gives no duration (Matroska/WebM written live, e.g.
+    by a browser) is measured from its packets instead (:func:`_packet_duration`: one pass over
+    the file, nothing decoded). Raises ValueError naming the file when it is missing or unreadable."""
     if not path.exists():
         raise ValueError(f"{path}: file not found")
     if not path.is_file() or path.stat().st_size == 0:
@@ -267,6 +272,8 @@ def probe_duration(path: Path) -> float:
             for stream in list(container.streams.video) + list(container.streams.audio):
                 if stream.duration and stream.time_base:
                     candidates.append(float(stream.duration * stream.time_base))
+            if has_video and not any(c > 0 for c in candidates):
+                candidates.append(_packet_duration(container))
     except Exception as exc:  # noqa: BLE001 - PyAV raises many error types; the video is reported
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ValueError(f"{path}: cannot be read as a video ({reason}); is the file complete?") from None
@@ -275,6 +282,23 @@ def probe_duration(path: Path) -> float:
     if not candidates or max(candidates) <= 0:
         raise ValueError(f"{path}: the container gives no duration")
     return max(candidates)
+
+
+def _packet_duration(container) -> float:
+    """Seconds from the first to the end of the last packet of any video or audio stream
+    (presentation times; a packet without a duration ends where it starts)."""
+    streams = list(container.streams.video) + list(container.streams.audio)
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for packet in container.demux(streams):
+        if packet.size == 0 or packet.pts is None or packet.time_base is None:
+            continue
+        start = float(packet.pts * packet.time_base)
+        end = start + float((packet.duration or 0) * packet.time_base)
+        index = packet.stream.index
+        first[index] = min(first.get(index, start), start)
+        last[index] = max(last.get(index, end), end)
+    return max((last[i] - first[i] for i in last), default=0.0)
 
 
 def window_starts(duration: float, segments: int) -> list[int]:
@@ -525,11 +549,37 @@ def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, cl
     return events
 
 
+def _read_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
+    """Array ``name`` at store rows ``rows`` (any order, unique), in that order."""
+    from .data import read_rows
+
+    order = np.argsort(rows)
+    out = read_rows(store, name, rows[order])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return out[inverse]
+
+
+def _run_head_in_batches(run: LoadedRun, store, rows: np.ndarray, device: str = "cpu", batch: int = PREDICT_BATCH
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`run_head` on the windows at store rows ``rows`` (in order), reading the features of
+    ``batch`` windows at a time, so that a long video never holds all its features at once (an
+    hour is 360 windows, 360 MB of 7x7x512 maps); returns what :func:`run_head` returns."""
+    labels, probs, atts = [], [], []
+    for lo in range(0, len(rows), batch):
+        part = rows[lo:lo + batch]
+        label_ids, p, a = run_head(run, _read_in_order(store, "audio", part), _read_in_order(store, "visual", part),
+                                   device, batch)
+        labels.append(label_ids)
+        probs.append(p)
+        atts.append(a)
+    attention = None if any(a is None for a in atts) else np.concatenate(atts)
+    return np.concatenate(labels), np.concatenate(probs), attention
+
+
 def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: str = "cpu") -> list[VideoResult]:
     """Per-video results from the rows of the predict store (windows in order, stitched)."""
     from extract.store import STATUS_DONE
-
-    from .data import read_rows
 
     ids = {str(k): i for i, k in enumerate(store.ids.tolist())}
     status = np.asarray(store.array("status")[:])
@@ -554,11 +604,7 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
         if bad:
             res.error = f"{plan.path}: feature extraction failed: {str(reasons[bad[0]])}"
             continue
-        order = np.argsort(rows)
-        sorted_rows = rows[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        valid = read_rows(store, "valid", sorted_rows)[inverse].astype(bool).reshape(-1)
+        valid = _read_in_order(store, "valid", rows).astype(bool).reshape(-1)
         if not valid.any():
             note = str(reasons[int(rows[0])]) or "no second has both audio and visual features"
             res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "
@@ -568,9 +614,7 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
             label_ids, probs, attention = run_sol_head(run, store, rows, device)
             res.map_kind = "sounding_object"
         else:
-            audio = read_rows(store, "audio", sorted_rows)[inverse]
-            visual = read_rows(store, "visual", sorted_rows)[inverse]
-            label_ids, probs, attention = run_head(run, audio, visual, device)
+            label_ids, probs, attention = _run_head_in_batches(run, store, rows, device)
         seconds = int(np.flatnonzero(valid)[-1]) + 1
         res.seconds = seconds
         res.valid = valid[:seconds]
@@ -586,6 +630,20 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
 # outputs
 
 
+@contextlib.contextmanager
+def _atomic(path: Path, newline: str | None = None):
+    """A text file written whole or not at all: into ``path.tmp``, renamed over ``path`` at the end."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline=newline) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: bool = True,
                         overlay_video: bool = False) -> None:
     """predictions.csv / .json, timeline.png, attention.png (heads with attention), overlay.mp4
@@ -595,7 +653,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
     names = run.class_names
     conf = res.confidence()
     csv_path = folder / "predictions.csv"
-    with open(csv_path, "w", newline="") as fh:
+    with _atomic(csv_path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["video_id", "second", "label", "valid", "probability"] + [f"p_{n}" for n in names])
         for t in range(res.seconds):
@@ -613,7 +671,8 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         "features_fingerprint": run.features.get("fingerprint"),
     }
     json_path = folder / "predictions.json"
-    json_path.write_text(json.dumps(doc, indent=1))
+    with _atomic(json_path) as fh:
+        fh.write(json.dumps(doc, indent=1))
     res.outputs["json"] = str(json_path)
     sol_maps = res.map_kind == "sounding_object"
     map_name = "sounding_object" if sol_maps else "attention"
@@ -631,21 +690,57 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
                                                        folder / "timeline.png", title, background=names[-1]))
         if res.attention is not None:
             try:
-                frames = pp.read_frames(res.path, [t + 0.5 for t in range(res.seconds)])
-                if sol_maps:
-                    drawn = pp.plot_sol_strip(frames, res.attention, res.labels, conf, folder / "sounding_object.png", title)
-                    boxes = [None if np.isnan(b).any() else [round(float(x), 1) for x in b] for b in drawn["boxes"]]
-                    doc["sounding_object_boxes"] = boxes  # per second, x0 y0 x1 y1 on the 224 x 224 frame
-                    json_path.write_text(json.dumps(doc, indent=1))
-                else:
-                    drawn = pp.plot_attention_strip(frames, res.attention, res.labels, conf, folder / "attention.png", title)
-                res.outputs[map_name] = str(drawn["path"])
+                _write_strips(res, folder, map_name, sol_maps, conf, title, doc, json_path)
             except ValueError as exc:
                 log.warning("%s: no %s strip: %s", res.video_id, map_name, exc)
     if overlay_video:
         res.outputs["overlay"] = str(pp.write_overlay_video(res.path, folder / "overlay.mp4", res.attention,
                                                             res.labels, conf, class_names=names,
                                                             background=names[-1]))
+
+
+def strip_name(map_name: str, lo: int, pages: int) -> str:
+    """File of the strip page starting at second ``lo``: ``attention.png`` when the video has one
+    page, else ``attention-000m.png``, ``attention-001m.png``, ... (the page's first minute)."""
+    from .predict_plots import STRIP_SECONDS
+
+    if pages == 1:
+        return f"{map_name}.png"
+    return f"{map_name}-{lo // 60:03d}m.png" if STRIP_SECONDS == 60 else f"{map_name}-{lo:05d}s.png"
+
+
+def _write_strips(res: VideoResult, folder: Path, map_name: str, sol_maps: bool, conf: np.ndarray, title: str,
+                  doc: dict[str, Any], json_path: Path) -> None:
+    """The attention (or sounding-object) strip in pages of :data:`train.predict_plots.STRIP_SECONDS`
+    seconds: each page reads only its own frames (one per second, at its middle) and draws at
+    most that many panels, so a long video never holds all its frames or builds thousands of axes
+    at once. ``res.outputs[map_name]`` is the first page; with several pages
+    ``res.outputs[map_name + "_pages"]`` is the glob of them all."""
+    from . import predict_plots as pp
+
+    pages = pp.strip_pages(res.seconds)
+    boxes: list = []
+    first = None
+    for lo, hi in pages:
+        frames = pp.read_frames(res.path, [t + 0.5 for t in range(lo, hi)])
+        path = folder / strip_name(map_name, lo, len(pages))
+        page_title = title if len(pages) == 1 else f"{title}  [{lo}-{hi} s]"
+        if sol_maps:
+            drawn = pp.plot_sol_strip(frames, res.attention[lo:hi], res.labels[lo:hi], conf[lo:hi], path, page_title,
+                                      start=lo)
+            boxes.extend(None if np.isnan(b).any() else [round(float(x), 1) for x in b] for b in drawn["boxes"])
+        else:
+            drawn = pp.plot_attention_strip(frames, res.attention[lo:hi], res.labels[lo:hi], conf[lo:hi], path,
+                                            page_title, start=lo)
+        first = first or drawn["path"]
+        del frames, drawn
+    res.outputs[map_name] = str(first)
+    if len(pages) > 1:
+        res.outputs[f"{map_name}_pages"] = str(folder / f"{map_name}-*.png")
+    if sol_maps:
+        doc["sounding_object_boxes"] = boxes  # per second, x0 y0 x1 y1 on the 224 x 224 frame
+        with _atomic(json_path) as fh:
+            fh.write(json.dumps(doc, indent=1))
 
 
 SUMMARY_COLUMNS = ("video_id", "status", "seconds", "events", "main_event", "event_seconds", "path", "error")
@@ -757,8 +852,13 @@ def predict_videos(
         if res.ok:
             try:
                 write_video_outputs(res, out, loaded, plots=plots, overlay_video=overlay_video)
-            except Exception as exc:  # noqa: BLE001 - one video's pictures never stop the others
-                log.warning("%s: outputs incomplete: %s: %s", res.video_id, type(exc).__name__, exc)
-                res.outputs["warning"] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one video's outputs never stop the others
+                if "csv" in res.outputs and "json" in res.outputs:  # the predictions are written: pictures failed
+                    log.warning("%s: outputs incomplete: %s: %s", res.video_id, type(exc).__name__, exc)
+                    res.outputs["warning"] = f"{type(exc).__name__}: {exc}"
+                else:
+                    res.error = (f"{res.path}: the predictions could not be written to {out / res.video_id}: "
+                                 f"{type(exc).__name__}: {exc}")
+                    log.error("%s", res.error)
     write_summary(results, out)
     return results

@@ -47,8 +47,17 @@ def main(videos, run_dir, checkpoint, manifest, video_root, out, store, no_cache
     Exit code: 0 every video predicted, 1 some video failed, 2 nothing could run.
     """
     setup_logging(verbose)
+    from extract.devices import resolve_device
+
     from .predict import PredictError, predict_videos, summary_text
 
+    try:
+        device = resolve_device(device, check=True)
+        if extract_device:
+            extract_device = resolve_device(extract_device, check=True)
+    except ValueError as exc:
+        print(f"avel-predict: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         results = predict_videos(videos, run=run_dir, checkpoint=checkpoint, manifest=manifest, video_root=video_root, out=out, store=store,
                                  cache=not no_cache, cache_root=cache_root, device=device, extract_device=extract_device,

@@ -8,6 +8,7 @@ Plain numpy in, files out; no dependency on the heads or the prediction classes.
 - :func:`plot_timeline` — label track (event spans) over the per-second confidence;
 - :func:`plot_attention_strip` — one panel per second: the frame with the head's attention map;
 - :func:`plot_sol_strip` — one panel per second: the sounding-object map and its Otsu box;
+- :func:`strip_pages` — the strips of a long video in pages of :data:`STRIP_SECONDS` seconds;
 - :func:`write_overlay_video` — the whole video with the attention overlay and a label track (MP4).
 
 Heat maps: each second's map is upsampled bilinearly to the frame (:func:`train.sol_metrics.resize_map`,
@@ -40,6 +41,9 @@ __all__ = [
     "plot_attention_strip",
     "plot_sol_strip",
     "write_overlay_video",
+    "strip_pages",
+    "STRIP_SECONDS",
+    "MAX_STRIP_PANELS",
     "PANEL_WIDTH_IN",
     "PANEL_HEIGHT_IN",
     "STRIP_TITLE_IN",
@@ -49,6 +53,10 @@ __all__ = [
 #: seconds ahead of the last decoded frame; farther targets are reached by a seek
 SEEK_GAP_S = 8.0
 #: strip panels: inches per panel (width, height incl. its title) and of the figure title; at dpi 100
+#: (avel-predict draws a strip per :data:`STRIP_SECONDS` seconds; one figure takes at most
+#: :data:`MAX_STRIP_PANELS` panels: 60 rows of 10 are 129 in high, under matplotlib's 2^16 pixels)
+STRIP_SECONDS = 60
+MAX_STRIP_PANELS = 600
 PANEL_WIDTH_IN = 1.9
 PANEL_HEIGHT_IN = 2.15
 STRIP_TITLE_IN = 0.45
@@ -117,7 +125,8 @@ def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resiz
         Rotation metadata is applied (a 90-degree phone video comes out upright, as with decord).
 
     One container, one forward pass over the sorted times; it seeks only to reach a time more than
-    :data:`SEEK_GAP_S` ahead. Raises ValueError naming the file when it is missing, not a video,
+    :data:`SEEK_GAP_S` ahead (of the last decoded frame, or of the start), so reading the frames of
+    one minute of a long video decodes about that minute, wherever it lies. Raises ValueError naming the file when it is missing, not a video,
     has no video stream or no decodable frame.
     """
     from extract.frames import prepare_frames
@@ -152,7 +161,7 @@ def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resiz
             target = float(times[k])
             last_seen = nxt[0] if nxt is not None else (prev[0] if prev is not None else None)
             if frames_iter is None or (last_seen is not None and not exhausted and target - last_seen > SEEK_GAP_S):
-                if frames_iter is not None:
+                if frames_iter is not None or target > SEEK_GAP_S:  # (the first target: seek unless near the start)
                     offset = int(max(0.0, target - 1.0) / float(stream.time_base))
                     container.seek(offset + int(stream.start_time or 0), stream=stream, backward=True, any_frame=False)
                 frames_iter = container.decode(stream)
@@ -348,10 +357,22 @@ def plot_timeline(
 # strips of frames
 
 
+def strip_pages(seconds: int, per_page: int = STRIP_SECONDS) -> list[tuple[int, int]]:
+    """The seconds ``[lo, hi)`` of each strip picture of a ``seconds``-long timeline: one page per
+    ``per_page`` seconds (the last may be shorter); one page (possibly empty) for short videos."""
+    per_page = max(1, int(per_page))
+    return [(lo, min(seconds, lo + per_page)) for lo in range(0, max(int(seconds), 1), per_page)]
+
+
 def _strip_figure(count: int, columns: int, title: str):
     """(plt, fig, axes list of ``count`` axes): ``columns`` panels per row, rest switched off.
-    Figure: ``min(columns, count) * PANEL_WIDTH_IN`` wide, ``rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN`` high."""
+    Figure: ``min(columns, count) * PANEL_WIDTH_IN`` wide, ``rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN`` high.
+    More than :data:`MAX_STRIP_PANELS` panels is a ValueError (draw pages, :func:`strip_pages`)."""
     from .plots import pyplot
+
+    if count > MAX_STRIP_PANELS:
+        raise ValueError(f"a strip of {count} panels is too large for one figure (at most {MAX_STRIP_PANELS}); "
+                         f"draw it in pages of {STRIP_SECONDS} seconds (train.predict_plots.strip_pages)")
 
     plt = pyplot()
     columns = max(1, min(int(columns), max(count, 1)))
@@ -400,6 +421,7 @@ def plot_attention_strip(
     path: str | Path,
     title: str = "",
     columns: int = 10,
+    start: int = 0,
 ) -> dict[str, Any]:
     """A grid of panels, one per second (``columns`` per row): the frame with the head's attention.
 
@@ -407,6 +429,7 @@ def plot_attention_strip(
         frames: uint8 [S, H, W, 3], one frame per second (:func:`read_frames`).
         attention: [S, h, w] or [S, h*w] (:func:`attention_grid`), or None: the frames only.
         labels: [S] predicted labels; confidence: [S] their probabilities (NaN: not shown).
+        start: the second of the first panel (a page of a longer video), for the panel titles.
 
     Each map is upsampled bilinearly to H x W (:func:`train.sol_metrics.resize_map`), min-max
     normalised per second and drawn as the jet heat map at opacity 0.5 over the frame
@@ -432,7 +455,7 @@ def plot_attention_strip(
     for t, ax in enumerate(axes):
         image = frames[t] if maps is None else sol.heatmap_overlay(frames[t], sol.normalize_map(maps[t]), alpha=0.5)
         ax.imshow(image, interpolation="nearest")
-        _panel_text(ax, _panel_title(t, labels[t], conf[t]))
+        _panel_text(ax, _panel_title(start + t, labels[t], conf[t]))
     out = save_figure(fig, path)
     return {"path": out, "maps": maps, "cells": cells}
 
@@ -446,12 +469,14 @@ def plot_sol_strip(
     title: str = "",
     columns: int = 10,
     floor: float = 0.5,
+    start: int = 0,
 ) -> dict[str, Any]:
     """The sounding-object strip (stm head): per second the normalised map and its Otsu box.
 
     Args:
         frames: uint8 [S, H, W, 3]; maps: [S, h, w] (or [S, h*w]) sounding-object map per second;
-        labels: [S]; confidence: [S]; floor: pre-Otsu floor (:func:`train.sol_metrics.boxes_from_map`).
+        labels: [S]; confidence: [S]; floor: pre-Otsu floor (:func:`train.sol_metrics.boxes_from_map`);
+        start: the second of the first panel (for the titles).
 
     Each map: resized to H x W (``resize_map``), min-max normalised (``normalize_map``), boxes by
     ``boxes_from_map(norm, floor)``, the box drawn is their ``enclosing_box`` (green), over the jet
@@ -481,7 +506,7 @@ def plot_sol_strip(
         if np.isfinite(boxes[t]).all():
             x0, y0, x1, y1 = boxes[t]
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=(0.0, 0.9, 0.0), lw=2))
-        _panel_text(ax, _panel_title(t, labels[t], conf[t]))
+        _panel_text(ax, _panel_title(start + t, labels[t], conf[t]))
     out = save_figure(fig, path)
     return {"path": out, "boxes": boxes, "maps": norms}
 
