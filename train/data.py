@@ -309,6 +309,27 @@ def make_batch(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchOrder:
+    """How one epoch walks the training split: ``shuffle`` = a new permutation drawn from the run's
+    generator (else the split's order, the manifest's, every epoch); ``drop_last`` = leave out the
+    last batch when it is smaller than the batch size (``n // batch_size`` batches, as the AVE-ECCV18
+    and PSP scripts do)."""
+
+    shuffle: bool = True
+    drop_last: bool = False
+
+
+def epoch_order(n: int, batch_size: int, order: BatchOrder, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The index batches of one epoch over ``n`` samples: positions [b] per batch, in the order of
+    ``order`` (a shuffle draws one ``torch.randperm(n, generator=generator)``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = torch.randperm(n, generator=generator) if order.shuffle else torch.arange(n)
+    stop = n - n % batch_size if order.drop_last else n
+    return [perm[start:start + batch_size] for start in range(0, stop, batch_size)]
+
+
 def iterate_batches(
     bank: FeatureBank,
     split: SplitData,
@@ -316,21 +337,23 @@ def iterate_batches(
     *,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    drop_last: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches over a split in order, or in a random order drawn from ``generator``.
+    """Batches over a split in order, or in a random order drawn from ``generator``
+    (:func:`epoch_order`); ``drop_last`` leaves out a last batch smaller than ``batch_size``.
 
     On CPU the visual rows are gathered and cast into two staging buffers reused for every batch
     (a fresh 64 MB tensor per batch costs more than the cast itself): a batch is valid until the
     next one is drawn. On a GPU the gather and cast happen on the device.
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    batches = epoch_order(n, batch_size, BatchOrder(shuffle, drop_last), generator)
     staging = None
     if bank.device.type == "cpu" and n > 0:
         shape = (min(batch_size, n),) + tuple(bank.visual.shape[1:])
         staging = (torch.empty(shape, dtype=bank.visual.dtype), torch.empty(shape, dtype=torch.float32))
-    for start in range(0, n, batch_size):
-        yield make_batch(bank, split, order[start : start + batch_size], staging)
+    for index in batches:
+        yield make_batch(bank, split, index, staging)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import cml_metrics as cml
-from ..data import TaskData, load_from_pipeline
+from ..data import BatchOrder, TaskData, epoch_order, load_from_pipeline
 from ..heads.base import total_loss
 from ..registry import register_task
 from ..runs import splits_to_load
@@ -141,20 +141,18 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
 
 
 def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
-                     generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos;
-    ``video`` [B] = the position of each row's video in ``train.keys``."""
+                     generator: torch.Generator, order: BatchOrder = BatchOrder()) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in the order of ``order`` (shuffled from ``generator`` by default): of single
+    segments for segment-wise heads (``flat``), else of videos; ``video`` [B] = the position of each
+    row's video in ``train.keys``."""
     if flat is not None:
-        n = flat["audio"].shape[0]
-        order = torch.randperm(n, generator=generator).to(flat["audio"].device)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        device = flat["audio"].device
+        for idx in epoch_order(flat["audio"].shape[0], batch_size, order, generator):
+            idx = idx.to(device)
             yield {k: v[idx] for k, v in flat.items()}
         return
-    n = len(train.keys)
-    order = torch.randperm(n, generator=generator).to(train.audio.device)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+    for idx in epoch_order(len(train.keys), batch_size, order, generator):
+        idx = idx.to(train.audio.device)
         yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx],
                "video": idx}
 
@@ -241,7 +239,7 @@ class CmlTask(Task):
         self.flat = train.flat_segments() if model.segment_wise else None
 
     def train_batches(self, model, batch_size, generator, rng):
-        return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator)
+        return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator, self.order)
 
     def batch_videos(self, batch) -> list[str]:
         """Store keys of the videos of a training batch's rows (segments or whole videos)."""
