@@ -24,7 +24,6 @@ read from the data instead. Deviations a test needs are arguments whose default 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 import warnings
@@ -102,11 +101,15 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` holding ``state`` (what ``torch.load`` of the saved model gives)."""
-    other = copy.deepcopy(model)
-    other.load_state_dict(state)
-    return other
+def _evaluate_with(model: nn.Module, state: Mapping[str, torch.Tensor], evaluate: Callable[[nn.Module], float]) -> float:
+    """``evaluate(model)`` with the weights ``state`` (what ``torch.load`` of the saved model gives);
+    the model's own weights are put back afterwards."""
+    own = _state(model)
+    model.load_state_dict(state)
+    try:
+        return evaluate(model)
+    finally:
+        model.load_state_dict(own)
 
 
 #: a callback of the measurement: ``(epoch, model)`` after each of the script's evaluations
@@ -234,7 +237,7 @@ def ave_eccv18_supervised(model: nn.Module, data: ReferenceData, epochs: int, ba
                 best_val_acc = val_acc  # :117
                 run.best_epoch, run.kept_state = epoch + 1, _state(model)  # :118 torch.save(net_model, ...)
     if run.kept_state is not None:  # test(): the saved model, test_order.h5 (:137-152)
-        run.test_accuracy = evaluate(data.orders["test"], _with_state(model, run.kept_state))
+        run.test_accuracy = _evaluate_with(model, run.kept_state, lambda net: evaluate(data.orders["test"], net))
     return run
 
 
