@@ -136,6 +136,7 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
                    visual_shape: Sequence[int] = (7, 7, 512), audio_dim: int = 128, seed: int = 0,
                    noise: float = 1.0, one_modality_share: float = 0.0, balanced: bool = False, rows_per_shard: int = 64,
                    prototype_scale: float = PROTOTYPE_SCALE, mislabelled_share: float = 0.0,
+                   events: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
                    id_prefix: str = "syn", store_name: str = "store.zarr", attrs: Mapping[str, Any] | None = None,
                    split_options: Mapping[str, Any] | None = None, pipeline_sections: Mapping[str, Any] | None = None,
                    pipeline_header: str = "") -> SyntheticStore:
@@ -152,7 +153,9 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
     relative to unit-variance noise (smaller = harder to tell the classes apart);
     ``mislabelled_share``: that share of the event rows carries the prototype of another class than
     its label (drawn uniformly among the others), in every split: an error no model can avoid,
-    which a model can only memorise on the training split (0 = none, and no extra draw)."""
+    which a model can only memorise on the training split (0 = none, and no extra draw);
+    ``events``: per split, ``(class index, onset, offset)`` of each of its event rows (e.g. AVE's own
+    annotations) in place of drawn ones; a split given must have as many as ``splits`` says."""
     import yaml
 
     directory = Path(directory)
@@ -170,6 +173,16 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
     cats, onsets, offsets = draw_labels(rng, rows, len(classes), segments)
     if balanced:
         cats = np.arange(rows) % len(classes)
+    start = 0
+    for split, n in splits.items():
+        if events and split in events:
+            given = np.asarray(events[split], dtype=np.int64).reshape(-1, 3)
+            if len(given) != n:
+                raise ValueError(f"events[{split!r}] has {len(given)} rows, splits[{split!r}] says {n}")
+            if given[:, 0].min(initial=0) < 0 or given[:, 0].max(initial=0) >= len(classes):
+                raise ValueError(f"events[{split!r}]: class indices must be in [0, {len(classes)})")
+            cats[start:start + n], onsets[start:start + n], offsets[start:start + n] = given.T
+        start += sizes[split]
     feature_cats = cats
     if mislabelled_share > 0:
         shifted = rng.random(rows) < mislabelled_share

@@ -131,3 +131,18 @@ def test_mislabelled_rows_carry_another_class_and_scale_sets_the_prototypes(tmp_
     scaled = make_synthetic(tmp_path / "scaled", splits={"train": 4}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
                             audio_dim=8, seed=5, noise=NOISE, prototype_scale=3.0, rows_per_shard=8)
     np.testing.assert_allclose(scaled.proto_audio, plain.proto_audio * 2.0, rtol=1e-6)  # default scale 1.5
+
+
+def test_given_events_replace_the_drawn_labels(tmp_path):
+    """``events``: per split, (class, onset, offset) of each event row, e.g. AVE's annotations."""
+    events = {"train": [(2, 0, 6), (0, 3, 5), (1, 2, 2)], "val": [(3, 1, 4)]}
+    written = make_synthetic(tmp_path, splits={"train": 3, "val": 1}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
+                             audio_dim=8, seed=1, noise=NOISE, events=events, rows_per_shard=4)
+    got = {split: [(CLASSES.index(s.category), s.onset, s.offset) for s in samples]
+           for split, samples in written.samples.items()}
+    assert got == events
+    for row, (cat, onset, offset) in enumerate(events["train"]):
+        has_a, has_v = carriers(written, row, cat)
+        np.testing.assert_array_equal(has_a & has_v, (np.arange(T) >= onset) & (np.arange(T) < offset))
+    with pytest.raises(ValueError, match="events\\['train'\\] has 3 rows"):
+        make_synthetic(tmp_path / "bad", splits={"train": 2}, classes=CLASSES, segments=T, events={"train": events["train"]})

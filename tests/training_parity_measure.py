@@ -2,7 +2,7 @@
 trainers (tests/reference_trainers.py), each with its OWN initialisation and batch order, on an
 AVE-sized synthetic store. Not a test (pytest does not collect it); run from the repository root::
 
-    python tests/training_parity_measure.py make-store /tmp/29-measure/store
+    python tests/training_parity_measure.py make-store /tmp/29-measure/store --ave ../shared/ave
     python tests/training_parity_measure.py run --store /tmp/29-measure/store --side avel --head dmrn \\
            --seed 0 --epochs 25 --out /tmp/29-measure/results.jsonl
     python tests/training_parity_measure.py run ... --side reference ...
@@ -50,18 +50,39 @@ def main():
 @click.option("--mislabelled", type=float, default=0.15, show_default=True, help="Share of event videos whose features carry another class.")
 @click.option("--one-modality", type=float, default=0.3, show_default=True, help="Share of background segments with the prototype in one modality.")
 @click.option("--sizes", default="3339,402,402", show_default=True, help="train,val,test videos (smaller: a smoke test).")
-def make_store(directory, seed, scale, mislabelled, one_modality, sizes):
+@click.option("--ave", "ave_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of AVE's Annotations.txt and {train,val,test}Set.txt: the store takes their classes, "
+                   "event windows and split sizes (features stay synthetic).")
+def make_store(directory, seed, scale, mislabelled, one_modality, sizes, ave_dir):
     """An AVE-sized synthetic store (3339 / 402 / 402 videos, T = 10, 28 classes + background)."""
     from extract.synthetic import make_synthetic
 
     splits = dict(zip(SPLITS, (int(n) for n in sizes.split(","))))
-    written = make_synthetic(directory, splits=splits, classes=[f"event{k:02d}" for k in range(EVENTS)], segments=T,
+    classes, events = [f"event{k:02d}" for k in range(EVENTS)], None
+    if ave_dir:
+        classes, events = ave_events(Path(ave_dir))
+        splits = {split: len(rows) for split, rows in events.items()}
+    written = make_synthetic(directory, splits=splits, classes=classes, segments=T, events=events,
                              seed=seed, one_modality_share=one_modality, prototype_scale=scale,
                              mislabelled_share=mislabelled, rows_per_shard=64,
                              attrs={"fingerprint": f"training-parity-{seed}-{scale}-{mislabelled}-{one_modality}",
                                     "extractor": {"name": "tests/training_parity_measure.py"},
                                     "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}})
     click.echo(f"wrote {written.store} and {written.pipeline}")
+
+
+def ave_events(ave_dir: Path) -> tuple[list[str], dict[str, list[tuple[int, int, int]]]]:
+    """AVE's classes (order of first appearance in Annotations.txt, the reference's indices) and,
+    per split, ``(class, onset, offset)`` of every video in the split file's order."""
+    from extract.ave import SPLIT_FILES, assign_split_rows, class_order, read_annotations
+
+    annotations = read_annotations(ave_dir / "Annotations.txt")
+    classes = class_order(annotations)
+    events = {}
+    for split, filename in SPLIT_FILES.items():
+        rows = assign_split_rows(annotations, ave_dir / filename)
+        events[split] = [(classes.index(annotations[r].category), annotations[r].start, annotations[r].end) for r in rows]
+    return classes, events
 
 
 def reference_model(head: str):
