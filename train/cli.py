@@ -294,6 +294,8 @@ def protocol_summary(protocol: dict) -> str:
     drop = ", last partial batch dropped" if protocol["drop_last"] else ""
     every = protocol["eval_every"]
     cadence = f"every {every} epochs from epoch {protocol['eval_first']}" if every > 1 else f"every epoch from epoch {protocol['eval_first']}"
+    if protocol.get("eval_last") and every > 1:
+        cadence += " and after the last"
     return f"{order}{drop}, {protocol['select_on']} evaluated {cadence}"
 
 
