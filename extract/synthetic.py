@@ -135,6 +135,8 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
                    background: Mapping[str, int] | None = None, extra_ids: Sequence[str] = (),
                    visual_shape: Sequence[int] = (7, 7, 512), audio_dim: int = 128, seed: int = 0,
                    noise: float = 1.0, one_modality_share: float = 0.0, balanced: bool = False, rows_per_shard: int = 64,
+                   prototype_scale: float = PROTOTYPE_SCALE, mislabelled_share: float = 0.0,
+                   events: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
                    id_prefix: str = "syn", store_name: str = "store.zarr", attrs: Mapping[str, Any] | None = None,
                    split_options: Mapping[str, Any] | None = None, pipeline_sections: Mapping[str, Any] | None = None,
                    pipeline_header: str = "") -> SyntheticStore:
@@ -147,7 +149,13 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
     ``store_name``: the store's folder name under ``directory``;
     ``pipeline_sections``: further top-level sections of pipeline.yaml; ``pipeline_header``: a
     comment written first; ``balanced``: row i has class i mod K (else drawn at random; the rest
-    of the numbers are the same either way)."""
+    of the numbers are the same either way); ``prototype_scale``: the prototypes' scale per dimension
+    relative to unit-variance noise (smaller = harder to tell the classes apart);
+    ``mislabelled_share``: that share of the event rows carries the prototype of another class than
+    its label (drawn uniformly among the others), in every split: an error no model can avoid,
+    which a model can only memorise on the training split (0 = none, and no extra draw);
+    ``events``: per split, ``(class index, onset, offset)`` of each of its event rows (e.g. AVE's own
+    annotations) in place of drawn ones; a split given must have as many as ``splits`` says."""
     import yaml
 
     directory = Path(directory)
@@ -165,6 +173,20 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
     cats, onsets, offsets = draw_labels(rng, rows, len(classes), segments)
     if balanced:
         cats = np.arange(rows) % len(classes)
+    start = 0
+    for split, n in splits.items():
+        if events and split in events:
+            given = np.asarray(events[split], dtype=np.int64).reshape(-1, 3)
+            if len(given) != n:
+                raise ValueError(f"events[{split!r}] has {len(given)} rows, splits[{split!r}] says {n}")
+            if given[:, 0].min(initial=0) < 0 or given[:, 0].max(initial=0) >= len(classes):
+                raise ValueError(f"events[{split!r}]: class indices must be in [0, {len(classes)})")
+            cats[start:start + n], onsets[start:start + n], offsets[start:start + n] = given.T
+        start += sizes[split]
+    feature_cats = cats
+    if mislabelled_share > 0:
+        shifted = rng.random(rows) < mislabelled_share
+        feature_cats = np.where(shifted, (cats + rng.integers(1, len(classes), rows)) % len(classes), cats)
     background_only = np.zeros(rows, bool)
     start = 0
     for split, n in splits.items():
@@ -173,8 +195,8 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
     background_only[manifest_rows:] = True
     onsets[background_only] = offsets[background_only] = 0
     one_modality = one_modality_mask(rng, onsets, offsets, segments, one_modality_share)
-    proto_visual = np.abs(rng.standard_normal((len(classes), visual_shape[-1]), dtype=np.float32)) * PROTOTYPE_SCALE
-    proto_audio = rng.standard_normal((len(classes), audio_dim), dtype=np.float32) * PROTOTYPE_SCALE
+    proto_visual = np.abs(rng.standard_normal((len(classes), visual_shape[-1]), dtype=np.float32)) * prototype_scale
+    proto_audio = rng.standard_normal((len(classes), audio_dim), dtype=np.float32) * prototype_scale
 
     manifests, samples, start = {}, {}, 0
     for split, size in sizes.items():
@@ -185,7 +207,7 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
 
     def shard_values(r: range) -> dict[str, np.ndarray]:
         sl = slice(r.start, r.stop)
-        return draw_features(rng, cats[sl], onsets[sl], offsets[sl], one_modality[sl], proto_visual, proto_audio,
+        return draw_features(rng, feature_cats[sl], onsets[sl], offsets[sl], one_modality[sl], proto_visual, proto_audio,
                              visual_shape, noise)
 
     attrs = dict(attrs) if attrs is not None else {

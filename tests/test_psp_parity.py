@@ -112,13 +112,13 @@ class RefPSP(nn.Module):
         beta_av = beta_va.permute(0, 2, 1)
         sum_v_to_a = torch.sum(beta_va, dim=-1, keepdim=True)
         beta_va = beta_va / (sum_v_to_a + 1e-8)
-        self.kept = (beta_va > thr_val).double().mean()  # share of pairs the pruning keeps
-        gamma_va = (beta_va > thr_val).double() * beta_va
+        self.kept = (beta_va > thr_val).to(beta_va.dtype).mean()  # share of pairs the pruning keeps
+        gamma_va = (beta_va > thr_val).to(beta_va.dtype) * beta_va  # fully_model.py:150 .float(): the mask in the model's dtype
         sum_v_to_a = torch.sum(gamma_va, dim=-1, keepdim=True)
         gamma_va = gamma_va / (sum_v_to_a + 1e-8)
         sum_a_to_v = torch.sum(beta_av, dim=-1, keepdim=True)
         beta_av = beta_av / (sum_a_to_v + 1e-8)
-        gamma_av = (beta_av > thr_val).double() * beta_av
+        gamma_av = (beta_av > thr_val).to(beta_av.dtype) * beta_av
         sum_a_to_v = torch.sum(gamma_av, dim=-1, keepdim=True)
         gamma_av = gamma_av / (sum_a_to_v + 1e-8)
         a_pos = torch.bmm(gamma_va, a_branch2)
@@ -159,11 +159,11 @@ class RefWeakPSP(nn.Module):
         beta_av = beta_va.permute(0, 2, 1)
         sum_v_to_a = torch.sum(beta_va, dim=-1, keepdim=True)
         beta_va = beta_va / (sum_v_to_a + 1e-8)
-        self.kept = (beta_va > thr_val).double().mean()
-        gamma_va = (beta_va > thr_val).double() * beta_va
+        self.kept = (beta_va > thr_val).to(beta_va.dtype).mean()
+        gamma_va = (beta_va > thr_val).to(beta_va.dtype) * beta_va
         sum_a_to_v = torch.sum(beta_av, dim=-1, keepdim=True)
         beta_av = beta_av / (sum_a_to_v + 1e-8)
-        gamma_av = (beta_av > thr_val).double() * beta_av
+        gamma_av = (beta_av > thr_val).to(beta_av.dtype) * beta_av
         a_pos = torch.bmm(gamma_va, a_branch2)
         v_psp = v_fea + a_pos
         v_pos = torch.bmm(gamma_av, v_branch1)

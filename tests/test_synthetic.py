@@ -110,3 +110,39 @@ def test_write_rows_writes_given_arrays_and_status(tmp_path):
     np.testing.assert_array_equal(store.read("visual"), visual)
     np.testing.assert_array_equal(store.read("audio"), audio)
     assert store.status().tolist() == status
+
+
+def test_mislabelled_rows_carry_another_class_and_scale_sets_the_prototypes(tmp_path):
+    """``mislabelled_share``: that share of the event rows carries another class's prototype on its
+    event window (the manifest keeps the label); ``prototype_scale`` scales the prototypes."""
+    written = make_synthetic(tmp_path, splits={"train": 40}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
+                             audio_dim=8, seed=5, noise=NOISE, mislabelled_share=0.5, prototype_scale=3.0,
+                             rows_per_shard=8)
+    shifted = 0
+    for row, sample in enumerate(written.samples["train"]):
+        label = CLASSES.index(sample.category)
+        carried = [cat for cat in range(len(CLASSES)) if carriers(written, row, cat)[0][sample.onset]]
+        assert len(carried) == 1  # one class's prototype on the event window
+        assert all(carriers(written, row, carried[0])[0][sample.onset:sample.offset])
+        shifted += carried[0] != label
+    assert 10 < shifted < 30  # about half of 40
+    plain = make_synthetic(tmp_path / "plain", splits={"train": 4}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
+                           audio_dim=8, seed=5, noise=NOISE, rows_per_shard=8)
+    scaled = make_synthetic(tmp_path / "scaled", splits={"train": 4}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
+                            audio_dim=8, seed=5, noise=NOISE, prototype_scale=3.0, rows_per_shard=8)
+    np.testing.assert_allclose(scaled.proto_audio, plain.proto_audio * 2.0, rtol=1e-6)  # default scale 1.5
+
+
+def test_given_events_replace_the_drawn_labels(tmp_path):
+    """``events``: per split, (class, onset, offset) of each event row, e.g. AVE's annotations."""
+    events = {"train": [(2, 0, 6), (0, 3, 5), (1, 2, 2)], "val": [(3, 1, 4)]}
+    written = make_synthetic(tmp_path, splits={"train": 3, "val": 1}, classes=CLASSES, segments=T, visual_shape=(5, 4, 16),
+                             audio_dim=8, seed=1, noise=NOISE, events=events, rows_per_shard=4)
+    got = {split: [(CLASSES.index(s.category), s.onset, s.offset) for s in samples]
+           for split, samples in written.samples.items()}
+    assert got == events
+    for row, (cat, onset, offset) in enumerate(events["train"]):
+        has_a, has_v = carriers(written, row, cat)
+        np.testing.assert_array_equal(has_a & has_v, (np.arange(T) >= onset) & (np.arange(T) < offset))
+    with pytest.raises(ValueError, match="events\\['train'\\] has 3 rows"):
+        make_synthetic(tmp_path / "bad", splits={"train": 2}, classes=CLASSES, segments=T, events={"train": events["train"]})

@@ -18,6 +18,7 @@ from train.cli import main
 from train.data import load_from_pipeline
 from train.evaluate import evaluate_split
 from train.loop import TEST_SELECTION_LABEL
+from train.protocol import Protocol
 from train.runs import parse_seeds, read_epochs_csv
 from train_testutils import TEST_HEAD, make_dataset, registered_test_head
 
@@ -109,6 +110,34 @@ def test_select_on_test_is_labelled(ds):
     assert m["selection"] == TEST_SELECTION_LABEL and m["weak_pool"] == "mean"
     assert TEST_SELECTION_LABEL in res.output
     assert f"test accuracy: {m['test_accuracy']:.4f}" in res.output.splitlines()[-1]
+
+
+def test_reference_protocol_runs_are_labelled(ds, linear_head):
+    """--protocol reference: the head's recorded protocol decides order, cadence and selection, and
+    every output says so (run folder, metrics.json, epochs.csv, the printed table, checkpoint)."""
+    linear_head.reference_protocols = {"supervised": Protocol(
+        "reference", script="example/repo train.py", shuffle=False, drop_last=True, select_on="val",
+        eval_first=1, eval_every=2, eval_last=False)}
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--epochs", 4, "--protocol", "reference")
+    assert res.exit_code == 0, res.output
+    assert "protocol: reference" in res.output  # the printed resolved config
+    group = ds["pipeline"].parent / "runs" / f"avel-{TEST_HEAD}-supervised-reference"
+    (d,) = sorted(group.glob("seed*"))
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["protocol"]["name"] == "reference" and m["protocol"]["label"] == "reference protocol (example/repo train.py)"
+    assert (m["protocol"]["shuffle"], m["protocol"]["drop_last"]) == (False, True)
+    rows = read_epochs_csv(d / "epochs.csv")
+    assert [r["epoch"] for r in rows if r["val_accuracy"]] == ["1", "3"]  # epochs 1, 3; not the last (4)
+    assert "trained with the reference protocol (example/repo train.py): one fixed order, last partial batch " \
+           "dropped, val evaluated every 2 epochs from epoch 1" in res.output
+    _, meta = load_checkpoint(d / "checkpoint.safetensors")
+    assert meta["protocol"] == "reference protocol (example/repo train.py)"
+    assert yaml.safe_load((d / "config.yaml").read_text())["train"]["protocol"] == "reference"
+    # a head without a recorded protocol: one line, exit 2, no run folder
+    linear_head.reference_protocols = {}
+    res = invoke("--config", ds["pipeline"], "--head", TEST_HEAD, "--epochs", 1, "--protocol", "reference")
+    assert res.exit_code == 2 and "no recorded reference training protocol" in res.output
+    assert sorted(group.glob("seed*")) == [d]
 
 
 def test_bad_store_fails_before_training(ds, tmp_path):

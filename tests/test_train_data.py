@@ -10,7 +10,8 @@ import zarr
 
 from extract.manifest import Sample, write_manifest
 from extract.store import StoreError, create_store, core_specs, ArraySpec
-from train.data import DataError, iterate_batches, load_task_data, make_batch, open_checked_store, read_rows
+from train.data import (BatchOrder, DataError, epoch_order, iterate_batches, load_task_data, make_batch, open_checked_store,
+                        read_rows)
 from train_testutils import CLASSES, make_dataset, write_store
 
 torch.set_num_threads(1)
@@ -62,6 +63,26 @@ def test_batches_cast_visual_and_follow_the_index(ds):
             row = ds["ids"].index(ds["samples"]["train"][i].key)
             np.testing.assert_array_equal(b["visual"][j].numpy(), ds["visual"][row].astype(np.float32))
             np.testing.assert_array_equal(b["audio"][j].numpy(), ds["audio"][row])
+
+
+def test_batch_orders_fixed_shuffled_and_without_the_partial_batch(ds):
+    """``train.shuffle`` / the protocols' orders: the split's order every epoch (the same batches
+    each epoch), a new permutation per epoch drawn from the generator, and ``drop_last`` (n // bs
+    batches; the samples of the partial batch are not trained on that epoch)."""
+    data = load_task_data(ds["store"], ds["manifests"])
+    split = data.splits["train"]  # 6 samples
+    fixed = [[b["index"].tolist() for b in iterate_batches(data.bank, split, 4, drop_last=True)] for _ in range(2)]
+    assert fixed == [[[0, 1, 2, 3]], [[0, 1, 2, 3]]]
+    generator = torch.Generator().manual_seed(0)
+    epochs = [epoch_order(len(split), 4, BatchOrder(shuffle=True, drop_last=True), generator) for _ in range(3)]
+    reference = torch.Generator().manual_seed(0)
+    for batches in epochs:  # one torch.randperm per epoch, cut after n // bs * bs samples
+        assert [b.tolist() for b in batches] == [torch.randperm(len(split), generator=reference)[:4].tolist()]
+    assert len({tuple(b[0].tolist()) for b in epochs}) > 1
+    kept = epoch_order(len(split), 4, BatchOrder(shuffle=False, drop_last=False))
+    assert [b.tolist() for b in kept] == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_order(3, 0, BatchOrder())
 
 
 def test_samples_of_one_video_share_a_row(tmp_path):

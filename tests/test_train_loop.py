@@ -11,6 +11,7 @@ from extract.settings import load_pipeline
 from train.data import load_task_data
 from train.evaluate import evaluate_split
 from train.loop import TEST_SELECTION_LABEL, fit, resolve_schedule, seed_everything
+from train.protocol import Protocol, resolve_protocol
 from train.tasks.avel_task import AvelTask
 from train_testutils import LinearTestHead, make_dataset
 
@@ -103,6 +104,34 @@ def test_step_decay_per_epoch(ds):
     assert [r["lr"] for r in res.epochs] == pytest.approx([0.08, 0.08, 0.04, 0.04, 0.02])
     # evaluated every 2 epochs and at the last epoch
     assert [("val_accuracy" in r) for r in res.epochs] == [False, True, False, True, True]
+
+
+def test_protocol_sets_order_cadence_and_keep_rule(ds):
+    """A protocol passed to fit decides which epochs are evaluated (here 2 and 5 of 6, not the
+    last), the split selected on, the batch order of the task (fixed, partial batch dropped) and
+    the replacement rule; the default protocol is train.shuffle / select_on / eval_every."""
+    cfg = train_cfg(epochs=6, lr=0.05)
+    protocol = Protocol("reference", script="a test script", shuffle=False, drop_last=True, select_on="test",
+                        eval_first=2, eval_every=3, eval_last=False, keep="better_or_equal")
+    seed_everything(0)
+    model = LinearTestHead(4, cfg.setting)
+    task = AvelTask(ds["data"], cfg)
+    seen: list[list[int]] = []
+    own = task.train_batches
+    task.train_batches = lambda *a: (seen.append(b["index"].tolist()) or b for b in own(*a))
+    res = fit(model, task, resolve_schedule(cfg, LinearTestHead), 0, protocol=protocol)
+    assert [r["epoch"] for r in res.epochs if "test_accuracy" in r] == [2, 5]
+    assert not any("val_accuracy" in r for r in res.epochs)
+    scores = {r["epoch"]: r["test_accuracy"] for r in res.epochs if "test_accuracy" in r}
+    assert res.best_epoch == (5 if scores[5] >= scores[2] else 2)
+    assert res.protocol is protocol and res.selection == TEST_SELECTION_LABEL
+    # 24 training samples in batches of 8, in the manifest's order every epoch
+    assert seen == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21, 22, 23]] * 6
+    # the default protocol follows the train section
+    assert resolve_protocol(train_cfg(shuffle=False, eval_every=4), LinearTestHead) == Protocol(
+        "avel", shuffle=False, select_on="val", eval_first=4, eval_every=4, eval_last=True)
+    with pytest.raises(ValueError, match="evaluates test first after epoch 2"):
+        fit(model, task, resolve_schedule(train_cfg(epochs=1), LinearTestHead), 0, protocol=protocol)
 
 
 def test_weak_setting_learns_from_video_labels(ds):

@@ -101,6 +101,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--print-job-script", is_flag=True, help="Print the SLURM job script one worker job of a sweep would run (--scheduler slurm, settings in dask.slurm) and exit.")
 @click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4; several seeds report mean ± std (default: train.seeds).")
 @click.option("--select-on", type=click.Choice(["val", "test", "last"]), default=None, help="Split that picks the evaluated epoch (default val). 'test' only to compare with papers; outputs are labelled optimistic.")
+@click.option("--protocol", type=click.Choice(["avel", "reference"]), default=None, help="'reference': train as the head's reference script does (its batch order, last partial batch, selection split and evaluation epochs; docs/training.md); outputs are labelled 'reference protocol'. Default: train.protocol (avel).")
 @click.option("--store", default=None, help="Feature store to read (default: store.path).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the head's paper schedule).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (default: the head's).")
@@ -113,8 +114,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @set_option
 @verbose_option
 @click.pass_context
-def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on, store, epochs, lr, batch_size, device, threads,
-         print_config, list_heads, config, sets, verbose):
+def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on, protocol, store, epochs, lr, batch_size, device,
+         threads, print_config, list_heads, config, sets, verbose):
     """Train a localization head on a feature store and report segment accuracy.
 
     Accuracy = correct 1-s segments / all segments of the split, background included (AVE test:
@@ -133,6 +134,7 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
       avel-train --head dmrn
       avel-train --head dmrn --seeds 0-4 --store data/stores/ave.zarr
       avel-train --head a+v-att --setting weak --set train.weak_pool=max
+      avel-train --head dmrn --protocol reference     # as AVE-ECCV18's supervised_main.py trains it
       avel-train --list-heads
       avel-train --head dmrn,bmfn --seeds 0-4 --scheduler local     # sweep, mean ± std table
       avel-train --head dmrn,bmfn --seeds 0-4 --scheduler slurm     # the runs as SLURM jobs (dask.slurm)
@@ -146,7 +148,7 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
         return
     heads, settings = head or [], setting or []
     extra = cli_overrides(head=heads[0] if heads else None, task=task, setting=settings[0] if settings else None,
-                          seeds=seeds, select_on=select_on, store=store,
+                          seeds=seeds, select_on=select_on, protocol=protocol, store=store,
                           epochs=epochs, lr=lr, batch_size=batch_size, device=device, threads=threads)
     pipeline = resolve(config, sets, extra)
     scheduler = scheduler or pipeline.dask.scheduler
@@ -240,9 +242,10 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
     return 1 if any(row["error"] for row in rows) else 0
 
 
-def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device, threads=None) -> dict:
+def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, batch_size, device, threads=None,
+                  protocol=None) -> dict:
     """The options given on the command line as pipeline overrides."""
-    train = {"head": head, "task": task, "setting": setting, "select_on": select_on, "epochs": epochs,
+    train = {"head": head, "task": task, "setting": setting, "select_on": select_on, "protocol": protocol, "epochs": epochs,
              "lr": lr, "batch_size": batch_size, "device": device, "threads": threads}
     train = {k: v for k, v in train.items() if v is not None}
     if seeds is not None:
@@ -282,7 +285,7 @@ def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
         made: list[Path] = []
 
         def new_run_dir(seed=seed, made=made) -> Path:
-            made.append(make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed))
+            made.append(make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed, protocol=cfg.protocol))
             click.echo(f"seed {seed}: {made[-1]}", err=True)
             return made[-1]
 
@@ -295,7 +298,7 @@ def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
             raise
         results.append({**metrics, "seed": seed, "run_dir": str(made[0])})
     if len(results) > 1:
-        directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting)
+        directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting, cfg.protocol)
         js, md = write_summary(directory, summarize(results))
         click.echo(f"summary: {js} and {md}", err=True)
     return results
@@ -328,7 +331,22 @@ def results_table(results: list[dict]) -> str:
     selection = results[0].get("selection") if results else None
     if selection:
         lines.append(f"epoch selected on: {selection}")
+    protocol = (results[0].get("protocol") or {}) if results else {}
+    if protocol.get("name") == "reference":
+        lines.append(f"trained with the {protocol['label']}: {protocol_summary(protocol)}")
     return "\n".join(lines)
+
+
+def protocol_summary(protocol: dict) -> str:
+    """``fixed order, last partial batch dropped, val evaluated every 5 epochs from epoch 1`` (a
+    metrics.json ``protocol`` entry in words)."""
+    order = "a new order every epoch" if protocol["shuffle"] else "one fixed order"
+    drop = ", last partial batch dropped" if protocol["drop_last"] else ""
+    every = protocol["eval_every"]
+    cadence = f"every {every} epochs from epoch {protocol['eval_first']}" if every > 1 else f"every epoch from epoch {protocol['eval_first']}"
+    if protocol.get("eval_last") and every > 1:
+        cadence += " and after the last"
+    return f"{order}{drop}, {protocol['select_on']} evaluated {cadence}"
 
 
 def accuracy_line(results: list[dict]) -> str:

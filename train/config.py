@@ -25,6 +25,12 @@ class TrainConfig:
     test_split: str = "test"
     #: which split picks the epoch whose weights are evaluated; "test" only to compare with papers
     select_on: Literal["val", "test", "last"] = "val"
+    #: a new random order of the training split every epoch; false = the manifest's order every epoch
+    shuffle: bool = True
+    #: "avel": order, evaluation and selection as set in this section; "reference": those of the head's
+    #: reference training script (batch order, last partial batch, selection split and evaluation epochs,
+    #: see docs/training.md), replacing shuffle, select_on and eval_every; outputs say "reference protocol"
+    protocol: Literal["avel", "reference"] = "avel"
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     #: null = head default
     epochs: int | None = None

@@ -338,6 +338,44 @@ def make_batch(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchOrder:
+    """How one epoch walks the training split: ``shuffle`` = a new permutation drawn from the run's
+    generator (else the split's order, the manifest's, every epoch); ``drop_last`` = leave out the
+    last batch when it is smaller than the batch size (``n // batch_size`` batches, as the AVE-ECCV18
+    and PSP scripts do)."""
+
+    shuffle: bool = True
+    drop_last: bool = False
+
+
+def epoch_order(n: int, batch_size: int, order: BatchOrder, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The index batches of one epoch over ``n`` samples: positions [b] per batch, in the order of
+    ``order`` (a shuffle draws one ``torch.randperm(n, generator=generator)``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = torch.randperm(n, generator=generator) if order.shuffle else torch.arange(n)
+    stop = n - n % batch_size if order.drop_last else n
+    return [perm[start:start + batch_size] for start in range(0, stop, batch_size)]
+
+
+def epoch_batches(n: int, batch_size: int, order: BatchOrder, generator: torch.Generator | None,
+                  device: torch.device) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """:func:`epoch_order`'s batches, each as (positions on the host: int64 numpy [b], the same
+    positions on ``device`` [b]). The epoch's order is copied to the device once, not per batch, so
+    drawing a batch never waits for the device."""
+    batches = epoch_order(n, batch_size, order, generator)
+    if not batches:
+        return []
+    flat = torch.cat(batches)
+    on_device, host = flat.to(device, non_blocking=True), flat.numpy()
+    out, start = [], 0
+    for b in batches:
+        out.append((host[start:start + len(b)], on_device[start:start + len(b)]))
+        start += len(b)
+    return out
+
+
 def iterate_batches(
     bank: FeatureBank,
     split: SplitData,
@@ -345,8 +383,10 @@ def iterate_batches(
     *,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    drop_last: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches over a split in order, or in a random order drawn from ``generator``.
+    """Batches over a split in order, or in a random order drawn from ``generator``
+    (:func:`epoch_order`); ``drop_last`` leaves out a last batch smaller than ``batch_size``.
 
     The order is drawn on the host and copied to the bank's device once (not per batch), so
     drawing a batch never waits for the device (``index`` of a batch is a numpy slice of the
@@ -355,15 +395,13 @@ def iterate_batches(
     valid until the next one is drawn.
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    on_device, host = order.to(split.rows.device, non_blocking=True), order.numpy()
+    batches = epoch_batches(n, batch_size, BatchOrder(shuffle, drop_last), generator, split.rows.device)
     staging = None
     if bank.device.type == "cpu" and n > 0:
         shape = (min(batch_size, n),) + tuple(bank.visual.shape[1:])
         staging = (torch.empty(shape, dtype=bank.visual.dtype), torch.empty(shape, dtype=torch.float32))
-    for start in range(0, n, batch_size):
-        stop = start + batch_size
-        yield make_batch(bank, split, host[start:stop], staging, on_device[start:stop])
+    for host, on_device in batches:
+        yield make_batch(bank, split, host, staging, on_device)
 
 
 def resolve_device(name: str) -> torch.device:

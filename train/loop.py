@@ -9,6 +9,10 @@ trained on and how it is scored comes from a task (:class:`train.tasks.base.Task
 Selection (``train.select_on``): ``val`` (default, honest), ``last`` (the final epoch) or ``test``
 (only to compare with published numbers, which most public AVE code selects on test; results are
 labelled :data:`TEST_SELECTION_LABEL` in metrics and outputs).
+
+Batch order, evaluated epochs and the rule that replaces the kept epoch come from the run's
+:class:`train.protocol.Protocol` (``train.protocol``: ``avel``, or ``reference`` = the head's
+reference training script's).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 from extract.progress import progress_bar
+
+from .protocol import Protocol, resolve_protocol
 
 if TYPE_CHECKING:
     from .tasks.base import Task
@@ -48,7 +54,10 @@ class Schedule:
     The learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs (StepLR), or at each
     epoch of ``milestones`` (MultiStepLR: after those epochs); neither = constant. ``grad_clip``:
     before every step the gradients are scaled to a global L2 norm of at most this
-    (``clip_grad_norm_``, as the CMRAN/PSP/CMBS scripts do); None = no clipping."""
+    (``clip_grad_norm_``, as the CMRAN/PSP/CMBS scripts do); None = no clipping.
+    ``lr_step_unit``: "epoch" (StepLR stepped after every epoch), or "iteration" (set only by a
+    reference protocol: the decay counts optimiser steps and is applied before each step, as
+    AVE-ECCV18's ``scheduler.step(); optimizer.step()`` does)."""
 
     lr: float
     batch_size: int
@@ -59,24 +68,31 @@ class Schedule:
     source: dict[str, str]
     milestones: tuple[int, ...] | None = None
     grad_clip: float | None = None
+    lr_step_unit: str = "epoch"
 
     def describe(self) -> str:
-        parts = [f"{k}={getattr(self, k)} ({self.source[k]})" for k in SCHEDULE_KEYS]
+        unit = lambda k: " iterations" if k == "lr_step" and self.lr_step_unit == "iteration" else ""  # noqa: E731
+        parts = [f"{k}={getattr(self, k)}{unit(k)} ({self.source[k]})" for k in SCHEDULE_KEYS]
         return "schedule: " + ", ".join(parts)
 
 
 def resolve_schedule(train_cfg, head_cls) -> Schedule:
     """TrainConfig ``null`` fields take the head's defaults for the setting:
     ``head_cls.<setting>_train_defaults`` (e.g. ``weak_train_defaults``) if the head has one, else
-    ``head_cls.train_defaults``."""
+    ``head_cls.train_defaults``. With ``train.protocol: reference`` the reference protocol's
+    ``schedule`` entries come before the head's defaults (config values still win)."""
     setting = getattr(train_cfg, "setting", "supervised")
     per_setting = getattr(head_cls, f"{setting}_train_defaults", None)
     defaults = dict(per_setting or getattr(head_cls, "train_defaults", {}) or {})
+    from_protocol = dict(resolve_protocol(train_cfg, head_cls).schedule)
+    unit = from_protocol.pop("lr_step_unit", "epoch")
     values, source = {}, {}
     for key in SCHEDULE_KEYS:
         given = getattr(train_cfg, key, None)
         if given is not None:
             values[key], source[key] = given, "config"
+        elif from_protocol.get(key) is not None:
+            values[key], source[key] = from_protocol[key], "reference protocol"
         elif defaults.get(key) is not None:
             values[key], source[key] = defaults[key], f"{head_cls.name} default"
         else:
@@ -105,6 +121,7 @@ def resolve_schedule(train_cfg, head_cls) -> Schedule:
         lr=float(values["lr"]), batch_size=int(values["batch_size"]), epochs=int(values["epochs"]),
         lr_step=lr_step, lr_gamma=float(values["lr_gamma"]), weight_decay=float(values["weight_decay"]),
         source=source, milestones=milestones, grad_clip=grad_clip,
+        lr_step_unit=unit if lr_step is not None and source["lr_step"] == "reference protocol" else "epoch",
     )
 
 
@@ -127,17 +144,38 @@ def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> tuple[torch.op
 
     On a GPU, Adam runs fused (one kernel per step for all parameters, equal to the default
     implementation to float rounding), which also lets :class:`StepGuard` skip a step on the
-    device; on a CPU it is torch's default implementation, bit for bit as before."""
+    device; on a CPU it is torch's default implementation, bit for bit as before. A step decay
+    counted in iterations (``lr_step_unit``) is applied by the optimiser itself
+    (:func:`step_decay_per_iteration`) and no per-epoch scheduler is returned."""
     on_gpu = any(p.device.type == "cuda" for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay,
                                  **({"fused": True} if on_gpu else {}))
     scheduler = None
-    if schedule.milestones:
+    if schedule.lr_step and schedule.lr_step_unit == "iteration" and not schedule.milestones:
+        step_decay_per_iteration(optimizer, schedule.lr_step, schedule.lr_gamma)
+    elif schedule.milestones:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
                                                          gamma=schedule.lr_gamma)
     elif schedule.lr_step:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.lr_step, gamma=schedule.lr_gamma)
     return optimizer, scheduler
+
+
+def step_decay_per_iteration(optimizer: torch.optim.Optimizer, step_size: int, gamma: float) -> None:
+    """Before the k-th optimiser step (k = 1, 2, ...) set every group's lr to
+    ``initial lr * gamma ** (k // step_size)``: what ``StepLR(step_size)`` gives when its ``step()``
+    is called right BEFORE each ``optimizer.step()`` (AVE-ECCV18 supervised_main.py:107-108), so
+    the decayed lr is used from the ``step_size``-th step on. An optimiser step pre-hook: the
+    training loop itself is not involved."""
+    initial = [group["lr"] for group in optimizer.param_groups]
+    steps = [0]
+
+    def before_step(opt, args, kwargs) -> None:
+        steps[0] += 1
+        for group, lr in zip(opt.param_groups, initial):
+            group["lr"] = lr * gamma ** (steps[0] // step_size)
+
+    optimizer.register_step_pre_hook(before_step)
 
 
 class NonFiniteError(ValueError):
@@ -347,6 +385,8 @@ class FitResult:
     epochs: list[dict[str, Any]]
     results: dict[str, Any]
     train_seconds: float
+    #: the batch order / evaluation / selection protocol followed (:mod:`train.protocol`)
+    protocol: Protocol = dataclasses.field(default_factory=Protocol)
 
 
 def selection_label(select_on: str) -> str:
@@ -361,27 +401,37 @@ def fit(
     *,
     progress: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    protocol: Protocol | None = None,
 ) -> FitResult:
     """Train ``model`` on the task's train split, select an epoch, evaluate val/test once.
 
-    The loop owns the epochs, the optimiser and its schedule, the selection (``train.select_on``
-    of ``task.train_cfg``: the epoch whose evaluation scores highest on the selection split,
-    the earliest on ties; or the last epoch), the best weights, timing and logging; the task
-    supplies the batches, the loss and the evaluation (:class:`train.tasks.base.Task`).
+    The loop owns the epochs, the optimiser and its schedule, the selection (by default
+    ``train.select_on`` of ``task.train_cfg``: the epoch whose evaluation scores highest on the
+    selection split, the earliest on ties; or the last epoch), the best weights, timing and
+    logging; the task supplies the batches, the loss and the evaluation
+    (:class:`train.tasks.base.Task`). ``protocol`` (default: :func:`train.protocol.resolve_protocol`
+    of the task's ``train`` section and the head) decides the batch order (``task.order``), the
+    selection split, the evaluated epochs and the replacement rule of the kept epoch.
 
     ``progress``: a tqdm bar over the epochs when stderr is a terminal. Without a bar (off, or a
     log file on a cluster) every evaluated epoch writes one INFO log line (epoch, losses, the
     selection split's metrics, seconds), so a long run is never silent.
     """
+    from .data import BatchOrder
+
     cfg = task.train_cfg
+    protocol = resolve_protocol(cfg, type(model)) if protocol is None else protocol
+    check_protocol_epochs(protocol, schedule.epochs)
+    task.order = BatchOrder(protocol.shuffle, protocol.drop_last)
     generator = seed_everything(seed, task.device)
     rng = np.random.default_rng(seed)  # store-side draws (task sol: one second per video)
-    select_on = cfg.select_on
+    select_on = protocol.select_on
     select_name = {"val": cfg.val_split, "test": cfg.test_split}.get(select_on)
     if select_name is not None and select_name not in task.splits:
         raise ValueError(f"select_on={select_on!r} needs the split {select_name!r}, which is not loaded")
     optimizer, scheduler = make_optimizer(model, schedule)
     log.info("%s; selection on %s", schedule.describe(), selection_label(select_on))
+    log.info("%s", protocol.describe())
     best_score, best_epoch, best_state, rows = float("-inf"), 0, state_copy(model), []
     started = time.perf_counter()
     terminal = progress and sys.stderr.isatty()
@@ -395,13 +445,13 @@ def fit(
         row.update(train_epoch(model, optimizer, task, schedule.batch_size, generator, rng, epoch, schedule.grad_clip))
         if scheduler is not None:
             scheduler.step()
-        evaluate_now = select_name is not None and (epoch % cfg.eval_every == 0 or epoch == schedule.epochs)
+        evaluate_now = select_name is not None and protocol.evaluates(epoch, schedule.epochs)
         if evaluate_now:
             task.prepare_evaluation(model)
             sel = task.evaluate(model, select_name)
             check_evaluation_finite(sel, select_name, epoch)
             row.update({f"{select_name}_{key}": value for key, value in sel.columns.items()})
-            if sel.score > best_score:
+            if protocol.replaces(sel.score, best_score):
                 best_score, best_epoch, best_state = sel.score, epoch, state_copy(model)
         if select_on == "last":
             best_epoch = epoch
@@ -425,7 +475,15 @@ def fit(
         name = getattr(cfg, f"{role}_split")
         if name in task.splits:
             results[role] = task.evaluate(model, name).result
-    return FitResult(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds)
+    return FitResult(schedule, selection_label(select_on), best_epoch, best_state, rows, results, train_seconds, protocol)
+
+
+def check_protocol_epochs(protocol: Protocol, epochs: int) -> None:
+    """ValueError when a run of ``epochs`` epochs would never evaluate its selection split under
+    ``protocol`` (e.g. a reference protocol whose first evaluation is after epoch 6)."""
+    if protocol.select_on != "last" and not protocol.evaluated_epochs(epochs):
+        raise ValueError(f"{protocol.label} evaluates {protocol.select_on} first after epoch {protocol.eval_first}: "
+                         f"a run of {epochs} epochs would select nothing; train at least {protocol.eval_first} epochs")
 
 
 def check_evaluation_finite(evaluation, split_name: str, epoch: int) -> None:

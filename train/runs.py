@@ -2,7 +2,7 @@
 
 Layout::
 
-    runs_root/<task>-<head>-<setting>/
+    runs_root/<task>-<head>-<setting>[-reference]/     (-reference: train.protocol reference)
         seed<k>-<YYYYmmdd-HHMMSS>/
             config.yaml              resolved pipeline (pipeline.dump())
             metrics.json             the task's metrics dict (+ run identity)
@@ -102,15 +102,20 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def group_dir(runs_root: str | Path, task: str, head: str, setting: str) -> Path:
-    return Path(runs_root) / f"{task}-{head}-{setting}"
+def group_dir(runs_root: str | Path, task: str, head: str, setting: str, protocol: str = "avel") -> Path:
+    """``runs_root/<task>-<head>-<setting>``, with ``-reference`` appended for runs of the
+    reference protocol (``train.protocol``)."""
+    from .protocol import run_group_suffix
+
+    return Path(runs_root) / f"{task}-{head}-{setting}{run_group_suffix(protocol)}"
 
 
-def make_run_dir(runs_root: str | Path, task: str, head: str, setting: str, seed: int, now: _dt.datetime | None = None) -> Path:
-    """Create and return ``runs_root/<task>-<head>-<setting>/seed<k>-<timestamp>`` (a suffix
-    -1, -2 ... is added if that directory exists)."""
+def make_run_dir(runs_root: str | Path, task: str, head: str, setting: str, seed: int, now: _dt.datetime | None = None,
+                 protocol: str = "avel") -> Path:
+    """Create and return ``runs_root/<task>-<head>-<setting>[-reference]/seed<k>-<timestamp>`` (a
+    suffix -1, -2 ... is added if that directory exists)."""
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = group_dir(runs_root, task, head, setting) / f"seed{seed}-{stamp}"
+    base = group_dir(runs_root, task, head, setting, protocol) / f"seed{seed}-{stamp}"
     path, n = base, 0
     while path.exists():
         n += 1
@@ -240,6 +245,9 @@ def summarize(runs: Sequence[Mapping[str, Any]], keys: Sequence[str] = SUMMARY_K
         values = {str(r.get(key)) for r in runs if key in r}
         if values:
             out[key] = values.pop() if len(values) == 1 else sorted(values)
+    labels = {str(r["protocol"].get("label")) for r in runs if isinstance(r.get("protocol"), Mapping)}
+    if labels:  # avel, or "reference protocol (<script>)"
+        out["protocol_label"] = labels.pop() if len(labels) == 1 else sorted(labels)
     for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
@@ -257,7 +265,8 @@ def summary_markdown(summary: Mapping[str, Any], keys: Sequence[str] = SUMMARY_K
     lines = [
         f"# {summary.get('task', '?')} / {summary.get('head', '?')} / {summary.get('setting', '?')}",
         "",
-        f"selection: {summary.get('selection', '?')}; std = sample standard deviation over seeds",
+        f"selection: {summary.get('selection', '?')}; protocol: {summary.get('protocol_label', 'avel')}; "
+        "std = sample standard deviation over seeds",
         "",
         "| seed | " + " | ".join(present) + " |",
         "|---|" + "---|" * len(present),

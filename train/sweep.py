@@ -113,12 +113,14 @@ def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunS
     made: list[Path] = []
 
     def new_run_dir() -> Path:  # made only once the run's checks have passed
-        made.append(make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed))
+        made.append(make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed,
+                                 protocol=cfg.protocol))
         return made[-1]
 
     metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, new_run_dir)
     row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(made[0]), "error": ""}
     row.update({key: metrics.get(key) for key in RESULT_KEYS})
+    row["protocol"] = (metrics.get("protocol") or {}).get("label", "avel")
     row.update(baseline_columns(metrics))
     return row
 
@@ -228,7 +230,8 @@ def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = Non
     for (head, setting), members in groups.items():
         ok = [r for r in members if not r.get("error")]
         entry: dict[str, Any] = {"head": head, "setting": setting, "runs": len(ok), "failed": len(members) - len(ok),
-                                 "seeds": " ".join(str(r["seed"]) for r in ok)}
+                                 "seeds": " ".join(str(r["seed"]) for r in ok),
+                                 "protocol": ", ".join(dict.fromkeys(str(r.get("protocol") or "avel") for r in ok)) or "avel"}
         for key in keys:
             values = [r[key] for r in ok if r.get(key) is not None]
             mean, std = mean_std(values) if values else (None, None)
@@ -255,9 +258,11 @@ def sweep_markdown(table: Sequence[dict[str, Any]], task: str, keys: Sequence[st
         return "-" if value is None else f"{value:.4f}"
 
     header = " | ".join(f"{k} | {k} baseline" for k in keys)
+    protocols = [p for p in dict.fromkeys(str(entry.get("protocol") or "avel") for entry in table) if p != "avel"]
     lines = [f"# sweep: task {task}", "",
              "mean ± sample standard deviation over seeds; baseline = the task's trivial predictor on the same data "
              "(avel: majority class, cml: chance, sol: centre box / majority class)", "",
+             *([f"trained with the {'; '.join(protocols)}", ""] if protocols else []),
              "| head | setting | runs | " + header + " |", "|---|---|---|" + "---|---|" * len(keys)]
     for entry in table:
         runs = f"{entry['runs']}" + (f" ({entry['failed']} failed)" if entry["failed"] else "")

@@ -56,6 +56,21 @@ logits are pooled over time (``weak_pool`` "mean" = eq. 7, "max" = reference cod
 loss is applied to the pooled [B, C] scores. Segments with ``valid`` False are left out of the loss
 and of the pooling.
 
+Reference training protocol (``train.protocol: reference``, :data:`REFERENCE_PROTOCOLS`)
+-----------------------------------------------------------------------------------------
+``supervised_main.py`` (HEAD 4660337): batches in ONE fixed order every epoch (``train_order.h5``,
+which is the order of ``trainSet.txt`` and of avel's AVE train manifest; dataloader.py:31-41),
+``len // 64`` batches (the last 11 of 3339 videos are never trained on), ``net_model.zero_grad()``,
+loss, ``backward()``, ``scheduler.step()`` THEN ``optimizer.step()`` per batch (lines 102-108),
+evaluation of ``val_order.h5`` after 0-based epochs 0, 5, 10, ... (``epoch % 5 == 0``, lines 114-118),
+the model saved when the val accuracy is strictly higher, and test evaluated once with the saved
+model. (Commit 18eaa10 read ``test_order.h5`` in ``val()``; 19d6eaa changed it to the val order.)
+``weak_supervised_main.py``: the same loop over train + the 178 background-only videos (appended
+after the train videos), ``best_val_acc`` never updated (the last evaluation is kept). The scripts
+build only att_Net (``a+v-att``, ``concat-late``; both settings) and TBMRF_Net (``dmrn``,
+supervised), so only these heads have the protocol.
+tests/test_training_parity.py trains the reference transcription and avel side by side.
+
 Schedule (``train_defaults``): Adam lr 1e-3, batch 64, 300 epochs, no weight decay; the reference's
 ``StepLR(step_size=15000, gamma=0.1)`` steps per ITERATION: with 3339 training videos and the last
 partial batch dropped that is 52 batches/epoch, so the decay lands after epoch 288 (``lr_step=288``).
@@ -80,6 +95,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..protocol import Protocol
 from ..registry import register_head
 from .base import Head, HeadOutput
 from .fusion import DMRN, FUSIONS, RESIDUAL, make_fusion
@@ -94,6 +110,22 @@ VISUAL_DIM = 512
 SUPERVISED_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": 288, "lr_gamma": 0.1, "weight_decay": 0.0}
 #: weak schedule of weak_supervised_main.py
 WEAK_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 250, "lr_step": None, "lr_gamma": 0.1, "weight_decay": 0.0}
+
+#: ``train.protocol: reference`` (see the module docstring, "Reference training protocol")
+REFERENCE_PROTOCOLS = {
+    "supervised": Protocol(
+        "reference", script="YapengTian/AVE-ECCV18 supervised_main.py", shuffle=False, drop_last=True,
+        select_on="val", eval_first=1, eval_every=5, eval_last=False, keep="better",
+        schedule={"lr_step": 15000, "lr_step_unit": "iteration"},
+        notes=("val() switches the model to eval mode and train() never switches it back; att_Net and TBMRF_Net "
+               "have no dropout or batch norm, so this changes nothing (avel trains in train mode)",)),
+    "weak": Protocol(
+        "reference", script="YapengTian/AVE-ECCV18 weak_supervised_main.py", shuffle=False, drop_last=True,
+        select_on="val", eval_first=1, eval_every=5, eval_last=False, keep="positive",
+        schedule={"lr_step": 15000, "lr_step_unit": "iteration"},
+        notes=("best_val_acc is never updated (weak_supervised_main.py:103-104), so every evaluation with a val "
+               "accuracy above 0 overwrites the saved model: the kept epoch is the last evaluated one",)),
+}
 
 POSITIONS = ("early", "late", "decision")
 
@@ -393,6 +425,8 @@ class AudioVisualAttended(VariantHead):
     ReLU -> L1 (512 -> 64) -> ReLU -> L2 (64 -> C) -> [B, T, C] logits (reference: softmax of these).
     extras["attention"] [B, T, 7, 7]. 1,335,246 parameters at C = 29, as att_Net."""
 
+    reference_protocols = REFERENCE_PROTOCOLS  # supervised_main.py / weak_supervised_main.py train att_Net
+
 
 @register_head("concat-late")
 class ConcatLate(AudioVisualAttended):
@@ -491,6 +525,7 @@ class DMRNHead(FusionHead):
     Config = ResidualFusionConfig
     method = "dmrn"
     position = "late"
+    reference_protocols = {"supervised": REFERENCE_PROTOCOLS["supervised"]}  # supervised_main.py --model_name DMRN
 
 
 @register_head("dmrfe")

@@ -41,13 +41,18 @@ class Head(nn.Module):
     """Base class. Subclasses set ``Config`` (a dataclass of their options), ``train_defaults``
     (the paper's optimiser schedule: lr, batch_size, epochs, lr_step or milestones, lr_gamma,
     weight_decay, grad_clip; a head whose paper trains the weak setting differently also sets
-    ``weak_train_defaults``) and implement ``forward``."""
+    ``weak_train_defaults``) and implement ``forward``. A head with a public reference training
+    script records its protocol per setting in ``reference_protocols`` (batch order, evaluation
+    cadence, selection; :class:`train.protocol.Protocol`), which ``train.protocol: reference``
+    follows."""
 
     name: ClassVar[str] = ""
     task: ClassVar[str] = "avel"
     settings: ClassVar[tuple[str, ...]] = ("supervised", "weak")
     Config: ClassVar[type] = NoConfig
     train_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "batch_size": 64, "epochs": 300}
+    #: setting -> :class:`train.protocol.Protocol` of the reference training script (none by default)
+    reference_protocols: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, num_classes: int, setting: str = "supervised", config: Any = None):
         super().__init__()

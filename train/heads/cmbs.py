@@ -93,6 +93,14 @@ is never passed to the optimiser). Weak: lr 6e-4, batch 64, 200 epochs, mileston
 gamma 0.5, clip 0.5. The reference trains in float64 (``model.double()``); the loop trains in float32.
 Seeds of the scripts: 43 (supervised), 666 (weak).
 
+Reference training protocol (``train.protocol: reference``, :data:`REFERENCE_PROTOCOLS`): supv_main.py
+trains every epoch on ``DataLoader(shuffle=True)`` batches of 64, the last partial one kept (lines
+79-85), ``model.train()``, loss, ``backward``, ``clip_grad_norm_(0.5)``, ``step``, ``zero_grad``
+(lines 151-199); evaluates TEST after every epoch (``eval_freq`` 1 of configs/default_config.yaml,
+lines 127-128) and keeps the strictly better epoch; ``MultiStepLR.step()`` after the evaluation
+(line 141). weakly_main.py: the same (lines 114-131). tests/test_training_parity.py trains the
+reference transcription and avel side by side.
+
 Reported AVE accuracy: 79.3 supervised / 74.2 weak (CMBS paper, as quoted in the issue; the repository
 README gives no numbers).
 
@@ -110,6 +118,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..protocol import Protocol
 from ..registry import register_head
 from .base import Head, HeadOutput
 from .layers import BiLSTM, gated_predict, gated_segment_scores, masked_mean, pool_over_time, valid_mask
@@ -130,6 +139,18 @@ SUPERVISED_SCHEDULE = {"lr": 7e-4, "batch_size": 64, "epochs": 200, "lr_step": N
 #: weakly_train.sh + weakly_main.py (MultiStepLR([10, 20, 40], 0.5))
 WEAK_SCHEDULE = {"lr": 6e-4, "batch_size": 64, "epochs": 200, "lr_step": None, "milestones": (10, 20, 40),
                  "lr_gamma": 0.5, "weight_decay": 0.0, "grad_clip": 0.5}
+
+_CMBS_NOTES = ("the script trains and evaluates in float64 (model.double(), features read as float64); avel trains "
+               "in float32",
+               "DataLoader(shuffle=True) draws each epoch's permutation from torch's global generator, which also "
+               "drives dropout; avel draws it from the run's own generator")
+#: ``train.protocol: reference``: supv_main.py / weakly_main.py (module docstring)
+REFERENCE_PROTOCOLS = {
+    "supervised": Protocol("reference", script="marmot-xy/CMBS supv_main.py", shuffle=True, drop_last=False,
+                           select_on="test", eval_first=1, eval_every=1, eval_last=True, keep="better", notes=_CMBS_NOTES),
+    "weak": Protocol("reference", script="marmot-xy/CMBS weakly_main.py", shuffle=True, drop_last=False,
+                     select_on="test", eval_first=1, eval_every=1, eval_last=True, keep="better", notes=_CMBS_NOTES),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +435,7 @@ class CMBSHead(SupervisedRelationHead):
     Config = CMBSConfig
     train_defaults = SUPERVISED_SCHEDULE
     weak_train_defaults = WEAK_SCHEDULE
+    reference_protocols = REFERENCE_PROTOCOLS
 
     def __init__(self, num_classes: int, setting: str = "supervised", config: Any = None):
         super().__init__(num_classes, setting, config)

@@ -118,6 +118,17 @@ Differences from the reference code (and why)
   define; run_weakly_supv.sh passes no ``--vis_fea_type`` (default_config.yaml: resnet). The values
   used here are the flags the scripts list, with the VGG features.
 
+Reference training protocol of psp (``train.protocol: reference``, :data:`PSP_REFERENCE_PROTOCOLS`)
+---------------------------------------------------------------------------------------------------
+fully_supervised_main.py: ``net_model.train()`` every epoch (line 63), a new permutation of the
+training list at the first batch of every epoch (``random.shuffle``, dataloader.py:76-79),
+``len // 128`` batches (the last partial batch dropped, line 56), ``zero_grad``, CE + 100 x AVPS,
+``backward``, ``step`` (lines 81-94), the lr x 0.8 after the epoch (lines 98-99); after 0-based
+epochs 5, 10, ... (``epoch % 5 == 0 and epoch != 0``) val and then test are evaluated in eval mode
+(lines 110-125) and the model with the best TEST accuracy is saved, replaced on ties (``>=``).
+weakly_supervised_main.py: the same loop, cadence and selection (lines 71-126).
+tests/test_training_parity.py trains the reference transcription and avel side by side.
+
 Schedules (``train_defaults`` / ``weak_train_defaults``)
 --------------------------------------------------------
 * PSP supervised: Adam lr 1e-3 (fully_supervised_main.py:190), batch 128 (:36), 300 epochs (:35),
@@ -151,6 +162,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..protocol import Protocol
 from ..registry import register_head
 from .base import Head, HeadOutput
 from .layers import AudioGuidedVisualAttention, BiLSTM, masked_mean, pool_over_time, valid_mask
@@ -164,6 +176,21 @@ PSP_SUPERVISED_SCHEDULE = {"lr": 1e-3, "batch_size": 128, "epochs": 300, "lr_ste
                            "lr_gamma": 0.8, "weight_decay": 0.0, "grad_clip": None}
 #: weakly_supervised_main.py: the same, lr x 0.8 after epochs 80 and 160
 PSP_WEAK_SCHEDULE = {**PSP_SUPERVISED_SCHEDULE, "milestones": (80, 160)}
+#: ``train.protocol: reference`` for psp: fully_supervised_main.py / weakly_supervised_main.py (module docstring)
+_PSP_NOTES = ("the script reshuffles its sample list with Python's random.shuffle at the first batch of every epoch "
+              "(dataloader.py:76-79); avel draws each epoch's permutation from the run's torch generator",
+              "the script also evaluates val at the same epochs and prints its best val accuracy; the model it saves "
+              "is the one with the best test accuracy (the latest on ties)")
+PSP_REFERENCE_PROTOCOLS = {
+    "supervised": Protocol(
+        "reference", script="jasongief/PSP_CVPR_2021 fully_supervised_main.py", shuffle=True, drop_last=True,
+        select_on="test", eval_first=6, eval_every=5, eval_last=False, keep="better_or_equal",
+        notes=_PSP_NOTES + ("the AVPS target is computed per batch; the script's buffer keeps entries of earlier "
+                            "batches (dataloader.py:50, 65; see the module docstring)",)),
+    "weak": Protocol(
+        "reference", script="jasongief/PSP_CVPR_2021 weakly_supervised_main.py", shuffle=True, drop_last=True,
+        select_on="test", eval_first=6, eval_every=5, eval_last=False, keep="better_or_equal", notes=_PSP_NOTES),
+}
 #: run_fully_supv.sh + fully_supv_main.py: Adam 1e-3, batch 64, 45 epochs, MultiStepLR(10, 20, 30; 0.5), clip 0.1
 CPSP_SUPERVISED_SCHEDULE = {"lr": 1e-3, "batch_size": 64, "epochs": 45, "lr_step": None, "milestones": (10, 20, 30),
                             "lr_gamma": 0.5, "weight_decay": 0.0, "grad_clip": 0.1}
@@ -431,6 +458,7 @@ class PSPHead(PSPFamilyHead):
     Config: ClassVar[type] = PSPConfig
     train_defaults: ClassVar[dict[str, Any]] = PSP_SUPERVISED_SCHEDULE
     weak_train_defaults: ClassVar[dict[str, Any]] = PSP_WEAK_SCHEDULE
+    reference_protocols: ClassVar[dict[str, Protocol]] = PSP_REFERENCE_PROTOCOLS
 
     def __init__(self, num_classes: int, setting: str = "supervised", config: Any = None):
         super().__init__(num_classes, setting, config)

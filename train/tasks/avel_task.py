@@ -50,8 +50,11 @@ class AvelTask(Task):
         return head_for_task(self.pipeline, head_name, self.name, self.num_classes).to(self.device)
 
     def train_batches(self, model, batch_size, generator, rng):
+        """The batches of one epoch in the order of :attr:`order` (shuffled from ``generator``, or
+        the manifest's order; the last partial batch dropped or not)."""
         split = self.splits[self.train_cfg.train_split]
-        return iterate_batches(self.data.bank, split, batch_size, shuffle=True, generator=generator)
+        return iterate_batches(self.data.bank, split, batch_size, shuffle=self.order.shuffle, generator=generator,
+                               drop_last=self.order.drop_last)
 
     def _batch_rows(self, batch) -> np.ndarray:
         """Bank rows of a training batch's samples (``batch["index"]`` = positions in the train

@@ -18,8 +18,11 @@ and the CLI prints ``TaskClass.report_lines(results)`` under its results table.
 What :func:`train.loop.fit` asks of a task:
 
 - ``train_cfg`` (the ``train`` section), ``device``, ``splits`` (the loaded splits by name);
-- :meth:`train_batches`: the shuffled batches of one epoch of the train split, dicts holding
-  ``audio`` [B, ...] and ``visual`` [B, ...] (the head's inputs) and the targets of the loss;
+- :meth:`train_batches`: the batches of one epoch of the train split, dicts holding
+  ``audio`` [B, ...] and ``visual`` [B, ...] (the head's inputs) and the targets of the loss, in the
+  order of :attr:`Task.order` (a :class:`train.data.BatchOrder`: shuffled or the manifest's order,
+  last partial batch kept or dropped), which :func:`train.loop.fit` sets from the run's protocol
+  (:mod:`train.protocol`) before the first epoch;
 - :meth:`batch_finite` (from the host: are the batch's inputs finite), :meth:`batch_videos` (the
   videos of a batch, named when a batch holds NaN/inf) and :attr:`input_arrays` (the store array
   each batch input is read from);
@@ -103,6 +106,10 @@ class Task:
         self.splits = dict(splits)
         self.num_classes = int(num_classes)
         self.pipeline = pipeline
+        from ..data import BatchOrder
+
+        #: the batch order of every epoch (set by :func:`train.loop.fit` from the run's protocol)
+        self.order = BatchOrder(shuffle=bool(getattr(train_cfg, "shuffle", True)))
 
     # -- data preparation -------------------------------------------------------------------
     @classmethod
@@ -122,8 +129,8 @@ class Task:
     # -- training ---------------------------------------------------------------------------
     def train_batches(self, model, batch_size: int, generator: torch.Generator,
                       rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:  # pragma: no cover
-        """Shuffled batches of the train split for one epoch (order drawn from ``generator``, or
-        from ``rng`` for draws made in numpy)."""
+        """The batches of the train split for one epoch in the order of :attr:`order` (a shuffle
+        drawn from ``generator``, or from ``rng`` for draws made in numpy)."""
         raise NotImplementedError
 
     def batch_videos(self, batch: Mapping[str, Any]) -> list[str]:
@@ -194,7 +201,8 @@ class Task:
         from extract.settings import ConfigError
 
         from ..data import DataError, resolve_device
-        from ..loop import resolve_schedule, seed_everything
+        from ..loop import check_protocol_epochs, resolve_schedule, seed_everything
+        from ..protocol import resolve_protocol
 
         cfg = pipeline.train
         try:
@@ -205,6 +213,7 @@ class Task:
             model = task.build_head(head_name)
             task.attach(model)
             schedule = resolve_schedule(cfg, type(model))
+            check_protocol_epochs(resolve_protocol(cfg, type(model)), schedule.epochs)
         except (DataError, ManifestError, ConfigError, SetupError):
             raise
         except ValueError as exc:
@@ -231,7 +240,8 @@ class Task:
         s = result.schedule
         schedule_entry = {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
                           "milestones": list(s.milestones) if s.milestones else None, "lr_gamma": s.lr_gamma,
-                          "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "source": s.source,
+                          "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "lr_step_unit": s.lr_step_unit,
+                          "source": s.source,
                           **own.pop("schedule", {})}
         metrics: dict[str, Any] = {
             "task": cls.name,
@@ -241,6 +251,7 @@ class Task:
             "setting": cfg.setting,
             "seed": seed,
             "selection": result.selection,
+            "protocol": result.protocol.to_json(),
             "selection_metric": cls.selection_metric,
             "selected_epoch": result.best_epoch,
             "epochs": s.epochs,
@@ -256,10 +267,13 @@ class Task:
         metrics["wall_seconds"] = time.perf_counter() - started
         checkpoint_meta = {
             "task": cls.name, "head": head_name, "head_config": model.config_dict(), "num_classes": task.num_classes,
-            "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch, **task.checkpoint_meta(),
+            "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch, "protocol": result.protocol.label,
+            **task.checkpoint_meta(),
         }
         write_run(run_dir, pipeline, metrics, result.epochs, result.best_state, checkpoint_meta)
         title = f"{cls.name} / {head_name} / {cfg.setting} — selection: {result.selection}"
+        if result.protocol.is_reference:
+            title += f"\n{result.protocol.label}"
         task.write_outputs(run_dir, title, model, result)
         return metrics
 

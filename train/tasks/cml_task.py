@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import cml_metrics as cml
-from ..data import TaskData, load_from_pipeline
+from ..data import BatchOrder, TaskData, epoch_batches, load_from_pipeline
 from ..heads.base import total_loss
 from ..registry import register_task
 from ..runs import splits_to_load
@@ -141,26 +141,18 @@ def make_cml_split(data: TaskData, split_name: str, pooled_visual: bool) -> CmlS
 
 
 def training_batches(train: CmlSplit, flat: dict[str, torch.Tensor] | None, batch_size: int,
-                     generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches: of single segments for segment-wise heads (``flat``), else of videos;
-    ``video`` [B] = the position of each row's video in ``train.keys``; ``index`` [B] (numpy,
-    host) = the rows' positions in ``flat`` (segments) or ``train.keys`` (videos). The order is
-    drawn on the host and copied to the device once per epoch."""
+                     generator: torch.Generator, order: BatchOrder = BatchOrder()) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in the order of ``order`` (shuffled from ``generator`` by default): of single
+    segments for segment-wise heads (``flat``), else of videos; ``video`` [B] = the position of each
+    row's video in ``train.keys``; ``index`` [B] (numpy, host) = the rows' positions in ``flat``
+    (segments) or ``train.keys`` (videos). The order is copied to the device once per epoch."""
     if flat is not None:
-        n = flat["audio"].shape[0]
-        order = torch.randperm(n, generator=generator)
-        on_device, host = order.to(flat["audio"].device), order.numpy()
-        for start in range(0, n, batch_size):
-            idx = on_device[start:start + batch_size]
-            yield {**{k: v[idx] for k, v in flat.items()}, "index": host[start:start + batch_size]}
+        for host, idx in epoch_batches(flat["audio"].shape[0], batch_size, order, generator, flat["audio"].device):
+            yield {**{k: v[idx] for k, v in flat.items()}, "index": host}
         return
-    n = len(train.keys)
-    order = torch.randperm(n, generator=generator)
-    on_device, host = order.to(train.audio.device), order.numpy()
-    for start in range(0, n, batch_size):
-        idx = on_device[start:start + batch_size]
+    for host, idx in epoch_batches(len(train.keys), batch_size, order, generator, train.audio.device):
         yield {"audio": train.audio[idx], "visual": train.visual(idx), "match": train.match[idx], "valid": train.valid[idx],
-               "video": idx, "index": host[start:start + batch_size]}
+               "video": idx, "index": host}
 
 
 @dataclasses.dataclass
@@ -259,7 +251,7 @@ class CmlTask(Task):
         return None if self.finite is None else bool(self.finite[np.asarray(batch["index"])].all())
 
     def train_batches(self, model, batch_size, generator, rng):
-        return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator)
+        return training_batches(self.splits[self.train_cfg.train_split], self.flat, batch_size, generator, self.order)
 
     def batch_videos(self, batch) -> list[str]:
         """Store keys of the videos of a training batch's rows (segments or whole videos)."""

@@ -170,15 +170,17 @@ def random_valid_seconds(valid: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def training_batches(store: FeatureStore, split: SolSplit, batch_size: int, rng: np.random.Generator,
-                     device) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches of one random valid second per sample (samples without any valid second
-    are left out): audio [B, F, 6, 4, Ca], visual [B, F, 8, 8, Cv], labels [B, F]; ``video`` [B]
-    (sample positions in ``split``) and ``second`` [B] say where each row comes from; ``finite``
-    (bool) says whether the maps read were all finite (checked on the host, before the copy to
-    the device)."""
+                     device, shuffle: bool = True, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of one random valid second per sample (samples without any valid second are left
+    out), the samples in a random order drawn from ``rng`` (``shuffle``) or in the split's order;
+    ``drop_last`` leaves out a last batch smaller than ``batch_size``: audio [B, F, 6, 4, Ca],
+    visual [B, F, 8, 8, Cv], labels [B, F]; ``video`` [B] (sample positions in ``split``) and
+    ``second`` [B] say where each row comes from; ``finite`` (bool) says whether the maps read were
+    all finite (checked on the host, before the copy to the device)."""
     usable = np.flatnonzero(split.valid.any(1))
-    order = usable[rng.permutation(len(usable))]
-    for start in range(0, len(order), batch_size):
+    order = usable[rng.permutation(len(usable))] if shuffle else usable
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
         seconds = random_valid_seconds(split.valid[idx], rng)
         v, a = read_seconds(store, split.rows[idx], seconds)
@@ -403,7 +405,8 @@ class SolTask(Task):
         return batch["finite"]
 
     def train_batches(self, model, batch_size, generator, rng):
-        return training_batches(self.store, self.splits[self.train_cfg.train_split], batch_size, rng, self.device)
+        return training_batches(self.store, self.splits[self.train_cfg.train_split], batch_size, rng, self.device,
+                                self.order.shuffle, self.order.drop_last)
 
     def evaluate(self, model, split_name: str) -> Evaluation:
         acc, loss = classification_accuracy(model, self.store, self.splits[split_name], self.sol_cfg.eval_batch, self.device)
