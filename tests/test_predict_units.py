@@ -99,6 +99,7 @@ def fake_stages(monkeypatch, seconds: int = 12, attention: bool = False, map_kin
     monkeypatch.setattr(P, "probe_duration", lambda path: float(seconds))
     monkeypatch.setattr(P, "extract_features", lambda *a, **k: 0)
     monkeypatch.setattr(P, "check_features", lambda *a, **k: None)
+    monkeypatch.setattr(P, "check_features_recipe", lambda *a, **k: None)  # weights files of the recorded recipe
     monkeypatch.setattr(P, "predict_from_store", results)
 
 
