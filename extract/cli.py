@@ -151,13 +151,13 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
 
     from .daskclient import LOCAL, SLURM, dask_client
     from .distributed import check_workers, run_extraction_dask
-    from .lock import StoreLocked
-    from .manifest import ManifestError
+    from .core.lock import StoreLocked
+    from .core.manifest import ManifestError
     from .preflight import PreflightError
     from .requests import collect_requests
     from .run import run_extraction
     from .settings import ConfigError
-    from .store import StoreError
+    from .core.store import StoreError
 
     scheduler = scheduler or pipeline.dask.scheduler
     slurm = None
@@ -404,7 +404,7 @@ def import_h5(obj, visual, audio, annotations, store_path, visual_weights, audio
     """
     from .import_h5 import import_ave_h5
     from .settings import ConfigError, merge, parse_set_option
-    from .store import StoreError
+    from .core.store import StoreError
     from .weights import WeightsUnavailable
 
     setup_logging(obj["verbose"])

@@ -5,7 +5,7 @@
 - ``videos/demoNNN.mp4``: 10-s clips (H.264 video, AAC audio, see :func:`extract.media.write_clip`)
   of ``FRAME_SIZE`` pixels at ``FPS`` frames/s with ``SAMPLE_RATE`` Hz mono audio;
 - ``manifests/{train,val,test}.csv`` + ``classes.txt`` (the manifest format of
-  :mod:`extract.manifest`), one sample per video;
+  :mod:`extract.core.manifest`), one sample per video;
 - ``segments.csv``: per second of every video, which class cue each modality carries;
 - ``boxes/<video_id>/annotations.xml``: for each test clip with an event, the box of the sounding
   object in every frame of its event seconds, in the CVAT 1.1 XML layout of the AVE boxes of the
@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .manifest import Sample, write_manifest
+from .core.manifest import Sample, write_manifest
 
 log = logging.getLogger(__name__)
 

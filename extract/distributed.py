@@ -18,7 +18,7 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
   (``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``..._CLIENT__CERT``, ``..._CLIENT__KEY``).
 
 **Writes are safe by construction.** The driver (this process) creates the store, grows it,
-writes its attributes and holds its lock (:mod:`extract.lock`); it then plans the work as
+writes its attributes and holds its lock (:mod:`extract.core.lock`); it then plans the work as
 :class:`ShardJob` objects, one per store shard that has missing requested rows
 (:func:`plan_jobs` checks that no shard is given to two jobs). A task owns shard k of EVERY array:
 under the shard's lock, and only while its run's fence (lease, or the cache claim) holds, it reads
@@ -100,7 +100,7 @@ class ShardJob:
     decode_fn: Callable = decode_video
     threads: int = 1
     #: the run's fence: its lease token, or ``claim:<token>`` in the shared cache; the shard is
-    #: written only while it holds (:func:`extract.lock.fence_holds`); a job without one writes nothing
+    #: written only while it holds (:func:`extract.core.lock.fence_holds`); a job without one writes nothing
     lease: str = ""
     #: ``(key, file identity)`` of the members, recorded in the ``source`` row record
     sources: tuple[tuple[str, str], ...] = ()
@@ -263,7 +263,7 @@ def extract_shard(job: ShardJob) -> ShardResult:
     failed in the store - an earlier attempt finished it before its worker died.
     """
     from .run import decode_inputs, finish_shard
-    from .store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
+    from .core.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
 
     from .run import as_system_failure
 
@@ -298,7 +298,7 @@ ATTEMPTS_FILE = "attempts.log"
 
 def _record_attempt(job: ShardJob) -> None:
     """One line per task attempt (``<lease> <shard> <worker>``): the driver counts reschedules."""
-    from .lock import log_dir
+    from .core.lock import log_dir
 
     if not job.lease:
         return
@@ -311,7 +311,7 @@ def _record_attempt(job: ShardJob) -> None:
 
 def count_reschedules(store_path, lease: str) -> int:
     """Shard tasks of the run with ``lease`` that were started more than once."""
-    from .lock import LOG_GROUP
+    from .core.lock import LOG_GROUP
 
     try:
         lines = (Path(store_path) / LOG_GROUP / ATTEMPTS_FILE).read_text().splitlines()

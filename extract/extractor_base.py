@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ExtractConfig
 from .devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
-from .store import ArraySpec
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 

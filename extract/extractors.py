@@ -45,7 +45,7 @@ from .extractor_base import (  # noqa: F401  (re-exported: the public names of t
     register_extractor,
     resolve_device,
 )
-from .store import ArraySpec
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .ave import read_annotations
-from .store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
+from .core.store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
 from .weights import file_sha256
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ The paper's encoders differ from the AVE features, so these write their own stor
 1.0 unless the row's largest magnitude exceeds the float16 range (65504), in which case it is the
 smallest power of two that brings it into range (dividing by a power of two only shifts
 exponents: no rounding beyond float16's own). Rows never written (missing, failed) hold scale 0
-and all-zero maps. :meth:`extract.store.FeatureStore.read_scaled` applies the scale. No
+and all-zero maps. :meth:`extract.core.store.FeatureStore.read_scaled` applies the scale. No
 non-finite number is ever stored: a video whose float32 maps hold NaN or inf (a broken network,
 not a matter of range) raises in ``compute``, so the runner marks that row ``failed`` with the
 count in its reason. Why float16 + scale rather than float32: measured on 8 demo clips, float32
@@ -52,7 +52,7 @@ import numpy as np
 
 from .config import ExtractConfig
 from .extractor_base import DecodedVideo, Extractor, FrameCNNExtractor, configured_precision, register_extractor
-from .store import ArraySpec
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 

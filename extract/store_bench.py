@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import open_store
+from .core.store import open_store
 from .synthetic import make_synthetic
 
 

@@ -2,8 +2,8 @@
 AVE-sized store (``python -m train.headtable --make-synthetic``), the training benchmark
 (:mod:`train.bench`), the store read benchmark (:mod:`extract.store_bench`) and the training tests.
 
-Stage-1 plumbing: it writes through the store contract (:func:`extract.store.create_store`,
-``write_shard``) and the manifest writer (:func:`extract.manifest.write_manifest`), like the
+Stage-1 plumbing: it writes through the store contract (:func:`extract.core.store.create_store`,
+``write_shard``) and the manifest writer (:func:`extract.core.manifest.write_manifest`), like the
 extractors do, so train/ may import it. Imports numpy only (zarr through the store).
 
 :func:`make_synthetic` writes, under one folder::
@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .manifest import Sample, write_manifest
-from .store import STATUS_DONE, ArraySpec, FeatureStore, create_store
+from .core.manifest import Sample, write_manifest
+from .core.store import STATUS_DONE, ArraySpec, FeatureStore, create_store
 
 #: side of the square patch of the visual map that carries the prototype
 PATCH = 3
@@ -61,7 +61,7 @@ class SyntheticStore:
 
 def feature_specs(segments: int, visual_shape: Sequence[int], audio_dim: int) -> list[ArraySpec]:
     """The contract's ``visual``, ``audio``, ``valid`` arrays with the given row shapes (the
-    contract's own, :func:`extract.store.core_specs`, are (7, 7, 512) and 128)."""
+    contract's own, :func:`extract.core.store.core_specs`, are (7, 7, 512) and 128)."""
     return [ArraySpec("visual", (segments, *visual_shape), "float16"), ArraySpec("audio", (segments, audio_dim), "float32"),
             ArraySpec("valid", (segments,), "bool")]
 

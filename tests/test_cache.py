@@ -533,7 +533,7 @@ def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
     holder = threading.Thread(target=writer)
     holder.start()
     assert taken.wait(60)
-    with on_log("extract.lock", f"shard 0 of {cache_path}: waiting for its lock", release.set) as waited:
+    with on_log("extract.core.lock", f"shard 0 of {cache_path}: waiting for its lock", release.set) as waited:
         second = extract_with_cache(pipeline, requests(media / "two", "x"), store_path=tmp_path / "B.zarr", root=root,
                                     progress=False)
     release.set()
@@ -606,7 +606,7 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
         with pytest.raises(StoreLocked, match=re.escape(f"(pid {os.getpid()} on host {socket.gethostname()}, command '")
                            + ".*--wait"):
             extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root, progress=False)
-        with on_log("extract.lock", "waiting for the store's lock", release.set):
+        with on_log("extract.core.lock", "waiting for the store's lock", release.set):
             summary = extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root,
                                          progress=False, wait=True)
     finally:

@@ -409,7 +409,7 @@ def test_an_orphaned_task_interleaved_with_a_local_run_on_one_shard_loses_no_row
     assert orphan_writing.wait(300)
     # run 2, on this machine, for rows c and d of the same shard; it waits for the orphan's shard lock
     # (and the orphan then finishes), or, unfenced, writes at once
-    with on_log("extract.lock", "waiting for its lock", go.set):
+    with on_log("extract.core.lock", "waiting for its lock", go.set):
         summary = run_extraction(pipeline, videos[2:], store_path=path, progress=False)
     orphan.join(300)
     assert result["r"].done == 2 and summary.done == 2

@@ -80,8 +80,8 @@ def _write_h5(store_path: Path, manifests: dict[str, Path], h5: dict[str, Path])
     """The reference code's h5 files of the store's rows (store rows = manifest rows, in order)."""
     import h5py
 
-    from extract.manifest import read_manifest
-    from extract.store import open_store
+    from extract.core.manifest import read_manifest
+    from extract.core.store import open_store
 
     store = open_store(store_path)
     rows = len(store)

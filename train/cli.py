@@ -80,9 +80,9 @@ class UserError(click.ClickException):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from extract.manifest import ManifestError
+    from extract.core.manifest import ManifestError
     from extract.settings import ConfigError
-    from extract.store import StoreError
+    from extract.core.store import StoreError
 
     from .checkpoint import CheckpointError
     from .data import DataError

@@ -80,7 +80,7 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
 
 def majority_baseline(pipeline, split: str, segments: int) -> float:
     """Share of the most frequent segment label (background included) of ``split``'s manifest."""
-    from extract.manifest import read_manifest
+    from extract.core.manifest import read_manifest
 
     from .data import split_manifest
 
@@ -103,7 +103,7 @@ def disable_plots() -> None:
 
 def measure(pipeline, heads: Sequence[str], settings: Sequence[str], seed: int, out: Path) -> list[dict[str, Any]]:
     """Train every head x setting once (seed ``seed``); rewrite the tables after each run."""
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     from .sweep import RunSpec, _failed_row, run_one
 

@@ -309,8 +309,8 @@ def window_starts(duration: float, segments: int) -> list[int]:
 
 
 def window_key(video_id: str, start: int, segments: int) -> str:
-    """Store row key of a window (:func:`extract.manifest.feature_key`)."""
-    from extract.manifest import feature_key
+    """Store row key of a window (:func:`extract.core.manifest.feature_key`)."""
+    from extract.core.manifest import feature_key
 
     return feature_key(video_id, float(start), float(segments))
 
@@ -329,7 +329,7 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
     from extract.extractors import extractor_identity
     from extract.provenance import effective_config, same_feature_set, store_attrs
     from extract.settings import ConfigError, load_pipeline
-    from extract.store import differing_fields
+    from extract.core.store import differing_fields
     from extract.weights import WeightsUnavailable
 
     recipe = dict(run.features["extractor"])
@@ -379,7 +379,7 @@ def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store
     it could not run (exit 2: its message, e.g. a missing weights file, is in the error)."""
     import yaml
 
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     work.mkdir(parents=True, exist_ok=True)
     samples = [Sample(sample_id=window_key(p.video_id, start, run.segments), video_id=p.video_id,
@@ -434,7 +434,7 @@ def _run_echoing(command: list[str]) -> tuple[int, str]:
 def check_features(store_path: Path, run: LoadedRun) -> Any:
     """Open the predict store; refuse it unless its fingerprint is the training store's (naming
     the fields that differ)."""
-    from extract.store import StoreError, differing_fields
+    from extract.core.store import StoreError, differing_fields
 
     from .data import open_checked_store
 
@@ -579,7 +579,7 @@ def _run_head_in_batches(run: LoadedRun, store, rows: np.ndarray, device: str = 
 
 def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: str = "cpu") -> list[VideoResult]:
     """Per-video results from the rows of the predict store (windows in order, stitched)."""
-    from extract.store import STATUS_DONE
+    from extract.core.store import STATUS_DONE
 
     ids = {str(k): i for i, k in enumerate(store.ids.tolist())}
     status = np.asarray(store.array("status")[:])

@@ -197,7 +197,7 @@ class Task:
         """Everything before the first epoch: the data with its checks (:meth:`prepare`), the
         head, :meth:`attach` and the schedule. Returns ``(task, model, schedule, device)``.
         A ValueError that is not already a user error becomes a :class:`SetupError`."""
-        from extract.manifest import ManifestError
+        from extract.core.manifest import ManifestError
         from extract.settings import ConfigError
 
         from ..data import DataError, resolve_device

@@ -40,8 +40,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from extract.manifest import read_manifest
-from extract.store import FeatureStore, StoreError, open_store, require_complete
+from extract.core.manifest import read_manifest
+from extract.core.store import FeatureStore, StoreError, open_store, require_complete
 
 from .. import sol_metrics as sol
 from ..data import DataError, match_rows, split_manifest
@@ -132,7 +132,7 @@ def _parallel_read(array, selections: Sequence[Any]) -> np.ndarray:
 
 def _scaled(store: FeatureStore, name: str, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     """Map values as stored times their row's recorded scale (``<name>_scale``, see
-    :meth:`extract.store.FeatureStore.read_scaled`; 1 when absent or unwritten)."""
+    :meth:`extract.core.store.FeatureStore.read_scaled`; 1 when absent or unwritten)."""
     if f"{name}_scale" not in store.array_names():
         return values
     scale = np.asarray(store.read(f"{name}_scale", np.asarray(rows, dtype=np.int64)), dtype=np.float32)
