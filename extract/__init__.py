@@ -22,6 +22,17 @@ MOVED = {
     "extract.store": "extract.core.store",
     "extract.manifest": "extract.core.manifest",
     "extract.lock": "extract.core.lock",
+    "extract.frames": "extract.core.frames",
+    "extract.progress": "extract.core.progress",
+    "extract.devices": "extract.core.devices",
+    "extract.settings": "extract.core.settings",
+    "extract.clitools": "extract.core.clitools",
+    "extract.daskclient": "extract.core.daskclient",
+    "extract.slurm": "extract.core.slurm",
+    "extract.demo": "extract.factories.demo",
+    "extract.synthetic": "extract.factories.synthetic",
+    "extract.store_bench": "extract.factories.store_bench",
+    "extract.media": "extract.factories.media",
 }
 
 

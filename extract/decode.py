@@ -5,7 +5,7 @@ file, ``duration`` seconds long, default the first T seconds):
 
 - **Frames.** The decoder's presentation times (``VideoReader.get_frame_timestamp``, seconds, in
   decoder order) are matched to the requested times of every :class:`~extract.extractors.FrameGrid`
-  with the frame-time rule of :mod:`extract.frames` (``start + t + (i + 0.5) / F``, nearest pts,
+  with the frame-time rule of :mod:`extract.core.frames` (``start + t + (i + 0.5) / F``, nearest pts,
   ties to the earlier frame). The union of the needed frame indices is fetched in ONE sorted,
   forward pass (``get_batch`` on sorted unique indices, in chunks of :data:`FETCH_CHUNK` frames so
   memory stays bounded), each chunk is passed through the grid's ``prepare`` (resize to the network
@@ -18,9 +18,9 @@ file, ``duration`` seconds long, default the first T seconds):
 
   Grids of the AVE reference's frame-count rule (``FrameGrid.rule == "index"``, the ``ave2018``
   recipe) pick their frames from the constant-rate frame list ffmpeg would output
-  (:func:`extract.frames.cfr_output_frames`, fed with the stream's guessed frame rate, start offset
+  (:func:`extract.core.frames.cfr_output_frames`, fed with the stream's guessed frame rate, start offset
   and packet durations read with PyAV: :func:`stream_timing`) with
-  :func:`extract.frames.index_rule_plan`. The decoder stays decord: on every clip of
+  :func:`extract.core.frames.index_rule_plan`. The decoder stays decord: on every clip of
   ../shared/media its RGB frames equal ``ffmpeg -pix_fmt rgb24`` (imageio's reader) pixel for
   pixel, rotation and the choice among two video streams included (docs/extraction.md, "Decoder").
 
@@ -95,7 +95,7 @@ __all__ = [
 #: frames per ``get_batch`` call of the sorted forward pass
 FETCH_CHUNK = 32
 #: modules the forkserver imports once, so that workers start fast (torch before decord!)
-PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.frames", "decord", "av", "extract.decode")
+PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.core.frames", "decord", "av", "extract.decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ def plan_frames(pts: np.ndarray, per_segment: int, segments: int, start: float =
     ``pts`` [N] are the frames' presentation times (s). Times at or beyond ``start + duration``
     (when a window duration is given) are invalid too.
     """
-    from .frames import nearest_frame_indices, segment_frame_times
+    from .core.frames import nearest_frame_indices, segment_frame_times
 
     times = segment_frame_times(segments, per_segment, start=start)
     index, valid = nearest_frame_indices(pts, times, frame_duration=frame_duration)
@@ -175,7 +175,7 @@ def stream_timing(path: str, frames: int | None = None) -> StreamTiming:
 
     The stream is ``av_find_best_stream``'s (``streams.best("video")``), the one decord decodes.
     ``frames``: the decoder's frame count; packet durations are returned only when the packets
-    are exactly that many (else None: :func:`extract.frames.cfr_output_frames` then uses the
+    are exactly that many (else None: :func:`extract.core.frames.cfr_output_frames` then uses the
     steps between frames). Raises ValueError when there is no video stream or no usable rate.
     """
     import av
@@ -202,8 +202,8 @@ def stream_timing(path: str, frames: int | None = None) -> StreamTiming:
 def plan_index_frames(timestamps: np.ndarray, timing: StreamTiming, per_segment: int, segments: int,
                       start: float = 0.0, duration: float | None = None, cfr=None) -> tuple[np.ndarray, np.ndarray]:
     """Frame indices (decoder order) and validity for a grid of the reference's frame-count rule:
-    ([T, F] int64, [T, F] bool). ``cfr``: a precomputed :func:`extract.frames.cfr_output_frames`."""
-    from .frames import cfr_output_frames, index_rule_plan
+    ([T, F] int64, [T, F] bool). ``cfr``: a precomputed :func:`extract.core.frames.cfr_output_frames`."""
+    from .core.frames import cfr_output_frames, index_rule_plan
 
     if cfr is None:
         cfr = cfr_output_frames(timestamps, timing.rate, timing.durations, timing.offset, timing.single_stream)
@@ -215,7 +215,7 @@ def plan_index_frames(timestamps: np.ndarray, timing: StreamTiming, per_segment:
 
 def _frame_duration(timestamps: np.ndarray, fps: float) -> float | None:
     """Seconds one frame is shown: median pts step, or 1/fps for one-frame streams."""
-    from .frames import default_frame_duration
+    from .core.frames import default_frame_duration
 
     step = default_frame_duration(timestamps[:, 0])
     if step > 0:
@@ -248,7 +248,7 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
             if timing is None:
                 raise ValueError(f"frame grid {grid.name!r} uses the frame-count rule, which needs the stream timing")
             if cfr is None:
-                from .frames import cfr_output_frames
+                from .core.frames import cfr_output_frames
 
                 cfr = cfr_output_frames(timestamps[:, 0], timing.rate, timing.durations, timing.offset, timing.single_stream)
             plans[grid.name] = (grid, *plan_index_frames(timestamps[:, 0], timing, grid.per_segment, segments, start,

@@ -9,7 +9,7 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
 - ``local``: an embedded :class:`distributed.LocalCluster` whose scheduler, workers, nannies and
   dashboard all listen on 127.0.0.1 only (random ports), ``dask.n_workers`` processes (default:
   one per GPU with ``extract.device`` cuda, else one per ``dask.threads_per_worker`` cores);
-- ``slurm``: worker jobs submitted to SLURM through dask-jobqueue (:mod:`extract.slurm`, section
+- ``slurm``: worker jobs submitted to SLURM through dask-jobqueue (:mod:`extract.core.slurm`, section
   ``dask.slurm``): checked before any job is queued, jobs that end early replaced, every job
   cancelled at the end; on a CPU each task uses ``dask.slurm.cores`` torch threads;
 - ``tcp://host:8786``: an existing scheduler;
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .decode import DecodeError, Failure, VideoRequest, decode_video
-from .settings import ConfigError, fingerprint, to_dict
+from .core.settings import ConfigError, fingerprint, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def count_reschedules(store_path, lease: str) -> int:
     return len(shards) - len(set(shards))
 
 
-from .daskclient import (LOCAL, LOOPBACK, SLURM, _check_on_worker, check_workers, dask_client,  # noqa: E402,F401
+from .core.daskclient import (LOCAL, LOOPBACK, SLURM, _check_on_worker, check_workers, dask_client,  # noqa: E402,F401
                          security_from_config)  # (re-exported)
 
 
@@ -372,7 +372,7 @@ def run_extraction_dask(
     address = scheduler or pipeline.dask.scheduler or LOCAL
     extract_cfg = pipeline.extract
     if address == SLURM:  # auto = the compute nodes' device (a GPU when the jobs ask for one), not this machine's
-        from .slurm import slurm_device
+        from .core.slurm import slurm_device
 
         extract_cfg = dataclasses.replace(extract_cfg, device=slurm_device(extract_cfg.device, pipeline.dask.slurm))
     cfg = effective_config(extract_cfg, resolve_device(extract_cfg.device))
@@ -414,7 +414,7 @@ def torch_threads(dask_cfg, address: str) -> int:
 
 
 def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):
-    from .progress import progress_bar
+    from .core.progress import progress_bar
     from .run import SystemFailure, SystemicError, SystemicGuard, count_outcomes
 
     summary = plan.start_summary(store.path, len(requests))

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
-from .devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
+from .core.devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
 from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ __all__ = [
 class FrameGrid:
     """Frames an extractor needs.
 
-    ``per_segment`` frames per 1-s segment chosen by the frame ``rule`` (:mod:`extract.frames`:
-    ``"pts"`` at the times of :func:`extract.frames.segment_frame_times`, ``"index"`` the AVE
+    ``per_segment`` frames per 1-s segment chosen by the frame ``rule`` (:mod:`extract.core.frames`:
+    ``"pts"`` at the times of :func:`extract.core.frames.segment_frame_times`, ``"index"`` the AVE
     reference's frame-count rule); ``prepare`` (picklable, numpy/cv2 only) maps decoded uint8
     [N, H, W, 3] RGB frames to uint8 [N, h, w, 3] in the decode workers; grids with equal ``name``
     are decoded once and shared between extractors.
@@ -263,12 +263,12 @@ class FrameCNNExtractor(Extractor):
 
     @classmethod
     def frame_rule(cls, cfg: ExtractConfig) -> str:
-        """Which decoded frames stand for a segment (:data:`extract.frames.FRAME_RULES`)."""
+        """Which decoded frames stand for a segment (:data:`extract.core.frames.FRAME_RULES`)."""
         return "pts"
 
     @classmethod
     def interpolation(cls, cfg: ExtractConfig) -> str:
-        """The resize interpolation (:data:`extract.frames.INTERPOLATIONS`)."""
+        """The resize interpolation (:data:`extract.core.frames.INTERPOLATIONS`)."""
         return "auto"
 
     @classmethod
@@ -303,7 +303,7 @@ class FrameCNNExtractor(Extractor):
 
     @classmethod
     def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
-        from .frames import prepare_frames
+        from .core.frames import prepare_frames
 
         per_segment, size = cls.frames_per_segment(cfg), cls.input_size(cfg)
         rule, interpolation = cls.frame_rule(cfg), cls.interpolation(cfg)

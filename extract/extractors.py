@@ -9,7 +9,7 @@ fingerprint (:meth:`Extractor.identity`) and computes rows from :class:`DecodedV
 Built in:
 
 - ``vgg19`` -> ``visual`` [T, 7, 7, 512] float16: VGG-19 pool5 of ``frames_per_segment`` frames
-  per 1-s segment (``extract.frame_rule``: times of :func:`extract.frames.segment_frame_times`, or
+  per 1-s segment (``extract.frame_rule``: times of :func:`extract.core.frames.segment_frame_times`, or
   the AVE reference's frame-count rule), averaged over the segment's valid frames, channel-last as
   the AVE ``visual_feature.h5``; input ``extract.normalize`` (ImageNet mean/std on RGB, or Caffe
   BGR minus means for the Keras / Caffe weights of the ``ave2018`` recipe);

@@ -49,7 +49,7 @@ def public_config(**overrides: Any):
     """The extraction configuration of the public files: the ``ave2018`` recipe resolved as
     pipeline.yaml would resolve it (``overrides``: explicit ``extract`` keys, e.g. weights)."""
     from .config import ExtractConfig
-    from .settings import merge
+    from .core.settings import merge
 
     return merge(ExtractConfig(), {"recipe": "ave2018", **overrides}, "extract")
 

@@ -9,7 +9,7 @@ tiny generated inputs and returns one :class:`Check` per area:
     zarr and numpy import (torch first, see the import note of :mod:`extract.decode`); versions
     from ``importlib.metadata``.
 ``decode``
-    a 2-s 64x48 clip with a 440 Hz tone at 44.1 kHz is written with :func:`extract.media.write_clip`
+    a 2-s 64x48 clip with a 440 Hz tone at 44.1 kHz is written with :func:`extract.factories.media.write_clip`
     (PyAV) and decoded with :func:`extract.decode.decode_video` (decord + :func:`extract.audio.resample`):
     every frame grid (a native-size probe grid and the configured extractors' grids) comes back
     with the right shape, the probe frames have the grey level of the frame the decoder says it
@@ -247,7 +247,7 @@ def _probe_grids(cfg) -> list:
 def _write_probe_clip(folder: Path) -> Path:
     import numpy as np
 
-    from .media import write_clip
+    from .factories.media import write_clip
 
     count = CLIP_SECONDS * CLIP_FPS
     frames = np.stack([np.full((CLIP_HEIGHT, CLIP_WIDTH, 3), _level_of(k), np.uint8) for k in range(count)])

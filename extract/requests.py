@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .decode import VideoRequest
-from .settings import ConfigError
+from .core.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -460,7 +460,7 @@ def decode_inputs(extractors) -> tuple[list, bool]:
 
 def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, retry_failed=False) -> RunSummary:
     from .decode import DecodePool
-    from .progress import progress_bar
+    from .core.progress import progress_bar
 
     plan = plan_shards(store, requests, retry_failed)
     summary = plan.start_summary(store.path, len(requests))

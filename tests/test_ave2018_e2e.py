@@ -50,7 +50,7 @@ def write_public_files(ds: dict, root: Path) -> dict[str, Path]:
 
 def new_clip(path: Path) -> Path:
     """A new 1-s video (30 fps 320x240 moving pattern, a 440 Hz tone at 16 kHz)."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     yy, xx = np.mgrid[0:240, 0:320]
     frames = np.stack([np.stack([(xx + 7 * k) % 256, (yy * 2 + 3 * k) % 256, (xx + yy) % 256], -1)
@@ -130,7 +130,7 @@ def flow(tmp_path_factory):
 def test_the_imported_store_has_the_fingerprint_of_an_ave2018_extraction(flow):
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from extract.store import open_store
 
     cfg = load_pipeline(None, {"extract": {"recipe": "ave2018", "visual_weights": str(flow["visual_weights"]),

@@ -16,13 +16,13 @@ TRAIN = REPO / "train"
 EXTRACT = REPO / "extract"
 CORE = EXTRACT / "core"
 #: what train may import from extract: the store contract and the shared plumbing (the synthetic
-#: store factory writes through the contract only; ``extract.frames`` is the frame geometry rule,
+#: store factory writes through the contract only; ``extract.core.frames`` is the frame geometry rule,
 #: numpy + cv2, so that avel-predict draws the frames the features were computed from)
 #: (``extract.core`` is the contract; the other names are plumbing that has not moved into it yet,
 #: docs/layers.md "Steps")
-ALLOWED = {"extract.core", "extract.settings", "extract.clitools", "extract.daskclient",
-           "extract.progress", "extract.synthetic", "extract.devices", "extract.frames",
-           "extract.slurm"}  # SLURM worker jobs: shared plumbing (imports daskclient and settings only)
+ALLOWED = {"extract.core", "extract.core.settings", "extract.core.clitools", "extract.core.daskclient",
+           "extract.core.progress", "extract.factories.synthetic", "extract.core.devices", "extract.core.frames",
+           "extract.core.slurm"}  # SLURM worker jobs: shared plumbing (imports daskclient and settings only)
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -75,7 +75,7 @@ def test_train_imports_only_the_store_contract_and_plumbing_of_extract(path):
 
 
 def test_the_synthetic_factory_uses_only_the_store_contract():
-    """train may import ``extract.synthetic`` because it imports nothing of stage 1 beyond the contract."""
+    """train may import ``extract.factories.synthetic`` because it imports nothing of stage 1 beyond the contract."""
     path = TRAIN.parent / "extract" / "synthetic.py"
     names = {name for _, name in imported_modules(path) if name.startswith("extract")}
     contract = ("extract.core.store", "extract.core.manifest")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from extract.decode import VideoRequest, decode_video
-from extract.media import write_clip
-from extract.settings import load_pipeline
+from extract.factories.media import write_clip
+from extract.core.settings import load_pipeline
 from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
 
 T = 2

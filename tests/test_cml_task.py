@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from extract.manifest import Sample, write_manifest
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.registry import get_head, get_task
 from train_testutils import write_store
 

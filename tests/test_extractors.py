@@ -24,7 +24,7 @@ from extract.extractors import (
     extractor_identity,
     register_extractor,
 )
-from extract.frames import prepare_frames
+from extract.core.frames import prepare_frames
 from extract.nets import build_vgg19_pool5, normalize_frames
 from extract.store import core_specs
 

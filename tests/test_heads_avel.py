@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from extract.settings import ConfigError
+from extract.core.settings import ConfigError
 from train.heads import fusion as fz
 from train.heads.avel import POSITIONS, SUPERVISED_SCHEDULE, AvelConfig, FusionConfig, avel_loss
 from train.heads.layers import AudioGuidedVisualAttention as AGVA

@@ -20,7 +20,7 @@ import typing
 import pytest
 import torch
 
-from extract.settings import ConfigError
+from extract.core.settings import ConfigError
 from train.heads.base import split_loss, total_loss
 from train.registry import TASKS, discover, get_head, head_names
 

@@ -14,7 +14,7 @@ import pytest
 
 from extract.decode import DecodeError, VideoRequest, decode_video
 from extract.extractors import VGG19Extractor
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 
 T = 10
 EXPECTED_FAILURES = {"corrupted.mp4": "cannot decode video frames"}

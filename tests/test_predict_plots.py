@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from extract.media import write_clip
+from extract.factories.media import write_clip
 from train import predict_plots as pp
 
 FPS = 10
@@ -113,7 +113,7 @@ def test_read_frames_applies_rotation_like_decord(media_dir):
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     from extract.decode import load_decord
-    from extract.frames import prepare_frames
+    from extract.core.frames import prepare_frames
 
     decord = load_decord()
     reader = decord.VideoReader(str(path))

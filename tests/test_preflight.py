@@ -16,7 +16,7 @@ import extract.decode
 import extract.weights
 from extract import preflight
 from extract.preflight import Check, PreflightError, check_environment, doctor_json, doctor_report, require_environment
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 
 SMALL = {"segments": 2, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,
          "visual_weights": "random", "audio_weights": "random", "device": "cpu"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from extract.manifest import Sample, write_manifest
-from extract.media import write_clip
+from extract.factories.media import write_clip
 from extract.store import STATUS_DONE, open_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 from extract.decode import VideoRequest, decode_video
 from extract.lock import StoreLock, StoreLocked
 from extract.manifest import Sample, write_manifest
-from extract.media import write_clip
-from extract.settings import ConfigError, load_pipeline
+from extract.factories.media import write_clip
+from extract.core.settings import ConfigError, load_pipeline
 from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -227,7 +227,7 @@ def test_store_without_maps_is_refused(tmp_path):
 def test_render_sol_draws_frames(project, trained, tmp_path):
     from click.testing import CliRunner
 
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
     from train.cli import main
 
     pytest.importorskip("decord")
@@ -266,7 +266,7 @@ def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
     """``--task sol`` checks completeness (``require_complete``) like avel and cml."""
     import shutil
 
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from extract.store import open_store
     from train.registry import get_task
 

@@ -378,7 +378,7 @@ def test_an_orphaned_task_interleaved_with_a_local_run_on_one_shard_loses_no_row
     from extract.cache import store_specs
     from extract.distributed import extract_shard, plan_jobs
     from extract.extractors import extractor_identity
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from extract.store import FeatureStore
     from test_run import SMALL
 
@@ -590,7 +590,7 @@ def test_config_shows_the_cache_root_that_applies(tmp_path, monkeypatch):
 def test_dask_logs_are_quiet_unless_verbose(monkeypatch):
     import logging
 
-    from extract.clitools import setup_logging
+    from extract.core.clitools import setup_logging
 
     monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
     setup_logging(0)
@@ -625,7 +625,7 @@ def test_the_worker_weights_check_names_a_missing_file(tmp_path):
 def test_one_device_resolver_for_both_stages():
     import torch
 
-    from extract.devices import count_parameters, resolve_device
+    from extract.core.devices import count_parameters, resolve_device
     from train.data import resolve_device as train_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ import pytest
 
 from extract.decode import DecodeError, VideoRequest, decode_video, load_decord, read_frames
 from extract.extractors import FrameGrid
-from extract.media import write_clip
+from extract.factories.media import write_clip
 from extract.sources import AudioStream, Sources
 
 FPS = 10

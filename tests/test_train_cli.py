@@ -12,7 +12,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.checkpoint import CheckpointError, build_head, load_checkpoint, save_checkpoint
 from train.cli import main
 from train.data import load_from_pipeline

@@ -174,7 +174,7 @@ def test_read_rows_in_blocks_equals_fancy_indexing(ds):
 def test_rewritten_row_is_read_again_by_the_next_load(tmp_path):
     """A long-lived process (a sweep worker) keeps the last bank in memory; re-extracting a row
     in place (same fingerprint, no zarr.json touched) must make the next load read it again."""
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from extract.store import open_store
     from train.data import load_from_pipeline, store_token
 

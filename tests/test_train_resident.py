@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import train.evaluate
 import train.loop
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.data import iterate_batches, load_task_data
 from train.heads.base import split_loss, total_loss
 from train.hostsync import HostSyncCounter

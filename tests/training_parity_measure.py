@@ -46,7 +46,7 @@ def main():
 @main.command("make-store")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scale", type=float, default=1.5, show_default=True, help="Prototype scale (extract.synthetic).")
+@click.option("--scale", type=float, default=1.5, show_default=True, help="Prototype scale (extract.factories.synthetic).")
 @click.option("--mislabelled", type=float, default=0.15, show_default=True, help="Share of event videos whose features carry another class.")
 @click.option("--one-modality", type=float, default=0.3, show_default=True, help="Share of background segments with the prototype in one modality.")
 @click.option("--sizes", default="3339,402,402", show_default=True, help="train,val,test videos (smaller: a smoke test).")
@@ -55,7 +55,7 @@ def main():
                    "event windows and split sizes (features stay synthetic).")
 def make_store(directory, seed, scale, mislabelled, one_modality, sizes, ave_dir):
     """An AVE-sized synthetic store (3339 / 402 / 402 videos, T = 10, 28 classes + background)."""
-    from extract.synthetic import make_synthetic
+    from extract.factories.synthetic import make_synthetic
 
     splits = dict(zip(SPLITS, (int(n) for n in sizes.split(","))))
     classes, events = [f"event{k:02d}" for k in range(EVENTS)], None
@@ -171,7 +171,7 @@ def evaluate_ave(net, data, order, dtype) -> float:
 
 
 def run_avel(store: Path, head: str, seed: int, epochs: int) -> dict:
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from train.loop import fit
     from train.registry import get_task
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from extract.clitools import config_option, resolve, set_option, setup_logging, verbose_option
+from extract.core.clitools import config_option, resolve, set_option, setup_logging, verbose_option
 
 log = logging.getLogger("avel")
 
@@ -81,7 +81,7 @@ class UserError(click.ClickException):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from extract.core.manifest import ManifestError
-    from extract.settings import ConfigError
+    from extract.core.settings import ConfigError
     from extract.core.store import StoreError
 
     from .checkpoint import CheckpointError
@@ -153,8 +153,8 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
     pipeline = resolve(config, sets, extra)
     scheduler = scheduler or pipeline.dask.scheduler
     if scheduler == "slurm" or print_job_script:  # the compute nodes' device and cores, not this machine's
-        from extract.settings import ConfigError
-        from extract.slurm import slurm_device
+        from extract.core.settings import ConfigError
+        from extract.core.slurm import slurm_device
 
         try:
             pipeline.train.device = slurm_device(pipeline.train.device, pipeline.dask.slurm)
@@ -164,7 +164,7 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
     if not pipeline.train.threads:  # recorded in config.yaml: the number of threads really used
         pipeline.train.threads = os.cpu_count() or 1
     if print_job_script:
-        from extract.slurm import print_job_script as show_script
+        from extract.core.slurm import print_job_script as show_script
 
         try:
             show_script(pipeline, stage="train", device=pipeline.train.device, echo=click.echo)
@@ -214,7 +214,7 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
 
     try:
         if scheduler == "slurm":  # heads and settings, then SLURM (partition, resources, sbatch --test-only)
-            from extract.slurm import stage_workers
+            from extract.core.slurm import stage_workers
 
             from .sweep import check_spec
 
@@ -389,7 +389,7 @@ def _clip(text: str, width: int) -> str:
 
 def _check_device(device: str | None) -> None:
     """A UserError (one line, exit 2) for a device torch cannot use, before any work."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
 
     try:
         resolve_device(device, check=True)
@@ -464,7 +464,7 @@ def gpucheck_command(obj, out, workdir, device, reduced, only, budget, clips, vi
     if reduced is not None:
         plan = gpucheck.reduced_plan() if reduced else gpucheck.full_plan()
     else:
-        from extract.devices import resolve_device
+        from extract.core.devices import resolve_device
 
         plan = gpucheck.full_plan() if resolve_device(device).startswith("cuda") else gpucheck.reduced_plan()
     changes = {"clips": clips, "videos": videos, "frames_per_segment": frames_per_segment, "image_size": image_size, "rows": rows}

@@ -406,8 +406,8 @@ def iterate_batches(
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; anything else as given; a CUDA device torch
-    cannot use is a ValueError (:func:`extract.devices.resolve_device`, the one implementation)."""
-    from extract.devices import resolve_device as resolve
+    cannot use is a ValueError (:func:`extract.core.devices.resolve_device`, the one implementation)."""
+    from extract.core.devices import resolve_device as resolve
 
     return torch.device(resolve(name, check=True))
 

@@ -343,7 +343,7 @@ def check_resident_matches_cpu(workdir: str | Path, device: str, rows: int = 400
 
 
 def _train_config():
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     return load_pipeline(search=False).train
 
@@ -399,7 +399,7 @@ def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir
     at fp32 for the speed-up of the configured precision."""
     from extract.bench import bench_vgg19, run_benchmark
     from extract.extractors import VGG19Extractor
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     extract = {"visual_weights": "random", "audio_weights": "random", "device": device, "precision": "auto",
                "frames_per_segment": plan.frames_per_segment, "image_size": plan.image_size,
@@ -604,7 +604,7 @@ def run_gpucheck(out: str | Path, workdir: str | Path, *, device: str = "auto", 
                  sections: Sequence[str] = SECTIONS, budget_s: float | None = None) -> dict[str, Any]:
     """Run the sections, writing the JSON to ``out`` after each one; returns the report.
     ``budget_s`` default: :data:`BUDGET_S` of the plan's mode."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
 
     started, wall = time.perf_counter(), _dt.datetime.now(_dt.timezone.utc)
     device = resolve_device(device)

@@ -54,13 +54,13 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
 
     4143 videos (train/val/test = 3339/402/402) plus :data:`SYN_BACKGROUND_TRAIN` background-only
     training videos (empty category; AVE's 178 "noisy" videos) x T=10 segments, visual [7, 7, 512] float16,
-    audio [128], 28 event classes + background (29), written by :func:`extract.synthetic.make_synthetic`
+    audio [128], 28 event classes + background (29), written by :func:`extract.factories.synthetic.make_synthetic`
     (one event class and window per video, class prototypes on the event segments, a
     ``one_modality_share`` of the background segments with the prototype in ONE modality).
     Layout of ``directory``: ``store.zarr``, ``manifests/{train,val,test}.csv`` + ``classes.txt``,
     ``pipeline.yaml``.
     """
-    from extract.synthetic import make_synthetic as write_synthetic
+    from extract.factories.synthetic import make_synthetic as write_synthetic
 
     written = write_synthetic(
         directory, splits=SYN_SPLITS, background={"train": SYN_BACKGROUND_TRAIN}, segments=SYN_T,
@@ -234,7 +234,7 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
       python -m train.headtable --config /tmp/headtable/syn/pipeline.yaml --epochs 2 \\
              --heads dmrn,a+v-att --out /tmp/headtable/syn-out
     """
-    from extract.clitools import resolve, setup_logging
+    from extract.core.clitools import resolve, setup_logging
 
     setup_logging(verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from extract.progress import progress_bar
+from extract.core.progress import progress_bar
 
 from .protocol import Protocol, resolve_protocol
 
@@ -506,6 +506,6 @@ def epoch_line(row: dict[str, Any]) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Trainable parameters (the figure of metrics.json and the head docstrings)."""
-    from extract.devices import count_parameters as count
+    from extract.core.devices import count_parameters as count
 
     return count(model, trainable_only=True)

@@ -67,7 +67,7 @@ def label_agreement(config: str | Path, fp32_store: str | Path, low_store: str |
     test split from both stores: agreement of the labels (share of test seconds), accuracies."""
     import torch
 
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     from .data import load_task_data, split_manifest
     from .evaluate import evaluate_split

@@ -325,10 +325,10 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
     file's name, where avel looked and where to download it) and compare the fingerprint they give
     (the precision that runs on ``device``, default the configuration's) with the training
     store's, naming the differing fields."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
     from extract.extractors import extractor_identity
     from extract.provenance import effective_config, same_feature_set, store_attrs
-    from extract.settings import ConfigError, load_pipeline
+    from extract.core.settings import ConfigError, load_pipeline
     from extract.core.store import differing_fields
     from extract.weights import WeightsUnavailable
 

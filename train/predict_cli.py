@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from extract.clitools import setup_logging, verbose_option
+from extract.core.clitools import setup_logging, verbose_option
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def main(videos, run_dir, checkpoint, manifest, video_root, out, store, no_cache
     Exit code: 0 every video predicted, 1 some video failed, 2 nothing could run.
     """
     setup_logging(verbose)
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
 
     from .predict import PredictError, predict_videos, summary_text
 

@@ -3,7 +3,7 @@
 Plain numpy in, files out; no dependency on the heads or the prediction classes.
 
 - :func:`read_frames` — one RGB frame per requested time (PyAV), resized like the extraction
-  stage resizes frames (:func:`extract.frames.prepare_frames`), rotation metadata applied;
+  stage resizes frames (:func:`extract.core.frames.prepare_frames`), rotation metadata applied;
 - :func:`attention_grid` — [S, k*k] or [S, h, w] attention -> [S, h, w];
 - :func:`plot_timeline` — label track (event spans) over the per-second confidence;
 - :func:`plot_attention_strip` — one panel per second: the frame with the head's attention map;
@@ -116,11 +116,11 @@ def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resiz
         times: [N] seconds (any order, repeats allowed; ``avel-predict`` passes ``t + 0.5``).
         size: output side; ``resize``: ``"squash"`` (whole frame to size x size, the extraction's
             default) or ``"crop"`` (short side to size, centre square), see
-            :func:`extract.frames.prepare_frames`.
+            :func:`extract.core.frames.prepare_frames`.
 
     Returns:
         uint8 [N, size, size, 3]. Each time gets the decoded frame whose presentation time is
-        nearest to it, ties to the earlier frame (the frame-time rule of :mod:`extract.frames`); a
+        nearest to it, ties to the earlier frame (the frame-time rule of :mod:`extract.core.frames`); a
         time beyond the last frame gets the last frame, one before the first frame the first.
         Rotation metadata is applied (a 90-degree phone video comes out upright, as with decord).
 
@@ -129,7 +129,7 @@ def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resiz
     one minute of a long video decodes about that minute, wherever it lies. Raises ValueError naming the file when it is missing, not a video,
     has no video stream or no decodable frame.
     """
-    from extract.frames import prepare_frames
+    from extract.core.frames import prepare_frames
 
     path = Path(path)
     times = np.asarray(times, dtype=np.float64).reshape(-1)

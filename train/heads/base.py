@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.settings import merge, to_dict
+from extract.core.settings import merge, to_dict
 
 
 @dataclasses.dataclass

@@ -198,7 +198,7 @@ class Task:
         head, :meth:`attach` and the schedule. Returns ``(task, model, schedule, device)``.
         A ValueError that is not already a user error becomes a :class:`SetupError`."""
         from extract.core.manifest import ManifestError
-        from extract.settings import ConfigError
+        from extract.core.settings import ConfigError
 
         from ..data import DataError, resolve_device
         from ..loop import check_protocol_epochs, resolve_schedule, seed_everything

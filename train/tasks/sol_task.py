@@ -546,7 +546,7 @@ def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | 
     written paths."""
     import decord
 
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     from ..checkpoint import build_head as load_head
     from ..plots import save_figure

@@ -4,7 +4,7 @@
 ``avel-train ... --scheduler slurm`` run through:
 
 1. **Checks before any job is queued** (:func:`check_request`, each failure a
-   :class:`~extract.settings.ConfigError`, exit 2): ``sinfo`` answers; the partition exists and is
+   :class:`~extract.core.settings.ConfigError`, exit 2): ``sinfo`` answers; the partition exists and is
    up (``dask.slurm.partition``, else the default partition); the walltime fits the partition's
    limit; some node of the partition has the CPUs, memory and GPUs one job asks for; and
    ``sbatch --test-only`` accepts the job script (account, QOS, ``#SBATCH`` lines).

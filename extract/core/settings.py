@@ -26,7 +26,7 @@ import yaml
 #: each other here, and a third package can add a section the same way
 SECTIONS_GROUP = "avel.config_sections"
 #: this stage's own section modules (also loaded when avel runs from an uninstalled source tree)
-SECTION_MODULES = ("extract.settings", "extract.config")
+SECTION_MODULES = ("extract.core.settings", "extract.config")
 
 #: section name -> dataclass type
 SECTIONS: dict[str, type] = {}
@@ -91,7 +91,7 @@ class StoreConfig:
 
 @dataclasses.dataclass
 class SlurmConfig:
-    """``--scheduler slurm``: Dask worker jobs on a SLURM cluster (dask-jobqueue, :mod:`extract.slurm`).
+    """``--scheduler slurm``: Dask worker jobs on a SLURM cluster (dask-jobqueue, :mod:`extract.core.slurm`).
 
     Each job runs one Dask worker process with ``dask.threads_per_worker`` task threads; a job that
     ends early (``scancel``, walltime, node failure) is replaced while there is work. Every job is

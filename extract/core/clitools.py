@@ -1,7 +1,7 @@
 """Pieces shared by the two CLIs (`avel-extract`, `avel-train`): logging set-up, configuration
 resolution (pipeline.yaml <- CLI options <- --set) and the common click options.
 
-Imports click and :mod:`extract.settings` only.
+Imports click and :mod:`extract.core.settings` only.
 """
 from __future__ import annotations
 
