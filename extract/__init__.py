@@ -12,10 +12,7 @@ without stage 1 or a media library (tests/test_train_imports.py).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
-import sys
+from .core.aliases import install as _install
 
 #: old module path -> the module it now is (docs/layers.md, "Module -> floor")
 MOVED = {
@@ -35,29 +32,4 @@ MOVED = {
     "extract.media": "extract.factories.media",
 }
 
-
-class _MovedLoader(importlib.abc.Loader):
-    """Puts the new module under the old name: Python's import returns ``sys.modules[name]`` as it
-    is after ``exec_module``, so the placeholder module made for the old name is dropped."""
-
-    def create_module(self, spec):
-        return None  # the default placeholder; replaced in exec_module
-
-    def exec_module(self, module) -> None:
-        sys.modules[module.__name__] = importlib.import_module(MOVED[module.__name__])
-
-
-class _MovedFinder(importlib.abc.MetaPathFinder):
-    """Answers only the old names of :data:`MOVED`; every other import goes on as usual."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in MOVED:
-            return None
-        return importlib.machinery.ModuleSpec(fullname, _LOADER)
-
-
-_LOADER = _MovedLoader()
-# first in line: the table is authoritative, also over another finder that would find a stale file
-# of the old name (a setuptools editable finder of an older checkout, say); it answers no other name
-if not any(isinstance(finder, _MovedFinder) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _MovedFinder())
+_install(MOVED)

@@ -528,7 +528,7 @@ def test_predict_checks_the_recipe_before_any_work(weight_files, tmp_path):
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
     from extract.core.settings import to_dict
-    from train.predict import LoadedRun, PredictError, check_features_recipe
+    from train.predict.run import LoadedRun, PredictError, check_features_recipe
 
     cfg = ave2018(visual_weights=str(weight_files["keras1"]), audio_weights="random")
     attrs = store_attrs(cfg, extractor_identity(cfg))
@@ -554,7 +554,7 @@ def test_predict_pre_check_accepts_the_fingerprint_of_an_extracted_store(tmp_pat
     from extract.factories.media import write_clip
     from extract.run import run_extraction
     from extract.store import open_store
-    from train.predict import LoadedRun, check_features_recipe
+    from train.predict.run import LoadedRun, check_features_recipe
     from train.tasks.base import store_recipe
 
     rng = np.random.default_rng(0)

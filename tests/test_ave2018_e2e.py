@@ -107,19 +107,19 @@ def flow(tmp_path_factory):
                                             "--no-progress"], catch_exceptions=False)
 
         # 4. predict the new video with the head trained on the imported store
-        from train.predict import predict_videos
+        from train.predict.run import predict_videos
 
         results = predict_videos([clip], run=run_dir, out=root / "predict", device="cpu", extract_device="cpu",
                                  plots=False, progress=False)
         # 5. the VGG-19 weights file is gone: refused before any work
-        from train.predict import PredictError
+        from train.predict.run import PredictError
 
         moved = weights / "elsewhere.h5"
         shutil.move(visual_weights, moved)
         with pytest.raises(PredictError) as refused:
             predict_videos([clip], run=run_dir, out=root / "predict-refused", device="cpu", progress=False)
         shutil.move(moved, visual_weights)
-        from train.predict import load_run
+        from train.predict.run import load_run
 
         loaded = load_run(run_dir)
     return {"root": root, "ds": ds, "imported": imported, "run_dir": run_dir, "clip": clip, "grow": grow,

@@ -548,7 +548,7 @@ def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypa
     failing the prediction because another project is computing the same video."""
     import types
 
-    import train.predict as predict
+    import train.predict.run as predict
 
     commands = []
     monkeypatch.setattr(predict, "_run_echoing", lambda command: (commands.append(command), (0, ""))[1])

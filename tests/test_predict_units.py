@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.predict import (MIN_LAST_SECOND, PredictError, collect_videos, merge_events, read_video_list,
+from train.predict.run import (MIN_LAST_SECOND, PredictError, collect_videos, merge_events, read_video_list,
                            spatial_attention, video_ids, window_key, window_starts)
 
 
@@ -67,7 +67,7 @@ CLASSES = ["dog", "car", "background"]
 def small_run(tmp_path):
     """A DMRN checkpoint with random weights and a recorded feature recipe (nothing is extracted)."""
     from train.checkpoint import save_checkpoint
-    from train.predict import load_run
+    from train.predict.run import load_run
     from train.registry import get_head
 
     cls = get_head("dmrn")
@@ -81,7 +81,7 @@ def small_run(tmp_path):
 def fake_stages(monkeypatch, seconds: int = 12, attention: bool = False, map_kind: str = "attention"):
     """predict_videos without probing, extraction or store: every video gets ``seconds`` of
     labels (and 7x7 attention maps when asked)."""
-    import train.predict as P
+    import train.predict.run as P
 
     def results(run, store, plans, device):
         out = []
@@ -107,7 +107,7 @@ def test_predictions_that_cannot_be_written_fail_the_video(tmp_path, monkeypatch
     """A video whose predictions.csv/.json cannot be written is an error (exit 1), not "predicted"."""
     from click.testing import CliRunner
 
-    from train.predict_cli import main
+    from train.predict.cli import main
 
     run_dir, _ = small_run(tmp_path)
     fake_stages(monkeypatch)
@@ -127,8 +127,8 @@ def test_predictions_that_cannot_be_written_fail_the_video(tmp_path, monkeypatch
 
 
 def test_a_picture_that_fails_is_only_a_warning(tmp_path, monkeypatch):
-    import train.predict_plots as pp
-    from train.predict import predict_videos
+    import train.predict.plots as pp
+    from train.predict.run import predict_videos
 
     run_dir, _ = small_run(tmp_path)
     fake_stages(monkeypatch)
@@ -145,7 +145,7 @@ def test_a_picture_that_fails_is_only_a_warning(tmp_path, monkeypatch):
 def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
     from click.testing import CliRunner
 
-    from train.predict_cli import main
+    from train.predict.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -168,8 +168,8 @@ def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
 def test_long_videos_get_one_strip_picture_per_minute(tmp_path, monkeypatch):
     """150 s: three pages (60, 60, 30 panels), each reading only its own frames; panel titles
     count from the page's first second; never more than 60 axes in one figure."""
-    import train.predict_plots as pp
-    from train.predict import predict_videos
+    import train.predict.plots as pp
+    from train.predict.run import predict_videos
 
     run_dir, _ = small_run(tmp_path)
     fake_stages(monkeypatch, seconds=150, attention=True)
@@ -201,8 +201,8 @@ def test_long_videos_get_one_strip_picture_per_minute(tmp_path, monkeypatch):
 def test_sounding_object_strips_come_in_pages_and_every_second_keeps_its_box(tmp_path, monkeypatch):
     import json
 
-    import train.predict_plots as pp
-    from train.predict import predict_videos
+    import train.predict.plots as pp
+    from train.predict.run import predict_videos
 
     run_dir, _ = small_run(tmp_path)
     fake_stages(monkeypatch, seconds=70, attention=True, map_kind="sounding_object")

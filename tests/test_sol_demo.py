@@ -95,7 +95,7 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     # avel-predict with the stm run on a test clip: the features are made again with the map store's
     # recipe, and the sounding-object maps are those of the head on the training store's row
     test_clip = out / "videos" / f"{video}.mp4"
-    stdout, printed = run_cli("train.predict_cli", "--run", str(run), str(test_clip), "--out", str(tmp_path / "pred"),
+    stdout, printed = run_cli("train.predict.cli", "--run", str(run), str(test_clip), "--out", str(tmp_path / "pred"),
                               "--no-progress", cwd=tmp_path)
     assert "1 of 1 videos predicted" in stdout, printed[-3000:]
     doc = json.loads((tmp_path / "pred" / video / "predictions.json").read_text())
@@ -104,7 +104,7 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     assert (tmp_path / "pred" / video / "sounding_object.png").stat().st_size > 1000
 
     from extract.store import open_store
-    from train.predict import load_run
+    from train.predict.run import load_run
     from train.tasks.sol_task import video_outputs
 
     loaded = load_run(run)

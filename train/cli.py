@@ -1,7 +1,7 @@
 """`avel-train`: train and evaluate localization heads on a feature store.
 
 Subcommands: ``bench`` (speed benchmark), ``gpucheck`` (the GPU path measured in one command,
-:mod:`train.gpucheck`), ``render-sol`` (sounding-object maps as PNG). The public AVE
+:mod:`train.predict.gpucheck`), ``render-sol`` (sounding-object maps as PNG). The public AVE
 h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extract.import_h5`).
 """
 from __future__ import annotations
@@ -457,7 +457,7 @@ def gpucheck_command(obj, out, workdir, device, reduced, only, budget, clips, vi
     Example (a fresh clone on a GPU machine):
       pip install -e . && avel-train gpucheck --out gpucheck.json
     """
-    from . import gpucheck
+    from .predict import gpucheck
 
     setup_logging(obj["verbose"])
     plan = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .settings import ConfigError
+from .slurm import SLURM  # noqa: F401  (``--scheduler slurm``; re-exported for the CLIs)
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 #: the loopback address an embedded cluster listens on
 LOOPBACK = "127.0.0.1"
-#: ``--scheduler slurm``: Dask workers as SLURM jobs (:mod:`extract.core.slurm`)
-SLURM = "slurm"
 
 
 def security_from_config(dask_cfg, scheduler: str, resolve_path: Callable[[str], Path] = Path):

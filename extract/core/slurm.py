@@ -47,7 +47,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .daskclient import SLURM
 from .settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ log = logging.getLogger(__name__)
 __all__ = ["SLURM", "SlurmWorkers", "SlurmStats", "check_request", "job_script", "require_jobqueue",
            "parse_walltime", "slurm_device"]
 
+#: the ``--scheduler`` value that asks for SLURM worker jobs (:func:`extract.core.daskclient.dask_client`)
+SLURM = "slurm"
 #: how to install the optional dependency
 EXTRA = 'pip install -e ".[slurm]"'
 #: squeue states of a job that has ended (or is ending): its worker is gone

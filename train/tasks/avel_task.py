@@ -117,7 +117,7 @@ class AvelTask(Task):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """Class names and how the training store's features were made (``features``), so that
-        ``avel-predict`` can compute the same features for new videos (:mod:`train.predict`)."""
+        ``avel-predict`` can compute the same features for new videos (:mod:`train.predict.run`)."""
         return {"class_names": self.data.class_names, "features": store_recipe(self.data.bank.store_path, self.data.bank.fingerprint,
                                                                             self.data.bank.attrs, self.data.bank.segments, self.pipeline)}
 

@@ -298,7 +298,7 @@ def store_recipe(store_path, fingerprint: str, attrs: Mapping[str, Any] | None, 
     """What made a run's training store, for its checkpoint (``features``): the store's
     fingerprint, the fields the fingerprint hashes, the full extractor configuration and T (root
     attributes of the store), plus the training pipeline's feature cache folder (absolute), which
-    ``avel-predict`` (:mod:`train.predict`) uses to compute the same features for new videos."""
+    ``avel-predict`` (:mod:`train.predict.run`) uses to compute the same features for new videos."""
     attrs = dict(attrs or {})
     cache_root = None
     if pipeline is not None and hasattr(pipeline, "store"):

@@ -1,4 +1,4 @@
-"""``avel-predict``: run a trained head on new videos (see :mod:`train.predict`)."""
+"""``avel-predict``: run a trained head on new videos (see :mod:`train.predict.run`)."""
 from __future__ import annotations
 
 import logging
@@ -49,7 +49,7 @@ def main(videos, run_dir, checkpoint, manifest, video_root, out, store, no_cache
     setup_logging(verbose)
     from extract.core.devices import resolve_device
 
-    from .predict import PredictError, predict_videos, summary_text
+    from .run import PredictError, predict_videos, summary_text
 
     try:
         device = resolve_device(device, check=True)

@@ -1,5 +1,5 @@
 """``avel-train gpucheck``: one command that measures the GPU path and writes every figure to one
-JSON file (also ``python -m train.gpucheck``).
+JSON file (also ``python -m train.predict.gpucheck``).
 
 A GPU is lent only now and then, for minutes; whoever has one runs this from a fresh clone
 (``pip install -e .``) and gets the figures. It generates everything it needs and runs, each part
@@ -311,11 +311,11 @@ def check_resident_matches_cpu(workdir: str | Path, device: str, rows: int = 400
     """Train ``head`` on a synthetic store on the CPU and resident on ``device``, the same seeds:
     test accuracies, and ``ok`` when the difference of the means is within seed noise
     (2 standard errors of the difference, at least 0.02)."""
-    from .bench import make_synthetic
-    from .data import load_task_data
-    from .loop import fit, resolve_schedule, seed_everything
-    from .registry import get_head
-    from .tasks.avel_task import AvelTask
+    from ..bench import make_synthetic
+    from ..data import load_task_data
+    from ..loop import fit, resolve_schedule, seed_everything
+    from ..registry import get_head
+    from ..tasks.avel_task import AvelTask
 
     paths = make_synthetic(Path(workdir) / "resident", rows)
     manifests = {k: paths["manifests"][k] for k in ("train", "val", "test")}
@@ -432,11 +432,11 @@ def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float, 
     """Seconds per epoch / full schedule of each head with this trainer (store loaded once,
     resident on ``device``) and with the per-batch h5 loop (:func:`train.bench.time_reference_loop`);
     the first head's whole schedule run with :func:`train.loop.fit` when the time allows."""
-    from .bench import REF_EVAL_EVERY, make_synthetic, time_reference_loop
-    from .data import load_task_data
-    from .loop import fit, make_optimizer, resolve_schedule, seed_everything, train_epoch
-    from .registry import get_head
-    from .tasks.avel_task import AvelTask
+    from ..bench import REF_EVAL_EVERY, make_synthetic, time_reference_loop
+    from ..data import load_task_data
+    from ..loop import fit, make_optimizer, resolve_schedule, seed_everything, train_epoch
+    from ..registry import get_head
+    from ..tasks.avel_task import AvelTask
 
     dev = torch.device(device)
     started = time.perf_counter()
@@ -676,8 +676,8 @@ def _json_default(value):
     return str(value)
 
 
-def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - python -m train.gpucheck
-    from .cli import main as cli
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - python -m train.predict.gpucheck
+    from ..cli import main as cli
 
     cli(["gpucheck", *(argv if argv is not None else sys.argv[1:])], prog_name="avel-train")
 

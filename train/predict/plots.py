@@ -285,7 +285,7 @@ def plot_timeline(
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    from .plots import pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
     plt = pyplot()
     labels = [str(x) for x in labels]
@@ -368,11 +368,11 @@ def _strip_figure(count: int, columns: int, title: str):
     """(plt, fig, axes list of ``count`` axes): ``columns`` panels per row, rest switched off.
     Figure: ``min(columns, count) * PANEL_WIDTH_IN`` wide, ``rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN`` high.
     More than :data:`MAX_STRIP_PANELS` panels is a ValueError (draw pages, :func:`strip_pages`)."""
-    from .plots import pyplot
+    from ..plots import pyplot
 
     if count > MAX_STRIP_PANELS:
         raise ValueError(f"a strip of {count} panels is too large for one figure (at most {MAX_STRIP_PANELS}); "
-                         f"draw it in pages of {STRIP_SECONDS} seconds (train.predict_plots.strip_pages)")
+                         f"draw it in pages of {STRIP_SECONDS} seconds (train.predict.plots.strip_pages)")
 
     plt = pyplot()
     columns = max(1, min(int(columns), max(count, 1)))
@@ -440,8 +440,8 @@ def plot_attention_strip(
     normalisation and colouring (None without attention), "cells": float32 [S, h, w] the attention
     values used (None without attention)}``.
     """
-    from . import sol_metrics as sol
-    from .plots import save_figure
+    from .. import sol_metrics as sol
+    from ..plots import save_figure
 
     frames, conf = _check_strip(frames, labels, confidence, "plot_attention_strip")
     S, H, W = frames.shape[:3]
@@ -486,8 +486,8 @@ def plot_sol_strip(
     """
     from matplotlib.patches import Rectangle
 
-    from . import sol_metrics as sol
-    from .plots import save_figure
+    from .. import sol_metrics as sol
+    from ..plots import save_figure
 
     frames, conf = _check_strip(frames, labels, confidence, "plot_sol_strip")
     S, H, W = frames.shape[:3]
@@ -666,7 +666,7 @@ def _write_overlay_video(path: Path, out_path: Path, attention, labels, confiden
                          audio: bool, background: str) -> Path:
     import cv2
 
-    from . import sol_metrics as sol
+    from .. import sol_metrics as sol
 
     labels = [str(x) for x in labels]
     S = len(labels)

@@ -164,7 +164,7 @@ def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike
     """The head of an ``avel-train`` run directory (its ``checkpoint.safetensors``) or of a
     checkpoint file. Refuses checkpoints that cannot predict new videos (another task, or written
     before checkpoints recorded their features)."""
-    from .checkpoint import CheckpointError, build_head
+    from ..checkpoint import CheckpointError, build_head
 
     if (run is None) == (checkpoint is None):
         raise PredictError("give a run directory (--run) or a checkpoint file (--checkpoint), one of them")
@@ -436,11 +436,11 @@ def check_features(store_path: Path, run: LoadedRun) -> Any:
     the fields that differ)."""
     from extract.core.store import StoreError, differing_fields
 
-    from .data import open_checked_store
+    from ..data import open_checked_store
 
     try:
         if run.task == "sol":
-            from .tasks.sol_task import open_map_store
+            from ..tasks.sol_task import open_map_store
 
             store = open_map_store(store_path)
         else:
@@ -518,7 +518,7 @@ def run_sol_head(run: LoadedRun, store, rows: np.ndarray, device: str = "cpu"
     map the mean of its F frames' sounding-object maps."""
     import torch
 
-    from .tasks.sol_task import video_outputs
+    from ..tasks.sol_task import video_outputs
 
     by_row = {}
     for row, logits, maps in video_outputs(run.head, store, sorted(int(r) for r in rows), PREDICT_BATCH // 8 or 1, device):
@@ -551,7 +551,7 @@ def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, cl
 
 def _read_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
     """Array ``name`` at store rows ``rows`` (any order, unique), in that order."""
-    from .data import read_rows
+    from ..data import read_rows
 
     order = np.argsort(rows)
     out = read_rows(store, name, rows[order])
@@ -702,7 +702,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
 def strip_name(map_name: str, lo: int, pages: int) -> str:
     """File of the strip page starting at second ``lo``: ``attention.png`` when the video has one
     page, else ``attention-000m.png``, ``attention-001m.png``, ... (the page's first minute)."""
-    from .predict_plots import STRIP_SECONDS
+    from .plots import STRIP_SECONDS
 
     if pages == 1:
         return f"{map_name}.png"
@@ -711,7 +711,7 @@ def strip_name(map_name: str, lo: int, pages: int) -> str:
 
 def _write_strips(res: VideoResult, folder: Path, map_name: str, sol_maps: bool, conf: np.ndarray, title: str,
                   doc: dict[str, Any], json_path: Path) -> None:
-    """The attention (or sounding-object) strip in pages of :data:`train.predict_plots.STRIP_SECONDS`
+    """The attention (or sounding-object) strip in pages of :data:`train.predict.plots.STRIP_SECONDS`
     seconds: each page reads only its own frames (one per second, at its middle) and draws at
     most that many panels, so a long video never holds all its frames or builds thousands of axes
     at once. ``res.outputs[map_name]`` is the first page; with several pages
