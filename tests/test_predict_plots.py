@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extract.factories.media import write_clip
-from train import predict_plots as pp
+from train.predict import plots as pp
 
 FPS = 10
 SIZE = 64

@@ -681,7 +681,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         res.outputs[f"{map_name}_values"] = str(folder / f"{map_name}.npy")
     if not plots and not overlay_video:
         return
-    from . import predict_plots as pp
+    from . import plots as pp
 
     title = f"{res.video_id} — {run.meta.get('head')} ({run.meta.get('setting')})"
     if plots:
@@ -716,7 +716,7 @@ def _write_strips(res: VideoResult, folder: Path, map_name: str, sol_maps: bool,
     most that many panels, so a long video never holds all its frames or builds thousands of axes
     at once. ``res.outputs[map_name]`` is the first page; with several pages
     ``res.outputs[map_name + "_pages"]`` is the glob of them all."""
-    from . import predict_plots as pp
+    from . import plots as pp
 
     pages = pp.strip_pages(res.seconds)
     boxes: list = []
