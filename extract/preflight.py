@@ -410,7 +410,7 @@ def _check_resample() -> Check:
 
 def _precision_note(cfg, device: str) -> str:
     """What will really run: the frame CNNs' effective precision, VGGish always fp32."""
-    from .extractors import EXTRACTORS, FrameCNNExtractor, effective_precision, get_extractor
+    from .extractors import FrameCNNExtractor, effective_precision, get_extractor, load_extractors
 
     asked = cfg.precision
 
@@ -436,7 +436,8 @@ def _precision_note(cfg, device: str) -> str:
         text = f"{cnn} run {real} autocast on {device}"
     else:
         text = f"{cnn} run bf16 autocast on {device} (fast only on CPUs with AVX512-BF16/AMX)"
-    others = [n for n in cfg.extractors if n in EXTRACTORS and EXTRACTORS[n].uses_audio]  # VGGish nets: fp32
+    registered = load_extractors()
+    others = [n for n in cfg.extractors if n in registered and registered[n].uses_audio]  # VGGish nets: fp32
     if others:
         text += f"; {'/'.join(others)} always fp32"
     return text
