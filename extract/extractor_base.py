@@ -3,7 +3,9 @@ computes (:class:`Extractor`, the frame-CNN base :class:`FrameCNNExtractor`), wh
 it (:class:`FrameGrid`, :class:`DecodedVideo`), the registry (:func:`register_extractor`,
 :func:`get_extractor`) and device / precision resolution. The built-in extractors live in
 :mod:`extract.extractors` (vgg19, vggish) and :mod:`extract.sol_extractors` (resnet152_maps,
-vggish_maps); both import this module and neither imports the other.
+vggish_maps); both import this module and neither imports the other. Extractor modules are
+plugins: each is named in the entry-point group ``avel.extractors`` (setup.cfg, or a third
+package's metadata) and imported on the first lookup (:mod:`extract.core.plugins`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
+from .core import plugins
 from .core.devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
 from .core.store import ArraySpec
 
@@ -27,6 +30,7 @@ __all__ = [
     "Extractor",
     "EXTRACTORS",
     "register_extractor",
+    "load_extractors",
     "get_extractor",
     "resolve_device",
     "effective_precision",
@@ -78,7 +82,8 @@ def register_extractor(name: str) -> Callable[[type], type]:
 
     def decorate(cls: type) -> type:
         if name in EXTRACTORS:
-            raise ValueError(f"extractor {name!r} is already registered by {EXTRACTORS[name].__module__}.{EXTRACTORS[name].__qualname__}")
+            raise ValueError(f"extractor {name!r} of {cls.__module__}.{cls.__qualname__} is already registered by "
+                             f"{EXTRACTORS[name].__module__}.{EXTRACTORS[name].__qualname__}")
         cls.name = name
         EXTRACTORS[name] = cls
         return cls
@@ -86,7 +91,15 @@ def register_extractor(name: str) -> Callable[[type], type]:
     return decorate
 
 
+def load_extractors() -> dict[str, type["Extractor"]]:
+    """Import every extractor plugin (entry points ``avel.extractors``, once) and return :data:`EXTRACTORS`."""
+    plugins.load(plugins.EXTRACTORS)
+    return EXTRACTORS
+
+
 def get_extractor(name: str) -> type["Extractor"]:
+    """The registered extractor class ``name`` (every extractor plugin is loaded first)."""
+    load_extractors()
     try:
         return EXTRACTORS[name]
     except KeyError:

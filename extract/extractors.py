@@ -42,6 +42,7 @@ from .extractor_base import (  # noqa: F401  (re-exported: the public names of t
     configured_precision,
     effective_precision,
     get_extractor,
+    load_extractors,
     register_extractor,
     resolve_device,
 )
@@ -248,7 +249,3 @@ def build_extractors(cfg: ExtractConfig, device: str | None = None) -> list[Extr
 def extractor_identity(cfg: ExtractConfig) -> dict[str, Any]:
     """``{extractor name: identity}`` for ``cfg.extractors`` without building networks (weights files are hashed)."""
     return {name: get_extractor(name).describe(cfg) for name in cfg.extractors}
-
-
-# extractors defined in other modules register themselves when imported
-from . import sol_extractors  # noqa: E402,F401  (resnet152_maps, vggish_maps)

@@ -1,7 +1,8 @@
 """`avel-train`: train and evaluate localization heads on a feature store.
 
-Subcommands: ``bench`` (speed benchmark), ``gpucheck`` (the GPU path measured in one command,
-:mod:`train.predict.gpucheck`), ``render-sol`` (sounding-object maps as PNG). The public AVE
+Subcommands: ``bench`` (speed benchmark), ``render-sol`` (sounding-object maps as PNG), and the
+commands of the entry-point group ``avel.commands`` (:class:`PluginGroup`), such as ``gpucheck``
+(the GPU path measured in one command, :mod:`train.predict.gpucheck`). The public AVE
 h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extract.import_h5`).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from extract.core import plugins
 from extract.core.clitools import config_option, resolve, set_option, setup_logging, verbose_option
 
 log = logging.getLogger("avel")
@@ -62,6 +64,46 @@ def _head_names():
     return head_names()
 
 
+class PluginGroup(click.Group):
+    """A click group whose commands are its own plus those of the entry-point group
+    ``avel.commands`` (``name = module:command``, :mod:`extract.core.plugins`). A plugin command's
+    module is imported only when that command is invoked (or its name is asked for): ``--help``
+    lists it with the help text read from its source, so a command of the join floor (gpucheck,
+    which imports stage 1) costs nothing to ``avel-train --list-heads`` or a training run."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *(p.name for p in plugins.entry_points(plugins.COMMANDS))})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        plugin = plugins.find(plugins.COMMANDS, name)
+        if plugin is None:
+            return None
+        command = plugin.load()
+        if not isinstance(command, click.Command):
+            raise plugins.PluginError(f"{plugin.describe()} is a {type(command).__name__}, not a click command")
+        return command
+
+    def format_commands(self, ctx, formatter):
+        """Like click's, but a plugin command not imported yet is described from its source."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = super().get_command(ctx, name)
+            if command is not None:
+                if not command.hidden:
+                    rows.append((name, command))
+                continue
+            plugin = plugins.find(plugins.COMMANDS, name)
+            text = plugins.docstring(plugin) if sys.modules.get(plugin.module) is None else None
+            rows.append((name, click.Command(name, help=text) if text is not None else self.get_command(ctx, name)))
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in rows])
+
+
 def _task_names():
     from .registry import TASKS, discover
 
@@ -93,7 +135,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (StoreError, DataError, ManifestError, ConfigError, CheckpointError, NonFiniteError, SetupError, BoxFormatError)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PluginGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--head", type=CommaList(RegistryChoice(_head_names)), default=None, metavar="NAME[,NAME...]", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads. A comma list (dmrn,bmfn) runs a sweep: every head x setting x seed, with a results table.")
 @click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
 @click.option("--setting", type=CommaList(click.Choice(["supervised", "weak"])), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment. 'supervised,weak' sweeps both.")
@@ -418,76 +460,6 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
-
-
-@main.command("gpucheck")
-@click.option("--out", type=click.Path(dir_okay=False), default="gpucheck.json", show_default=True, help="The JSON file with every figure (rewritten after each part, so a run that is cut short keeps what it measured).")
-@click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-gpucheck", show_default=True, help="Where the generated clips and synthetic stores are made (kept and reused by the next run).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cuda, cuda:N, cpu.")
-@click.option("--reduced/--full", "reduced", default=None, help="Reduced mode (2 clips, 1 frame per segment at 112 x 112, a 158-video store, one timed epoch) or the full GPU sizes. Default: full on CUDA, reduced without.")
-@click.option("--only", default=None, metavar="PARTS", help="Comma list of the parts to run: checks, extraction, training (default: all).")
-@click.option("--budget", type=click.FloatRange(min=10), default=None, help="Seconds for the whole run (default 450 full, 900 reduced); a part that would start past it is recorded as not run, a part is stopped at it, and the whole DMRN schedule is only run if it fits.")
-@click.option("--clips", type=click.IntRange(min=1), default=None, help="Distinct clips to render (full: 32, reduced: 2).")
-@click.option("--videos", type=click.IntRange(min=1), default=None, help="Videos extracted per extraction figure, the clips repeated (full: 256, reduced: 4).")
-@click.option("--clip-size", default=None, metavar="WxH", help="Frame size of the generated 10-s clips (default 640x360, AVE's).")
-@click.option("--frames-per-segment", type=click.IntRange(min=1), default=None, help="VGG-19 frames per 1-s segment (full: 16, AVE's; reduced: 1).")
-@click.option("--image-size", type=click.IntRange(min=32), default=None, help="VGG-19 input side (full: 224; reduced: 112).")
-@click.option("--rows", type=click.IntRange(min=100), default=None, help="Videos in the synthetic training store (full: 4143, AVE's; reduced: 158; at least 100, so that the h5 loop has a batch of 64).")
-@click.option("--heads", default=None, help="Comma list of the heads to time (default: dmrn,a+v-att,cmbs).")
-@click.pass_obj
-def gpucheck_command(obj, out, workdir, device, reduced, only, budget, clips, videos, clip_size, frames_per_segment,
-                     image_size, rows, heads):
-    """Measure the GPU path in one command and write every figure to one JSON file.
-
-    \b
-    1. machine: GPU, CUDA/cuDNN/torch versions, CPU model and cores, load
-    2. checks (the tests marked gpu): VGG-19 rows do not depend on their batch under cuDNN; bf16
-       against fp32 on generated clips and ../shared/media (when present); training resident on
-       the GPU gives the CPU's accuracy within seed noise (CUDA only)
-    3. extraction on generated 10-s 640x360 clips: VGG-19 frames/s at extract.precision auto (and
-       fp32), decode videos/s on all cores, end-to-end videos/s and its ratio to the slower bound
-       (target >= 0.9)
-    4. training on an AVE-sized synthetic store: seconds per epoch and per schedule of dmrn,
-       a+v-att and cmbs, next to a per-batch h5 loop like the reference's; DMRN's whole schedule
-       run for real (targets: < 60 s, >= 10x the h5 loop)
-
-    \b
-    Every part runs under a time limit; an error is recorded in the JSON and the next part runs.
-    Sized for < 8 minutes on one H100 box. Without CUDA it runs a reduced mode and says so.
-    Example (a fresh clone on a GPU machine):
-      pip install -e . && avel-train gpucheck --out gpucheck.json
-    """
-    from .predict import gpucheck
-
-    setup_logging(obj["verbose"])
-    plan = None
-    if reduced is not None:
-        plan = gpucheck.reduced_plan() if reduced else gpucheck.full_plan()
-    else:
-        from extract.core.devices import resolve_device
-
-        plan = gpucheck.full_plan() if resolve_device(device).startswith("cuda") else gpucheck.reduced_plan()
-    changes = {"clips": clips, "videos": videos, "frames_per_segment": frames_per_segment, "image_size": image_size, "rows": rows}
-    plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
-    if clip_size:
-        try:
-            width, height = (int(v) for v in clip_size.lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"expected WxH, e.g. 640x360, got {clip_size!r}", param_hint="--clip-size") from None
-        if width % 2 or height % 2:
-            raise click.BadParameter("width and height must be even (H.264)", param_hint="--clip-size")
-        plan = dataclasses.replace(plan, clip_size=(height, width))
-    if heads:
-        plan = dataclasses.replace(plan, heads=tuple(h.strip() for h in heads.split(",") if h.strip()))
-    sections = gpucheck.SECTIONS
-    if only:
-        wanted = [p.strip() for p in only.split(",") if p.strip()]
-        unknown = sorted(set(wanted) - set(gpucheck.SECTIONS[1:]))
-        if unknown:
-            raise click.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(gpucheck.SECTIONS[1:])}", param_hint="--only")
-        sections = ("machine", *wanted)
-    report = gpucheck.run_gpucheck(out, workdir, device=device, plan=plan, sections=sections, budget_s=budget)
-    click.echo(gpucheck.summary_text(report))
 
 
 @main.command("render-sol")

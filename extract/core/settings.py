@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import types
@@ -21,12 +20,12 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-#: entry-point group through which each installed stage names the (light) modules that register
-#: its sections (setup.cfg ``[options.entry_points] avel.config_sections``): the stages never name
-#: each other here, and a third package can add a section the same way
-SECTIONS_GROUP = "avel.config_sections"
-#: this stage's own section modules (also loaded when avel runs from an uninstalled source tree)
-SECTION_MODULES = ("extract.core.settings", "extract.config")
+from . import plugins
+
+#: the sections are registered by the modules of the entry-point group ``avel.config_sections``
+#: (setup.cfg: this module, ``extract.config``, ``train.config``; a third package adds its own the
+#: same way), loaded through :mod:`extract.core.plugins`: the contract names no stage
+SECTIONS_GROUP = plugins.CONFIG_SECTIONS
 
 #: section name -> dataclass type
 SECTIONS: dict[str, type] = {}
@@ -369,14 +368,9 @@ class Pipeline:
 
 
 def load_sections() -> dict[str, type]:
-    """Import every module that registers sections: this stage's and every installed entry point
-    of :data:`SECTIONS_GROUP` (e.g. ``train = train.config``)."""
-    from importlib.metadata import entry_points
-
-    for module in SECTION_MODULES:
-        importlib.import_module(module)
-    for entry in entry_points(group=SECTIONS_GROUP):
-        importlib.import_module(entry.value)
+    """Import every module that registers sections (entry points of :data:`SECTIONS_GROUP`, e.g.
+    ``train = train.config``) and return :data:`SECTIONS`."""
+    plugins.load(SECTIONS_GROUP)
     return SECTIONS
 
 

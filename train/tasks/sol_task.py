@@ -130,23 +130,11 @@ def _parallel_read(array, selections: Sequence[Any]) -> np.ndarray:
         return np.stack(list(pool.map(lambda sel: np.asarray(array[sel]), selections)))
 
 
-def _scaled(store: FeatureStore, name: str, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """Map values as stored times their row's recorded scale (``<name>_scale``, see
-    :meth:`extract.core.store.FeatureStore.read_scaled`; 1 when absent or unwritten)."""
-    if f"{name}_scale" not in store.array_names():
-        return values
-    scale = np.asarray(store.read(f"{name}_scale", np.asarray(rows, dtype=np.int64)), dtype=np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    if np.all(scale == 1.0):
-        return values
-    return values.astype(np.float32) * scale.reshape(scale.shape + (1,) * (values.ndim - 1))
-
-
 def read_seconds(store: FeatureStore, rows: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The frames of one second per row: (frame_maps [B, F, 8, 8, Cv], audio_maps [B, 6, 4, Ca]),
     with each row's recorded scale applied."""
     selections = [(int(r), int(s)) for r, s in zip(rows, seconds)]
-    return tuple(_scaled(store, name, _parallel_read(store.array(name), selections), [int(r) for r in rows])
+    return tuple(store.scaled(name, _parallel_read(store.array(name), selections), [int(r) for r in rows])
                  for name in ("frame_maps", "audio_maps"))
 
 
@@ -202,8 +190,8 @@ def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, d
     rows = [int(r) for r in rows]
     for start in range(0, len(rows), max(1, batch)):
         block = rows[start:start + batch]
-        fm = _scaled(store, "frame_maps", _parallel_read(maps, block), block)
-        am = _scaled(store, "audio_maps", _parallel_read(audio, block), block)
+        fm = store.scaled("frame_maps", _parallel_read(maps, block), block)
+        am = store.scaled("audio_maps", _parallel_read(audio, block), block)
         T, F = fm.shape[1:3]
         a, v = sequence_inputs(fm, am, device)
         out = model(a, v)
