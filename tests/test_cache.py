@@ -613,3 +613,36 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
         release.set()
         thread.join(60)
     assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)
+
+
+def test_one_cache_root_precedence_everywhere(tmp_path, monkeypatch):
+    """explicit > $AVEL_CACHE > store.cache_root (relative to pipeline.yaml), the one rule of
+    extract.core.settings.cache_root, as avel-extract (config, --cache, list-cache) and avel-predict use it."""
+    from extract.cache import cache_root as extract_cache_root
+    from extract.core.clitools import resolve
+    from extract.core.settings import cache_root, load_pipeline
+    from extract.core.store import StoreError
+    from train.predict.run import LoadedRun, feature_cache_root
+
+    (tmp_path / "project").mkdir()
+    config = tmp_path / "project" / "pipeline.yaml"
+    config.write_text("store:\n  cache_root: shared/cache\n")
+    pipeline = load_pipeline(config)
+    monkeypatch.delenv("AVEL_CACHE", raising=False)
+    configured = tmp_path / "project" / "shared" / "cache"
+    assert cache_root() is None and cache_root(pipeline) == configured
+    assert cache_root(pipeline, tmp_path / "opt") == tmp_path / "opt"
+    assert extract_cache_root(pipeline) == configured and resolve(str(config), ()).store.cache_root == "shared/cache"
+    run = LoadedRun(None, {}, tmp_path / "nowhere" / "checkpoint.safetensors", [], {"cache_root": "/recorded"})
+    assert feature_cache_root(run, None, tmp_path / "work") == Path("/recorded")  # no run folder: its record
+    assert feature_cache_root(LoadedRun(None, {}, run.checkpoint, [], {}), None, tmp_path / "w") == tmp_path / "w" / "cache"
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "env"))
+    assert cache_root() == cache_root(pipeline) == extract_cache_root(pipeline) == tmp_path / "env"
+    assert resolve(str(config), ()).store.cache_root == str(tmp_path / "env")  # what the commands print and use
+    assert feature_cache_root(run, None, tmp_path / "work") == tmp_path / "env"
+    assert cache_root(pipeline, "~/x") == Path.home() / "x"  # explicit wins, ~ expanded
+    assert feature_cache_root(run, tmp_path / "opt", tmp_path / "work") == tmp_path / "opt"
+    monkeypatch.delenv("AVEL_CACHE")
+    pipeline.store.cache_root = ""
+    with pytest.raises(StoreError, match="no feature cache configured"):
+        extract_cache_root(pipeline)

@@ -61,8 +61,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -361,8 +359,9 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
 
 
 def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | None, device: str | None) -> dict[str, Any]:
-    """The pipeline.yaml of the predict extraction: the training store's extractor configuration
-    (device replaced when given: not part of the features), the predict store and the cache."""
+    """The configuration of the predict extraction (``pipeline.yaml`` sections): the training
+    store's extractor configuration (device replaced when given: not part of the features), the
+    predict store and the cache."""
     extract = dict(recipe["extractor"])
     if device:
         extract["device"] = device
@@ -372,63 +371,91 @@ def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | Non
     return doc
 
 
+def feature_cache_root(run: LoadedRun, explicit: str | os.PathLike | None, work: Path) -> Path:
+    """The feature cache of a prediction, by the one precedence of
+    :func:`extract.core.settings.cache_root`: ``explicit`` (``--cache-root``) > ``$AVEL_CACHE`` >
+    the run's own configuration (:func:`train.runs.run_pipeline`: its ``store.cache_root``,
+    relative to the folder the training started from). A checkpoint outside a run folder (or a
+    run whose config.yaml this avel cannot read) falls back to the folder its checkpoint recorded
+    (``features.cache_root``), else ``work/cache``."""
+    from extract.core.settings import ConfigError, cache_root
+
+    from ..runs import run_pipeline
+
+    try:
+        return cache_root(run_pipeline(run.checkpoint.resolve().parent), explicit)
+    except ConfigError as exc:
+        log.debug("the run's configuration gives no feature cache (%s); using the checkpoint's record", exc)
+    chosen = cache_root(None, explicit)
+    recorded = run.features.get("cache_root")
+    return chosen if chosen is not None else Path(recorded) if recorded else work / "cache"
+
+
 def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store: Path, *, cache: bool = True,
-                     device: str | None = None, progress: bool = True, cache_root: Path | None = None) -> int:
-    """Write the windows of ``plans`` as a manifest and run ``avel-extract`` on it into ``store``.
-    Returns avel-extract's exit code (0 all done, 1 some videos failed); raises PredictError when
-    it could not run (exit 2: its message, e.g. a missing weights file, is in the error)."""
+                     device: str | None = None, progress: bool = True, cache_root: str | os.PathLike | None = None
+                     ) -> dict[str, Any]:
+    """Compute the features of the windows of ``plans`` into ``store`` with the training store's
+    extractor configuration, in this process: stage 1's environment check
+    (:func:`extract.preflight.require_environment`), then its extraction through the shared
+    feature cache (:func:`extract.cache.extract_with_cache`, what ``avel-extract --cache`` runs),
+    or without the cache (``cache=False``) :func:`extract.run.run_extraction`. Behind another run
+    computing the same videos it waits, saying for whom. Progress (rate and ETA on a terminal,
+    log lines otherwise) and the summary are stage 1's own.
+
+    Returns ``{window key: extract.run.VideoOutcome}`` (done / failed with the reason / missing),
+    one per window. Raises :class:`PredictError` when the extraction cannot run (environment,
+    configuration, store, a lock held by a dead-end writer) or an environment error stopped it
+    (nothing is then reported as a per-video failure); any other exception is a bug and propagates."""
     import yaml
 
-    from extract.core.manifest import Sample, write_manifest
+    from extract.cache import extract_with_cache
+    from extract.core.lock import StoreLocked
+    from extract.core.manifest import ManifestError
+    from extract.core.settings import ConfigError, load_pipeline
+    from extract.core.store import StoreError
+    from extract.decode import VideoRequest
+    from extract.preflight import PreflightError, require_environment
+    from extract.run import run_extraction
+    from extract.weights import WeightsUnavailable
 
     work.mkdir(parents=True, exist_ok=True)
-    samples = [Sample(sample_id=window_key(p.video_id, start, run.segments), video_id=p.video_id,
-                      path=str(p.path.resolve()), category="", onset=0, offset=0, split=SPLIT,
-                      start=float(start), duration=float(run.segments))
-               for p in plans for start in p.starts]
-    manifest = write_manifest(work / "videos.csv", samples, run.class_names[:-1])
-    if cache_root is None:
-        recorded = run.features.get("cache_root")
-        cache_root = Path(os.environ.get("AVEL_CACHE") or recorded or (work / "cache"))
-    config = work / "pipeline.yaml"
+    requests = [VideoRequest(window_key(p.video_id, start, run.segments), str(p.path.resolve()), float(start),
+                             float(run.segments))
+                for p in plans for start in p.starts]
+    root = feature_cache_root(run, cache_root, work) if cache else None
+    doc = predict_pipeline(run.features, store, root, device)
+    config = work / "pipeline.yaml"  # the resolved configuration of the extraction, for the record
     config.write_text("# written by avel-predict: the training store's extractor configuration\n"
-                      + yaml.safe_dump(predict_pipeline(run.features, store, cache_root, device), sort_keys=False))
-    command = [sys.executable, "-m", "extract.cli", "--config", str(config), "--manifest", str(manifest),
-               "--store", str(store), "--wait"]  # behind another run computing these videos: wait, saying for whom
-    if cache:
-        command.append("--cache")
-    if not progress:
-        command.append("--no-progress")
-    log.info("features of %d windows with the training store's extractor configuration (%s): %s",
-             len(samples), config, " ".join(command))
-    code, tail = _run_echoing(command)
-    if code not in (0, 1):
+                      + yaml.safe_dump(doc, sort_keys=False))
+    try:
+        pipeline = load_pipeline(None, doc, search=False)
+        log.info("features of %d windows with the training store's extractor configuration (%s)%s", len(requests),
+                 config, f", through the feature cache {root}" if cache else "")
+        require_environment(pipeline.extract, pipeline.extract.device, build_networks=False)
+        if cache:
+            summary = extract_with_cache(pipeline, requests, store_path=store, root=root, progress=progress, wait=True)
+        else:
+            summary = run_extraction(pipeline, requests, store_path=store, progress=progress, wait=True)
+    except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, WeightsUnavailable) as exc:
         raise PredictError("computing the features with the run's extractor configuration failed; nothing was "
-                           f"predicted. avel-extract said:\n{tail.strip()}")
-    return code
+                           f"predicted: {exc}") from None
+    log.info("%s", summary.text())
+    if summary.systemic:
+        raise PredictError("an environment error stopped the feature extraction; nothing was predicted: "
+                           f"{summary.systemic}")
+    return summary.outcomes
 
 
-def _run_echoing(command: list[str]) -> tuple[int, str]:
-    """Run ``command``, passing its stderr through to ours line by line (its progress lines
-    included, but not the resolved configuration it prints first: that is ``<out>/extract/
-    pipeline.yaml``); returns (exit code, the last 4 KB of its stderr)."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])  # the source tree, when avel is not installed
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
-                            errors="replace", bufsize=1)
-    assert proc.stderr is not None
-    tail, in_config = "", False
-    for line in proc.stderr:
-        tail = (tail + line)[-4096:]
-        if line.startswith("# resolved configuration"):
-            in_config = True
-        if in_config:
-            in_config = bool(line.strip())
-            continue
-        sys.stderr.write(line)
-        sys.stderr.flush()
-    return proc.wait(), tail
+def extraction_error(plan: "_Plan", outcomes: dict[str, Any], segments: int) -> str | None:
+    """The error of a video one of whose windows the extraction failed (its reason, naming the
+    file) or did not extract; None when every window is done."""
+    for start in plan.starts:
+        outcome = outcomes.get(window_key(plan.video_id, start, segments))
+        if outcome is None or outcome.status == "missing":
+            return f"{plan.path}: the features of its window at {start} s were not extracted"
+        if not outcome.ok:
+            return f"{plan.path}: feature extraction failed: {outcome.reason}"
+    return None
 
 
 def check_features(store_path: Path, run: LoadedRun) -> Any:
@@ -681,7 +708,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         res.outputs[f"{map_name}_values"] = str(folder / f"{map_name}.npy")
     if not plots and not overlay_video:
         return
-    from . import predict_plots as pp
+    from . import plots as pp
 
     title = f"{res.video_id} — {run.meta.get('head')} ({run.meta.get('setting')})"
     if plots:
@@ -716,7 +743,7 @@ def _write_strips(res: VideoResult, folder: Path, map_name: str, sol_maps: bool,
     most that many panels, so a long video never holds all its frames or builds thousands of axes
     at once. ``res.outputs[map_name]`` is the first page; with several pages
     ``res.outputs[map_name + "_pages"]`` is the glob of them all."""
-    from . import predict_plots as pp
+    from . import plots as pp
 
     pages = pp.strip_pages(res.seconds)
     boxes: list = []
@@ -842,8 +869,10 @@ def predict_videos(
     log.info("%d videos (%d windows of %d s); %d cannot be read", len(plans), sum(len(p.starts) for p in todo),
              loaded.segments, len(plans) - len(todo))
     if todo:
-        extract_features(loaded, todo, out / "extract", store_path.resolve(), cache=cache, device=extract_device,
-                         progress=progress, cache_root=Path(cache_root) if cache_root else None)
+        outcomes = extract_features(loaded, todo, out / "extract", store_path.resolve(), cache=cache,
+                                    device=extract_device, progress=progress, cache_root=cache_root)
+        for plan in todo:
+            plan.error = extraction_error(plan, outcomes, loaded.segments)
         features = check_features(store_path, loaded)
         results = predict_from_store(loaded, features, plans, device)
     else:
