@@ -344,3 +344,59 @@ def test_an_environment_error_that_stops_stage_1_is_exit_2(tmp_path, monkeypatch
     assert result.exit_code == 2, (result.output, result.exception)
     assert "environment error stopped the feature extraction" in result.output
     assert "CUDA out of memory on every video" in result.output
+
+
+# ------------------------------------------------------------------------------------------
+# the tasks' prediction hooks
+
+
+def test_the_tasks_that_can_be_predicted_come_from_the_registry(monkeypatch):
+    from train.predict.run import predict_tasks
+    from train.registry import TASKS, discover, register_task
+    from train.tasks.base import Task
+
+    discover()
+    assert predict_tasks() == ["avel", "sol"]  # cml provides no prediction hooks
+    assert TASKS["sol"].can_render_frames() and not TASKS["avel"].can_render_frames()
+    monkeypatch.setattr("train.registry.TASKS", dict(TASKS))
+
+    @register_task("probe-task")
+    class Probe(Task):
+        @classmethod
+        def open_prediction_store(cls, path, segments):
+            return path
+
+        @classmethod
+        def predict_windows(cls, model, store, rows, device="cpu", *, spatial=None):
+            return None
+
+    assert "probe-task" in predict_tasks()
+
+
+def test_avel_predict_windows_is_the_heads_forward_in_the_rows_order(tmp_path):
+    """AvelTask.predict_windows on store rows in any order and in batches: the head's own
+    prediction, softmax and attention on those rows' features, row for row."""
+    from extract.core.store import mark_complete
+    from extract.factories.synthetic import write_rows
+    from train.predict.run import head_spatial_maps
+    from train.registry import get_head, get_task
+
+    rng = np.random.default_rng(3)
+    n, T = 5, 10
+    values = {"visual": rng.random((n, T, 7, 7, 512)).astype(np.float16),
+              "audio": rng.standard_normal((n, T, 128)).astype(np.float32), "valid": np.ones((n, T), bool)}
+    store = write_rows(tmp_path / "s.zarr", [f"v{i}" for i in range(n)], T, values, rows_per_shard=2)
+    mark_complete(store)
+    cls = get_head("dmrn")
+    torch.manual_seed(0)
+    head = cls(num_classes=len(CLASSES), setting="supervised", config=cls.make_config({})).eval()
+    task = get_task("avel")
+    store = task.open_prediction_store(tmp_path / "s.zarr", T)
+    rows = np.array([3, 0, 4, 1])
+    labels, probs, maps = task.predict_windows(head, store, rows, "cpu", spatial=head_spatial_maps, batch=3)
+    with torch.no_grad():
+        out = head(torch.from_numpy(values["audio"][rows]), torch.from_numpy(values["visual"][rows].astype(np.float32)))
+    np.testing.assert_array_equal(labels, head.predict(out).numpy())
+    np.testing.assert_allclose(probs, out.scores.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps, out.extras["attention"].reshape(4, T, 7, 7).numpy(), rtol=1e-5, atol=1e-7)
+    assert task.predict_windows(head, store, rows, "cpu")[2] is None  # no reader of spatial maps: none
