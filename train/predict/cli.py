@@ -23,7 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default: <run>/predict). One folder per video plus summary.csv.")
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="Feature store of the predicted videos (default: <out>/features.zarr); created or extended, resumed like avel-extract's.")
 @click.option("--no-cache", is_flag=True, help="Do not use the feature cache shared with avel-extract (default: use it, so a second head on the same videos decodes nothing).")
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None, help="Feature cache folder (default: the training pipeline's store.cache_root; $AVEL_CACHE overrides).")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None, help="Feature cache folder; overrides $AVEL_CACHE, which overrides the run's store.cache_root (its config.yaml).")
 @click.option("--device", default="cpu", show_default=True, help="Where the head runs (cpu, cuda, cuda:N).")
 @click.option("--extract-device", default=None, help="Where the feature networks run (default: the training store's extract.device; not part of the features).")
 @click.option("--no-plots", is_flag=True, help="Write predictions.csv/.json only (no timeline.png / attention.png).")
