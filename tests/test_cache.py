@@ -544,19 +544,34 @@ def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
 
 
 def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypatch):
-    """avel-predict cannot pass --wait itself: its avel-extract waits (saying for whom) rather than
-    failing the prediction because another project is computing the same video."""
+    """avel-predict cannot pass --wait itself: its in-process extraction through the cache waits
+    (saying for whom) rather than failing the prediction because another project is computing the
+    same video; the windows go to stage 1 as requests of the predict store, in this process."""
     import types
 
+    import extract.cache
     import train.predict.run as predict
+    from extract.cache import CacheSummary
+    from extract.run import VideoOutcome
 
-    commands = []
-    monkeypatch.setattr(predict, "_run_echoing", lambda command: (commands.append(command), (0, ""))[1])
-    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)})
+    calls = []
+
+    def recording(pipeline, requests, **kwargs):
+        calls.append((pipeline, list(requests), kwargs))
+        return CacheSummary(store=tmp_path / "s.zarr", requested=len(requests), done=len(requests),
+                            outcomes={r.key: VideoOutcome(r.key, r.path, "done") for r in requests})
+
+    monkeypatch.setattr(extract.cache, "extract_with_cache", recording)
+    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)},
+                                checkpoint=tmp_path / "nowhere" / "checkpoint.safetensors")
     plan = predict._Plan("v", tmp_path / "v.mp4", 4.0, [0, 2])
-    assert predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
-                                    cache_root=tmp_path / "cache") == 0
-    assert commands and "--cache" in commands[0] and "--wait" in commands[0]
+    outcomes = predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
+                                        cache_root=tmp_path / "cache")
+    (pipeline, sent, kwargs), = calls
+    assert kwargs["wait"] is True and kwargs["root"] == tmp_path / "cache" and kwargs["store_path"] == tmp_path / "s.zarr"
+    assert [(r.key, r.start, r.duration) for r in sent] == [(predict.window_key("v", s, T), float(s), float(T)) for s in (0, 2)]
+    assert pipeline.extract.segments == T and pipeline.store.path == str(tmp_path / "s.zarr")
+    assert sorted(outcomes) == sorted(r.key for r in sent) and all(o.ok for o in outcomes.values())
 
 
 def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path, monkeypatch):
