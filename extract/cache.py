@@ -91,8 +91,7 @@ __all__ = [
     "format_cache_listing",
 ]
 
-#: environment variable that overrides ``store.cache_root``
-CACHE_ENV = "AVEL_CACHE"
+from .core.settings import CACHE_ENV  # noqa: E402  (the variable that overrides store.cache_root)
 #: the store of a feature set inside ``<cache root>/<feature set id>/``
 FEATURES_NAME = "features.zarr"
 
@@ -101,14 +100,16 @@ FEATURES_NAME = "features.zarr"
 # identity
 
 
-def cache_root(pipeline) -> Path:
-    """``$AVEL_CACHE`` if set, else ``store.cache_root`` (relative to pipeline.yaml's folder)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(os.path.expanduser(env))
-    if not pipeline.store.cache_root:
-        raise StoreError(f"no feature cache configured: set store.cache_root in pipeline.yaml or ${CACHE_ENV}")
-    return pipeline.path(pipeline.store.cache_root)
+def cache_root(pipeline, explicit: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``explicit`` > ``$AVEL_CACHE`` > ``store.cache_root`` (relative to
+    pipeline.yaml's folder), by the one rule of :func:`extract.core.settings.cache_root`; a
+    pipeline without one is a :class:`extract.core.store.StoreError`."""
+    from .core.settings import ConfigError, cache_root as resolve_cache_root
+
+    try:
+        return resolve_cache_root(pipeline, explicit)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def store_specs(cfg) -> list[ArraySpec]:
@@ -244,7 +245,7 @@ def extract_with_cache(
     attrs = feature_set_attrs(cfg)
     set_id = attrs["fingerprint"]
     check_existing_store(project, attrs, cfg.segments)  # other settings: refused before any work
-    cache_path = feature_set_path(os.path.abspath(root if root is not None else cache_root(pipeline)), set_id)
+    cache_path = feature_set_path(os.path.abspath(cache_root(pipeline, root)), set_id)
     specs = store_specs(cfg)
     project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": set_id}}
     with open_run_store(project, [r.key for r in requests], cfg.segments, specs, attrs, pipeline.store,

@@ -349,7 +349,7 @@ def list_cache_command(obj, root, as_json):
     from .cache import cache_root, format_cache_listing, list_cache
 
     pipeline = resolve(obj["config"], obj["sets"])
-    path = root or cache_root(pipeline)
+    path = cache_root(pipeline, root)
     entries = list_cache(path)
     click.echo(json.dumps(entries, indent=2) if as_json else format_cache_listing(entries, path))
 

@@ -86,6 +86,7 @@ __all__ = [
     "load_decord",
     "decode_video",
     "plan_frames",
+    "picture_frames",
     "StreamTiming",
     "stream_timing",
     "DecodePool",
@@ -294,6 +295,74 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
         info["cfr_rate"] = timing.rate
         info["cfr_frames"] = int(cfr[0].size)
     return frames, valid_out, info
+
+
+# ------------------------------------------------------------------------------------------
+# frames for pictures
+
+
+def picture_frames(path: str, times: Sequence[float] | None = None, *, indices: Sequence[int] | None = None,
+                   size: int | None = None, resize: str = "squash") -> np.ndarray:
+    """Frames of ``path`` for pictures (avel-predict's strips, render-sol), decoded exactly as the
+    features' frames are: decord, rotation metadata applied (a 90-degree phone video comes out
+    upright), presentation times on decord's timeline (0 = the stream's first frame, also for a
+    file whose stream starts later) and the nearest-pts rule of :mod:`extract.core.frames`.
+
+    Args:
+        path: a video file.
+        times: [N] seconds (any order, repeats allowed); each gets the decoded frame whose pts is
+            nearest, ties to the earlier frame (:func:`extract.core.frames.nearest_frame_indices`),
+            so time ``t + 0.5`` is the frame a one-frame-per-second grid takes for second ``t``;
+            a time past the last frame gets the last frame, one before the first the first.
+        indices: [N] frame indices in decoder order instead of times (what a store's
+            ``frame_index`` array records).
+        size: None for the decoded size; else :func:`extract.core.frames.prepare_frames` with
+            ``resize`` (``"squash"`` / ``"crop"``), the extraction's resizing.
+
+    Returns uint8 [N, h, w, 3]. The needed frames are fetched in one sorted forward pass, in
+    chunks of :data:`FETCH_CHUNK` (each chunk resized before the next is read). Raises
+    :class:`DecodeError` naming the file (missing, no video stream, undecodable).
+    """
+    from .core.frames import nearest_frame_indices, prepare_frames
+
+    path = str(path)
+    if (times is None) == (indices is None):
+        raise ValueError("picture_frames: give times or indices, one of them")
+    check_file(path)
+    decord = load_decord()
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # noqa: BLE001 - decord raises DECORDError / RuntimeError
+        if "cannot find video stream" in str(exc):
+            raise DecodeError(f"{path}: has no video stream") from None
+        raise DecodeError(f"{path}: cannot open video: {_short(exc)}") from None
+    count = len(reader)
+    if count == 0:
+        raise DecodeError(f"{path}: the video stream has no frames")
+    if times is not None:
+        wanted = np.asarray(times, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(wanted)):
+            raise ValueError(f"{path}: picture_frames got non-finite times")
+        pts = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64).reshape(count, 2)[:, 0]
+        index, _ = nearest_frame_indices(pts, wanted)
+    else:
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= count):
+            raise ValueError(f"{path}: frame indices outside 0..{count - 1}")
+    needed = np.unique(index)
+    table = []
+    try:
+        for lo in range(0, needed.size, FETCH_CHUNK):
+            batch = reader.get_batch(needed[lo:lo + FETCH_CHUNK].tolist()).asnumpy()
+            table.append(batch if size is None else prepare_frames(batch, size, resize))
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"{path}: cannot decode video frames: {_short(exc)}") from None
+    finally:
+        del reader
+    if not table:
+        side = (0, 0) if size is None else (size, size)
+        return np.zeros((0, *side, 3), np.uint8)
+    return np.ascontiguousarray(np.concatenate(table)[np.searchsorted(needed, index)])
 
 
 # ------------------------------------------------------------------------------------------

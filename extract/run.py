@@ -88,6 +88,7 @@ __all__ = [
     "finish_shard",
     "count_outcomes",
     "close_run",
+    "VideoOutcome",
     "append_failures",
     "ShardBlock",
     "FenceLost",
@@ -176,6 +177,27 @@ class SystemicGuard:
                 "(`avel-extract doctor` checks it), then run the same command again.")
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoOutcome:
+    """The final state of one requested row (a video window) in the store after a run:
+    ``status`` ``"done"``, ``"failed"`` (``reason`` is the one-line reason stored in the store's
+    ``reason`` array, e.g. ``cannot open video: ...``) or ``"missing"`` (not extracted: an
+    environment error stopped the run, or its task was lost)."""
+
+    key: str
+    path: str
+    status: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+#: store status code -> :attr:`VideoOutcome.status`
+OUTCOME_NAMES = {STATUS_DONE: "done", STATUS_FAILED: "failed", STATUS_MISSING: "missing"}
+
+
 @dataclasses.dataclass
 class RunSummary:
     """What a run did; every requested row is counted exactly once.
@@ -205,6 +227,8 @@ class RunSummary:
     #: Dask: shard tasks that ran more than once (their worker died), and workers that left
     rescheduled: int = 0
     workers_lost: int = 0
+    #: {request key: :class:`VideoOutcome`} of every requested row at the end (:func:`close_run`)
+    outcomes: dict[str, VideoOutcome] = dataclasses.field(default_factory=dict, repr=False)
 
     #: what ``done``/``failed`` count, in the summary text
     now_label = "computed now"
@@ -526,9 +550,15 @@ def close_run(store: FeatureStore, requests, summary: RunSummary, started: float
     from .core.store import mark_complete
 
     status = store.status()
-    final = [status[store.row_of(r.key)] for r in requests]
+    rows = [store.row_of(r.key) for r in requests]
+    final = [status[row] for row in rows]
     summary.failed_total = int(sum(s == STATUS_FAILED for s in final))
     summary.missing = int(sum(s == STATUS_MISSING for s in final))
+    bad = sorted({row for row, state in zip(rows, final) if state != STATUS_DONE})
+    reason_of = dict(zip(bad, (str(x) for x in store.read("reason", np.asarray(bad, np.int64))))) if bad else {}
+    summary.outcomes = {r.key: VideoOutcome(r.key, str(r.path), OUTCOME_NAMES.get(int(state), "missing"),
+                                            reason_of.get(row, ""))
+                        for r, row, state in zip(requests, rows, final)}
     if not store.shared and store.attrs.get("complete") is not True:
         mark_complete(store, shards if store.verified_before and shards is not None else None)
     summary.seconds = time.monotonic() - started

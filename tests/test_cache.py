@@ -544,19 +544,34 @@ def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
 
 
 def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypatch):
-    """avel-predict cannot pass --wait itself: its avel-extract waits (saying for whom) rather than
-    failing the prediction because another project is computing the same video."""
+    """avel-predict cannot pass --wait itself: its in-process extraction through the cache waits
+    (saying for whom) rather than failing the prediction because another project is computing the
+    same video; the windows go to stage 1 as requests of the predict store, in this process."""
     import types
 
+    import extract.cache
     import train.predict.run as predict
+    from extract.cache import CacheSummary
+    from extract.run import VideoOutcome
 
-    commands = []
-    monkeypatch.setattr(predict, "_run_echoing", lambda command: (commands.append(command), (0, ""))[1])
-    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)})
+    calls = []
+
+    def recording(pipeline, requests, **kwargs):
+        calls.append((pipeline, list(requests), kwargs))
+        return CacheSummary(store=tmp_path / "s.zarr", requested=len(requests), done=len(requests),
+                            outcomes={r.key: VideoOutcome(r.key, r.path, "done") for r in requests})
+
+    monkeypatch.setattr(extract.cache, "extract_with_cache", recording)
+    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)},
+                                checkpoint=tmp_path / "nowhere" / "checkpoint.safetensors")
     plan = predict._Plan("v", tmp_path / "v.mp4", 4.0, [0, 2])
-    assert predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
-                                    cache_root=tmp_path / "cache") == 0
-    assert commands and "--cache" in commands[0] and "--wait" in commands[0]
+    outcomes = predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
+                                        cache_root=tmp_path / "cache")
+    (pipeline, sent, kwargs), = calls
+    assert kwargs["wait"] is True and kwargs["root"] == tmp_path / "cache" and kwargs["store_path"] == tmp_path / "s.zarr"
+    assert [(r.key, r.start, r.duration) for r in sent] == [(predict.window_key("v", s, T), float(s), float(T)) for s in (0, 2)]
+    assert pipeline.extract.segments == T and pipeline.store.path == str(tmp_path / "s.zarr")
+    assert sorted(outcomes) == sorted(r.key for r in sent) and all(o.ok for o in outcomes.values())
 
 
 def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path, monkeypatch):
@@ -613,3 +628,36 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
         release.set()
         thread.join(60)
     assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)
+
+
+def test_one_cache_root_precedence_everywhere(tmp_path, monkeypatch):
+    """explicit > $AVEL_CACHE > store.cache_root (relative to pipeline.yaml), the one rule of
+    extract.core.settings.cache_root, as avel-extract (config, --cache, list-cache) and avel-predict use it."""
+    from extract.cache import cache_root as extract_cache_root
+    from extract.core.clitools import resolve
+    from extract.core.settings import cache_root, load_pipeline
+    from extract.core.store import StoreError
+    from train.predict.run import LoadedRun, feature_cache_root
+
+    (tmp_path / "project").mkdir()
+    config = tmp_path / "project" / "pipeline.yaml"
+    config.write_text("store:\n  cache_root: shared/cache\n")
+    pipeline = load_pipeline(config)
+    monkeypatch.delenv("AVEL_CACHE", raising=False)
+    configured = tmp_path / "project" / "shared" / "cache"
+    assert cache_root() is None and cache_root(pipeline) == configured
+    assert cache_root(pipeline, tmp_path / "opt") == tmp_path / "opt"
+    assert extract_cache_root(pipeline) == configured and resolve(str(config), ()).store.cache_root == "shared/cache"
+    run = LoadedRun(None, {}, tmp_path / "nowhere" / "checkpoint.safetensors", [], {"cache_root": "/recorded"})
+    assert feature_cache_root(run, None, tmp_path / "work") == Path("/recorded")  # no run folder: its record
+    assert feature_cache_root(LoadedRun(None, {}, run.checkpoint, [], {}), None, tmp_path / "w") == tmp_path / "w" / "cache"
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "env"))
+    assert cache_root() == cache_root(pipeline) == extract_cache_root(pipeline) == tmp_path / "env"
+    assert resolve(str(config), ()).store.cache_root == str(tmp_path / "env")  # what the commands print and use
+    assert feature_cache_root(run, None, tmp_path / "work") == tmp_path / "env"
+    assert cache_root(pipeline, "~/x") == Path.home() / "x"  # explicit wins, ~ expanded
+    assert feature_cache_root(run, tmp_path / "opt", tmp_path / "work") == tmp_path / "opt"
+    monkeypatch.delenv("AVEL_CACHE")
+    pipeline.store.cache_root = ""
+    with pytest.raises(StoreError, match="no feature cache configured"):
+        extract_cache_root(pipeline)

@@ -84,8 +84,10 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
 
     video = boxes[0].parent.name
     pngs = tmp_path / "png"
-    run_cli("train.cli", "--config", str(config), "--set", "store.path=sol.zarr", "render-sol", "--run", str(run),
-            f"--video={video}", "--out", str(pngs), "--annotated-only", cwd=tmp_path)
+    # render-sol (avel-train's plugin command, train.predict.render) takes store, splits and boxes from the
+    # run: started in another folder than the demo's, with no pipeline.yaml there
+    run_cli("train.cli", "render-sol", "--run", str(run), f"--video={video}", "--out", str(pngs), "--annotated-only",
+            cwd=tmp_path)
     drawn = sorted((pngs / video).glob("*.png"))
     assert drawn
     from matplotlib import image as mpimg

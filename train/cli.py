@@ -1,8 +1,9 @@
 """`avel-train`: train and evaluate localization heads on a feature store.
 
-Subcommands: ``bench`` (speed benchmark), ``render-sol`` (sounding-object maps as PNG), and the
-commands of the entry-point group ``avel.commands`` (:class:`PluginGroup`), such as ``gpucheck``
-(the GPU path measured in one command, :mod:`train.predict.gpucheck`). The public AVE
+Subcommands: ``bench`` (speed benchmark), ``evaluate`` and the commands of the entry-point group
+``avel.commands`` (:class:`PluginGroup`): ``gpucheck`` (the GPU path measured in one command,
+:mod:`train.predict.gpucheck`) and ``render-sol`` (sounding-object maps as PNG,
+:mod:`train.predict.render`), both of the join floor. The public AVE
 h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extract.import_h5`).
 """
 from __future__ import annotations
@@ -460,42 +461,6 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
-
-
-@main.command("render-sol")
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory of a sol run (holds checkpoint.safetensors).")
-@click.option("--video", "videos", required=True, multiple=True, help="Video id (store key) to draw; repeat for several. Ids starting with '-': --video=-5EoTUVneQA.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNG files (one subfolder per video).")
-@click.option("--store", default=None, help="Store with frame_maps/audio_maps (default: store.path).")
-@click.option("--video-root", default=None, help="Folder the manifest paths are relative to (default: the split's video_root).")
-@click.option("--boxes-root", default=None, help="Folder of <video_id>/annotations.xml box files (default: sol.boxes_root).")
-@click.option("--annotated-only", is_flag=True, help="Only frames that have ground-truth boxes.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
-@click.pass_obj
-def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_root, annotated_only, device):
-    """Draw sounding-object maps over video frames (PNG), for chosen videos of a sol run.
-
-    Each sampled frame (extract.sol_frames_per_segment per second) is decoded from the video file
-    named by the manifests of data.splits, overlaid with the run's attention map (jet colours,
-    values below sol.otsu_floor left uncoloured), the boxes found by Otsu + contours (green) and
-    the ground-truth boxes where the frame is annotated (red).
-
-    \b
-    Example:
-      avel-train render-sol --run data/runs/sol-stm-supervised/seed0-... \\
-                 --video=-5EoTUVneQA --out data/renders --store data/stores/ave_sol.zarr
-    """
-    from .tasks.sol_task import render_videos
-
-    setup_logging(obj["verbose"])
-    _check_device(device)
-    pipeline = resolve(obj["config"], obj["sets"])
-    try:
-        paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,
-                              boxes_root=boxes_root, annotated_only=annotated_only, device=device)
-    except (*_user_errors(), KeyError, FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
-    click.echo(f"wrote {len(paths)} PNG files to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -423,3 +423,29 @@ def load_pipeline(
     }
     base_dir = file.resolve().parent if file is not None else Path.cwd()
     return Pipeline(resolved, base_dir, str(file) if file is not None else None)
+
+
+# ------------------------------------------------------------------------------------------
+# the feature cache's folder
+
+#: environment variable that overrides ``store.cache_root`` (several projects share one cache)
+CACHE_ENV = "AVEL_CACHE"
+
+
+def cache_root(pipeline: Pipeline | None = None, explicit: str | os.PathLike | None = None) -> Path | None:
+    """The feature cache folder that applies, the one precedence every command follows:
+    ``explicit`` (a ``--cache-root`` / ``--root`` option) > ``$AVEL_CACHE`` > the pipeline's
+    ``store.cache_root`` (relative to its folder, :meth:`Pipeline.path`). ``~`` is expanded.
+
+    Without a pipeline the answer is None when neither of the first two is given (so
+    ``cache_root()`` says whether the environment overrides the configuration). With a pipeline
+    whose ``store.cache_root`` is empty it is a :class:`ConfigError` saying how to set one."""
+    for value in (explicit, os.environ.get(CACHE_ENV)):
+        if value:
+            return Path(os.path.expanduser(str(value)))
+    if pipeline is None:
+        return None
+    configured = getattr(getattr(pipeline, "store", None), "cache_root", None)
+    if not configured:
+        raise ConfigError(f"no feature cache configured: set store.cache_root in pipeline.yaml or ${CACHE_ENV}")
+    return pipeline.path(configured)

@@ -19,12 +19,14 @@ from ..evaluate import EvalResult, evaluate_split
 from ..loop import FitResult
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, store_recipe
+from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, read_rows_in_order, store_recipe
 
 log = logging.getLogger(__name__)
 
 #: samples per forward pass when evaluating a split
 EVAL_BATCH = 256
+#: windows per forward pass (and per read) when predicting new videos
+PREDICT_BATCH = 64
 
 
 @register_task("avel")
@@ -128,6 +130,39 @@ class AvelTask(Task):
         test = result.results.get("test")
         if test is not None:
             write_split_predictions(run_dir / "predictions_test.csv", self.data, self.train_cfg.test_split, test.predictions)
+
+    # -- prediction (avel-predict) -----------------------------------------------------------
+    @classmethod
+    def open_prediction_store(cls, path, segments: int):
+        """A complete store with ``audio`` [N, T, 128], ``visual`` [N, T, 7, 7, 512] and ``valid``
+        rows of ``segments`` seconds (:func:`train.data.open_checked_store`)."""
+        from ..data import open_checked_store
+
+        return open_checked_store(path, segments)
+
+    @classmethod
+    def predict_windows(cls, model, store, rows, device="cpu", *, spatial=None, batch: int = PREDICT_BATCH):
+        """Each window is one sample of the head, as in training (its temporal context never
+        crosses a window edge); ``batch`` windows are read and run at a time, so a long video never
+        holds all its features at once (an hour is 360 windows, 360 MB of 7x7x512 maps). Maps:
+        ``spatial(out)`` [B, T, h, w] of each head output, None when it gives none."""
+        rows = np.asarray(rows, dtype=np.int64)
+        model = model.eval()
+        labels, probs, maps = [], [], []
+        with torch.no_grad():
+            for lo in range(0, len(rows), batch):
+                part = rows[lo:lo + batch]
+                audio = torch.from_numpy(read_rows_in_order(store, "audio", part).astype(np.float32)).to(device)
+                visual = torch.from_numpy(read_rows_in_order(store, "visual", part).astype(np.float32)).to(device)
+                out = model(audio, visual)
+                labels.append(model.predict(out).cpu().numpy())
+                probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
+                found = spatial(out) if spatial is not None else None
+                maps.append(None if found is None else found.float().cpu().numpy())
+        if not labels:
+            raise ValueError("predict_windows: no rows")
+        spatial_maps = None if any(m is None for m in maps) else np.concatenate(maps)
+        return np.concatenate(labels), np.concatenate(probs), spatial_maps
 
 
 def write_split_predictions(path: Path, data: TaskData, split_name: str, predictions) -> Path:

@@ -191,6 +191,56 @@ class Task:
         nothing)."""
         return None
 
+    # -- prediction (avel-predict, render-sol) ------------------------------------------------
+    #: what the spatial maps of :meth:`predict_windows` are: ``"attention"`` (the head's spatial
+    #: attention) or ``"sounding_object"`` (a sounding-object map, boxed by Otsu); it names
+    #: avel-predict's output files (``attention.npy`` / ``sounding_object.npy`` and their pictures)
+    prediction_maps: ClassVar[str] = "attention"
+
+    @classmethod
+    def can_predict(cls) -> bool:
+        """Whether ``avel-predict`` can run this task's heads on new videos: the task provides
+        :meth:`open_prediction_store` and :meth:`predict_windows` (a task without them cannot
+        be predicted; ``train.predict.run.predict_tasks`` lists those that can)."""
+        return (getattr(cls.open_prediction_store, "__func__", None) is not Task.open_prediction_store.__func__
+                and getattr(cls.predict_windows, "__func__", None) is not Task.predict_windows.__func__)
+
+    @classmethod
+    def can_render_frames(cls) -> bool:
+        """Whether ``render-sol`` can draw this task's maps over decoded frames (:meth:`frame_outputs`)."""
+        return getattr(cls.frame_outputs, "__func__", None) is not Task.frame_outputs.__func__
+
+    @classmethod
+    def open_prediction_store(cls, path, segments: int):
+        """Open the feature store of new videos (avel-predict's, or a training store for
+        render-sol) for this task's heads: a complete store holding the arrays
+        :meth:`predict_windows` reads, with ``segments`` (T) seconds per row; a
+        :class:`extract.core.store.StoreError` saying what is missing otherwise."""
+        raise NotImplementedError(f"task {cls.name!r} does not predict new videos")
+
+    @classmethod
+    def predict_windows(cls, model, store, rows: np.ndarray, device="cpu", *,
+                        spatial: Callable[[Any], torch.Tensor | None] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The head ``model`` (eval mode, no gradients) on the video windows at store ``rows`` [N]
+        (in that order, each one row of T seconds), reading a bounded number of rows at a time.
+
+        Returns ``(labels [N, T] int class ids, probabilities [N, T, C+1] float, maps [N, T, h, w]
+        float or None)``: a second's label is the head's own prediction rule, its probabilities
+        the softmax of its scores (the last class is background), ``maps`` the spatial maps of
+        :attr:`prediction_maps`, None when the head has none. ``spatial(out)`` reads the spatial
+        maps of a head output (avel-predict passes its one reader,
+        ``train.predict.run.spatial_attention``); a task whose maps come otherwise ignores it."""
+        raise NotImplementedError(f"task {cls.name!r} does not predict new videos")
+
+    @classmethod
+    def frame_outputs(cls, model, store, rows, device="cpu") -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per decoded frame, for drawing maps over the frames they were computed from
+        (``render-sol``): yields ``(row, probabilities [T, F, C+1], maps [T, F, h, w],
+        frame_index [T, F])`` per store row of ``rows``, ``frame_index`` the decoder-order index
+        of each frame in its video file (-1: none). Default: not provided."""
+        raise NotImplementedError(f"task {cls.name!r} has no per-frame maps to draw")
+
     # -- one run ----------------------------------------------------------------------------
     @classmethod
     def setup(cls, pipeline, head_name: str, seed: int):
@@ -320,3 +370,15 @@ def head_for_task(pipeline, head_name: str, task: str, num_classes: int):
 
     head_cls, config = head_class_and_config(pipeline, head_name, task)
     return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
+
+
+def read_rows_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
+    """Array ``name`` of ``store`` at ``rows`` (any order, unique), in that order."""
+    from ..data import read_rows
+
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows)
+    out = read_rows(store, name, rows[order])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return out[inverse]
