@@ -1,7 +1,7 @@
 """Task "avel": audio-visual event localization (Tian et al., ECCV 2018) on a feature store.
 
-``AvelTask.run(pipeline, head_name, seed, run_dir)`` loads the store + splits (once per process,
-cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
+A run (:func:`train.runner.run` with ``train.task: avel``) loads the store + splits (once per
+process, cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
 config.yaml, metrics.json, epochs.csv, checkpoint.safetensors, learning_curves.png,
 confusion_test.png, timeline_test.png. Returns the metrics dict.
 """
@@ -98,10 +98,15 @@ class AvelTask(Task):
         metrics["baseline"] = self.baseline()
         for role in ("val", "test"):
             res: EvalResult | None = result.results.get(role)
-            metrics[f"{role}_accuracy"] = res.accuracy if res is not None else None
+            metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[role] = res.to_json(data.class_names)
+                metrics.update(self.split_metrics(role, res))
         return metrics
+
+    def split_metrics(self, role: str, result: EvalResult) -> dict[str, Any]:
+        """``<role>_accuracy`` (segment accuracy, background included) and ``<role>`` (loss,
+        per-class accuracy, confusion...: :meth:`train.evaluate.EvalResult.to_json`)."""
+        return {f"{role}_accuracy": result.accuracy, role: result.to_json(self.data.class_names)}
 
     def baseline(self) -> dict[str, Any]:
         """``<role>_accuracy`` of always predicting the split's most frequent segment label

@@ -1,6 +1,6 @@
 """Task "sol": sounding object localization with the STM head (Li, Tian & Xu, BMVC 2021).
 
-``SolTask.run(pipeline, head_name, seed, run_dir)``:
+A run (:func:`train.runner.run` with ``train.task: sol``):
 
 1. reads the train / val / test manifests against a store that holds the per-frame maps
    (``frame_maps`` [N, T, F, 8, 8, 2048], ``frame_index`` [N, T, F], ``audio_maps``
@@ -412,6 +412,11 @@ class SolTask(Task):
         acc, loss = classification_accuracy(model, self.store, self.splits[split_name], self.sol_cfg.eval_batch, self.device)
         return Evaluation(acc, {"loss": loss, "accuracy": acc}, ClassificationResult(acc, loss))
 
+    def split_metrics(self, role: str, result: ClassificationResult) -> dict[str, Any]:
+        """``<role>_accuracy`` and ``<role>_loss``: per-frame event classification of the valid
+        seconds (background included)."""
+        return {f"{role}_accuracy": result.accuracy, f"{role}_loss": result.loss}
+
     def store_identity(self) -> dict[str, Any]:
         return {"store": str(self.store.path), "store_fingerprint": self.store.fingerprint}
 
@@ -428,7 +433,7 @@ class SolTask(Task):
             res = result.results.get(role)
             metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = res.accuracy, res.loss
+                metrics.update(self.split_metrics(role, res))
         test = self.splits[cfg.test_split]
         boxes_root = self.pipeline.path(scfg.boxes_root)
         boxes = load_boxes(boxes_root, sorted(set(test.keys)))
