@@ -49,12 +49,15 @@ def test_ids_are_unique_and_lists_resolve_relative_paths(tmp_path):
         collect_videos([])
 
 
-def test_spatial_attention_of_every_extras_layout():
-    flat = torch.arange(2 * 3 * 49, dtype=torch.float32).reshape(2, 3, 49)
-    assert torch.equal(spatial_attention({"attention": flat}), flat.reshape(2, 3, 7, 7))
-    assert torch.equal(spatial_attention({"spatial_attention": flat.reshape(2, 3, 7, 7)}), flat.reshape(2, 3, 7, 7))
-    assert spatial_attention({"is_event_scores": torch.zeros(2, 3)}) is None
-    assert spatial_attention({"attention": torch.zeros(2, 3, 50)}) is None  # not a square map
+def test_spatial_attention_is_the_heads_typed_map():
+    from train.heads.base import HeadOutput
+
+    maps = torch.arange(2 * 3 * 49, dtype=torch.float32).reshape(2, 3, 7, 7)
+    assert torch.equal(spatial_attention(HeadOutput(torch.zeros(2, 3, 4), spatial=maps)), maps)
+    # a map left in extras is not probed: HeadOutput.spatial is the one place
+    assert spatial_attention(HeadOutput(torch.zeros(2, 3, 4), {"attention": maps})) is None
+    with pytest.raises(ValueError, match=r"\[B, T, H, W\]"):
+        spatial_attention(HeadOutput(torch.zeros(2, 3, 4), spatial=maps.reshape(2, 3, 49)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -473,20 +473,15 @@ class _Plan:
     error: str | None = None
 
 
-def spatial_attention(extras: dict[str, Any]):
-    """[B, T, h, w] spatial attention of a head's extras (``attention`` or ``spatial_attention``,
-    [B, T, k*k] or [B, T, k, k]), or None when the head has none."""
-    for name in ("attention", "spatial_attention"):
-        value = extras.get(name)
-        if value is None or value.dim() < 3:
-            continue
-        if value.dim() == 3:
-            side = int(round(math.sqrt(value.shape[-1])))
-            if side * side != value.shape[-1]:
-                continue
-            value = value.reshape(*value.shape[:2], side, side)
-        return value
-    return None
+def spatial_attention(out):
+    """[B, T, h, w] the spatial map of a head's output (:attr:`train.heads.base.HeadOutput.spatial`),
+    or None when the head has none. The one place predict reads a head's map."""
+    value = getattr(out, "spatial", None)
+    if value is None:
+        return None
+    if value.dim() != 4:
+        raise ValueError(f"head output: spatial must be [B, T, H, W], got shape {tuple(value.shape)}")
+    return value
 
 
 def run_head(run: LoadedRun, audio: np.ndarray, visual: np.ndarray, device: str = "cpu",
@@ -504,7 +499,7 @@ def run_head(run: LoadedRun, audio: np.ndarray, visual: np.ndarray, device: str 
             out = head(a, v)
             labels.append(head.predict(out).cpu().numpy())
             probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
-            att = spatial_attention(out.extras)
+            att = spatial_attention(out)
             atts.append(None if att is None else att.float().cpu().numpy())
     attention = None if any(a is None for a in atts) or not atts else np.concatenate(atts)
     return np.concatenate(labels), np.concatenate(probs), attention

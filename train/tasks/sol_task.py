@@ -208,7 +208,7 @@ def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, d
         a, v = sequence_inputs(fm, am, device)
         out = model(a, v)
         scores = out.scores.float().cpu().numpy().reshape(len(block), T, F, -1)
-        att = model.attention(out).float().cpu().numpy()
+        att = out.spatial.float().cpu().numpy()  # the sounding-object map [B, T*F, h, w]
         att = att.reshape(len(block), T, F, *att.shape[2:])
         for i, r in enumerate(block):
             yield r, scores[i], att[i]
