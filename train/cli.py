@@ -426,8 +426,6 @@ def evaluate_command(obj, run_dir, split, store, boxes_root, device, json_out):
       avel-train evaluate --run RUN --split val --json-out val.json
       avel-train evaluate --run RUN --store other.zarr     # the same split of another store
     """
-    import json
-
     from extract.core.settings import ConfigError, parse_set_option
 
     from .runner import evaluate_run
