@@ -134,7 +134,7 @@ def test_attention_values_are_the_heads_own(predicted):
     audio = torch.from_numpy(read_rows(store, "audio", rows).astype(np.float32))
     visual = torch.from_numpy(read_rows(store, "visual", rows).astype(np.float32))
     with torch.no_grad():
-        att = run.head.eval()(audio, visual).extras["attention"].numpy()  # [4, 10, 7, 7], windows in store order
+        att = run.head.eval()(audio, visual).spatial.numpy()  # [4, 10, 7, 7], windows in store order
     order = np.argsort([int(ids[r].split("@")[1].split("+")[0]) for r in rows])
     saved = np.load(predicted["out"] / "long35" / "attention.npy")
     np.testing.assert_allclose(saved, att[order].reshape(40, 7, 7)[:35], rtol=1e-5, atol=1e-7)

@@ -1,12 +1,14 @@
 """The pure parts of train/predict.py: windows, events, ids, video lists, attention layouts."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from train.predict.run import (MIN_LAST_SECOND, PredictError, collect_videos, merge_events, read_video_list,
-                           spatial_attention, video_ids, window_key, window_starts)
+                           video_ids, window_key, window_starts)
 
 
 def test_windows_cover_the_video_in_T_second_steps():
@@ -47,14 +49,6 @@ def test_ids_are_unique_and_lists_resolve_relative_paths(tmp_path):
     assert read_video_list(tmp_path / "m.csv", tmp_path / "vids") == [tmp_path / "vids" / "b.mp4"]
     with pytest.raises(PredictError, match="no videos"):
         collect_videos([])
-
-
-def test_spatial_attention_of_every_extras_layout():
-    flat = torch.arange(2 * 3 * 49, dtype=torch.float32).reshape(2, 3, 49)
-    assert torch.equal(spatial_attention({"attention": flat}), flat.reshape(2, 3, 7, 7))
-    assert torch.equal(spatial_attention({"spatial_attention": flat.reshape(2, 3, 7, 7)}), flat.reshape(2, 3, 7, 7))
-    assert spatial_attention({"is_event_scores": torch.zeros(2, 3)}) is None
-    assert spatial_attention({"attention": torch.zeros(2, 3, 50)}) is None  # not a square map
 
 
 # ------------------------------------------------------------------------------------------
@@ -367,7 +361,7 @@ def test_the_tasks_that_can_be_predicted_come_from_the_registry(monkeypatch):
             return path
 
         @classmethod
-        def predict_windows(cls, model, store, rows, device="cpu", *, spatial=None):
+        def predict_windows(cls, model, store, rows, device="cpu"):
             return None
 
     assert "probe-task" in predict_tasks()
@@ -378,7 +372,6 @@ def test_avel_predict_windows_is_the_heads_forward_in_the_rows_order(tmp_path):
     prediction, softmax and attention on those rows' features, row for row."""
     from extract.core.store import mark_complete
     from extract.factories.synthetic import write_rows
-    from train.predict.run import head_spatial_maps
     from train.registry import get_head, get_task
 
     rng = np.random.default_rng(3)
@@ -393,10 +386,17 @@ def test_avel_predict_windows_is_the_heads_forward_in_the_rows_order(tmp_path):
     task = get_task("avel")
     store = task.open_prediction_store(tmp_path / "s.zarr", T)
     rows = np.array([3, 0, 4, 1])
-    labels, probs, maps = task.predict_windows(head, store, rows, "cpu", spatial=head_spatial_maps, batch=3)
+    labels, probs, maps = task.predict_windows(head, store, rows, "cpu", batch=3)
     with torch.no_grad():
         out = head(torch.from_numpy(values["audio"][rows]), torch.from_numpy(values["visual"][rows].astype(np.float32)))
     np.testing.assert_array_equal(labels, head.predict(out).numpy())
     np.testing.assert_allclose(probs, out.scores.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(maps, out.extras["attention"].reshape(4, T, 7, 7).numpy(), rtol=1e-5, atol=1e-7)
-    assert task.predict_windows(head, store, rows, "cpu")[2] is None  # no reader of spatial maps: none
+    np.testing.assert_allclose(maps, out.spatial.numpy(), rtol=1e-5, atol=1e-7)
+    # a map of the wrong shape is refused by name
+    monkey = type(head).forward
+    try:
+        type(head).forward = lambda self, a, v: dataclasses.replace(monkey(self, a, v), spatial=monkey(self, a, v).spatial.flatten(2))
+        with pytest.raises(ValueError, match=r"spatial must be \[B, T, H, W\]"):
+            task.predict_windows(head, store, rows, "cpu")
+    finally:
+        type(head).forward = monkey

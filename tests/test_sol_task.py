@@ -207,7 +207,7 @@ def test_scores_recomputed_from_the_checkpoint(project, trained):
         visual = torch.from_numpy(values["frame_maps"][r].astype(np.float32)).reshape(1, T * F, 8, 8, CV)
         audio = torch.from_numpy(values["audio_maps"][r].astype(np.float32)).repeat_interleave(F, 0)[None]
         with torch.no_grad():
-            att = head(audio, visual).extras["attention"][0].numpy()
+            att = head(audio, visual).spatial[0].numpy()
         for row in (x for x in rows if x["key"] == vid):
             t, f = int(row["second"]), int(row["slot"])
             gt = np.array([project["boxes"][vid][frame_number(t, f)]], float)

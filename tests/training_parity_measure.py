@@ -8,7 +8,7 @@ AVE-sized synthetic store. Not a test (pytest does not collect it); run from the
     python tests/training_parity_measure.py run ... --side reference ...
     python tests/training_parity_measure.py table /tmp/29-measure/results.jsonl
 
-``run --side avel`` trains the head exactly as ``avel-train --head H --seeds K`` does (the task's
+``run --side avel`` trains the head exactly as ``avel-train --head H --seeds K`` does (the runner's
 setup and :func:`train.loop.fit`, default protocol: a new order every epoch, every sample, val
 evaluated after every epoch); ``--side reference`` builds the reference model (tests/test_*_parity.py)
 under ``torch.manual_seed(seed)`` and runs the script's loop (fixed or per-epoch order, last partial
@@ -173,12 +173,11 @@ def evaluate_ave(net, data, order, dtype) -> float:
 def run_avel(store: Path, head: str, seed: int, epochs: int) -> dict:
     from extract.core.settings import load_pipeline
     from train.loop import fit
-    from train.registry import get_task
+    from train.runner import setup
 
     pipeline = load_pipeline(store / "pipeline.yaml", {"train": {"head": head, "epochs": epochs, "seeds": [seed],
                                                                   "select_on": "val"}})
-    task_cls = get_task("avel")
-    task, model, schedule, _ = task_cls.setup(pipeline, head, seed)
+    task, model, schedule, _ = setup(pipeline, head, seed)
     rows: list[dict] = []
 
     def on_epoch(row):

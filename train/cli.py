@@ -8,7 +8,6 @@ h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extra
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -130,8 +129,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .loop import NonFiniteError
+    from .runner import SetupError
     from .sol_metrics import BoxFormatError
-    from .tasks.base import SetupError
 
     return (StoreError, DataError, ManifestError, ConfigError, CheckpointError, NonFiniteError, SetupError, BoxFormatError)
 
@@ -305,12 +304,13 @@ def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, b
 
 
 def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
-    """Run the configured task/head once per seed; write summary.json/.md for several seeds.
-    The epoch progress bar is shown on a terminal; elsewhere each evaluated epoch logs a line.
-    A seed's run folder is made once its checks have passed (:meth:`train.tasks.base.Task.run`);
-    when the run fails, the folder is removed again if nothing was written to it."""
+    """Run the configured task/head once per seed (:func:`train.runner.run`); write
+    summary.json/.md for several seeds. The epoch progress bar is shown on a terminal; elsewhere
+    each evaluated epoch logs a line. A seed's run folder is made once its checks have passed, and
+    removed again when the run fails."""
+    from . import runner
     from .registry import get_head, get_task
-    from .runs import group_dir, make_run_dir, summarize, write_summary
+    from .runs import group_dir, summarize, write_summary
 
     cfg = pipeline.train
     try:
@@ -322,36 +322,16 @@ def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
         raise click.UsageError(f"head {cfg.head!r} is a {head_cls.task!r} head; use --task {head_cls.task} or pick another head")
     if cfg.setting not in head_cls.settings:
         raise click.UsageError(f"head {cfg.head!r} supports --setting {'/'.join(head_cls.settings)}, not {cfg.setting!r}")
-    runs_root = pipeline.path(cfg.runs_root)
     results = []
     for seed in cfg.seeds:
-        made: list[Path] = []
-
-        def new_run_dir(seed=seed, made=made) -> Path:
-            made.append(make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed, protocol=cfg.protocol))
-            click.echo(f"seed {seed}: {made[-1]}", err=True)
-            return made[-1]
-
-        try:
-            metrics = task_cls.run(pipeline, cfg.head, seed, new_run_dir, progress=True)
-        except BaseException:
-            for path in made:
-                _remove_if_empty(path)
-                _remove_if_empty(path.parent)  # the <task>-<head>-<setting> folder, when it held only this run
-            raise
-        results.append({**metrics, "seed": seed, "run_dir": str(made[0])})
+        metrics = runner.run(pipeline, cfg.head, seed, task_cls=task_cls, progress=True,
+                             on_run_dir=lambda path, seed=seed: click.echo(f"seed {seed}: {path}", err=True))
+        results.append({**metrics, "seed": seed})
     if len(results) > 1:
-        directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting, cfg.protocol)
+        directory = group_dir(pipeline.path(cfg.runs_root), cfg.task, cfg.head, cfg.setting, cfg.protocol)
         js, md = write_summary(directory, summarize(results))
         click.echo(f"summary: {js} and {md}", err=True)
     return results
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def results_table(results: list[dict]) -> str:
@@ -461,6 +441,62 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
+
+
+@main.command("evaluate")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder of avel-train (holds config.yaml, metrics.json, checkpoint.safetensors).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="The split to score: the run's train.<split>_split.")
+@click.option("--store", default=None, help="Feature store to read (default: the store the run was trained on).")
+@click.option("--boxes-root", default=None, help="Folder of <video_id>/annotations.xml box files, task sol (default: the run's sol.boxes_root).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the run's train.device).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON here.")
+@click.pass_obj
+def evaluate_command(obj, run_dir, split, store, boxes_root, device, json_out):
+    """Score a finished run's checkpoint on a split again and print its figures.
+
+    The run describes itself: store, splits, box folder and every other setting come from the
+    run's config.yaml (relative paths from the folder the training started in), so this works
+    from any folder. --store, --boxes-root, --device, --set and an explicit --config override
+    them. The figures are computed by the run's task exactly as for its metrics.json: on the
+    same data, the test accuracy equals metrics.json's, and the val accuracy the selected
+    epoch's.
+
+    \b
+    Examples:
+      avel-train evaluate --run data/runs/avel-dmrn-supervised/seed0-20250101-120000
+      avel-train evaluate --run RUN --split val --json-out val.json
+      avel-train evaluate --run RUN --store other.zarr     # the same split of another store
+    """
+    from extract.core.settings import ConfigError, parse_set_option
+
+    from .runner import evaluate_run
+
+    setup_logging(obj["verbose"])
+    overrides: dict = {}
+    try:
+        overrides.update(parse_set_option(obj["sets"]))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if store:  # relative to the working directory, like every path given on a command line
+        overrides.setdefault("store", {})["path"] = str(Path(store).expanduser().resolve())
+    if boxes_root:
+        overrides.setdefault("sol", {})["boxes_root"] = str(Path(boxes_root).expanduser().resolve())
+    try:
+        report = evaluate_run(run_dir, split, config=obj["config"], overrides=overrides, device=device)
+    except (*_user_errors(), KeyError) as exc:
+        if obj["verbose"] > 1:
+            raise
+        raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    click.echo(f"run {report['run_dir']} (task {report['task']}, head {report['head']}): split {split} "
+               f"({report['split_name']} of {report['store']})")
+    for key, value in report["metrics"].items():
+        if isinstance(value, float):
+            click.echo(f"{key.replace('_', ' ')}: {value:.4f}")
+    if json_out:
+        from .runs import write_json
+
+        write_json(json_out, report)
+        click.echo(f"figures written to {json_out}", err=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ``python -m train.headtable --config data/demo/pipeline.yaml --out /tmp/headtable/demo`` trains
 every head of task ``avel`` (or ``--heads``) in each ``--settings`` through the same task runner
-``avel-train`` uses (:func:`train.sweep.run_one` -> ``AvelTask.run`` of :mod:`train.tasks.avel_task`), one run after the
+``avel-train`` uses (:func:`train.sweep.run_one` -> :func:`train.runner.run`), one run after the
 other in this process, and writes ``headtable.csv`` and ``headtable.md`` under ``--out`` after
 every run (a partial table survives an interruption). Columns: head, parameters (built for the
 number of classes of the store's manifests), setting, epochs, selected epoch, validation and test

@@ -240,8 +240,9 @@ def _project_dir(run_dir: Path, pipeline) -> Path:
         recorded = None
     runs_root = Path(os.path.expanduser(str(pipeline.train.runs_root)))
     group = run_dir.parent.parent
-    if recorded and Path(recorded).is_dir() and (runs_root.is_absolute() or (Path(recorded) / runs_root).resolve() == group):
-        return Path(recorded)
+    if recorded and Path(recorded).is_dir() and (runs_root.is_absolute() or (Path(recorded) / runs_root).resolve() == group
+                                                 or run_dir.is_relative_to(Path(recorded).resolve())):
+        return Path(recorded)  # the project has not moved (a run folder given by path may lie anywhere in it)
     if runs_root.is_absolute():
         return Path(recorded) if recorded else run_dir
     for candidate in run_dir.parents:

@@ -104,21 +104,14 @@ def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunS
 
     ``state`` = ``pipeline.to_dict()`` of the sweep (a plain dict travels to any worker).
     """
-    from .registry import get_task
-    from .runs import make_run_dir
+    from . import runner
 
     pipeline = _pipeline_for(state, base_dir, source, spec)
     cfg = pipeline.train
     check_spec(cfg.task, spec)
-    made: list[Path] = []
-
-    def new_run_dir() -> Path:  # made only once the run's checks have passed
-        made.append(make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed,
-                                 protocol=cfg.protocol))
-        return made[-1]
-
-    metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, new_run_dir)
-    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(made[0]), "error": ""}
+    # the run folder is made once the run's checks have passed, and removed again if it fails
+    metrics = runner.run(pipeline, spec.head, spec.seed)
+    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": metrics["run_dir"], "error": ""}
     row.update({key: metrics.get(key) for key in RESULT_KEYS})
     row["protocol"] = (metrics.get("protocol") or {}).get("label", "avel")
     row.update(baseline_columns(metrics))

@@ -514,28 +514,6 @@ class _Plan:
     error: str | None = None
 
 
-def head_spatial_maps(out) -> Any:
-    """[B, T, h, w] spatial maps of a head output (:func:`spatial_attention` of its extras), or
-    None; what the task's :meth:`~train.tasks.base.Task.predict_windows` is given to read them."""
-    return spatial_attention(out.extras)
-
-
-def spatial_attention(extras: dict[str, Any]):
-    """[B, T, h, w] spatial attention of a head's extras (``attention`` or ``spatial_attention``,
-    [B, T, k*k] or [B, T, k, k]), or None when the head has none."""
-    for name in ("attention", "spatial_attention"):
-        value = extras.get(name)
-        if value is None or value.dim() < 3:
-            continue
-        if value.dim() == 3:
-            side = int(round(math.sqrt(value.shape[-1])))
-            if side * side != value.shape[-1]:
-                continue
-            value = value.reshape(*value.shape[:2], side, side)
-        return value
-    return None
-
-
 def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, class_names: Sequence[str],
                  background: str) -> list[Event]:
     """Runs of consecutive valid seconds with the same non-background label, with the mean
@@ -592,7 +570,7 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
             res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "
                          "for each second")
             continue
-        label_ids, probs, attention = task.predict_windows(run.head, store, rows, device, spatial=head_spatial_maps)
+        label_ids, probs, attention = task.predict_windows(run.head, store, rows, device)
         res.map_kind = task.prediction_maps
         seconds = int(np.flatnonzero(valid)[-1]) + 1
         res.seconds = seconds

@@ -1,7 +1,7 @@
 """Task "avel": audio-visual event localization (Tian et al., ECCV 2018) on a feature store.
 
-``AvelTask.run(pipeline, head_name, seed, run_dir)`` loads the store + splits (once per process,
-cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
+A run (:func:`train.runner.run` with ``train.task: avel``) loads the store + splits (once per
+process, cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
 config.yaml, metrics.json, epochs.csv, checkpoint.safetensors, learning_curves.png,
 confusion_test.png, timeline_test.png. Returns the metrics dict.
 """
@@ -100,10 +100,15 @@ class AvelTask(Task):
         metrics["baseline"] = self.baseline()
         for role in ("val", "test"):
             res: EvalResult | None = result.results.get(role)
-            metrics[f"{role}_accuracy"] = res.accuracy if res is not None else None
+            metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[role] = res.to_json(data.class_names)
+                metrics.update(self.split_metrics(role, res))
         return metrics
+
+    def split_metrics(self, role: str, result: EvalResult) -> dict[str, Any]:
+        """``<role>_accuracy`` (segment accuracy, background included) and ``<role>`` (loss,
+        per-class accuracy, confusion...: :meth:`train.evaluate.EvalResult.to_json`)."""
+        return {f"{role}_accuracy": result.accuracy, role: result.to_json(self.data.class_names)}
 
     def baseline(self) -> dict[str, Any]:
         """``<role>_accuracy`` of always predicting the split's most frequent segment label
@@ -141,11 +146,12 @@ class AvelTask(Task):
         return open_checked_store(path, segments)
 
     @classmethod
-    def predict_windows(cls, model, store, rows, device="cpu", *, spatial=None, batch: int = PREDICT_BATCH):
+    def predict_windows(cls, model, store, rows, device="cpu", *, batch: int = PREDICT_BATCH):
         """Each window is one sample of the head, as in training (its temporal context never
         crosses a window edge); ``batch`` windows are read and run at a time, so a long video never
         holds all its features at once (an hour is 360 windows, 360 MB of 7x7x512 maps). Maps:
-        ``spatial(out)`` [B, T, h, w] of each head output, None when it gives none."""
+        the head output's :attr:`~train.heads.base.HeadOutput.spatial` [B, T, h, w], None when the
+        head gives none."""
         rows = np.asarray(rows, dtype=np.int64)
         model = model.eval()
         labels, probs, maps = [], [], []
@@ -157,7 +163,9 @@ class AvelTask(Task):
                 out = model(audio, visual)
                 labels.append(model.predict(out).cpu().numpy())
                 probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
-                found = spatial(out) if spatial is not None else None
+                found = out.spatial
+                if found is not None and found.dim() != 4:
+                    raise ValueError(f"head {model.name}: HeadOutput.spatial must be [B, T, H, W], got {tuple(found.shape)}")
                 maps.append(None if found is None else found.float().cpu().numpy())
         if not labels:
             raise ValueError("predict_windows: no rows")

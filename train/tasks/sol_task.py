@@ -1,6 +1,6 @@
 """Task "sol": sounding object localization with the STM head (Li, Tian & Xu, BMVC 2021).
 
-``SolTask.run(pipeline, head_name, seed, run_dir)``:
+A run (:func:`train.runner.run` with ``train.task: sol``):
 
 1. reads the train / val / test manifests against a store that holds the per-frame maps
    (``frame_maps`` [N, T, F, 8, 8, 2048], ``frame_index`` [N, T, F], ``audio_maps``
@@ -200,7 +200,7 @@ def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, d
         a, v = sequence_inputs(fm, am, device)
         out = model(a, v)
         scores = out.scores.float().cpu().numpy().reshape(len(block), T, F, -1)
-        att = model.attention(out).float().cpu().numpy()
+        att = out.spatial.float().cpu().numpy()  # the sounding-object map [B, T*F, h, w]
         att = att.reshape(len(block), T, F, *att.shape[2:])
         for i, r in enumerate(block):
             yield r, scores[i], att[i]
@@ -404,6 +404,11 @@ class SolTask(Task):
         acc, loss = classification_accuracy(model, self.store, self.splits[split_name], self.sol_cfg.eval_batch, self.device)
         return Evaluation(acc, {"loss": loss, "accuracy": acc}, ClassificationResult(acc, loss))
 
+    def split_metrics(self, role: str, result: ClassificationResult) -> dict[str, Any]:
+        """``<role>_accuracy`` and ``<role>_loss``: per-frame event classification of the valid
+        seconds (background included)."""
+        return {f"{role}_accuracy": result.accuracy, f"{role}_loss": result.loss}
+
     def store_identity(self) -> dict[str, Any]:
         return {"store": str(self.store.path), "store_fingerprint": self.store.fingerprint}
 
@@ -420,7 +425,7 @@ class SolTask(Task):
             res = result.results.get(role)
             metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = res.accuracy, res.loss
+                metrics.update(self.split_metrics(role, res))
         test = self.splits[cfg.test_split]
         boxes_root = self.pipeline.path(scfg.boxes_root)
         boxes = load_boxes(boxes_root, sorted(set(test.keys)))
@@ -503,11 +508,10 @@ class SolTask(Task):
         return store
 
     @classmethod
-    def predict_windows(cls, model, store, rows, device="cpu", *, spatial=None):
+    def predict_windows(cls, model, store, rows, device="cpu"):
         """Each window runs as one causal sequence of its T x F frames (as the test evaluation
         runs, :func:`video_outputs`): a second's probabilities are the mean of its F frames'
-        softmax, its label their argmax, its map the mean of its F frames' sounding-object maps
-        (``spatial`` is not used: the maps are the head's :meth:`attention`)."""
+        softmax, its label their argmax, its map the mean of its F frames' sounding-object maps."""
         by_row = {}
         for row, probs, maps, _ in cls.frame_outputs(model, store, sorted({int(r) for r in rows}), device):
             by_row[row] = (probs.mean(axis=1), maps.mean(axis=1))  # [T, C], [T, h, w]
