@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from extract import demo
+from extract.factories import demo
 from extract.factories.media import write_clip
 
 

@@ -553,7 +553,7 @@ def test_predict_pre_check_accepts_the_fingerprint_of_an_extracted_store(tmp_pat
     from extract.decode import VideoRequest
     from extract.factories.media import write_clip
     from extract.run import run_extraction
-    from extract.store import open_store
+    from extract.core.store import open_store
     from train.predict.run import LoadedRun, check_features_recipe
     from train.tasks.base import store_recipe
 

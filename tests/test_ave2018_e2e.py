@@ -131,7 +131,7 @@ def test_the_imported_store_has_the_fingerprint_of_an_ave2018_extraction(flow):
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
     from extract.core.settings import load_pipeline
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     cfg = load_pipeline(None, {"extract": {"recipe": "ave2018", "visual_weights": str(flow["visual_weights"]),
                                            "audio_weights": str(flow["audio_weights"])}}, search=False).extract
@@ -143,7 +143,7 @@ def test_the_imported_store_has_the_fingerprint_of_an_ave2018_extraction(flow):
 
 
 def test_an_ave2018_extraction_grows_the_imported_store(flow):
-    from extract.store import STATUS_DONE, open_store
+    from extract.core.store import STATUS_DONE, open_store
 
     assert flow["grow"].exit_code == 0, flow["grow"].output
     store = open_store(flow["imported"])
@@ -160,7 +160,7 @@ def test_an_ave2018_extraction_grows_the_imported_store(flow):
 def test_a_new_video_is_predicted_with_features_of_the_recipe(flow):
     import torch
 
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     (result,) = flow["results"]
     assert result.ok, result.error

@@ -20,7 +20,7 @@ import pytest
 from extract.decode import VideoRequest, decode_video
 from extract.factories.media import write_clip
 from extract.core.settings import load_pipeline
-from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
+from extract.core.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
 
 T = 2
 SMALL = {"segments": T, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,
@@ -222,7 +222,7 @@ def test_cli_cache_run_and_listing(client, media, tmp_path, monkeypatch):
     from extract.cache import extract_with_cache
     from extract.cli import main
     from extract.distributed import run_extraction_dask
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "cache"))
     pipeline = make_pipeline()
@@ -439,7 +439,7 @@ def test_rows_another_project_computes_are_refused_or_waited_for_then_copied(med
 
     from extract.cache import extract_with_cache
     from extract.cli import main
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
     from extract.run import run_extraction
 
     pipeline, root, gate = shard4_pipeline(), tmp_path / "cache", tmp_path / "gate"
@@ -484,7 +484,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
     import sys
 
     from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
-    from extract.lock import StoreLocked
+    from extract.core.lock import StoreLocked
     from extract.prepare import ensure_store
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"
@@ -492,7 +492,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
     attrs = feature_set_attrs(cfg)
     cache_path, key = feature_set_path(root, attrs["fingerprint"]), content_key(request)
     ensure_store(cache_path, [key], cfg.segments, store_specs(cfg), {**attrs, "complete": False}, pipeline.store)
-    script = ("import sys; from extract.lock import RowClaim, StoreLock\n"
+    script = ("import sys; from extract.core.lock import RowClaim, StoreLock\n"
               "with StoreLock(sys.argv[1]):\n    claim = RowClaim(sys.argv[1], [sys.argv[2]]).acquire()\n"
               "print('claimed', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", script, str(cache_path), key], stdin=subprocess.PIPE,
@@ -517,7 +517,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
 def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
     """While a writer holds a cache shard (rewriting it), a project copying rows of that shard waits."""
     from extract.cache import extract_with_cache, feature_set_path
-    from extract.lock import shard_lock
+    from extract.core.lock import shard_lock
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"
     first = extract_with_cache(pipeline, requests(media / "one", "a"), store_path=tmp_path / "A.zarr", root=root,
@@ -578,7 +578,7 @@ def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path,
     """On NFS, flock is emulated with POSIX record locks, which never conflict within one process:
     asking its own claim's lock would succeed and call the claim dead. The claimant's own writers
     and threads know it holds the claim; other processes ask the lock."""
-    import extract.lock as lock
+    import extract.core.lock as lock
 
     create = functools.partial(lock.RowClaim, tmp_path / "s.zarr")
     (tmp_path / "s.zarr" / "logs").mkdir(parents=True)
@@ -597,7 +597,7 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
     naming it, as for any store - unless --wait."""
     import extract.cache as cache_module
     from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
-    from extract.lock import StoreLock, StoreLocked
+    from extract.core.lock import StoreLock, StoreLocked
     from extract.prepare import ensure_store
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"

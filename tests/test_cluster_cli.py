@@ -344,7 +344,7 @@ def media(tmp_path_factory) -> Path:
 def make_project(root: Path, names: list[str], files: dict[str, Path]) -> Path:
     """A project folder: pipeline.yaml, m.csv (rows ``names``, paths ``<name>.mp4`` relative to
     videos/), and videos/<name>.mp4 copied (with their times) from ``files`` (others are absent)."""
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "pipeline.yaml").write_text(PIPELINE_YAML)
@@ -363,7 +363,7 @@ def extract_args(store: str, *more: str, scheduler: str | None = None) -> list[s
 
 
 def open_(path: Path):
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     return open_store(path)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from extract.manifest import Sample, write_manifest
+from extract.core.manifest import Sample, write_manifest
 from extract.core.settings import load_pipeline
 from train import runner
 from train.registry import get_head

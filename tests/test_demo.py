@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from extract import demo
+from extract.factories import demo
 from extract.cli import main
-from extract.manifest import read_manifest
+from extract.core.manifest import read_manifest
 
 VIDEOS = 15
 BACKGROUND = 3  # one background-only clip per split

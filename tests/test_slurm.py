@@ -202,7 +202,7 @@ def reference(slurm, demo) -> Path:
 def assert_same_store(reference: Path, path: Path) -> None:
     """Bit-identical array shard files, equal ids and status (all done)."""
     from extract.distributed import shard_files_equal
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     assert shard_files_equal(reference, path) == []
     a, b = open_store(reference), open_store(path)

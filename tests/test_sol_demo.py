@@ -39,7 +39,7 @@ def run_cli(module: str, *args: str, cwd: Path) -> str:
 
 
 def demo_has_boxes() -> bool:
-    from extract import demo
+    from extract.factories import demo
 
     return hasattr(demo, "sounding_object_boxes") and "boxes_root" in demo.pipeline_yaml()
 
@@ -105,7 +105,7 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     saved = np.load(tmp_path / "pred" / video / "sounding_object.npy")
     assert (tmp_path / "pred" / video / "sounding_object.png").stat().st_size > 1000
 
-    from extract.store import open_store
+    from extract.core.store import open_store
     from train.predict.run import load_run
     from train.tasks.sol_task import video_outputs
 

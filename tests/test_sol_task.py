@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from extract.manifest import Sample, write_manifest
-from extract.store import ArraySpec, StoreError, create_store
+from extract.core.manifest import Sample, write_manifest
+from extract.core.store import ArraySpec, StoreError, create_store
 from train import sol_metrics as sol
 
 torch.set_num_threads(1)
@@ -321,7 +321,7 @@ def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
     import shutil
 
     from extract.core.settings import load_pipeline
-    from extract.store import open_store
+    from extract.core.store import open_store
     from train.registry import get_task
 
     shutil.copytree(project["root"] / "maps.zarr", tmp_path / "maps.zarr")
@@ -391,7 +391,7 @@ def test_non_finite_frame_maps_stop_training_at_their_batch(project, tmp_path):
 
 def test_map_rows_are_read_with_their_recorded_scale(tmp_path):
     """A row whose maps exceeded the float16 range is stored divided by a power of two."""
-    from extract.store import ArraySpec, create_store, open_store
+    from extract.core.store import ArraySpec, create_store, open_store
     from train.tasks.sol_task import read_seconds
 
     specs = [ArraySpec("frame_maps", (2, 1, 2, 2, 3), "float16"), ArraySpec("frame_maps_scale", (), "float32"),

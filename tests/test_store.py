@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from extract.store import (
+from extract.core.store import (
     SCHEMA,
     STATUS_DONE,
     STATUS_FAILED,

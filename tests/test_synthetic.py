@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from extract.manifest import read_manifest
-from extract.store import STATUS_DONE, STATUS_FAILED, open_store
+from extract.core.manifest import read_manifest
+from extract.core.store import STATUS_DONE, STATUS_FAILED, open_store
 from extract.factories.synthetic import PATCH, make_synthetic, write_rows
 
 T = 6

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.store import open_store
+from extract.core.store import open_store
 from extract.factories.synthetic import make_synthetic, write_rows
 from train.heads.base import Head, HeadOutput, segment_loss
 from train.heads.layers import pool_over_time
