@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .manifest import ManifestError, Sample, write_manifest
+from .core.manifest import ManifestError, Sample, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -90,10 +90,10 @@ BENCH_CLIP_FPS = 30
 
 
 def _write_bench_clip(job: tuple) -> str:
-    """Render one demo scene (:mod:`extract.demo`: textured background, moving shape, tones) at
+    """Render one demo scene (:mod:`extract.factories.demo`: textured background, moving shape, tones) at
     the benchmark size and encode it (runs in a worker process)."""
-    from .demo import SAMPLE_RATE, compensate_priming, render_audio, render_frames
-    from .media import write_clip
+    from .factories.demo import SAMPLE_RATE, compensate_priming, render_audio, render_frames
+    from .factories.media import write_clip
 
     video, seed, fps, size, path = job
     partial = Path(path).with_name(f".{Path(path).name}.partial.mp4")
@@ -106,12 +106,12 @@ def _write_bench_clip(job: tuple) -> str:
 def make_bench_clips(folder: str | Path, count: int, frame_size: tuple[int, int] = BENCH_CLIP_SIZE,
                      fps: int = BENCH_CLIP_FPS, seed: int = 0, workers: int | None = None) -> list[Path]:
     """``count`` 10-s H.264/AAC clips of ``frame_size`` (height, width) at ``fps`` under ``folder``
-    (the demo's scenes, :func:`extract.demo.render_frames`), rendered in ``workers`` processes
+    (the demo's scenes, :func:`extract.factories.demo.render_frames`), rendered in ``workers`` processes
     (default all cores); clips already there are kept. Returns their paths, sorted."""
     import concurrent.futures
     import multiprocessing
 
-    from .demo import plan_demo
+    from .factories.demo import plan_demo
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ ids = the manifest's keys, as without a cache) is filled by copying the rows fro
 by shard, by this process only. Files that cannot be read (missing, empty, unreadable) cannot be
 hashed: they are failed in the project store and not cached.
 
-**Several projects at once.** The cache's lock (:class:`extract.lock.StoreLock`) is held only for
+**Several projects at once.** The cache's lock (:class:`extract.core.lock.StoreLock`) is held only for
 moments: to grow the cache, to claim rows, to verify it. The rows a run computes are **claimed**
-(:class:`extract.lock.RowClaim`: a record of host, PID and command, and a flock that dies with the
+(:class:`extract.core.lock.RowClaim`: a record of host, PID and command, and a flock that dies with the
 process), so projects that want other videos compute at the same time, writing their rows into
 the cache's shards under each shard's lock (read, change and write inside the lock), fenced by
 their claim. A run that needs rows another live run is computing is refused before it computes
@@ -45,7 +45,7 @@ added the attribute is ``false``; readers (``avel-train``, :func:`require_comple
 store with a message that says how to finish it. (Zarr does not store chunks that equal the fill
 value, so a missing feature chunk of a failed or silent video is not an error by itself.)
 
-This module imports numpy and zarr (through :mod:`extract.store`) only; networks are built by the
+This module imports numpy and zarr (through :mod:`extract.core.store`) only; networks are built by the
 runner that computes the misses.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ import numpy as np
 
 from .decode import DecodeError, VideoRequest
 from .run import RunSummary
-from .store import (
+from .core.store import (
     STATUS_DONE,
     STATUS_FAILED,
     ArraySpec,
@@ -91,8 +91,7 @@ __all__ = [
     "format_cache_listing",
 ]
 
-#: environment variable that overrides ``store.cache_root``
-CACHE_ENV = "AVEL_CACHE"
+from .core.settings import CACHE_ENV  # noqa: E402  (the variable that overrides store.cache_root)
 #: the store of a feature set inside ``<cache root>/<feature set id>/``
 FEATURES_NAME = "features.zarr"
 
@@ -101,21 +100,23 @@ FEATURES_NAME = "features.zarr"
 # identity
 
 
-def cache_root(pipeline) -> Path:
-    """``$AVEL_CACHE`` if set, else ``store.cache_root`` (relative to pipeline.yaml's folder)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(os.path.expanduser(env))
-    if not pipeline.store.cache_root:
-        raise StoreError(f"no feature cache configured: set store.cache_root in pipeline.yaml or ${CACHE_ENV}")
-    return pipeline.path(pipeline.store.cache_root)
+def cache_root(pipeline, explicit: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``explicit`` > ``$AVEL_CACHE`` > ``store.cache_root`` (relative to
+    pipeline.yaml's folder), by the one rule of :func:`extract.core.settings.cache_root`; a
+    pipeline without one is a :class:`extract.core.store.StoreError`."""
+    from .core.settings import ConfigError, cache_root as resolve_cache_root
+
+    try:
+        return resolve_cache_root(pipeline, explicit)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def store_specs(cfg) -> list[ArraySpec]:
     """The per-row arrays a store of ``cfg`` has: ``valid`` and every extractor's arrays
     (from the configuration, no network built)."""
     from .extractors import get_extractor
-    from .store import core_specs
+    from .core.store import core_specs
 
     specs = [s for s in core_specs(cfg.segments) if s.name == "valid"]
     return specs + [s for name in cfg.extractors for s in get_extractor(name).specs_for(cfg)]
@@ -169,7 +170,7 @@ def _content_keys(requests: Sequence[VideoRequest]) -> tuple[dict[str, str], dic
     return keys, failures
 
 
-from .store import mark_complete, require_complete, verify_store  # noqa: E402,F401  (completeness is a store rule)
+from .core.store import mark_complete, require_complete, verify_store  # noqa: E402,F401  (completeness is a store rule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,11 +222,11 @@ def extract_with_cache(
 
     **Several projects at once.** The project's own store is locked for the whole run (one run per
     project store). The cache is not: its lock is held only for moments (to grow it, to claim rows,
-    to verify it), and the rows this run computes are **claimed** (:class:`extract.lock.RowClaim`,
+    to verify it), and the rows this run computes are **claimed** (:class:`extract.core.lock.RowClaim`,
     recording host, PID and command), so projects that need other videos compute at the same time,
     and no row is computed by two projects at once. Rows another live run has claimed are not
     computed here: without ``wait`` the run is refused before anything is computed
-    (:class:`extract.lock.StoreLocked`, naming the claimant: exit 2); with ``wait`` it computes the
+    (:class:`extract.core.lock.StoreLocked`, naming the claimant: exit 2); with ``wait`` it computes the
     rest, then waits for those claims (saying for whom) and copies what they computed - or
     computes itself what they left undone (failed, or their process died: a dead process's claim
     ends with it). Every row is read out of the cache under its cache shard's lock and written into
@@ -244,7 +245,7 @@ def extract_with_cache(
     attrs = feature_set_attrs(cfg)
     set_id = attrs["fingerprint"]
     check_existing_store(project, attrs, cfg.segments)  # other settings: refused before any work
-    cache_path = feature_set_path(os.path.abspath(root if root is not None else cache_root(pipeline)), set_id)
+    cache_path = feature_set_path(os.path.abspath(cache_root(pipeline, root)), set_id)
     specs = store_specs(cfg)
     project_attrs = {**attrs, "cache": {"path": str(cache_path), "feature_set": set_id}}
     with open_run_store(project, [r.key for r in requests], cfg.segments, specs, attrs, pipeline.store,
@@ -291,7 +292,7 @@ CACHE_LOCK_PATIENCE_S = 120.0
 
 
 def _cache_lock(cache_path: Path, wait: bool):
-    from .lock import StoreLock
+    from .core.lock import StoreLock
 
     return StoreLock(cache_path, wait=wait, patience_s=CACHE_LOCK_PATIENCE_S)
 
@@ -301,7 +302,7 @@ def _fill_cache(pipeline, cache_path: Path, cache_requests: list[VideoRequest], 
     """Make every requested content key final in the cache: claim and compute the ones nobody
     computes (done rows are reused), and with ``wait`` wait for the ones other runs are computing,
     then compute what they left undone. Returns (the keys this run computed, the runners' summaries)."""
-    from .lock import describe, wait_for_claim
+    from .core.lock import describe, wait_for_claim
 
     by_key = {r.key: r for r in cache_requests}
     pending = list(by_key)
@@ -333,11 +334,11 @@ def _claim_rows(pipeline, cache_path: Path, keys: Sequence[str], attrs: dict, wa
     """Under the cache's lock: grow the cache by the keys it lacks and claim every key of ``keys``
     that is not done and that no live run claims. Returns (the claim, or None when nothing is to
     compute; [(live claim record, the keys of ``keys`` it holds)]). Without ``wait``, keys that
-    another live run holds refuse the run (:class:`extract.lock.StoreLocked`) before anything is
+    another live run holds refuse the run (:class:`extract.core.lock.StoreLocked`) before anything is
     changed."""
-    from .lock import RowClaim, StoreLocked, describe, live_claims
+    from .core.lock import RowClaim, StoreLocked, describe, live_claims
     from .prepare import check_identity, grow_store
-    from .store import check_arrays
+    from .core.store import check_arrays
 
     cfg = pipeline.extract
     specs = store_specs(cfg)
@@ -382,9 +383,9 @@ def _claim_rows(pipeline, cache_path: Path, keys: Sequence[str], attrs: dict, wa
 
 def _finish_cache(cache_path: Path) -> None:
     """Verify what was written into the cache since it was last complete and mark it complete
-    (:func:`extract.store.mark_complete`), unless another run still computes into it (the last
+    (:func:`extract.core.store.mark_complete`), unless another run still computes into it (the last
     one verifies) or its lock is not to be had (a later run verifies)."""
-    from .lock import StoreLocked, live_claims
+    from .core.lock import StoreLocked, live_claims
 
     try:
         with _cache_lock(cache_path, wait=False):
@@ -403,7 +404,7 @@ def _finish_cache(cache_path: Path) -> None:
 def _read_cache_rows(cache: FeatureStore, keys: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
     """``{content key: {"status", "reason", "ran", "features": {name: row}}}``, each cache shard read
     under its shard lock (never half rewritten by a writer of that shard)."""
-    from .lock import shard_lock
+    from .core.lock import shard_lock
 
     rows = {key: cache.row_of(key) for key in dict.fromkeys(keys)}
     by_shard: dict[int, list[str]] = {}

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .clitools import config_option, resolve, set_option, setup_logging, verbose_option
+from .core.clitools import config_option, resolve, set_option, setup_logging, verbose_option
 
 log = logging.getLogger("avel")
 
@@ -101,8 +101,8 @@ def main(ctx, split, manifest, video_root, store, recipe, weights, device, preci
         click.echo(pipeline.dump())
         return
     if print_job_script:
-        from .settings import ConfigError
-        from .slurm import print_job_script as show_script, slurm_device
+        from .core.settings import ConfigError
+        from .core.slurm import print_job_script as show_script, slurm_device
 
         try:
             show_script(pipeline, stage="extract", device=slurm_device(pipeline.extract.device, pipeline.dask.slurm),
@@ -123,7 +123,7 @@ def _require_device(pipeline, command: str = "avel-extract", scheduler: str | No
     """Exit 2 with one line when extract.device names a device torch cannot use (cuda without a
     GPU, cuda:3 on a 2-GPU machine, a misspelt name); ``auto`` always resolves. On a Dask cluster
     the device is the workers' business (their preflight checks it)."""
-    from .devices import resolve_device
+    from .core.devices import resolve_device
 
     if scheduler and scheduler != "local":
         return
@@ -149,15 +149,15 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
     import functools
     import os
 
-    from .daskclient import LOCAL, SLURM, dask_client
+    from .core.daskclient import LOCAL, SLURM, dask_client
     from .distributed import check_workers, run_extraction_dask
-    from .lock import StoreLocked
-    from .manifest import ManifestError
+    from .core.lock import StoreLocked
+    from .core.manifest import ManifestError
     from .preflight import PreflightError
     from .requests import collect_requests
     from .run import run_extraction
-    from .settings import ConfigError
-    from .store import StoreError
+    from .core.settings import ConfigError
+    from .core.store import StoreError
 
     scheduler = scheduler or pipeline.dask.scheduler
     slurm = None
@@ -166,7 +166,7 @@ def run_command(pipeline, *, split: str | None = None, manifest: str | None = No
         with contextlib.ExitStack() as stack:
             client = None
             if scheduler == SLURM:  # checked (partition, resources, sbatch --test-only) before any job is queued
-                from .slurm import slurm_device, stage_workers
+                from .core.slurm import slurm_device, stage_workers
 
                 pipeline.extract.device = slurm_device(pipeline.extract.device, pipeline.dask.slurm)
                 slurm = stage_workers(pipeline, stage="extract", device=pipeline.extract.device)
@@ -313,7 +313,7 @@ def demo(obj, out, videos, background_videos, seed, force):
         && avel-train --config data/demo/pipeline.yaml --head dmrn
     """
     setup_logging((obj or {}).get("verbose", 0))
-    from .demo import DEMO_FRAMES_PER_SEGMENT, DemoError, generate_demo, next_commands
+    from .factories.demo import DEMO_FRAMES_PER_SEGMENT, DemoError, generate_demo, next_commands
 
     try:
         summary = generate_demo(out, videos, seed, background_videos=background_videos, force=force, progress=sys.stderr.isatty())
@@ -349,7 +349,7 @@ def list_cache_command(obj, root, as_json):
     from .cache import cache_root, format_cache_listing, list_cache
 
     pipeline = resolve(obj["config"], obj["sets"])
-    path = root or cache_root(pipeline)
+    path = cache_root(pipeline, root)
     entries = list_cache(path)
     click.echo(json.dumps(entries, indent=2) if as_json else format_cache_listing(entries, path))
 
@@ -403,8 +403,8 @@ def import_h5(obj, visual, audio, annotations, store_path, visual_weights, audio
           --annotations /path/to/AVE/Annotations.txt --store data/stores/ave_h5.zarr
     """
     from .import_h5 import import_ave_h5
-    from .settings import ConfigError, merge, parse_set_option
-    from .store import StoreError
+    from .core.settings import ConfigError, merge, parse_set_option
+    from .core.store import StoreError
     from .weights import WeightsUnavailable
 
     setup_logging(obj["verbose"])

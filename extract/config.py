@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping
 
-from .settings import ConfigError, section
+from .core.settings import ConfigError, section
 
 __all__ = ["ExtractConfig", "Recipe", "RECIPES"]
 
@@ -109,7 +109,7 @@ class ExtractConfig:
 
     def resolve_overrides(self, explicit: Mapping[str, Any], where: str = "extract") -> "ExtractConfig":
         """Apply :attr:`recipe` after pipeline.yaml / ``--set`` / CLI options were merged
-        (:func:`extract.settings.merge` calls it with the keys given explicitly): fill the recipe's
+        (:func:`extract.core.settings.merge` calls it with the keys given explicitly): fill the recipe's
         keys that were not given, refuse explicit values that contradict it (ConfigError naming the
         key), and turn the weights word "pretrained" into the recipe's pretrained weights."""
         recipe = RECIPES[self.recipe]

@@ -5,7 +5,7 @@ file, ``duration`` seconds long, default the first T seconds):
 
 - **Frames.** The decoder's presentation times (``VideoReader.get_frame_timestamp``, seconds, in
   decoder order) are matched to the requested times of every :class:`~extract.extractors.FrameGrid`
-  with the frame-time rule of :mod:`extract.frames` (``start + t + (i + 0.5) / F``, nearest pts,
+  with the frame-time rule of :mod:`extract.core.frames` (``start + t + (i + 0.5) / F``, nearest pts,
   ties to the earlier frame). The union of the needed frame indices is fetched in ONE sorted,
   forward pass (``get_batch`` on sorted unique indices, in chunks of :data:`FETCH_CHUNK` frames so
   memory stays bounded), each chunk is passed through the grid's ``prepare`` (resize to the network
@@ -18,9 +18,9 @@ file, ``duration`` seconds long, default the first T seconds):
 
   Grids of the AVE reference's frame-count rule (``FrameGrid.rule == "index"``, the ``ave2018``
   recipe) pick their frames from the constant-rate frame list ffmpeg would output
-  (:func:`extract.frames.cfr_output_frames`, fed with the stream's guessed frame rate, start offset
+  (:func:`extract.core.frames.cfr_output_frames`, fed with the stream's guessed frame rate, start offset
   and packet durations read with PyAV: :func:`stream_timing`) with
-  :func:`extract.frames.index_rule_plan`. The decoder stays decord: on every clip of
+  :func:`extract.core.frames.index_rule_plan`. The decoder stays decord: on every clip of
   ../shared/media its RGB frames equal ``ffmpeg -pix_fmt rgb24`` (imageio's reader) pixel for
   pixel, rotation and the choice among two video streams included (docs/extraction.md, "Decoder").
 
@@ -86,6 +86,7 @@ __all__ = [
     "load_decord",
     "decode_video",
     "plan_frames",
+    "picture_frames",
     "StreamTiming",
     "stream_timing",
     "DecodePool",
@@ -95,7 +96,7 @@ __all__ = [
 #: frames per ``get_batch`` call of the sorted forward pass
 FETCH_CHUNK = 32
 #: modules the forkserver imports once, so that workers start fast (torch before decord!)
-PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.frames", "decord", "av", "extract.decode")
+PRELOAD = ("torch", "cv2", "extract.nets", "extract.audio", "extract.core.frames", "decord", "av", "extract.decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ def plan_frames(pts: np.ndarray, per_segment: int, segments: int, start: float =
     ``pts`` [N] are the frames' presentation times (s). Times at or beyond ``start + duration``
     (when a window duration is given) are invalid too.
     """
-    from .frames import nearest_frame_indices, segment_frame_times
+    from .core.frames import nearest_frame_indices, segment_frame_times
 
     times = segment_frame_times(segments, per_segment, start=start)
     index, valid = nearest_frame_indices(pts, times, frame_duration=frame_duration)
@@ -175,7 +176,7 @@ def stream_timing(path: str, frames: int | None = None) -> StreamTiming:
 
     The stream is ``av_find_best_stream``'s (``streams.best("video")``), the one decord decodes.
     ``frames``: the decoder's frame count; packet durations are returned only when the packets
-    are exactly that many (else None: :func:`extract.frames.cfr_output_frames` then uses the
+    are exactly that many (else None: :func:`extract.core.frames.cfr_output_frames` then uses the
     steps between frames). Raises ValueError when there is no video stream or no usable rate.
     """
     import av
@@ -202,8 +203,8 @@ def stream_timing(path: str, frames: int | None = None) -> StreamTiming:
 def plan_index_frames(timestamps: np.ndarray, timing: StreamTiming, per_segment: int, segments: int,
                       start: float = 0.0, duration: float | None = None, cfr=None) -> tuple[np.ndarray, np.ndarray]:
     """Frame indices (decoder order) and validity for a grid of the reference's frame-count rule:
-    ([T, F] int64, [T, F] bool). ``cfr``: a precomputed :func:`extract.frames.cfr_output_frames`."""
-    from .frames import cfr_output_frames, index_rule_plan
+    ([T, F] int64, [T, F] bool). ``cfr``: a precomputed :func:`extract.core.frames.cfr_output_frames`."""
+    from .core.frames import cfr_output_frames, index_rule_plan
 
     if cfr is None:
         cfr = cfr_output_frames(timestamps, timing.rate, timing.durations, timing.offset, timing.single_stream)
@@ -215,7 +216,7 @@ def plan_index_frames(timestamps: np.ndarray, timing: StreamTiming, per_segment:
 
 def _frame_duration(timestamps: np.ndarray, fps: float) -> float | None:
     """Seconds one frame is shown: median pts step, or 1/fps for one-frame streams."""
-    from .frames import default_frame_duration
+    from .core.frames import default_frame_duration
 
     step = default_frame_duration(timestamps[:, 0])
     if step > 0:
@@ -248,7 +249,7 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
             if timing is None:
                 raise ValueError(f"frame grid {grid.name!r} uses the frame-count rule, which needs the stream timing")
             if cfr is None:
-                from .frames import cfr_output_frames
+                from .core.frames import cfr_output_frames
 
                 cfr = cfr_output_frames(timestamps[:, 0], timing.rate, timing.durations, timing.offset, timing.single_stream)
             plans[grid.name] = (grid, *plan_index_frames(timestamps[:, 0], timing, grid.per_segment, segments, start,
@@ -294,6 +295,74 @@ def read_frames(reader, grids: Sequence, segments: int, start: float, duration: 
         info["cfr_rate"] = timing.rate
         info["cfr_frames"] = int(cfr[0].size)
     return frames, valid_out, info
+
+
+# ------------------------------------------------------------------------------------------
+# frames for pictures
+
+
+def picture_frames(path: str, times: Sequence[float] | None = None, *, indices: Sequence[int] | None = None,
+                   size: int | None = None, resize: str = "squash") -> np.ndarray:
+    """Frames of ``path`` for pictures (avel-predict's strips, render-sol), decoded exactly as the
+    features' frames are: decord, rotation metadata applied (a 90-degree phone video comes out
+    upright), presentation times on decord's timeline (0 = the stream's first frame, also for a
+    file whose stream starts later) and the nearest-pts rule of :mod:`extract.core.frames`.
+
+    Args:
+        path: a video file.
+        times: [N] seconds (any order, repeats allowed); each gets the decoded frame whose pts is
+            nearest, ties to the earlier frame (:func:`extract.core.frames.nearest_frame_indices`),
+            so time ``t + 0.5`` is the frame a one-frame-per-second grid takes for second ``t``;
+            a time past the last frame gets the last frame, one before the first the first.
+        indices: [N] frame indices in decoder order instead of times (what a store's
+            ``frame_index`` array records).
+        size: None for the decoded size; else :func:`extract.core.frames.prepare_frames` with
+            ``resize`` (``"squash"`` / ``"crop"``), the extraction's resizing.
+
+    Returns uint8 [N, h, w, 3]. The needed frames are fetched in one sorted forward pass, in
+    chunks of :data:`FETCH_CHUNK` (each chunk resized before the next is read). Raises
+    :class:`DecodeError` naming the file (missing, no video stream, undecodable).
+    """
+    from .core.frames import nearest_frame_indices, prepare_frames
+
+    path = str(path)
+    if (times is None) == (indices is None):
+        raise ValueError("picture_frames: give times or indices, one of them")
+    check_file(path)
+    decord = load_decord()
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # noqa: BLE001 - decord raises DECORDError / RuntimeError
+        if "cannot find video stream" in str(exc):
+            raise DecodeError(f"{path}: has no video stream") from None
+        raise DecodeError(f"{path}: cannot open video: {_short(exc)}") from None
+    count = len(reader)
+    if count == 0:
+        raise DecodeError(f"{path}: the video stream has no frames")
+    if times is not None:
+        wanted = np.asarray(times, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(wanted)):
+            raise ValueError(f"{path}: picture_frames got non-finite times")
+        pts = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64).reshape(count, 2)[:, 0]
+        index, _ = nearest_frame_indices(pts, wanted)
+    else:
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= count):
+            raise ValueError(f"{path}: frame indices outside 0..{count - 1}")
+    needed = np.unique(index)
+    table = []
+    try:
+        for lo in range(0, needed.size, FETCH_CHUNK):
+            batch = reader.get_batch(needed[lo:lo + FETCH_CHUNK].tolist()).asnumpy()
+            table.append(batch if size is None else prepare_frames(batch, size, resize))
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"{path}: cannot decode video frames: {_short(exc)}") from None
+    finally:
+        del reader
+    if not table:
+        side = (0, 0) if size is None else (size, size)
+        return np.zeros((0, *side, 3), np.uint8)
+    return np.ascontiguousarray(np.concatenate(table)[np.searchsorted(needed, index)])
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
 - ``local``: an embedded :class:`distributed.LocalCluster` whose scheduler, workers, nannies and
   dashboard all listen on 127.0.0.1 only (random ports), ``dask.n_workers`` processes (default:
   one per GPU with ``extract.device`` cuda, else one per ``dask.threads_per_worker`` cores);
-- ``slurm``: worker jobs submitted to SLURM through dask-jobqueue (:mod:`extract.slurm`, section
+- ``slurm``: worker jobs submitted to SLURM through dask-jobqueue (:mod:`extract.core.slurm`, section
   ``dask.slurm``): checked before any job is queued, jobs that end early replaced, every job
   cancelled at the end; on a CPU each task uses ``dask.slurm.cores`` torch threads;
 - ``tcp://host:8786``: an existing scheduler;
@@ -18,7 +18,7 @@ Where the work runs (``--scheduler`` / ``dask.scheduler`` in pipeline.yaml):
   (``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``..._CLIENT__CERT``, ``..._CLIENT__KEY``).
 
 **Writes are safe by construction.** The driver (this process) creates the store, grows it,
-writes its attributes and holds its lock (:mod:`extract.lock`); it then plans the work as
+writes its attributes and holds its lock (:mod:`extract.core.lock`); it then plans the work as
 :class:`ShardJob` objects, one per store shard that has missing requested rows
 (:func:`plan_jobs` checks that no shard is given to two jobs). A task owns shard k of EVERY array:
 under the shard's lock, and only while its run's fence (lease, or the cache claim) holds, it reads
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .decode import DecodeError, Failure, VideoRequest, decode_video
-from .settings import ConfigError, fingerprint, to_dict
+from .core.settings import ConfigError, fingerprint, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ShardJob:
     decode_fn: Callable = decode_video
     threads: int = 1
     #: the run's fence: its lease token, or ``claim:<token>`` in the shared cache; the shard is
-    #: written only while it holds (:func:`extract.lock.fence_holds`); a job without one writes nothing
+    #: written only while it holds (:func:`extract.core.lock.fence_holds`); a job without one writes nothing
     lease: str = ""
     #: ``(key, file identity)`` of the members, recorded in the ``source`` row record
     sources: tuple[tuple[str, str], ...] = ()
@@ -263,7 +263,7 @@ def extract_shard(job: ShardJob) -> ShardResult:
     failed in the store - an earlier attempt finished it before its worker died.
     """
     from .run import decode_inputs, finish_shard
-    from .store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
+    from .core.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, open_store
 
     from .run import as_system_failure
 
@@ -298,7 +298,7 @@ ATTEMPTS_FILE = "attempts.log"
 
 def _record_attempt(job: ShardJob) -> None:
     """One line per task attempt (``<lease> <shard> <worker>``): the driver counts reschedules."""
-    from .lock import log_dir
+    from .core.lock import log_dir
 
     if not job.lease:
         return
@@ -311,7 +311,7 @@ def _record_attempt(job: ShardJob) -> None:
 
 def count_reschedules(store_path, lease: str) -> int:
     """Shard tasks of the run with ``lease`` that were started more than once."""
-    from .lock import LOG_GROUP
+    from .core.lock import LOG_GROUP
 
     try:
         lines = (Path(store_path) / LOG_GROUP / ATTEMPTS_FILE).read_text().splitlines()
@@ -321,7 +321,7 @@ def count_reschedules(store_path, lease: str) -> int:
     return len(shards) - len(set(shards))
 
 
-from .daskclient import (LOCAL, LOOPBACK, SLURM, _check_on_worker, check_workers, dask_client,  # noqa: E402,F401
+from .core.daskclient import (LOCAL, LOOPBACK, SLURM, _check_on_worker, check_workers, dask_client,  # noqa: E402,F401
                          security_from_config)  # (re-exported)
 
 
@@ -372,7 +372,7 @@ def run_extraction_dask(
     address = scheduler or pipeline.dask.scheduler or LOCAL
     extract_cfg = pipeline.extract
     if address == SLURM:  # auto = the compute nodes' device (a GPU when the jobs ask for one), not this machine's
-        from .slurm import slurm_device
+        from .core.slurm import slurm_device
 
         extract_cfg = dataclasses.replace(extract_cfg, device=slurm_device(extract_cfg.device, pipeline.dask.slurm))
     cfg = effective_config(extract_cfg, resolve_device(extract_cfg.device))
@@ -414,7 +414,7 @@ def torch_threads(dask_cfg, address: str) -> int:
 
 
 def _run_jobs(client, store, jobs: list[ShardJob], plan, requests, dask_cfg, progress: bool, on_result):
-    from .progress import progress_bar
+    from .core.progress import progress_bar
     from .run import SystemFailure, SystemicError, SystemicGuard, count_outcomes
 
     summary = plan.start_summary(store.path, len(requests))

@@ -3,7 +3,9 @@ computes (:class:`Extractor`, the frame-CNN base :class:`FrameCNNExtractor`), wh
 it (:class:`FrameGrid`, :class:`DecodedVideo`), the registry (:func:`register_extractor`,
 :func:`get_extractor`) and device / precision resolution. The built-in extractors live in
 :mod:`extract.extractors` (vgg19, vggish) and :mod:`extract.sol_extractors` (resnet152_maps,
-vggish_maps); both import this module and neither imports the other.
+vggish_maps); both import this module and neither imports the other. Extractor modules are
+plugins: each is named in the entry-point group ``avel.extractors`` (setup.cfg, or a third
+package's metadata) and imported on the first lookup (:mod:`extract.core.plugins`).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .config import ExtractConfig
-from .devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
-from .store import ArraySpec
+from .core import plugins
+from .core.devices import resolve_device  # noqa: F401  (re-exported: part of the extractor API)
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ __all__ = [
     "Extractor",
     "EXTRACTORS",
     "register_extractor",
+    "load_extractors",
     "get_extractor",
     "resolve_device",
     "effective_precision",
@@ -40,8 +44,8 @@ __all__ = [
 class FrameGrid:
     """Frames an extractor needs.
 
-    ``per_segment`` frames per 1-s segment chosen by the frame ``rule`` (:mod:`extract.frames`:
-    ``"pts"`` at the times of :func:`extract.frames.segment_frame_times`, ``"index"`` the AVE
+    ``per_segment`` frames per 1-s segment chosen by the frame ``rule`` (:mod:`extract.core.frames`:
+    ``"pts"`` at the times of :func:`extract.core.frames.segment_frame_times`, ``"index"`` the AVE
     reference's frame-count rule); ``prepare`` (picklable, numpy/cv2 only) maps decoded uint8
     [N, H, W, 3] RGB frames to uint8 [N, h, w, 3] in the decode workers; grids with equal ``name``
     are decoded once and shared between extractors.
@@ -78,7 +82,8 @@ def register_extractor(name: str) -> Callable[[type], type]:
 
     def decorate(cls: type) -> type:
         if name in EXTRACTORS:
-            raise ValueError(f"extractor {name!r} is already registered by {EXTRACTORS[name].__module__}.{EXTRACTORS[name].__qualname__}")
+            raise ValueError(f"extractor {name!r} of {cls.__module__}.{cls.__qualname__} is already registered by "
+                             f"{EXTRACTORS[name].__module__}.{EXTRACTORS[name].__qualname__}")
         cls.name = name
         EXTRACTORS[name] = cls
         return cls
@@ -86,7 +91,15 @@ def register_extractor(name: str) -> Callable[[type], type]:
     return decorate
 
 
+def load_extractors() -> dict[str, type["Extractor"]]:
+    """Import every extractor plugin (entry points ``avel.extractors``, once) and return :data:`EXTRACTORS`."""
+    plugins.load(plugins.EXTRACTORS)
+    return EXTRACTORS
+
+
 def get_extractor(name: str) -> type["Extractor"]:
+    """The registered extractor class ``name`` (every extractor plugin is loaded first)."""
+    load_extractors()
     try:
         return EXTRACTORS[name]
     except KeyError:
@@ -263,12 +276,12 @@ class FrameCNNExtractor(Extractor):
 
     @classmethod
     def frame_rule(cls, cfg: ExtractConfig) -> str:
-        """Which decoded frames stand for a segment (:data:`extract.frames.FRAME_RULES`)."""
+        """Which decoded frames stand for a segment (:data:`extract.core.frames.FRAME_RULES`)."""
         return "pts"
 
     @classmethod
     def interpolation(cls, cfg: ExtractConfig) -> str:
-        """The resize interpolation (:data:`extract.frames.INTERPOLATIONS`)."""
+        """The resize interpolation (:data:`extract.core.frames.INTERPOLATIONS`)."""
         return "auto"
 
     @classmethod
@@ -303,7 +316,7 @@ class FrameCNNExtractor(Extractor):
 
     @classmethod
     def grid_for(cls, cfg: ExtractConfig) -> FrameGrid:
-        from .frames import prepare_frames
+        from .core.frames import prepare_frames
 
         per_segment, size = cls.frames_per_segment(cfg), cls.input_size(cfg)
         rule, interpolation = cls.frame_rule(cfg), cls.interpolation(cfg)

@@ -9,7 +9,7 @@ fingerprint (:meth:`Extractor.identity`) and computes rows from :class:`DecodedV
 Built in:
 
 - ``vgg19`` -> ``visual`` [T, 7, 7, 512] float16: VGG-19 pool5 of ``frames_per_segment`` frames
-  per 1-s segment (``extract.frame_rule``: times of :func:`extract.frames.segment_frame_times`, or
+  per 1-s segment (``extract.frame_rule``: times of :func:`extract.core.frames.segment_frame_times`, or
   the AVE reference's frame-count rule), averaged over the segment's valid frames, channel-last as
   the AVE ``visual_feature.h5``; input ``extract.normalize`` (ImageNet mean/std on RGB, or Caffe
   BGR minus means for the Keras / Caffe weights of the ``ave2018`` recipe);
@@ -42,10 +42,11 @@ from .extractor_base import (  # noqa: F401  (re-exported: the public names of t
     configured_precision,
     effective_precision,
     get_extractor,
+    load_extractors,
     register_extractor,
     resolve_device,
 )
-from .store import ArraySpec
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,3 @@ def build_extractors(cfg: ExtractConfig, device: str | None = None) -> list[Extr
 def extractor_identity(cfg: ExtractConfig) -> dict[str, Any]:
     """``{extractor name: identity}`` for ``cfg.extractors`` without building networks (weights files are hashed)."""
     return {name: get_extractor(name).describe(cfg) for name in cfg.extractors}
-
-
-# extractors defined in other modules register themselves when imported
-from . import sol_extractors  # noqa: E402,F401  (resnet152_maps, vggish_maps)

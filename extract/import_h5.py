@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .ave import read_annotations
-from .store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
+from .core.store import STATUS_DONE, FeatureStore, StoreError, core_specs, create_store
 from .weights import file_sha256
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def public_config(**overrides: Any):
     """The extraction configuration of the public files: the ``ave2018`` recipe resolved as
     pipeline.yaml would resolve it (``overrides``: explicit ``extract`` keys, e.g. weights)."""
     from .config import ExtractConfig
-    from .settings import merge
+    from .core.settings import merge
 
     return merge(ExtractConfig(), {"recipe": "ave2018", **overrides}, "extract")
 

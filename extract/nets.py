@@ -10,7 +10,7 @@
   quantisation to 0..255) from the torchvggish ``pca_params`` file.
 - :func:`damp_residual_branches`: the scale-keeping random init of a torchvision ResNet (used by
   the ``resnet152_maps`` extractor's ``"random"`` ResNet-152).
-- :func:`prepare_frames` (numpy + cv2, defined in :mod:`extract.frames` so decode workers do not
+- :func:`prepare_frames` (numpy + cv2, defined in :mod:`extract.core.frames` so decode workers do not
   import torch), :func:`normalize_frames` (torch, ImageNet mean/std) and
   :func:`caffe_normalize_frames` (BGR 0-255 minus the Caffe means, as Keras'
   ``vgg19.preprocess_input``: the input of the Keras / Oxford Caffe VGG-19 weights).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .frames import prepare_frames  # noqa: F401 - re-exported: lives in the torch-free module
+from .core.frames import prepare_frames  # noqa: F401 - re-exported: lives in the torch-free module
 from .weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ QUANTIZE_MIN_VAL = -2.0
 QUANTIZE_MAX_VAL = 2.0
 
 
-from .devices import count_parameters  # noqa: E402,F401  (one implementation, shared with train/)
+from .core.devices import count_parameters  # noqa: E402,F401  (one implementation, shared with train/)
 
 
 def _conv_stack(layout: tuple[Any, ...], in_channels: int) -> nn.Sequential:

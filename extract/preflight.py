@@ -9,7 +9,7 @@ tiny generated inputs and returns one :class:`Check` per area:
     zarr and numpy import (torch first, see the import note of :mod:`extract.decode`); versions
     from ``importlib.metadata``.
 ``decode``
-    a 2-s 64x48 clip with a 440 Hz tone at 44.1 kHz is written with :func:`extract.media.write_clip`
+    a 2-s 64x48 clip with a 440 Hz tone at 44.1 kHz is written with :func:`extract.factories.media.write_clip`
     (PyAV) and decoded with :func:`extract.decode.decode_video` (decord + :func:`extract.audio.resample`):
     every frame grid (a native-size probe grid and the configured extractors' grids) comes back
     with the right shape, the probe frames have the grey level of the frame the decoder says it
@@ -29,7 +29,8 @@ Every check runs in its own try/except: one failure never hides the others.
 :func:`require_environment` raises :class:`PreflightError` listing every failed check with its fix.
 :func:`doctor_json` / :func:`doctor_report` add the interpreter, package versions, devices, where
 each weights file was found or looked for (without downloading anything) and whether a fresh
-install would resolve the same versions (setup.cfg pins, ``constraints.txt``).
+install would resolve the same versions (the installed avel's requirements, read with
+``importlib.metadata.requires``, and ``constraints.txt``).
 
 Only the standard library is imported at module level; torch & co. are imported by the checks.
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import re
@@ -150,15 +152,15 @@ def _project_dir() -> Path:
 
 
 def _requirement_text(dist: str) -> str:
-    """The requirement of ``dist`` in setup.cfg (e.g. ``decord2>=3.0``), else just its name."""
-    for req in _read_setup_requirements(_project_dir() / "setup.cfg") or []:
+    """The installed avel's requirement of ``dist`` (e.g. ``decord2<4,>=3.0``), else just its name."""
+    for req in avel_requirements()[0] or []:
         if _canonical_name(_requirement_name(req)) == _canonical_name(dist):
             return req
     return dist
 
 
 def _reinstall_fix(dist: str) -> str:
-    return (f"reinstall it: pip install --force-reinstall '{_requirement_text(dist)}' (the requirement in "
+    return (f"reinstall it: pip install --force-reinstall '{_requirement_text(dist)}' (avel's requirement, "
             f"setup.cfg), or create a fresh virtual environment and run `pip install -e .` in the checkout")
 
 
@@ -247,7 +249,7 @@ def _probe_grids(cfg) -> list:
 def _write_probe_clip(folder: Path) -> Path:
     import numpy as np
 
-    from .media import write_clip
+    from .factories.media import write_clip
 
     count = CLIP_SECONDS * CLIP_FPS
     frames = np.stack([np.full((CLIP_HEIGHT, CLIP_WIDTH, 3), _level_of(k), np.uint8) for k in range(count)])
@@ -410,7 +412,7 @@ def _check_resample() -> Check:
 
 def _precision_note(cfg, device: str) -> str:
     """What will really run: the frame CNNs' effective precision, VGGish always fp32."""
-    from .extractors import EXTRACTORS, FrameCNNExtractor, effective_precision, get_extractor
+    from .extractors import FrameCNNExtractor, effective_precision, get_extractor, load_extractors
 
     asked = cfg.precision
 
@@ -436,7 +438,8 @@ def _precision_note(cfg, device: str) -> str:
         text = f"{cnn} run {real} autocast on {device}"
     else:
         text = f"{cnn} run bf16 autocast on {device} (fast only on CPUs with AVX512-BF16/AMX)"
-    others = [n for n in cfg.extractors if n in EXTRACTORS and EXTRACTORS[n].uses_audio]  # VGGish nets: fp32
+    registered = load_extractors()
+    others = [n for n in cfg.extractors if n in registered and registered[n].uses_audio]  # VGGish nets: fp32
     if others:
         text += f"; {'/'.join(others)} always fp32"
     return text
@@ -711,25 +714,51 @@ def require_environment(cfg, device: str | None = None, *, build_networks: bool 
 # doctor
 
 
+#: the distribution whose requirements the doctor compares
+DISTRIBUTION = "avel"
+
+
 def _canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _requirement_name(text: str) -> str:
-    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", text)
-    return match.group(1) if match else text.strip()
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        return Requirement(text).name
+    except InvalidRequirement:
+        return text.strip()
 
 
-def _read_setup_requirements(path: Path) -> list[str] | None:
-    """``install_requires`` of a setup.cfg (None if the file is absent)."""
-    import configparser
+def avel_requirements() -> tuple[list[str] | None, str]:
+    """``(requirements, where from)``: the installed avel's ``install_requires`` from its metadata
+    (``importlib.metadata.requires``; the extras' requirements left out), or ``(None, why)`` when
+    avel is not installed (a source tree run without ``pip install``)."""
+    from importlib import metadata
 
-    if not path.is_file():
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(path)
-    raw = parser.get("options", "install_requires", fallback="")
-    return [line.split("#", 1)[0].strip() for line in raw.splitlines() if line.split("#", 1)[0].strip()]
+    from packaging.requirements import Requirement
+
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None, (f"{DISTRIBUTION} is not installed (no package metadata: a source tree used without "
+                      f"`pip install -e .`?), so its requirements are unknown; run `pip install -e .` in the checkout")
+    reqs = [r for r in dist.requires or [] if not _extra_only(Requirement(r))]
+    where = f"{DISTRIBUTION} {dist.version} metadata"
+    origin = dist.read_text("direct_url.json")
+    if origin:
+        try:
+            where += f" ({'editable install of ' if json.loads(origin).get('dir_info', {}).get('editable') else ''}" \
+                     f"{json.loads(origin)['url']})"
+        except (ValueError, KeyError, AttributeError):
+            pass
+    return reqs, where
+
+
+def _extra_only(req) -> bool:
+    """A requirement of an extra (``pytest>=8.0; extra == "test"``), not of a plain install."""
+    return req.marker is not None and "extra" in str(req.marker) and not req.marker.evaluate({"extra": ""})
 
 
 def _read_constraints(path: Path) -> list[str] | None:
@@ -746,51 +775,41 @@ def _read_constraints(path: Path) -> list[str] | None:
 def _compare(requirement: str, source: str) -> dict[str, Any]:
     """One requirement against the installed version: installed, satisfied, exact (a fresh install
     resolves exactly this version)."""
-    name = _requirement_name(requirement)
-    spec_text = requirement[len(name):].strip()
-    installed = _version(name)
-    row: dict[str, Any] = {"name": name, "requirement": requirement, "source": source, "installed": installed,
-                           "satisfied": None, "exact": False}
-    try:
-        from packaging.requirements import Requirement
+    from packaging.requirements import Requirement
 
-        req = Requirement(requirement)
-        if req.marker is not None and not req.marker.evaluate():
-            row["satisfied"], row["note"] = True, "not needed on this platform"
-            return row
-        specs = list(req.specifier)
-        row["exact"] = any(s.operator in ("==", "===") and "*" not in s.version for s in specs)
-        row["satisfied"] = installed is not None and req.specifier.contains(installed, prereleases=True)
-    except ImportError:  # packaging absent: plain comparison of exact pins only
-        match = re.match(r"(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)$", spec_text)
-        row["exact"] = bool(match and "*" not in match.group(1))
-        if row["exact"]:
-            row["satisfied"] = installed is not None and installed.split("+")[0] == match.group(1)
-        elif installed is None:
-            row["satisfied"] = False
+    req = Requirement(requirement)
+    installed = _version(req.name)
+    row: dict[str, Any] = {"name": req.name, "requirement": requirement, "source": source, "installed": installed,
+                           "satisfied": None, "exact": False}
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        row["satisfied"], row["note"] = True, "not needed on this platform"
+        return row
+    row["exact"] = any(s.operator in ("==", "===") and "*" not in s.version for s in req.specifier)
+    row["satisfied"] = installed is not None and req.specifier.contains(installed, prereleases=True)
     return row
 
 
 def install_resolution() -> dict[str, Any]:
     """Would a fresh install resolve the installed versions? The installed version of every
-    requirement of setup.cfg's ``install_requires`` and every ``name==version`` line of
-    ``constraints.txt`` (both next to the ``extract`` package) is compared with it.
+    requirement of the installed avel (:func:`avel_requirements`, its metadata) and of every
+    ``name==version`` line of ``constraints.txt`` (next to the ``extract`` package) is compared
+    with it.
 
-    Returns ``{setup_cfg, constraints (paths or None), rows, mismatches, ranges, same, note}``:
-    ``mismatches`` are requirements the installed version does not satisfy; ``ranges`` are
-    satisfied requirements that are not exact pins (a fresh install may pick newer versions);
-    ``same`` is None when neither file exists (an installed wheel).
+    Returns ``{requirements, constraints, rows, mismatches, ranges, same, note}``: ``requirements``
+    says where avel's requirements came from (None when avel is not installed), ``constraints`` the
+    path (or None); ``mismatches`` are requirements the installed version does not satisfy;
+    ``ranges`` are satisfied requirements that are not exact pins (a fresh install may pick newer
+    versions); ``same`` is None when neither is there.
     """
-    folder = _project_dir()
-    setup_cfg, constraints = folder / "setup.cfg", folder / "constraints.txt"
-    requirements = _read_setup_requirements(setup_cfg)
+    requirements, where = avel_requirements()
+    constraints = _project_dir() / "constraints.txt"
     pins = _read_constraints(constraints)
-    out: dict[str, Any] = {"setup_cfg": str(setup_cfg) if requirements is not None else None,
+    out: dict[str, Any] = {"requirements": where if requirements is not None else None,
                            "constraints": str(constraints) if pins is not None else None}
-    rows = [_compare(r, "setup.cfg") for r in requirements or []] + [_compare(p, "constraints.txt") for p in pins or []]
+    rows = [_compare(r, where) for r in requirements or []] + [_compare(p, "constraints.txt") for p in pins or []]
     if requirements is None and pins is None:
-        out["note"] = (f"neither setup.cfg nor constraints.txt is next to the package ({folder}; an installed wheel?): "
-                       f"cannot tell whether a fresh install would resolve the same versions")
+        out["note"] = f"{where}; no constraints.txt next to the package either: cannot tell whether a fresh install " \
+                      f"would resolve the same versions"
         out.update(rows=[], mismatches=[], ranges=[], same=None)
         return out
     exact = {_canonical_name(r["name"]) for r in rows if r["exact"]}
@@ -806,6 +825,8 @@ def install_resolution() -> dict[str, Any]:
                        + ", ".join(f"{r['requirement']} (installed {r['installed']})" for r in ranges))
     else:
         out["note"] = f"YES: every requirement is pinned exactly and installed at that version ({len(rows)} checked)"
+    if requirements is None:
+        out["note"] += f" (only constraints.txt: {where})"
     return out
 
 
@@ -945,7 +966,7 @@ def render_doctor(data: dict[str, Any]) -> str:
         if not c["ok"] and c.get("fix"):
             lines.append(f"         fix: {c['fix']}")
     install = data["install"]
-    sources = ", ".join(s for s in (install.get("setup_cfg"), install.get("constraints")) if s) or "none"
+    sources = ", ".join(s for s in (install.get("requirements"), install.get("constraints")) if s) or "none"
     lines += ["", f"fresh install ({sources})", f"  {install['note']}", "",
               "result: " + ("all checks passed" if data["ok"] else
                             "FAILED: " + ", ".join(c["name"] for c in data["checks"] if not c["ok"]))]
@@ -955,5 +976,5 @@ def render_doctor(data: dict[str, Any]) -> str:
 def doctor_report(pipeline, *, device: str | None = None, build_networks: bool = True) -> str:
     """Human-readable report: python and platform, package versions, devices, weights files (where
     found or looked for; nothing is downloaded), the preflight checks with OK/FAIL and whether a
-    fresh install would resolve the same versions (setup.cfg / constraints.txt)."""
+    fresh install would resolve the same versions (avel's requirements / constraints.txt)."""
     return render_doctor(doctor_json(pipeline, device=device, build_networks=build_networks))

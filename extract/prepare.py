@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .provenance import differing_fields, same_feature_set
-from .store import ArraySpec, FeatureStore, StoreError, check_arrays, create_store, open_store
+from .core.store import ArraySpec, FeatureStore, StoreError, check_arrays, create_store, open_store
 
 __all__ = ["ensure_store", "check_identity", "upgrade_store", "grow_store", "check_existing_store", "open_run_store",
            "open_claimed_store"]
@@ -86,12 +86,12 @@ def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequen
                    wait: bool = False):
     """Create the store if absent (with ``create_attrs``, default ``attrs``), take its lock
     (``wait``: queue behind another holder), open it for writing, repair an interrupted growth,
-    refuse one of other settings (:func:`check_identity`, :func:`extract.store.check_arrays`),
+    refuse one of other settings (:func:`check_identity`, :func:`extract.core.store.check_arrays`),
     append rows for the ``keys`` it lacks and take a new lease (fencing tasks of earlier runs);
     yields the open :class:`FeatureStore` while the lock is held (released on exit). A store that
     grows is marked incomplete first; the caller marks it complete at the end
     (``store.verified_before`` says whether it was complete when opened)."""
-    from .lock import StoreLock, new_lease
+    from .core.lock import StoreLock, new_lease
 
     ensure_store(path, keys, segments, specs, attrs if create_attrs is None else create_attrs, store_cfg)
     with StoreLock(path, wait=wait):
@@ -113,7 +113,7 @@ def open_run_store(path: Path, keys: Sequence[str], segments: int, specs: Sequen
 @contextlib.contextmanager
 def open_claimed_store(path: Path, keys: Sequence[str], segments: int, attrs: dict[str, Any], claim):
     """A store shared by several writers (the cache), opened for writing the rows of ``keys``
-    under ``claim`` (an :class:`extract.lock.RowClaim` its caller took under the store's lock,
+    under ``claim`` (an :class:`extract.core.lock.RowClaim` its caller took under the store's lock,
     after growing the store): nothing is locked, grown or re-leased here; the shard writers carry
     the claim as their fence and leave the store's attributes to the claim's owner."""
     store = open_store(path, mode="r+")

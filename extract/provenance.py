@@ -11,8 +11,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .settings import fingerprint, to_dict
-from .store import SCHEMA_VERSION, differing_fields  # noqa: F401  (re-exported, see __all__)
+from .core.settings import fingerprint, to_dict
+from .core.store import SCHEMA_VERSION, differing_fields  # noqa: F401  (re-exported, see __all__)
 
 __all__ = ["VERSIONED", "package_versions", "store_fingerprint_fields", "effective_config", "file_identity",
            "ran_label", "differing_fields", "store_attrs", "upgraded_fields", "same_feature_set"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .decode import VideoRequest
-from .settings import ConfigError
+from .core.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def resolve_splits(pipeline, split: str) -> list[str]:
 def requests_from_manifest(manifest_path: str | os.PathLike, video_root: str | os.PathLike | None) -> list[VideoRequest]:
     """One :class:`VideoRequest` per distinct feature key of a manifest; paths resolved against
     ``video_root`` (default: the manifest's folder)."""
-    from .manifest import read_manifest
+    from .core.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
     # absolute from here on: Dask workers run in other working directories (and on other hosts)

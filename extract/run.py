@@ -8,7 +8,7 @@ tasks, :mod:`extract.cache` fills a project store from a shared cache):
 2. The extractors are built (missing pretrained weights stop the run here, before the store is
    touched); the precision recorded is the one that runs on the device
    (:func:`extract.provenance.effective_config`). :mod:`extract.prepare` creates the store if
-   absent (atomically), takes its lock (:mod:`extract.lock`; ``wait`` queues behind another
+   absent (atomically), takes its lock (:mod:`extract.core.lock`; ``wait`` queues behind another
    writer), repairs an interrupted growth, refuses a store of another **fingerprint**
    (:mod:`extract.provenance`: the store's extractors' identities - weights, preprocessing,
    precision - segments and schema version; nothing else) naming the differing fields, appends
@@ -66,7 +66,7 @@ from .decode import Failure, VideoRequest, decode_video, warm_up
 from .prepare import open_claimed_store, open_run_store
 from .provenance import effective_config, file_identity, ran_label, store_attrs
 from .requests import distinct_requests
-from .store import (
+from .core.store import (
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
@@ -88,6 +88,7 @@ __all__ = [
     "finish_shard",
     "count_outcomes",
     "close_run",
+    "VideoOutcome",
     "append_failures",
     "ShardBlock",
     "FenceLost",
@@ -176,6 +177,27 @@ class SystemicGuard:
                 "(`avel-extract doctor` checks it), then run the same command again.")
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoOutcome:
+    """The final state of one requested row (a video window) in the store after a run:
+    ``status`` ``"done"``, ``"failed"`` (``reason`` is the one-line reason stored in the store's
+    ``reason`` array, e.g. ``cannot open video: ...``) or ``"missing"`` (not extracted: an
+    environment error stopped the run, or its task was lost)."""
+
+    key: str
+    path: str
+    status: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+#: store status code -> :attr:`VideoOutcome.status`
+OUTCOME_NAMES = {STATUS_DONE: "done", STATUS_FAILED: "failed", STATUS_MISSING: "missing"}
+
+
 @dataclasses.dataclass
 class RunSummary:
     """What a run did; every requested row is counted exactly once.
@@ -205,6 +227,8 @@ class RunSummary:
     #: Dask: shard tasks that ran more than once (their worker died), and workers that left
     rescheduled: int = 0
     workers_lost: int = 0
+    #: {request key: :class:`VideoOutcome`} of every requested row at the end (:func:`close_run`)
+    outcomes: dict[str, VideoOutcome] = dataclasses.field(default_factory=dict, repr=False)
 
     #: what ``done``/``failed`` count, in the summary text
     now_label = "computed now"
@@ -356,7 +380,7 @@ class _Prefetch:
 
 
 def append_failures(path: Path, records: list[dict]) -> None:
-    from .lock import log_dir
+    from .core.lock import log_dir
 
     if records:
         with open(log_dir(path) / FAILURES_FILE, "a") as fh:
@@ -395,7 +419,7 @@ def run_extraction(
     failing ones; it must be picklable); ``extractors`` defaults to
     :func:`extract.extractors.build_extractors` of ``pipeline.extract``. ``retry_failed``: compute
     failed rows again; ``wait``: queue behind another writer of the store instead of refusing.
-    ``claim``: an :class:`extract.lock.RowClaim` the caller holds on the requested rows of a store
+    ``claim``: an :class:`extract.core.lock.RowClaim` the caller holds on the requested rows of a store
     shared by several writers (the cache, :mod:`extract.cache`): the store is then neither locked
     nor grown nor given a new lease, its shards are fenced by the claim and its attributes are
     left to the caller (:func:`extract.prepare.open_claimed_store`).
@@ -460,7 +484,7 @@ def decode_inputs(extractors) -> tuple[list, bool]:
 
 def _run_shards(store, requests, extractors, cfg, progress, decode_fn, started, retry_failed=False) -> RunSummary:
     from .decode import DecodePool
-    from .progress import progress_bar
+    from .core.progress import progress_bar
 
     plan = plan_shards(store, requests, retry_failed)
     summary = plan.start_summary(store.path, len(requests))
@@ -516,19 +540,25 @@ def count_outcomes(summary: RunSummary, plan: Plan, outcome: dict[str, int]) -> 
 
 def close_run(store: FeatureStore, requests, summary: RunSummary, started: float,
               shards: Sequence[int] | None = None) -> RunSummary:
-    """Final counts from the store, and the ``complete`` mark (:func:`extract.store.mark_complete`).
+    """Final counts from the store, and the ``complete`` mark (:func:`extract.core.store.mark_complete`).
 
     ``shards``: the shards this run wrote. When the store was complete before the run
     (``store.verified_before``, set by :func:`extract.prepare.open_run_store`), only they are
     read back, so a store that only grows (avel-predict's) is not re-read whole on every call; the
     status of every row is checked either way. Otherwise every shard is read. A shared store
     (the cache) is marked by its owner (:mod:`extract.cache`), not here."""
-    from .store import mark_complete
+    from .core.store import mark_complete
 
     status = store.status()
-    final = [status[store.row_of(r.key)] for r in requests]
+    rows = [store.row_of(r.key) for r in requests]
+    final = [status[row] for row in rows]
     summary.failed_total = int(sum(s == STATUS_FAILED for s in final))
     summary.missing = int(sum(s == STATUS_MISSING for s in final))
+    bad = sorted({row for row, state in zip(rows, final) if state != STATUS_DONE})
+    reason_of = dict(zip(bad, (str(x) for x in store.read("reason", np.asarray(bad, np.int64))))) if bad else {}
+    summary.outcomes = {r.key: VideoOutcome(r.key, str(r.path), OUTCOME_NAMES.get(int(state), "missing"),
+                                            reason_of.get(row, ""))
+                        for r, row, state in zip(requests, rows, final)}
     if not store.shared and store.attrs.get("complete") is not True:
         mark_complete(store, shards if store.verified_before and shards is not None else None)
     summary.seconds = time.monotonic() - started
@@ -544,7 +574,7 @@ def finish_shard(store: FeatureStore, shard: int, members: list[tuple[int, Video
     it was and is not in the dict). ``guard`` sees every outcome in row order and may raise
     :class:`SystemicError` before anything is written. The shard is read and written under its
     shard lock, and only if the writer's fence still holds (``lease``, default ``store.lease``: the
-    run's lease token, or the claim of a cache writer; see :mod:`extract.lock`); otherwise nothing
+    run's lease token, or the claim of a cache writer; see :mod:`extract.core.lock`); otherwise nothing
     is written and None is returned (a newer run owns the store).
     """
     decoded = [as_system_failure(d) for d in decoded]
@@ -569,8 +599,8 @@ class ShardBlock:
     """One shard of every per-row array, rewritten whole by one fenced writer.
 
     ``with ShardBlock(store, shard, fence) as block:`` takes the shard's lock
-    (:class:`extract.lock.shard_lock`), checks that the writer's fence still holds (``fence``,
-    default ``store.lease``; :func:`extract.lock.fence_holds`, else :class:`FenceLost`) and only
+    (:class:`extract.core.lock.shard_lock`), checks that the writer's fence still holds (``fence``,
+    default ``store.lease``; :func:`extract.core.lock.fence_holds`, else :class:`FenceLost`) and only
     then reads the shard, so the read, the changes and the write all happen under the lock and no
     other writer's rows are lost in between. Set the rows of the members (:meth:`set_done`,
     :meth:`set_failed`), then :meth:`commit` writes the shard (status last) and appends the
@@ -584,7 +614,7 @@ class ShardBlock:
         self._lock = None
 
     def __enter__(self) -> "ShardBlock":
-        from .lock import fence_holds, shard_lock
+        from .core.lock import fence_holds, shard_lock
 
         lock = shard_lock(self.store.path, self.shard)
         lock.__enter__()

@@ -9,7 +9,7 @@ The paper's encoders differ from the AVE features, so these write their own stor
   ``frame_times`` [T, F] float32 (the presentation time in seconds, in the video's own clock, of
   the frame each map was computed from) and ``frame_index`` [T, F] int32 (that frame's index in
   decoder order, which is the frame number of CVAT box annotations; -1 where the requested time
-  lies outside the stream). Frame times follow :mod:`extract.frames` (``start + t + (i + 0.5) / F``,
+  lies outside the stream). Frame times follow :mod:`extract.core.frames` (``start + t + (i + 0.5) / F``,
   nearest frame).
 - ``vggish_maps`` -> ``audio_maps`` [T, 6, 4, 512] float16: the VGGish convolutional trunk (before
   its fully connected layers) of each segment's 96 x 64 log-mel patch (the same patch the
@@ -20,7 +20,7 @@ The paper's encoders differ from the AVE features, so these write their own stor
 1.0 unless the row's largest magnitude exceeds the float16 range (65504), in which case it is the
 smallest power of two that brings it into range (dividing by a power of two only shifts
 exponents: no rounding beyond float16's own). Rows never written (missing, failed) hold scale 0
-and all-zero maps. :meth:`extract.store.FeatureStore.read_scaled` applies the scale. No
+and all-zero maps. :meth:`extract.core.store.FeatureStore.read_scaled` applies the scale. No
 non-finite number is ever stored: a video whose float32 maps hold NaN or inf (a broken network,
 not a matter of range) raises in ``compute``, so the runner marks that row ``failed`` with the
 count in its reason. Why float16 + scale rather than float32: measured on 8 demo clips, float32
@@ -52,7 +52,7 @@ import numpy as np
 
 from .config import ExtractConfig
 from .extractor_base import DecodedVideo, Extractor, FrameCNNExtractor, configured_precision, register_extractor
-from .store import ArraySpec
+from .core.store import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class ResNet152MapsExtractor(FrameCNNExtractor):
         From the decoder's ``info["frame_pts"]`` / ``info["frame_index"]`` when present; otherwise
         (a DecodedVideo built by hand) the requested times, with the indices a constant-rate
         stream starting at 0 would have (``info["fps"]``), or -1 without an fps."""
-        from .frames import segment_frame_times
+        from .core.frames import segment_frame_times
 
         T, F = self.cfg.segments, self.cfg.sol_frames_per_segment
         pts = (video.info.get("frame_pts") or {}).get(grid)

@@ -41,7 +41,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -370,34 +370,42 @@ def _offline() -> bool:
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``dest`` (via a temporary file in the same folder); verify its checksum.
+    """Fetch ``url`` into ``dest`` with ``torch.hub.download_url_to_file`` and check it against the
+    weights table before it is moved into place.
 
-    The file name's part after the last ``-`` (e.g. ``dcbb9e9d`` in ``vgg19-dcbb9e9d.pth``) is the
-    beginning of the file's sha256, as torch.hub names its checkpoints; a Keras file's md5 is
-    checked against :data:`KNOWN_FILES`.
+    torch.hub checks the sha256 prefix (the part of a hub file name after its last ``-``, e.g.
+    ``dcbb9e9d`` in ``vgg19-dcbb9e9d.pth``, or :data:`KNOWN_FILES`' ``sha256_prefix``); a Keras
+    file's full md5 (:data:`KNOWN_FILES`, as Keras publishes it) is checked here after the download.
+    The file is downloaded under a temporary name in ``dest``'s folder and renamed to ``dest`` only
+    once every check passed, so an interrupted or corrupt download never sits under the real name.
+    ``timeout`` (seconds) bounds each blocking socket operation: torch.hub has no timeout of its own,
+    so the process' default socket timeout is set for the download and restored after.
     """
-    import urllib.request
+    import socket
+    import uuid
+
+    import torch.hub
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    prefix = dest.stem.rsplit("-", 1)[-1] if "-" in dest.stem else ""
-    md5 = next((k.md5 for k in KNOWN_FILES if k.filename == dest.name and k.md5), None)
-    h, h_md5 = hashlib.sha256(), hashlib.md5()
+    known = next((k for k in KNOWN_FILES if k.filename == dest.name), None)
+    prefix = (known.sha256_prefix if known is not None and known.sha256_prefix
+              else dest.stem.rsplit("-", 1)[-1] if "-" in dest.stem else None)
+    md5 = known.md5 if known is not None else None
     log.info("downloading %s to %s", url, dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.download")
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                h.update(block)
-                h_md5.update(block)
-        if md5 and h_md5.hexdigest() != md5:
-            raise RuntimeError(f"md5 {h_md5.hexdigest()} is not the published {md5} (corrupt download?)")
-        if prefix and not md5 and not h.hexdigest().startswith(prefix):
-            raise RuntimeError(f"sha256 {h.hexdigest()[:16]}... does not start with {prefix} (corrupt download?)")
+        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=None if md5 else prefix,
+                                       progress=sys.stderr.isatty())
+        if md5:
+            got = _file_digest(tmp, "md5")
+            if got != md5:
+                raise RuntimeError(f"md5 {got} is not the published {md5} of {dest.name} (corrupt download?)")
         os.replace(tmp, dest)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        socket.setdefaulttimeout(previous)
+        tmp.unlink(missing_ok=True)
 
 
 def _unavailable_message(kind: str, canon: Canonical, searched: list[Path], why: str) -> str:

@@ -1,4 +1,4 @@
-"""Clips for the avel-predict tests, drawn with the demo's generator (extract.demo) but in no split:
+"""Clips for the avel-predict tests, drawn with the demo's generator (extract.factories.demo) but in no split:
 a clip with a known event interval, a long clip made of several demo plans, a clip without audio."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from extract import demo
-from extract.media import write_clip
+from extract.factories import demo
+from extract.factories.media import write_clip
 
 
 def plan(index: int, category: str, onset: int, offset: int, video_id: str = "probe") -> demo.DemoVideo:

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.manifest import read_manifest
-from extract.store import open_store
+from extract.core.manifest import read_manifest
+from extract.core.store import open_store
 
 #: the scripts' class count (28 events + background 28)
 C = 29

@@ -34,9 +34,9 @@ from ave2018_testutils import (
 from extract import weights as W
 from extract.config import ExtractConfig
 from extract.extractor_base import DecodedVideo, FrameGrid
-from extract.frames import cfr_output_frames, index_rule_plan, reference_frame_indices
+from extract.core.frames import cfr_output_frames, index_rule_plan, reference_frame_indices
 from extract.keras_h5 import KerasLayoutError, vgg19_state_dict
-from extract.settings import ConfigError, load_pipeline
+from extract.core.settings import ConfigError, load_pipeline
 
 MEDIA = ["v_GGSY1Qvo990.mp4", "v_ZNVhz7ctTq0.mp4", "nasa_13013.mp4", "big_buck_bunny_small.mp4",
          "flipping_a_pancake.mkv", "video_90.mov", "unordered.mov"]
@@ -254,7 +254,7 @@ BITS = 12
 
 def barcode_clip(path, count: int, fps, audio: bool = False):
     """A clip whose frame k shows k as 12 black/white bars (survives H.264), 64x48."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     frames = np.zeros((count, 48, 64, 3), np.uint8)
     for k in range(count):
@@ -527,8 +527,8 @@ def test_predict_checks_the_recipe_before_any_work(weight_files, tmp_path):
     refused, naming the file or the differing fields (tests/test_ave2018_e2e.py: end to end)."""
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
-    from extract.settings import to_dict
-    from train.predict import LoadedRun, PredictError, check_features_recipe
+    from extract.core.settings import to_dict
+    from train.predict.run import LoadedRun, PredictError, check_features_recipe
 
     cfg = ave2018(visual_weights=str(weight_files["keras1"]), audio_weights="random")
     attrs = store_attrs(cfg, extractor_identity(cfg))
@@ -551,10 +551,10 @@ def test_predict_pre_check_accepts_the_fingerprint_of_an_extracted_store(tmp_pat
     for ave2018 the end-to-end test extracts into the imported store, whose fingerprint the
     pre-check accepts)."""
     from extract.decode import VideoRequest
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
     from extract.run import run_extraction
-    from extract.store import open_store
-    from train.predict import LoadedRun, check_features_recipe
+    from extract.core.store import open_store
+    from train.predict.run import LoadedRun, check_features_recipe
     from train.tasks.base import store_recipe
 
     rng = np.random.default_rng(0)

@@ -50,7 +50,7 @@ def write_public_files(ds: dict, root: Path) -> dict[str, Path]:
 
 def new_clip(path: Path) -> Path:
     """A new 1-s video (30 fps 320x240 moving pattern, a 440 Hz tone at 16 kHz)."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     yy, xx = np.mgrid[0:240, 0:320]
     frames = np.stack([np.stack([(xx + 7 * k) % 256, (yy * 2 + 3 * k) % 256, (xx + yy) % 256], -1)
@@ -107,19 +107,19 @@ def flow(tmp_path_factory):
                                             "--no-progress"], catch_exceptions=False)
 
         # 4. predict the new video with the head trained on the imported store
-        from train.predict import predict_videos
+        from train.predict.run import predict_videos
 
         results = predict_videos([clip], run=run_dir, out=root / "predict", device="cpu", extract_device="cpu",
                                  plots=False, progress=False)
         # 5. the VGG-19 weights file is gone: refused before any work
-        from train.predict import PredictError
+        from train.predict.run import PredictError
 
         moved = weights / "elsewhere.h5"
         shutil.move(visual_weights, moved)
         with pytest.raises(PredictError) as refused:
             predict_videos([clip], run=run_dir, out=root / "predict-refused", device="cpu", progress=False)
         shutil.move(moved, visual_weights)
-        from train.predict import load_run
+        from train.predict.run import load_run
 
         loaded = load_run(run_dir)
     return {"root": root, "ds": ds, "imported": imported, "run_dir": run_dir, "clip": clip, "grow": grow,
@@ -130,8 +130,8 @@ def flow(tmp_path_factory):
 def test_the_imported_store_has_the_fingerprint_of_an_ave2018_extraction(flow):
     from extract.extractors import extractor_identity
     from extract.provenance import store_attrs
-    from extract.settings import load_pipeline
-    from extract.store import open_store
+    from extract.core.settings import load_pipeline
+    from extract.core.store import open_store
 
     cfg = load_pipeline(None, {"extract": {"recipe": "ave2018", "visual_weights": str(flow["visual_weights"]),
                                            "audio_weights": str(flow["audio_weights"])}}, search=False).extract
@@ -143,7 +143,7 @@ def test_the_imported_store_has_the_fingerprint_of_an_ave2018_extraction(flow):
 
 
 def test_an_ave2018_extraction_grows_the_imported_store(flow):
-    from extract.store import STATUS_DONE, open_store
+    from extract.core.store import STATUS_DONE, open_store
 
     assert flow["grow"].exit_code == 0, flow["grow"].output
     store = open_store(flow["imported"])
@@ -160,7 +160,7 @@ def test_an_ave2018_extraction_grows_the_imported_store(flow):
 def test_a_new_video_is_predicted_with_features_of_the_recipe(flow):
     import torch
 
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     (result,) = flow["results"]
     assert result.ok, result.error

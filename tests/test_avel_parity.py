@@ -196,7 +196,7 @@ def test_att_net_outputs_match(name):
         expected = ref(audio, visual)
         out = ours(audio, visual)
     torch.testing.assert_close(out.scores.softmax(-1), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.extras["attention"].reshape(B, T, 49), ref.last_alpha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.spatial.reshape(B, T, 49), ref.last_alpha, rtol=1e-10, atol=1e-12)
     assert expected.argmax(-1).unique().numel() > 1  # not a degenerate comparison
 
 
@@ -209,7 +209,7 @@ def test_dmrn_outputs_match_tbmrf_net(blocks):
         expected = ref(audio, visual)
         out = ours(audio, visual)
     torch.testing.assert_close(out.scores.softmax(-1), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.extras["attention"].reshape(B, T, 49), ref.last_alpha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.spatial.reshape(B, T, 49), ref.last_alpha, rtol=1e-10, atol=1e-12)
 
 
 def test_dmrn_two_blocks_follow_the_code_not_eq_5_6():

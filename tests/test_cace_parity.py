@@ -405,7 +405,7 @@ def test_outputs_match(pair, switch):
     torch.testing.assert_close(out.extras["cas_scores"], av_score, **close)
     torch.testing.assert_close(out.extras["contrastive_query"], q, **close)
     torch.testing.assert_close(out.extras["contrastive_key"], k, **close)
-    torch.testing.assert_close(out.extras["attention"], ref.spatial_channel_att.last_spatial, **close)
+    torch.testing.assert_close(out.spatial, ref.spatial_channel_att.last_spatial, **close)
     torch.testing.assert_close(out.extras["global_attention"], ref.spatial_channel_att.last_global, **close)
 
 

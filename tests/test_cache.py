@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from extract.decode import VideoRequest, decode_video
-from extract.media import write_clip
-from extract.settings import load_pipeline
-from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
+from extract.factories.media import write_clip
+from extract.core.settings import load_pipeline
+from extract.core.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
 
 T = 2
 SMALL = {"segments": T, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,
@@ -222,7 +222,7 @@ def test_cli_cache_run_and_listing(client, media, tmp_path, monkeypatch):
     from extract.cache import extract_with_cache
     from extract.cli import main
     from extract.distributed import run_extraction_dask
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "cache"))
     pipeline = make_pipeline()
@@ -439,7 +439,7 @@ def test_rows_another_project_computes_are_refused_or_waited_for_then_copied(med
 
     from extract.cache import extract_with_cache
     from extract.cli import main
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
     from extract.run import run_extraction
 
     pipeline, root, gate = shard4_pipeline(), tmp_path / "cache", tmp_path / "gate"
@@ -484,7 +484,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
     import sys
 
     from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
-    from extract.lock import StoreLocked
+    from extract.core.lock import StoreLocked
     from extract.prepare import ensure_store
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"
@@ -492,7 +492,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
     attrs = feature_set_attrs(cfg)
     cache_path, key = feature_set_path(root, attrs["fingerprint"]), content_key(request)
     ensure_store(cache_path, [key], cfg.segments, store_specs(cfg), {**attrs, "complete": False}, pipeline.store)
-    script = ("import sys; from extract.lock import RowClaim, StoreLock\n"
+    script = ("import sys; from extract.core.lock import RowClaim, StoreLock\n"
               "with StoreLock(sys.argv[1]):\n    claim = RowClaim(sys.argv[1], [sys.argv[2]]).acquire()\n"
               "print('claimed', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", script, str(cache_path), key], stdin=subprocess.PIPE,
@@ -517,7 +517,7 @@ def test_the_claim_of_a_process_that_died_does_not_block(media, tmp_path):
 def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
     """While a writer holds a cache shard (rewriting it), a project copying rows of that shard waits."""
     from extract.cache import extract_with_cache, feature_set_path
-    from extract.lock import shard_lock
+    from extract.core.lock import shard_lock
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"
     first = extract_with_cache(pipeline, requests(media / "one", "a"), store_path=tmp_path / "A.zarr", root=root,
@@ -533,7 +533,7 @@ def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
     holder = threading.Thread(target=writer)
     holder.start()
     assert taken.wait(60)
-    with on_log("extract.lock", f"shard 0 of {cache_path}: waiting for its lock", release.set) as waited:
+    with on_log("extract.core.lock", f"shard 0 of {cache_path}: waiting for its lock", release.set) as waited:
         second = extract_with_cache(pipeline, requests(media / "two", "x"), store_path=tmp_path / "B.zarr", root=root,
                                     progress=False)
     release.set()
@@ -544,26 +544,41 @@ def test_the_copy_out_of_the_cache_holds_the_cache_shards_lock(media, tmp_path):
 
 
 def test_avel_predict_waits_for_rows_another_project_computes(tmp_path, monkeypatch):
-    """avel-predict cannot pass --wait itself: its avel-extract waits (saying for whom) rather than
-    failing the prediction because another project is computing the same video."""
+    """avel-predict cannot pass --wait itself: its in-process extraction through the cache waits
+    (saying for whom) rather than failing the prediction because another project is computing the
+    same video; the windows go to stage 1 as requests of the predict store, in this process."""
     import types
 
-    import train.predict as predict
+    import extract.cache
+    import train.predict.run as predict
+    from extract.cache import CacheSummary
+    from extract.run import VideoOutcome
 
-    commands = []
-    monkeypatch.setattr(predict, "_run_echoing", lambda command: (commands.append(command), (0, ""))[1])
-    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)})
+    calls = []
+
+    def recording(pipeline, requests, **kwargs):
+        calls.append((pipeline, list(requests), kwargs))
+        return CacheSummary(store=tmp_path / "s.zarr", requested=len(requests), done=len(requests),
+                            outcomes={r.key: VideoOutcome(r.key, r.path, "done") for r in requests})
+
+    monkeypatch.setattr(extract.cache, "extract_with_cache", recording)
+    run = types.SimpleNamespace(segments=T, class_names=["dog", "background"], features={"extractor": dict(SMALL)},
+                                checkpoint=tmp_path / "nowhere" / "checkpoint.safetensors")
     plan = predict._Plan("v", tmp_path / "v.mp4", 4.0, [0, 2])
-    assert predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
-                                    cache_root=tmp_path / "cache") == 0
-    assert commands and "--cache" in commands[0] and "--wait" in commands[0]
+    outcomes = predict.extract_features(run, [plan], tmp_path / "work", tmp_path / "s.zarr", cache=True,
+                                        cache_root=tmp_path / "cache")
+    (pipeline, sent, kwargs), = calls
+    assert kwargs["wait"] is True and kwargs["root"] == tmp_path / "cache" and kwargs["store_path"] == tmp_path / "s.zarr"
+    assert [(r.key, r.start, r.duration) for r in sent] == [(predict.window_key("v", s, T), float(s), float(T)) for s in (0, 2)]
+    assert pipeline.extract.segments == T and pipeline.store.path == str(tmp_path / "s.zarr")
+    assert sorted(outcomes) == sorted(r.key for r in sent) and all(o.ok for o in outcomes.values())
 
 
 def test_a_claim_is_alive_for_its_own_process_whatever_the_file_system(tmp_path, monkeypatch):
     """On NFS, flock is emulated with POSIX record locks, which never conflict within one process:
     asking its own claim's lock would succeed and call the claim dead. The claimant's own writers
     and threads know it holds the claim; other processes ask the lock."""
-    import extract.lock as lock
+    import extract.core.lock as lock
 
     create = functools.partial(lock.RowClaim, tmp_path / "s.zarr")
     (tmp_path / "s.zarr" / "logs").mkdir(parents=True)
@@ -582,7 +597,7 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
     naming it, as for any store - unless --wait."""
     import extract.cache as cache_module
     from extract.cache import content_key, extract_with_cache, feature_set_attrs, feature_set_path, store_specs
-    from extract.lock import StoreLock, StoreLocked
+    from extract.core.lock import StoreLock, StoreLocked
     from extract.prepare import ensure_store
 
     pipeline, root = shard4_pipeline(), tmp_path / "cache"
@@ -606,10 +621,43 @@ def test_a_long_holder_of_the_cache_lock_is_refused_without_wait(media, tmp_path
         with pytest.raises(StoreLocked, match=re.escape(f"(pid {os.getpid()} on host {socket.gethostname()}, command '")
                            + ".*--wait"):
             extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root, progress=False)
-        with on_log("extract.lock", "waiting for the store's lock", release.set):
+        with on_log("extract.core.lock", "waiting for the store's lock", release.set):
             summary = extract_with_cache(pipeline, [request], store_path=tmp_path / "P.zarr", root=root,
                                          progress=False, wait=True)
     finally:
         release.set()
         thread.join(60)
     assert (summary.computed, summary.done, summary.exit_code) == (1, 1, 0)
+
+
+def test_one_cache_root_precedence_everywhere(tmp_path, monkeypatch):
+    """explicit > $AVEL_CACHE > store.cache_root (relative to pipeline.yaml), the one rule of
+    extract.core.settings.cache_root, as avel-extract (config, --cache, list-cache) and avel-predict use it."""
+    from extract.cache import cache_root as extract_cache_root
+    from extract.core.clitools import resolve
+    from extract.core.settings import cache_root, load_pipeline
+    from extract.core.store import StoreError
+    from train.predict.run import LoadedRun, feature_cache_root
+
+    (tmp_path / "project").mkdir()
+    config = tmp_path / "project" / "pipeline.yaml"
+    config.write_text("store:\n  cache_root: shared/cache\n")
+    pipeline = load_pipeline(config)
+    monkeypatch.delenv("AVEL_CACHE", raising=False)
+    configured = tmp_path / "project" / "shared" / "cache"
+    assert cache_root() is None and cache_root(pipeline) == configured
+    assert cache_root(pipeline, tmp_path / "opt") == tmp_path / "opt"
+    assert extract_cache_root(pipeline) == configured and resolve(str(config), ()).store.cache_root == "shared/cache"
+    run = LoadedRun(None, {}, tmp_path / "nowhere" / "checkpoint.safetensors", [], {"cache_root": "/recorded"})
+    assert feature_cache_root(run, None, tmp_path / "work") == Path("/recorded")  # no run folder: its record
+    assert feature_cache_root(LoadedRun(None, {}, run.checkpoint, [], {}), None, tmp_path / "w") == tmp_path / "w" / "cache"
+    monkeypatch.setenv("AVEL_CACHE", str(tmp_path / "env"))
+    assert cache_root() == cache_root(pipeline) == extract_cache_root(pipeline) == tmp_path / "env"
+    assert resolve(str(config), ()).store.cache_root == str(tmp_path / "env")  # what the commands print and use
+    assert feature_cache_root(run, None, tmp_path / "work") == tmp_path / "env"
+    assert cache_root(pipeline, "~/x") == Path.home() / "x"  # explicit wins, ~ expanded
+    assert feature_cache_root(run, tmp_path / "opt", tmp_path / "work") == tmp_path / "opt"
+    monkeypatch.delenv("AVEL_CACHE")
+    pipeline.store.cache_root = ""
+    with pytest.raises(StoreError, match="no feature cache configured"):
+        extract_cache_root(pipeline)

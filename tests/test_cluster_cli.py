@@ -309,7 +309,7 @@ def cluster(tmp_path_factory):
 
 def small_clip(path: Path, seed: int) -> Path:
     """A 2-s H.264/AAC clip (64x64, 8 fps, 16 kHz tone) whose pixels and tone depend on ``seed``."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -321,7 +321,7 @@ def small_clip(path: Path, seed: int) -> Path:
 def heavy_clip(path: Path, seed: int) -> Path:
     """A 2-s clip that takes ~0.15 s to decode (320x240 noise at 25 fps, 44.1 kHz stereo noise), far
     above the 0.01-s --timeout of the tests, also in a warm worker (a small clip decodes in ~5 ms)."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (50, 240, 320, 3), dtype=np.uint8)
@@ -344,7 +344,7 @@ def media(tmp_path_factory) -> Path:
 def make_project(root: Path, names: list[str], files: dict[str, Path]) -> Path:
     """A project folder: pipeline.yaml, m.csv (rows ``names``, paths ``<name>.mp4`` relative to
     videos/), and videos/<name>.mp4 copied (with their times) from ``files`` (others are absent)."""
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "pipeline.yaml").write_text(PIPELINE_YAML)
@@ -363,7 +363,7 @@ def extract_args(store: str, *more: str, scheduler: str | None = None) -> list[s
 
 
 def open_(path: Path):
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     return open_store(path)
 

@@ -572,7 +572,7 @@ def test_supervised_outputs_match(supervised_pair, t):
     torch.testing.assert_close(out.extras["event_scores"], event, **close)
     torch.testing.assert_close(out.extras["gate"], gate.transpose(0, 1).squeeze(-1), **close)
     torch.testing.assert_close(out.extras["cas_scores"], av_score, **close)
-    torch.testing.assert_close(out.extras["attention"], ref.spatial_channel_att.last_spatial, **close)
+    torch.testing.assert_close(out.spatial, ref.spatial_channel_att.last_spatial, **close)
     torch.testing.assert_close(out.extras["global_attention"], ref.spatial_channel_att.last_global, **close)
 
 
@@ -640,7 +640,7 @@ def test_weak_outputs_match(weak_pair, t):
     torch.testing.assert_close(out.extras["event_gate"], av_gate, **close)
     torch.testing.assert_close(out.extras["event_scores"], raw_logits, **close)
     torch.testing.assert_close(out.scores.max(dim=1).values.softmax(-1), event_scores, **close)
-    torch.testing.assert_close(out.extras["attention"], ref.spatial_channel_att.last_spatial, **close)
+    torch.testing.assert_close(out.spatial, ref.spatial_channel_att.last_spatial, **close)
 
 
 def test_weak_loss_predictions_and_gradients_match(weak_pair):

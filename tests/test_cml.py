@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.manifest import Sample
+from extract.core.manifest import Sample
 from train import cml_metrics as cml
 from train.registry import get_head, head_names
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from extract.manifest import Sample, write_manifest
-from extract.settings import load_pipeline
-from train.registry import get_head, get_task
+from extract.core.manifest import Sample, write_manifest
+from extract.core.settings import load_pipeline
+from train import runner
+from train.registry import get_head
 from train_testutils import write_store
 
 torch.set_num_threads(1)
@@ -90,7 +91,7 @@ def runs(dataset):
     out = {}
     for head in ("avdln", "dcca", "coattention-cml"):
         run_dir = dataset["root"] / "runs" / head
-        metrics = get_task("cml").run(pipeline_for(dataset, head), head, 0, run_dir)
+        metrics = runner.run(pipeline_for(dataset, head), head, 0, run_dir)
         out[head] = (metrics, run_dir)
     return out
 
@@ -148,6 +149,28 @@ def test_epochs_csv_has_val_accuracies_and_selected_epoch_is_best(runs):
     mean = [(float(r["val_a2v_accuracy"]) + float(r["val_v2a_accuracy"])) / 2 for r in rows]
     assert metrics["selected_epoch"] == int(np.argmax(mean)) + 1  # first best epoch
     assert metrics["schedule"]["batch_size"] == 8 and metrics["schedule"]["batch_unit"] == "segments"
+
+
+@pytest.mark.parametrize("head", ["dcca", "coattention-cml"])  # a CCA fitted before evaluation; spatial co-attention
+def test_evaluate_command_gives_the_runs_figures_from_any_folder(runs, head, tmp_path, monkeypatch):
+    """``avel-train evaluate --run RUN`` from an empty folder: the run's store and splits, its
+    task's metric, the saved weights: A2V / V2A / mean / chance equal metrics.json's."""
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    _, run_dir = runs[head]
+    written = json.loads((run_dir / "metrics.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    for split in ("test", "val"):
+        res = CliRunner().invoke(main, ["evaluate", "--run", str(run_dir), "--split", split, "--json-out", f"{split}.json"],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        got = json.loads((tmp_path / f"{split}.json").read_text())["metrics"]
+        for key in ("accuracy", "a2v_accuracy", "v2a_accuracy", "chance_accuracy"):
+            assert got[f"{split}_{key}"] == written[f"{split}_{key}"], (split, key)
+        assert got[split] == written[split]
+        assert f"{split} accuracy: {written[f'{split}_accuracy']:.4f}" in res.output.splitlines()
 
 
 def test_training_pairs_and_queries_of_a_split(dataset):
@@ -239,7 +262,7 @@ def test_task_initialises_coattention_from_a_relative_init_from_path(dataset):
         "heads": {"coattention-cml": {**SMALL_COATTENTION, "init_from": "sup.safetensors"}},
     }
     run_dir = dataset["root"] / "runs" / "init"
-    get_task("cml").run(load_pipeline(dataset["pipeline"], overrides), "coattention-cml", 0, run_dir)
+    runner.run(load_pipeline(dataset["pipeline"], overrides), "coattention-cml", 0, run_dir)
     state, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
     assert meta["head_config"]["init_from"] == "sup.safetensors"
     sup_state = supervised.state_dict()

@@ -472,7 +472,7 @@ def test_supervised_outputs_loss_and_predictions_match():
         out = ours(audio, visual)
     close(out.extras["is_event_scores"], is_event_ref.transpose(0, 1).squeeze(-1))
     close(out.extras["event_scores"], event_ref)
-    close(out.extras["attention"].reshape(B, T, 49), ref.spatial_channel_att.last_spatial)
+    close(out.spatial.reshape(B, T, 49), ref.spatial_channel_att.last_spatial)
     # loss: supv_main.py l. 149-158 with the one-hot [B, T, 29] labels of labels.h5
     onehot = F.one_hot(batch["labels"], C).double()
     total, bce, ce = ref_supervised_loss(is_event_ref, event_ref, onehot)
@@ -506,7 +506,7 @@ def test_weak_outputs_loss_and_predictions_match():
     close(out.extras["is_event_scores"], is_event_ref)
     close(out.extras["event_scores"], raw_ref)
     close(ours.video_probabilities(out), event_scores_ref)
-    close(out.extras["attention"].reshape(B, T, 49), ref.spatial_channel_att.last_spatial)
+    close(out.spatial.reshape(B, T, 49), ref.spatial_channel_att.last_spatial)
     expected = ref_weak_loss(event_scores_ref, F.one_hot(video_label, C))
     for pool in ("mean", "max"):  # the reference's max pooling, whatever the trainer asks
         close(split_loss(ours.loss(out, batch, weak_pool=pool))[0], expected)
@@ -571,7 +571,7 @@ def test_any_number_of_segments():
         for t in (2, 10):
             audio, visual = random_inputs(18, t)
             out = head(audio.float(), visual.float())
-            assert out.scores.shape == (B, t, C) and out.extras["attention"].shape == (B, t, 7, 7)
+            assert out.scores.shape == (B, t, C) and out.spatial.shape == (B, t, 7, 7)
 
 
 def test_schedules_follow_the_scripts():

@@ -10,7 +10,7 @@ import pytest
 
 from extract.decode import DecodeError, DecodePool, Failure, VideoRequest, decode_video, plan_frames
 from extract.extractors import FrameGrid
-from extract.media import write_clip
+from extract.factories.media import write_clip
 
 FPS = 10
 SIZE = 64

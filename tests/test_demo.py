@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from extract import demo
+from extract.factories import demo
 from extract.cli import main
-from extract.manifest import read_manifest
+from extract.core.manifest import read_manifest
 
 VIDEOS = 15
 BACKGROUND = 3  # one background-only clip per split
@@ -117,7 +117,7 @@ def test_manifest_labels_agree_with_the_per_second_cues(demo_dir):
 
 
 def test_pipeline_yaml_resolves_against_its_folder(demo_dir):
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     pipeline = load_pipeline(demo_dir / "pipeline.yaml")
     for split in ("train", "val", "test"):

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from extract.manifest import read_manifest
+from extract.core.manifest import read_manifest
 
 from demo_testutils import BACKGROUND, VIDEOS
 

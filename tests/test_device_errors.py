@@ -54,8 +54,11 @@ def test_a_remote_cluster_is_not_refused_for_the_submitting_machine(tmp_path, mo
                                                                       "--out", "{tmp}/o", "--device", "cuda"]])
 def test_avel_train_subcommands_refuse_cuda_without_a_gpu(tmp_path, command):
     from train.cli import main
+    from train.predict.render import command as render_sol  # a plugin command of avel-train
 
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    if command[0] == "render-sol":
+        main, args = render_sol, args[1:]
     result = CliRunner().invoke(main, args + (["--workdir", str(tmp_path / "w")] if command[0] == "bench" else []))
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Traceback" not in result.output and "torch sees no CUDA device" in result.output

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from extract.decode import VideoRequest, decode_video
-from extract.media import write_clip
-from extract.settings import ConfigError, load_pipeline
-from extract.store import STATUS_DONE, STATUS_FAILED, create_store, open_store
+from extract.factories.media import write_clip
+from extract.core.settings import ConfigError, load_pipeline
+from extract.core.store import STATUS_DONE, STATUS_FAILED, create_store, open_store
 
 T = 2
 SMALL = {"segments": T, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,

@@ -24,9 +24,9 @@ from extract.extractors import (
     extractor_identity,
     register_extractor,
 )
-from extract.frames import prepare_frames
+from extract.core.frames import prepare_frames
 from extract.nets import build_vgg19_pool5, normalize_frames
-from extract.store import core_specs
+from extract.core.store import core_specs
 
 torch.set_num_threads(2)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract.frames import default_frame_duration, nearest_frame_indices, segment_frame_times
+from extract.core.frames import default_frame_duration, nearest_frame_indices, segment_frame_times
 
 
 def brute_force_nearest(pts: np.ndarray, times: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.gpucheck import (BF16_TOLERANCE, _shared_media, check_batch_independence, check_precision_deviation,
+from train.predict.gpucheck import (BF16_TOLERANCE, _shared_media, check_batch_independence, check_precision_deviation,
                             check_resident_matches_cpu)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

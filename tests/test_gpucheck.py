@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from train import gpucheck
+from train.predict import gpucheck
 from train.cli import main
 
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.runs import head_class_and_config, head_overrides
 
 

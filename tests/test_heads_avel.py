@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from extract.settings import ConfigError
+from extract.core.settings import ConfigError
 from train.heads import fusion as fz
 from train.heads.avel import POSITIONS, SUPERVISED_SCHEDULE, AvelConfig, FusionConfig, avel_loss
 from train.heads.layers import AudioGuidedVisualAttention as AGVA
@@ -112,7 +112,7 @@ def test_attention_map_is_a_distribution_over_the_grid():
     torch.manual_seed(0)
     head = get_head("v-att")(C).eval()
     out = head(torch.randn(2, 4, 128), torch.rand(2, 4, 7, 7, 512))
-    att = out.extras["attention"]
+    att = out.spatial
     assert att.shape == (2, 4, 7, 7)
     torch.testing.assert_close(att.sum(dim=(2, 3)), torch.ones(2, 4))
 

@@ -222,5 +222,6 @@ def test_both_settings_train_every_parameter_and_fit_a_batch(setting):
     batch = {"labels": torch.randint(0, C, (4, T), generator=g), "video_label": torch.tensor([3, 5, 7, 9]),
              "valid": torch.ones(4, T, dtype=torch.bool)}
     losses, first_out = fit_one_batch(head, audio, visual, batch, lr=1e-3, steps=6)
-    assert set(first_out.extras) == {"smap", "temporal_weights", "spatial_attention", "correlation"}
+    assert set(first_out.extras) == {"smap", "temporal_weights", "correlation"}
+    assert first_out.spatial.shape == (4, T, 7, 7)
     assert losses[-1] < losses[0]

@@ -206,8 +206,9 @@ def test_full_size_head_reaches_every_parameter_in_both_settings(setting):
     audio, visual = inputs(b=2, t=10)
     out = head(audio, visual)
     shapes = {k: tuple(v.shape) for k, v in out.extras.items()}
-    assert shapes == {"fusion_spatial_attention": (2, 10, 49), "channel_attention": (2, 10, 512),
-                      "spatial_attention": (2, 10, 49), "relevance_logits": (2, 10), "category_logits": (2, 28)}
+    assert shapes == {"channel_attention": (2, 10, 512), "visual_spatial_attention": (2, 10, 49),
+                      "relevance_logits": (2, 10), "category_logits": (2, 28)}
+    assert out.spatial.shape == (2, 10, 7, 7)  # AVFA's W^S on the 7 x 7 grid
     assert out.scores.shape == (2, 10, C)
     batch = {"labels": torch.randint(0, C, (2, 10)), "video_label": torch.tensor([3, 17]),
              "valid": torch.ones(2, 10, dtype=torch.bool)}

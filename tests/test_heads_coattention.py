@@ -77,9 +77,11 @@ def test_documented_intermediate_shapes_and_normalisation():
         out = head(audio, visual)
     shapes = {k: tuple(v.shape) for k, v in out.extras.items()}
     assert shapes == {
-        "scores_cspa": (2, 4, 29), "scores_csea": (2, 4, 29), "spatial_attention": (2, 4, 49),
+        "scores_cspa": (2, 4, 29), "scores_csea": (2, 4, 29),
         "audio_attention": (2, 4, 49), "audio_semantic": (2, 4, 128), "visual_semantic": (2, 4, 512)}
-    for key in ("spatial_attention", "audio_attention", "audio_semantic", "visual_semantic"):
+    assert out.spatial.shape == (2, 4, 7, 7)  # CSPA's Z^v_att on the 7 x 7 grid
+    torch.testing.assert_close(out.spatial.sum((-2, -1)), torch.ones(2, 4))
+    for key in ("audio_attention", "audio_semantic", "visual_semantic"):
         torch.testing.assert_close(out.extras[key].sum(-1), torch.ones(2, 4))
     # inference averages the two streams
     torch.testing.assert_close(out.scores, (out.extras["scores_cspa"] + out.extras["scores_csea"]) / 2)
@@ -179,7 +181,7 @@ def test_single_stream_loss_is_that_streams_loss():
     torch.manual_seed(0)
     audio, visual = inputs()
     out = head(audio, visual)
-    assert set(out.extras) == {"scores_csea", "audio_semantic", "visual_semantic"}
+    assert set(out.extras) == {"scores_csea", "audio_semantic", "visual_semantic"} and out.spatial is None
     batch = batch_for()
     target = F.one_hot(batch["labels"], 29).float().reshape(-1, 29)
     expected = F.multilabel_soft_margin_loss(out.scores.reshape(-1, 29), target)

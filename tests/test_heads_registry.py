@@ -20,7 +20,7 @@ import typing
 import pytest
 import torch
 
-from extract.settings import ConfigError
+from extract.core.settings import ConfigError
 from train.heads.base import split_loss, total_loss
 from train.registry import TASKS, discover, get_head, head_names
 
@@ -138,6 +138,26 @@ def outputs(task: str, out) -> list[torch.Tensor]:
     return [out.audio, out.visual] if task == "cml" else [out.scores]
 
 
+#: heads whose output must carry a spatial map (``HeadOutput.spatial`` / ``CmlOutput.spatial``)
+SPATIAL_MAP_HEADS = {"a+v-att", "v-att", "dmrn", "dmrfe", "cmran", "psp", "cpsp", "cmbs", "cace", "bmfn", "avltc",
+                     "coattention", "coattention-cml", "stm"}
+#: heads without one (no spatial attention: global average pooling, or no visual map at all)
+NO_SPATIAL_MAP_HEADS = {"a", "v", "a+v", "avdln", "dcca"}
+
+
+def check_spatial(name: str, out, visual: torch.Tensor) -> None:
+    """``out.spatial``: None, or [B, T, H, W] on the visual input's H x W grid, each map a
+    distribution over the H*W positions (every registered head's map is a softmax over them)."""
+    if name in NO_SPATIAL_MAP_HEADS:
+        assert out.spatial is None
+    if name in SPATIAL_MAP_HEADS:
+        assert out.spatial is not None, f"{name}: no spatial map"
+    if out.spatial is not None:
+        assert out.spatial.shape == (B, T, *visual.shape[2:4])
+        assert (out.spatial >= 0).all()
+        torch.testing.assert_close(out.spatial.sum((-2, -1)), torch.ones(B, T))
+
+
 def check_outputs(task: str, head, out) -> None:
     if task == "cml":
         S = len(head.stream_weights())
@@ -225,6 +245,7 @@ def test_head_contract(name, setting):
     head.start_epoch(epochs, epochs)
     out = forward(head, batch)
     check_outputs(task, head, out)
+    check_spatial(name, out, batch["visual"])
     with torch.no_grad():
         loss_before, terms = split_loss(head.loss(out, batch))
     assert loss_before.dim() == 0 and torch.isfinite(loss_before)
@@ -357,3 +378,48 @@ def test_recorded_weak_pooling_is_the_one_the_loss_applies(name):
     else:
         assert reported == {"mean": "mean", "max": "max"}
         assert by_request["mean"] != by_request["max"], by_request  # an ignored request gives equal bits
+
+
+# ------------------------------------------------------------------------------------------
+# HeadOutput.spatial: the map the head computes
+
+
+def test_stm_spatial_is_eq1_computed_by_hand():
+    """STM without memory: ``spatial`` = eq. 1 on the projected maps, alpha(i, j) = softmax_ij(
+    x_v(i, j) . phi(x_a)), phi = max over the audio map's positions, both L2-normalised over
+    channels; computed here position by position in numpy from the head's own projections."""
+    import numpy as np
+
+    head = build("stm", "supervised", extra={"memory": "none"}).eval()
+    batch = TASK_BATCHES["sol"](head.config)
+    with torch.no_grad():
+        out = head(batch["audio"], batch["visual"])
+        x_a = head._project(batch["audio"], head.audio_proj).double().numpy()  # B, T, D, 6, 4
+        x_v = head._project(batch["visual"], head.visual_proj).double().numpy()  # B, T, D, 8, 8
+    expected = np.zeros((B, T, 8, 8))
+    for b in range(B):
+        for t in range(T):
+            a = x_a[b, t].reshape(x_a.shape[2], -1).max(axis=1)
+            a = a / max(np.linalg.norm(a), 1e-12)
+            logits = np.zeros((8, 8))
+            for i in range(8):
+                for j in range(8):
+                    v = x_v[b, t, :, i, j]
+                    logits[i, j] = float(a @ (v / max(np.linalg.norm(v), 1e-12)))
+            e = np.exp(logits - logits.max())
+            expected[b, t] = e / e.sum()
+    np.testing.assert_allclose(out.spatial.double().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_coattention_cml_spatial_is_its_cspa_map_on_the_grid():
+    """coattention-cml: ``spatial`` = the CSPA block's Z^v_att [B, T, 49] laid out row-major on
+    the 7 x 7 grid (position 7 i + j -> (i, j)), a distribution over the positions."""
+    head = build("coattention-cml", "supervised").eval()
+    batch = TASK_BATCHES["cml"](head.config)
+    with torch.no_grad():
+        out = head(batch["audio"], batch["visual"])
+        flat = head.cspa(batch["audio"], batch["visual"].flatten(2, 3))["spatial"]
+    assert out.spatial.shape == (B, T, 7, 7)
+    for i, j in ((0, 0), (0, 6), (3, 2), (6, 0), (6, 6)):
+        assert torch.equal(out.spatial[:, :, i, j], flat[:, :, 7 * i + j])
+    torch.testing.assert_close(out.spatial.sum((-2, -1)), torch.ones(B, T))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract.manifest import read_manifest
+from extract.core.manifest import read_manifest
 from train import headtable
 
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from extract.import_h5 import WEIGHTS_IDENTITY, import_ave_h5
-from extract.store import STATUS_DONE, StoreError
+from extract.core.store import STATUS_DONE, StoreError
 from train.data import open_checked_store
 
 ANNOTATIONS = """Category&VideoID&Quality&StartTime&EndTime

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from extract.ave import convert_ave, read_annotations
-from extract.manifest import ManifestError, Sample, feature_key, read_manifest, write_manifest
+from extract.core.manifest import ManifestError, Sample, feature_key, read_manifest, write_manifest
 
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from extract.decode import DecodeError, VideoRequest, decode_video
 from extract.extractors import VGG19Extractor
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 
 T = 10
 EXPECTED_FAILURES = {"corrupted.mp4": "cannot decode video frames"}
@@ -137,7 +137,7 @@ def test_short_extraction_of_every_real_clip(media_dir, probes, tmp_path):
 
     from extract.extractors import build_extractors
     from extract.run import run_extraction
-    from extract.store import STATUS_DONE, STATUS_FAILED, open_store
+    from extract.core.store import STATUS_DONE, STATUS_FAILED, open_store
 
     torch.set_num_threads(1)
     pipeline = load_pipeline(None, {"extract": SMALL, "store": {"rows_per_shard": 4}}, search=False)

@@ -132,7 +132,7 @@ def pyav_mono(path) -> tuple[np.ndarray, int]:
 def coloured_clip(request, tmp_path_factory):
     """3 s, 64x64 at 10 fps, second t a flat COLOURS[t]; stereo AAC at the rate: left 1 kHz (0.5),
     right 1 kHz (0.3) + 11 kHz (0.2, above the 16 kHz output's Nyquist)."""
-    from extract.media import write_clip
+    from extract.factories.media import write_clip
 
     rate = request.param
     frames = np.repeat(COLOURS, FPS, axis=0)[:, None, None, :] * np.ones((1, SIZE, SIZE, 1), np.uint8)

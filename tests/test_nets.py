@@ -180,8 +180,8 @@ def test_random_vggish_keeps_the_activation_scale():
 def _demo_frame_batch(size: int) -> torch.Tensor:
     """Normalised [2, 3, size, size] batch of real-ish images: two frames of a demo clip (textured
     background; one with the class object drawn), squashed to ``size`` as the extractor does."""
-    from extract import demo
-    from extract.frames import prepare_frames
+    from extract.factories import demo
+    from extract.core.frames import prepare_frames
 
     video = next(v for v in demo.plan_demo(15, 0, 0) if v.category)
     frames = demo.render_frames(video, 0)

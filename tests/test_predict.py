@@ -32,7 +32,7 @@ LONG = [plan(901, "drum", 4, 9), plan(902, "bell", 2, 6), plan(903, "rain", 0, 3
 
 def predict_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "train.predict_cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "train.predict.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
 
 
@@ -125,7 +125,7 @@ def test_attention_values_are_the_heads_own(predicted):
     import torch
 
     from train.data import read_rows
-    from train.predict import check_features, load_run, window_key
+    from train.predict.run import check_features, load_run, window_key
 
     run = load_run(predicted["demo"].run_dir)
     store = check_features(predicted["out"] / "features.zarr", run)
@@ -134,7 +134,7 @@ def test_attention_values_are_the_heads_own(predicted):
     audio = torch.from_numpy(read_rows(store, "audio", rows).astype(np.float32))
     visual = torch.from_numpy(read_rows(store, "visual", rows).astype(np.float32))
     with torch.no_grad():
-        att = run.head.eval()(audio, visual).extras["attention"].numpy()  # [4, 10, 7, 7], windows in store order
+        att = run.head.eval()(audio, visual).spatial.numpy()  # [4, 10, 7, 7], windows in store order
     order = np.argsort([int(ids[r].split("@")[1].split("+")[0]) for r in rows])
     saved = np.load(predicted["out"] / "long35" / "attention.npy")
     np.testing.assert_allclose(saved, att[order].reshape(40, 7, 7)[:35], rtol=1e-5, atol=1e-7)
@@ -150,7 +150,7 @@ def test_a_second_prediction_decodes_nothing_and_bad_features_are_refused(predic
     again = read_csv(tmp_path / "again" / "interval" / "predictions.csv")
     assert [r["label"] for r in again] == [r["label"] for r in first]
 
-    from train.predict import PredictError, check_features, load_run
+    from train.predict.run import PredictError, check_features, load_run
 
     run = load_run(demo.run_dir)
     run.features = {**run.features, "fingerprint": "0" * 64,
@@ -160,7 +160,7 @@ def test_a_second_prediction_decodes_nothing_and_bad_features_are_refused(predic
 
 
 def test_missing_pretrained_weights_stop_before_any_prediction(predicted, tmp_path):
-    from train.predict import PredictError, _Plan, extract_features, load_run
+    from train.predict.run import PredictError, _Plan, extract_features, load_run
 
     run = load_run(predicted["demo"].run_dir)
     run.features = {**run.features, "extractor": {**run.features["extractor"],

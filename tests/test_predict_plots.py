@@ -1,4 +1,4 @@
-"""Visual outputs of avel-predict (train/predict_plots.py): frames read back with PyAV, attention
+"""Visual outputs of avel-predict (train/predict/plots.py): frames read back with stage 1's decoder, attention
 grids, timelines, attention and sounding-object strips, the overlay video — checked by values on
 generated clips whose frames have known colours."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from extract.media import write_clip
-from train import predict_plots as pp
+from extract.factories.media import write_clip
+from train.predict import plots as pp
 
 FPS = 10
 SIZE = 64
@@ -26,15 +26,17 @@ def colour_clip(path, seconds: int = 4, fps: int = FPS, audio: bool = False):
 
 
 def grey_clip(path, count: int, fps: int, gop: int):
-    """Frame k a flat grey of level 6k + 4, keyframe every ``gop`` frames (so seeking is real)."""
+    """Frame k a flat grey of level 6k + 4, keyframe every ``gop`` frames (so seeking is real).
+    64 x 64: decord (the decoder of the features and the pictures) cannot copy out frames 32 pixels
+    wide (``DECORDArrayCopyFromTo: The size must exactly match``)."""
     import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         stream.options = {"crf": "10", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop)}
         for k in range(count):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 6 * k + 4, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 6 * k + 4, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -113,7 +115,7 @@ def test_read_frames_applies_rotation_like_decord(media_dir):
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     from extract.decode import load_decord
-    from extract.frames import prepare_frames
+    from extract.core.frames import prepare_frames
 
     decord = load_decord()
     reader = decord.VideoReader(str(path))
@@ -122,6 +124,64 @@ def test_read_frames_applies_rotation_like_decord(media_dir):
     expected = prepare_frames(reader.get_batch([index]).asnumpy(), 224)[0].astype(float)
     got = pp.read_frames(path, [0.5])[0].astype(float)
     assert np.abs(got - expected).mean() < 8
+
+
+def shifted_copy(src, dst, offset_s: float):
+    """``src``'s video stream remuxed (no re-encoding) with every timestamp ``offset_s`` later:
+    a real clip whose stream starts at ``offset_s`` (none of ../shared/media does)."""
+    import av
+
+    with av.open(str(src)) as source, av.open(str(dst), mode="w") as out:
+        stream = source.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = int(round(offset_s / float(stream.time_base)))
+        for packet in source.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts += shift
+            packet.dts += shift
+            packet.stream = copy
+            out.mux(packet)
+    return dst
+
+
+def test_pictures_show_the_frames_the_features_use_on_a_late_starting_stream(media_dir, tmp_path):
+    """On a real clip whose video stream starts at 1.5 s, the picture of second t is, pixel for
+    pixel, the frame stage 1's decode path (decode_video with a one-frame-per-second grid) takes
+    for second t; and, by an independent decoder (PyAV, every frame, times counted from the
+    stream's start), the frame nearest to t + 0.5 s - not the frame at 1.5 s more, which a
+    picker on the container's clock (the old PyAV one) showed."""
+    import functools
+
+    import av
+
+    from extract.core.frames import prepare_frames
+    from extract.decode import VideoRequest, decode_video
+    from extract.extractor_base import FrameGrid
+
+    src = media_dir / "v_ZNVhz7ctTq0.mp4"  # 30 fps, 14 s
+    if not src.is_file():
+        pytest.skip(f"{src} is absent")
+    clip = shifted_copy(src, tmp_path / "late.mp4", 1.5)
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        start = float(stream.start_time * stream.time_base)
+        decoded = [(float(f.time) - start, f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+    assert start == pytest.approx(1.5)
+    T = 10
+    pictures = pp.read_frames(clip, [t + 0.5 for t in range(T)])
+    grid = FrameGrid(1, functools.partial(prepare_frames, image_size=224, resize="squash"), "picture")
+    features = decode_video(VideoRequest("late", str(clip)), [grid], T, audio=False).frames["picture"][:, 0]
+    np.testing.assert_array_equal(pictures, features)  # the same frames, pixel for pixel
+    times = np.array([t for t, _ in decoded])
+    for t in range(T):
+        nearest = int(np.argmin(np.abs(times - (t + 0.5))))
+        reference = prepare_frames(decoded[nearest][1][None], 224)[0].astype(float)
+        assert np.abs(pictures[t] - reference).mean() < 2.0, t  # PyAV's RGB conversion, the same frame
+        late = int(np.argmin(np.abs(times - (t + 0.5 - start))))  # the container clock's frame
+        if late != nearest:
+            wrong = prepare_frames(decoded[late][1][None], 224)[0].astype(float)
+            assert np.abs(pictures[t] - wrong).mean() > np.abs(pictures[t] - reference).mean() + 2.0, t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,3 +345,36 @@ def test_overlay_video_falls_back_to_mpeg4(clips, tmp_path, monkeypatch):
     out = pp.write_overlay_video(clips["colour"], tmp_path / "m.mp4", None, ["dog"] * 4, [0.5] * 4, fps=5)
     frames, codec, _ = decode_all(out)
     assert codec == "mpeg4" and abs(len(frames) - 20) <= 1
+
+
+def test_overlay_errors_are_told_apart_by_type(clips, tmp_path, monkeypatch):
+    """A failure to copy the audio (whatever its message says) writes the video again without
+    audio; a failure to write video packets without audio is an EncodeError naming the output,
+    never a VideoReadError of the input."""
+    import av
+
+    from extract.factories.media import EncodeError
+
+    real = av.container.OutputContainer.mux
+
+    def audio_breaks(self, packet):
+        if packet.stream.type == "audio":
+            raise RuntimeError("boom")
+        return real(self, packet)
+
+    monkeypatch.setattr(av.container.OutputContainer, "mux", audio_breaks)
+    out = pp.write_overlay_video(clips["audio"], tmp_path / "a.mp4", None, ["dog"] * 3, [0.5] * 3)
+    frames, _, audio = decode_all(out)
+    assert audio == 0 and abs(len(frames) - 30) <= 1  # written again, without the audio
+    assert nearest_palette(frames[25][1][50, 50]) == 2
+
+    def disk_full(self, packet):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(av.container.OutputContainer, "mux", disk_full)
+    with pytest.raises(EncodeError, match=r"b\.mp4.*No space left"):
+        pp.write_overlay_video(clips["colour"], tmp_path / "b.mp4", None, ["dog"] * 4, [0.5] * 4)
+    with pytest.raises(EncodeError, match="cannot be written"):  # a folder where the file must go
+        monkeypatch.setattr(av.container.OutputContainer, "mux", real)
+        (tmp_path / "c.mp4").mkdir()
+        pp.write_overlay_video(clips["colour"], tmp_path / "c.mp4", None, ["dog"] * 4, [0.5] * 4)

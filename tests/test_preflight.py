@@ -16,7 +16,7 @@ import extract.decode
 import extract.weights
 from extract import preflight
 from extract.preflight import Check, PreflightError, check_environment, doctor_json, doctor_report, require_environment
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 
 SMALL = {"segments": 2, "frames_per_segment": 1, "image_size": 32, "batch_frames": 4,
          "visual_weights": "random", "audio_weights": "random", "device": "cpu"}
@@ -74,7 +74,7 @@ def test_broken_decord_fails_the_decode_check_and_nothing_else(monkeypatch):
     assert not decode.ok
     assert "libavformat.so.61: cannot open shared object file" in decode.detail
     assert "OSError" in decode.detail and "decord2" in decode.detail
-    assert "pip install" in decode.fix and "decord2>=3.0" in decode.fix
+    assert "pip install" in decode.fix and "decord2<4,>=3.0" in decode.fix
     # the other checks still ran, and the networks were exercised on a synthetic window instead
     assert [c.name for c in checks if not c.ok] == ["decode"]
     assert "synthetic window" in found["networks"].detail
@@ -216,41 +216,76 @@ def test_doctor_report_and_json():
     assert f"torch        {version}" in report and "[OK] decode:" in report and "] networks:" not in report
 
 
+class FakeDistribution:
+    """What ``importlib.metadata.distribution`` returns, with the requirements a test gives."""
+
+    def __init__(self, requires, version="9.9", direct_url=None):
+        self.requires, self.version, self._direct_url = requires, version, direct_url
+
+    def read_text(self, name):
+        return self._direct_url if name == "direct_url.json" else None
+
+
+def fake_avel(monkeypatch, requires, **kw):
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: FakeDistribution(requires, **kw) if name == "avel" else real(name))
+
+
 def test_install_resolution_compares_pins(monkeypatch, tmp_path):
+    """The installed avel's requirements (its metadata) and constraints.txt against the installed
+    versions; the requirements of extras (``extra == "test"``) are not part of a plain install."""
     torch_version = importlib.metadata.version("torch")
     numpy_version = importlib.metadata.version("numpy")
-    (tmp_path / "setup.cfg").write_text(
-        "[options]\ninstall_requires =\n"
-        f"    torch=={torch_version}\n"
-        "    torchvision==0.0.1  # a pin the installed version does not meet\n"
-        "    numpy>=1.0\n"
-        "    not-a-real-package-avel==1.0\n"
-    )
+    fake_avel(monkeypatch, [f"torch=={torch_version}", "torchvision==0.0.1", "numpy>=1.0", "not-a-real-package-avel==1.0",
+                            'also-not-real-avel>=1; extra == "test"'],
+              direct_url='{"url": "file:///src/avel", "dir_info": {"editable": true}}')
     (tmp_path / "constraints.txt").write_text(f"# pinned\nnumpy=={numpy_version}\n")
     monkeypatch.setattr(preflight, "_project_dir", lambda: tmp_path)
     result = preflight.install_resolution()
+    assert result["requirements"] == "avel 9.9 metadata (editable install of file:///src/avel)"
+    assert [r["name"] for r in result["rows"]] == ["torch", "torchvision", "numpy", "not-a-real-package-avel", "numpy"]
     assert result["same"] is False
     assert sorted(r["name"] for r in result["mismatches"]) == ["not-a-real-package-avel", "torchvision"]
     assert result["ranges"] == []  # numpy>=1.0 is pinned exactly by constraints.txt
     assert result["note"].startswith("NO:") and "torchvision" in result["note"] and "not installed" in result["note"]
 
     (tmp_path / "constraints.txt").unlink()
-    (tmp_path / "setup.cfg").write_text(f"[options]\ninstall_requires =\n    torch=={torch_version}\n    numpy>=1.0\n")
+    fake_avel(monkeypatch, [f"torch=={torch_version}", "numpy>=1.0"])
     result = preflight.install_resolution()
     assert result["mismatches"] == [] and [r["name"] for r in result["ranges"]] == ["numpy"]
-    assert result["note"].startswith("PARTLY:")
+    assert result["note"].startswith("PARTLY:") and result["requirements"] == "avel 9.9 metadata"
 
-    (tmp_path / "setup.cfg").unlink()
+
+def test_install_resolution_without_an_installed_avel_says_so(monkeypatch, tmp_path):
+    real = importlib.metadata.distribution
+
+    def not_installed(name):
+        if name == "avel":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(preflight, "_project_dir", lambda: tmp_path)
     result = preflight.install_resolution()
-    assert result["same"] is None and "neither setup.cfg nor constraints.txt" in result["note"]
-
-
-def test_install_resolution_of_this_checkout():
+    assert result["same"] is None and result["requirements"] is None
+    assert result["note"].startswith("avel is not installed (no package metadata") and "pip install -e ." in result["note"]
+    assert "no constraints.txt" in result["note"]
+    (tmp_path / "constraints.txt").write_text(f"torch=={importlib.metadata.version('torch')}\n")
     result = preflight.install_resolution()
-    if result["setup_cfg"] is None:
-        pytest.skip("no setup.cfg next to the package")
-    names = {r["name"] for r in result["rows"]}
-    assert {"torch", "decord2", "av"} <= names
+    assert result["same"] is True and result["note"].startswith("YES:") and "only constraints.txt: avel is not installed" in result["note"]
+    assert preflight._requirement_text("av") == "av"  # the fix then names the package alone
+
+
+def test_install_resolution_of_this_install():
+    """The venv's avel: its metadata's requirements, each compared with the installed version."""
+    result = preflight.install_resolution()
+    if result["requirements"] is None:
+        pytest.skip("avel is not installed")
+    requires = [r for r in importlib.metadata.requires("avel") if "extra ==" not in r]
+    assert [r["requirement"] for r in result["rows"][:len(requires)]] == requires
+    names = {r["name"] for r in result["rows"][:len(requires)]}
+    assert {"torch", "decord2", "av"} <= names and "pytest" not in names  # the test extra is left out
     torch_row = next(r for r in result["rows"] if r["name"] == "torch")
     assert torch_row["installed"] == importlib.metadata.version("torch")
 
@@ -262,7 +297,10 @@ def test_broken_package_is_named_with_version_and_fix(monkeypatch):
     assert not packages.ok
     assert f"import av failed (av {importlib.metadata.version('av')})" in packages.detail
     assert "ModuleNotFoundError: import of av halted" in packages.detail
-    assert "pip install --force-reinstall 'av>=12.0,<19'" in packages.fix and "pip install -e ." in packages.fix
+    # the requirement as the installed avel's metadata records it (setup.cfg's av>=12.0,<19)
+    wanted = next(r for r in importlib.metadata.requires("avel") if r.startswith("av<") or r.startswith("av>"))
+    assert wanted == "av<19,>=12.0"
+    assert f"pip install --force-reinstall '{wanted}'" in packages.fix and "pip install -e ." in packages.fix
     # the clip writer needs PyAV too: the decode check says so instead of blaming decord
     assert not checks["decode"].ok and "writing the test clip with PyAV (av " in checks["decode"].detail
     assert checks["resample"].ok and checks["device"].ok

@@ -603,7 +603,7 @@ def test_psp_supervised_outputs_match(T):
     torch.testing.assert_close(c.out.scores, out, rtol=0, atol=1e-10)
     torch.testing.assert_close(c.out.extras["av_similarity"], cross_att, rtol=0, atol=1e-10)
     torch.testing.assert_close(c.out.extras["fusion"], fusion, rtol=0, atol=1e-10)
-    torch.testing.assert_close(c.out.extras["attention"].reshape(B, T, 49), c.ref.attention.alpha, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c.out.spatial.reshape(B, T, 49), c.ref.attention.alpha, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("T", [10, 4])

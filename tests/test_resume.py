@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.manifest import Sample, write_manifest
-from extract.media import write_clip
-from extract.store import STATUS_DONE, open_store
+from extract.core.manifest import Sample, write_manifest
+from extract.factories.media import write_clip
+from extract.core.store import STATUS_DONE, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from extract.decode import VideoRequest, decode_video
-from extract.lock import StoreLock, StoreLocked
-from extract.manifest import Sample, write_manifest
-from extract.media import write_clip
-from extract.settings import ConfigError, load_pipeline
-from extract.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
+from extract.core.lock import StoreLock, StoreLocked
+from extract.core.manifest import Sample, write_manifest
+from extract.factories.media import write_clip
+from extract.core.settings import ConfigError, load_pipeline
+from extract.core.store import STATUS_DONE, STATUS_FAILED, StoreError, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 T, F = 3, 2
@@ -165,7 +165,7 @@ def test_fingerprint_ignores_layout_and_runtime_settings(data):
 
 LOCK_HOLDER = """
 import sys, time
-from extract.lock import StoreLock
+from extract.core.lock import StoreLock
 lock = StoreLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

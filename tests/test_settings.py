@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from extract.config import ExtractConfig
-from extract.settings import (
+from extract.core.settings import (
     ConfigError,
     SplitConfig,
     canonical_json,

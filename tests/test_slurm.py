@@ -81,7 +81,7 @@ def test_the_job_script_holds_every_dask_slurm_setting(tmp_path):
 
 
 def test_walltime_memory_and_gres_are_read_as_slurm_reads_them():
-    from extract.slurm import _parse_gres, memory_mib, parse_walltime
+    from extract.core.slurm import _parse_gres, memory_mib, parse_walltime
 
     assert [parse_walltime(t) for t in ("90", "30:00", "1:30", "01:00:00", "1:00:01", "2-00:00:00", "1-12", "1-0:30",
                                         "infinite", "UNLIMITED")] == [90, 30, 2, 60, 61, 2880, 2160, 1470, None, None]
@@ -103,7 +103,7 @@ def test_ctrl_c_still_interrupts_once_dask_jobqueue_is_imported():
     """dask-jobqueue 0.9 sets SIGINT to sys.exit() when imported (dask_jobqueue/runner.py:18): avel
     puts Python's own handler back, so that Ctrl-C raises KeyboardInterrupt (exit 130, jobs cancelled)."""
     pytest.importorskip("dask_jobqueue")
-    code = ("import signal; from extract.slurm import require_jobqueue; require_jobqueue(); "
+    code = ("import signal; from extract.core.slurm import require_jobqueue; require_jobqueue(); "
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -202,7 +202,7 @@ def reference(slurm, demo) -> Path:
 def assert_same_store(reference: Path, path: Path) -> None:
     """Bit-identical array shard files, equal ids and status (all done)."""
     from extract.distributed import shard_files_equal
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     assert shard_files_equal(reference, path) == []
     a, b = open_store(reference), open_store(path)
@@ -316,8 +316,8 @@ def extract_in_process(slurm, demo: Path, store: Path, marker: Path, monkeypatch
     decode that stalls in the first job (``marker``); returns (summary, stats)."""
     from extract.distributed import run_extraction_dask
     from extract.requests import collect_requests
-    from extract.settings import load_pipeline
-    from extract.slurm import stage_workers
+    from extract.core.settings import load_pipeline
+    from extract.core.slurm import stage_workers
 
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     prologue = [f"export PYTHONPATH={TESTS}:{REPO}${{PYTHONPATH:+:$PYTHONPATH}}", "export OMP_NUM_THREADS=1"]

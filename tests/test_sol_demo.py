@@ -39,7 +39,7 @@ def run_cli(module: str, *args: str, cwd: Path) -> str:
 
 
 def demo_has_boxes() -> bool:
-    from extract import demo
+    from extract.factories import demo
 
     return hasattr(demo, "sounding_object_boxes") and "boxes_root" in demo.pipeline_yaml()
 
@@ -84,8 +84,10 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
 
     video = boxes[0].parent.name
     pngs = tmp_path / "png"
-    run_cli("train.cli", "--config", str(config), "--set", "store.path=sol.zarr", "render-sol", "--run", str(run),
-            f"--video={video}", "--out", str(pngs), "--annotated-only", cwd=tmp_path)
+    # render-sol (avel-train's plugin command, train.predict.render) takes store, splits and boxes from the
+    # run: started in another folder than the demo's, with no pipeline.yaml there
+    run_cli("train.cli", "render-sol", "--run", str(run), f"--video={video}", "--out", str(pngs), "--annotated-only",
+            cwd=tmp_path)
     drawn = sorted((pngs / video).glob("*.png"))
     assert drawn
     from matplotlib import image as mpimg
@@ -95,7 +97,7 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     # avel-predict with the stm run on a test clip: the features are made again with the map store's
     # recipe, and the sounding-object maps are those of the head on the training store's row
     test_clip = out / "videos" / f"{video}.mp4"
-    stdout, printed = run_cli("train.predict_cli", "--run", str(run), str(test_clip), "--out", str(tmp_path / "pred"),
+    stdout, printed = run_cli("train.predict.cli", "--run", str(run), str(test_clip), "--out", str(tmp_path / "pred"),
                               "--no-progress", cwd=tmp_path)
     assert "1 of 1 videos predicted" in stdout, printed[-3000:]
     doc = json.loads((tmp_path / "pred" / video / "predictions.json").read_text())
@@ -103,8 +105,8 @@ def test_sol_on_the_demo_end_to_end(tmp_path):
     saved = np.load(tmp_path / "pred" / video / "sounding_object.npy")
     assert (tmp_path / "pred" / video / "sounding_object.png").stat().st_size > 1000
 
-    from extract.store import open_store
-    from train.predict import load_run
+    from extract.core.store import open_store
+    from train.predict.run import load_run
     from train.tasks.sol_task import video_outputs
 
     loaded = load_run(run)

@@ -284,7 +284,7 @@ def test_vggish_maps_non_finite_fail_and_large_values_are_scaled():
 def test_store_round_trip_and_read_scaled(tmp_path):
     """Both extractors' arrays in a store: read_scaled gives float16 when every scale is 1 (or 0:
     a row never written), float32 multiplied by each row's scale otherwise."""
-    from extract.store import create_store, open_store
+    from extract.core.store import create_store, open_store
 
     cfg = _cfg(segments=2)
     specs = SmallResNetMaps.specs_for(cfg) + VGGishMapsExtractor.specs_for(cfg)

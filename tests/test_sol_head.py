@@ -91,9 +91,9 @@ def test_memory_is_causal_and_ablations_isolate_steps(memory):
         v2[:, 2] += torch.randn_like(v2[:, 2])
         changed = head(a, v2)
     diff = (base.scores - changed.scores).abs().amax(dim=(0, 2))
-    att_diff = (base.extras["attention"] - changed.extras["attention"]).abs().flatten(2).amax(-1).amax(0)
-    assert base.scores.shape == (2, 5, 4) and base.extras["attention"].shape == (2, 5, 8, 8)
-    torch.testing.assert_close(base.extras["attention"].sum((-2, -1)), torch.ones(2, 5))
+    att_diff = (base.spatial - changed.spatial).abs().flatten(2).amax(-1).amax(0)
+    assert base.scores.shape == (2, 5, 4) and base.spatial.shape == (2, 5, 8, 8)
+    torch.testing.assert_close(base.spatial.sum((-2, -1)), torch.ones(2, 5))
     assert diff[:2].max() == 0 and att_diff[:2].max() == 0  # the past never sees the future
     assert diff[2] > 0
     if memory == "none":
@@ -165,7 +165,7 @@ def test_head_localizes_synthetic_sounding_object_better_than_centre_box():
     head.eval()
     with torch.no_grad():
         out = head(torch.from_numpy(At), torch.from_numpy(Xt))
-    att = out.extras["attention"].numpy()
+    att = out.spatial.numpy()
     centre = np.array([20.0, 20.0, 44.0, 44.0])  # a 24x24 box in the middle of the 64x64 frame
     cious, ious, centre_ious, centre_cious = [], [], [], []
     for i in range(len(Xt)):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from extract.manifest import Sample, write_manifest
-from extract.store import ArraySpec, StoreError, create_store
+from extract.core.manifest import Sample, write_manifest
+from extract.core.store import ArraySpec, StoreError, create_store
 from train import sol_metrics as sol
 
 torch.set_num_threads(1)
@@ -207,7 +207,7 @@ def test_scores_recomputed_from_the_checkpoint(project, trained):
         visual = torch.from_numpy(values["frame_maps"][r].astype(np.float32)).reshape(1, T * F, 8, 8, CV)
         audio = torch.from_numpy(values["audio_maps"][r].astype(np.float32)).repeat_interleave(F, 0)[None]
         with torch.no_grad():
-            att = head(audio, visual).extras["attention"][0].numpy()
+            att = head(audio, visual).spatial[0].numpy()
         for row in (x for x in rows if x["key"] == vid):
             t, f = int(row["second"]), int(row["slot"])
             gt = np.array([project["boxes"][vid][frame_number(t, f)]], float)
@@ -227,15 +227,16 @@ def test_store_without_maps_is_refused(tmp_path):
 def test_render_sol_draws_frames(project, trained, tmp_path):
     from click.testing import CliRunner
 
-    from extract.media import write_clip
-    from train.cli import main
+    from extract.factories.media import write_clip
+    from train.predict.render import command
 
     pytest.importorskip("decord")
     clip = np.full((T * FPS, 64, 64, 3), 90, np.uint8)
     write_clip(project["root"] / "videos" / "test00.mp4", clip, fps=FPS)
     out = tmp_path / "png"
-    result = CliRunner().invoke(main, ["--config", str(project["root"] / "pipeline.yaml"), "render-sol", "--run", str(trained),
-                                       "--video", "test00", "--out", str(out)], catch_exceptions=False)
+    result = CliRunner().invoke(command, ["--run", str(trained), "--video", "test00", "--out", str(out)],
+                                obj={"config": str(project["root"] / "pipeline.yaml"), "sets": (), "verbose": 0},
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     pngs = sorted((out / "test00").glob("*.png"))
     assert len(pngs) == T * F
@@ -249,6 +250,59 @@ def test_render_sol_draws_frames(project, trained, tmp_path):
     # the ground-truth outline (red) and the prediction (green) are drawn
     red = (image[..., 0] > 200) & (image[..., 1] < 80) & (image[..., 2] < 80)
     assert red.sum() > 100
+
+
+def test_render_sol_takes_everything_from_the_run_from_any_folder(project, trained, tmp_path, monkeypatch):
+    """``render-sol --run RUN`` in an empty folder, for a run whose configuration names its store,
+    manifests, videos and boxes RELATIVE to the folder its training started from (metrics.json
+    ``project_dir``): no --config, no --store; the frames drawn are stage 1's decoded frames."""
+    import json
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from extract.decode import picture_frames
+    from extract.factories.media import write_clip
+    from train.predict.render import command
+
+    pytest.importorskip("decord")
+    root = project["root"]
+    frames = np.stack([np.full((64, 64, 3), 10 + 6 * (k % 40), np.uint8) for k in range(T * FPS)])
+    write_clip(root / "videos" / "test01.mp4", frames, fps=FPS)
+    run = tmp_path / "runs" / "sol-stm-supervised" / trained.name
+    shutil.copytree(trained, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["store"]["path"] = "maps.zarr"
+    config["sol"]["boxes_root"] = "boxes"
+    config["train"]["runs_root"] = str(tmp_path / "runs")
+    for name, split in config["data"]["splits"].items():
+        split["manifest"], split["video_root"] = f"manifests/{name}.csv", "videos"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "project_dir": str(root)}))
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    result = CliRunner().invoke(command, ["--run", str(run), "--video", "test01", "--out", "png", "--annotated-only"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    drawn = sorted((empty / "png" / "test01").glob("*.png"))
+    expected = [(t, f) for t in range(T) for f in range(F) if frame_number(t, f) in project["boxes"]["test01"]]
+    assert [p.name for p in drawn] == sorted(f"t{t:02d}_f{f}_frame{frame_number(t, f):05d}.png" for t, f in expected)
+    # the picture is the decoded frame the store's frame_index names (grey level 10 + 6 (k mod 40))
+    k = frame_number(*expected[0])
+    frame = picture_frames(str(root / "videos" / "test01.mp4"), indices=[k])[0]
+    assert abs(float(frame.mean()) - (10 + 6 * (k % 40))) < 3
+    # a run of a task without per-frame maps (avel: a DMRN head) is refused in one line, through the registry
+    from train.checkpoint import save_checkpoint
+    from train.registry import get_head
+
+    head = get_head("dmrn")(num_classes=3, setting="supervised", config=get_head("dmrn").make_config({}))
+    save_checkpoint(run / "checkpoint.safetensors", head.state_dict(),
+                    {"head": "dmrn", "task": "avel", "setting": "supervised", "num_classes": 3})
+    result = CliRunner().invoke(command, ["--run", str(run), "--video", "test01", "--out", "png2"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "task 'avel'" in result.output and "Traceback" not in result.output and not (empty / "png2").exists()
 
 
 def test_frame_title_names_video_second_class_and_score():
@@ -266,8 +320,8 @@ def test_incomplete_store_is_refused_as_by_the_other_tasks(project, tmp_path):
     """``--task sol`` checks completeness (``require_complete``) like avel and cml."""
     import shutil
 
-    from extract.settings import load_pipeline
-    from extract.store import open_store
+    from extract.core.settings import load_pipeline
+    from extract.core.store import open_store
     from train.registry import get_task
 
     shutil.copytree(project["root"] / "maps.zarr", tmp_path / "maps.zarr")
@@ -337,7 +391,7 @@ def test_non_finite_frame_maps_stop_training_at_their_batch(project, tmp_path):
 
 def test_map_rows_are_read_with_their_recorded_scale(tmp_path):
     """A row whose maps exceeded the float16 range is stored divided by a power of two."""
-    from extract.store import ArraySpec, create_store, open_store
+    from extract.core.store import ArraySpec, create_store, open_store
     from train.tasks.sol_task import read_seconds
 
     specs = [ArraySpec("frame_maps", (2, 1, 2, 2, 3), "float16"), ArraySpec("frame_maps_scale", (), "float32"),

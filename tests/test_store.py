@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from extract.store import (
+from extract.core.store import (
     SCHEMA,
     STATUS_DONE,
     STATUS_FAILED,
@@ -109,3 +109,29 @@ def test_store_is_readable_with_plain_zarr_as_documented(tmp_path):
     row = ids.index("vid1")
     np.testing.assert_array_equal(root["audio"][row], audio[1])
     assert json.loads(json.dumps(dict(root.attrs)))["weights"] == {"vgg19": "random"}
+
+
+def test_scaled_maps_are_stored_values_times_their_rows_scale(tmp_path):
+    """The one rule of the scaled map arrays (FeatureStore.scaled, used by read_scaled in stage 1
+    and by the sol task's partial reads in stage 2): stored float16 x the row's ``<name>_scale``,
+    a scale of 0 (row never written) counting as 1; float16 returned as is when every scale is 1."""
+    specs = [ArraySpec("maps", (2, 3), "float16"), ArraySpec("maps_scale", (), "float32")]
+    store = create_store(tmp_path / "s.zarr", ["a", "b", "c"], 2, specs, {"fingerprint": "x"}, rows_per_shard=3)
+    stored = np.array([[[1.5, -2.0, 0.25], [4.0, 8.0, -0.5]],
+                       [[3.0, 3.0, 3.0], [0.0, 1.0, 2.0]],
+                       [[6.0, 5.0, 4.0], [3.0, 2.0, 1.0]]], np.float16)
+    store.write_shard(0, {"maps": stored, "maps_scale": np.array([4096.0, 0.0, 0.5], np.float32)},
+                      np.ones(3, np.int8), ["", "", ""])
+    store = open_store(tmp_path / "s.zarr")
+    expected = [[[6144.0, -8192.0, 1024.0], [16384.0, 32768.0, -2048.0]],  # x 4096 (beyond float16: 65504)
+                [[3.0, 3.0, 3.0], [0.0, 1.0, 2.0]],                       # scale 0 -> 1
+                [[3.0, 2.5, 2.0], [1.5, 1.0, 0.5]]]                       # x 0.5
+    whole = store.read_scaled("maps")
+    assert whole.dtype == np.float32 and whole.tolist() == expected
+    # parts of rows (one second each; row 0 twice), as the sol task reads them
+    seconds = np.stack([stored[0, 1], stored[2, 0], stored[0, 0]])
+    parts = store.scaled("maps", seconds, [0, 2, 0])
+    assert parts.tolist() == [expected[0][1], expected[2][0], expected[0][0]]
+    row1 = stored[1]
+    assert store.scaled("maps", row1, [1, 1]) is row1  # every scale 1 (here: 0): the stored values themselves
+    assert store.read_scaled("maps", [1]).dtype == np.float16

@@ -20,8 +20,8 @@ import pytest
 from extract.extractors import extractor_identity
 from extract.prepare import check_identity, open_run_store
 from extract.provenance import same_feature_set, store_attrs, upgraded_fields
-from extract.settings import fingerprint, load_pipeline
-from extract.store import StoreError, core_specs, create_store, open_store
+from extract.core.settings import fingerprint, load_pipeline
+from extract.core.store import StoreError, core_specs, create_store, open_store
 from extract.weights import KNOWN_FILES, known_identity, upgrade_identity
 
 #: fingerprints computed by avel at b8fe0b3 for these `extract` sections (random weights)

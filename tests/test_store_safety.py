@@ -16,12 +16,12 @@ import pytest
 from test_run import clip, make_pipeline
 
 from extract.decode import VideoRequest, decode_video
-from extract.lock import StoreLock, StoreLocked, lease_token, new_lease, shard_lock
+from extract.core.lock import StoreLock, StoreLocked, lease_token, new_lease, shard_lock
 from extract.prepare import open_run_store
 from extract.provenance import file_identity, store_attrs
 from extract.requests import requests_from_manifest
 from extract.run import SYSTEMIC_LIMIT, plan_shards, run_extraction
-from extract.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, StoreError, core_specs, create_store, open_store
+from extract.core.store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, StoreError, core_specs, create_store, open_store
 
 
 def _attrs():
@@ -45,7 +45,7 @@ def test_an_empty_store_opens_and_grows(tmp_path):
     create_store(path, [], 2, _specs(), _attrs(), rows_per_shard=2)
     store = open_store(path, mode="r+")
     assert len(store) == 0 and all(store.array(n).shape[0] == 0 for n in store.array_names())
-    from extract.store import check_arrays
+    from extract.core.store import check_arrays
 
     check_arrays(store, _specs())  # the old code allocated max(n, 1) feature rows: refused here
     store.grow(["a", "b", "c"])
@@ -286,9 +286,9 @@ def test_wait_in_a_second_process(tmp_path):
     import sys
 
     create_store(tmp_path / "s.zarr", ["a"], 2, _specs(), _attrs())
-    code = ("import sys, time; from extract.lock import StoreLock; "
+    code = ("import sys, time; from extract.core.lock import StoreLock; "
             "l = StoreLock(sys.argv[1], wait=True).acquire(); print('got', time.time(), flush=True)")
-    refuse = "import sys; from extract.lock import StoreLock; StoreLock(sys.argv[1]).acquire()"
+    refuse = "import sys; from extract.core.lock import StoreLock; StoreLock(sys.argv[1]).acquire()"
     with StoreLock(tmp_path / "s.zarr"):
         refused = subprocess.run([sys.executable, "-c", refuse, str(tmp_path / "s.zarr")], capture_output=True,
                                  text=True, timeout=60)
@@ -378,8 +378,8 @@ def test_an_orphaned_task_interleaved_with_a_local_run_on_one_shard_loses_no_row
     from extract.cache import store_specs
     from extract.distributed import extract_shard, plan_jobs
     from extract.extractors import extractor_identity
-    from extract.settings import load_pipeline
-    from extract.store import FeatureStore
+    from extract.core.settings import load_pipeline
+    from extract.core.store import FeatureStore
     from test_run import SMALL
 
     for i, name in enumerate("abcd"):
@@ -409,7 +409,7 @@ def test_an_orphaned_task_interleaved_with_a_local_run_on_one_shard_loses_no_row
     assert orphan_writing.wait(300)
     # run 2, on this machine, for rows c and d of the same shard; it waits for the orphan's shard lock
     # (and the orphan then finishes), or, unfenced, writes at once
-    with on_log("extract.lock", "waiting for its lock", go.set):
+    with on_log("extract.core.lock", "waiting for its lock", go.set):
         summary = run_extraction(pipeline, videos[2:], store_path=path, progress=False)
     orphan.join(300)
     assert result["r"].done == 2 and summary.done == 2
@@ -473,7 +473,7 @@ def test_a_run_on_a_complete_store_reads_back_only_the_shards_it_wrote(tmp_path,
     """Issue 28: every write run verified the whole store; a predict store only grows, so each call
     re-read every earlier video. Now: the shards written, when the store was complete before (the
     status of every row is still checked); everything when it was not."""
-    import extract.store as store_module
+    import extract.core.store as store_module
 
     for i, name in enumerate("abcde"):
         clip(tmp_path / f"{name}.mp4", 2.0, seed=i + 1)
@@ -507,7 +507,7 @@ def test_a_run_on_a_complete_store_reads_back_only_the_shards_it_wrote(tmp_path,
 
 
 def test_requests_have_absolute_paths_whatever_the_working_directory(tmp_path, monkeypatch):
-    from extract.manifest import Sample, write_manifest
+    from extract.core.manifest import Sample, write_manifest
 
     (tmp_path / "proj" / "videos").mkdir(parents=True)
     write_manifest(tmp_path / "proj" / "m.csv", [Sample("s", "v", "v.mp4", "", 0, 0, "test")], classes=["x"])
@@ -590,7 +590,7 @@ def test_config_shows_the_cache_root_that_applies(tmp_path, monkeypatch):
 def test_dask_logs_are_quiet_unless_verbose(monkeypatch):
     import logging
 
-    from extract.clitools import setup_logging
+    from extract.core.clitools import setup_logging
 
     monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
     setup_logging(0)
@@ -625,7 +625,7 @@ def test_the_worker_weights_check_names_a_missing_file(tmp_path):
 def test_one_device_resolver_for_both_stages():
     import torch
 
-    from extract.devices import count_parameters, resolve_device
+    from extract.core.devices import count_parameters, resolve_device
     from train.data import resolve_device as train_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"

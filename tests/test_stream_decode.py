@@ -10,7 +10,7 @@ import pytest
 
 from extract.decode import DecodeError, VideoRequest, decode_video, load_decord, read_frames
 from extract.extractors import FrameGrid
-from extract.media import write_clip
+from extract.factories.media import write_clip
 from extract.sources import AudioStream, Sources
 
 FPS = 10
@@ -342,7 +342,7 @@ def test_a_video_without_a_duration_is_probed_and_decoded(tmp_path, fmt, video_c
 
     import av
 
-    from train.predict import probe_duration, window_starts
+    from train.predict.run import probe_duration, window_starts
 
     path = write_live(tmp_path / f"live.{ext}", fmt, video_codec, audio_codec)
     with av.open(str(path)) as container:  # the trap: no duration anywhere in the header

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train_testutils import TEST_HEAD, make_dataset, registered_test_head
 
 torch.set_num_threads(1)

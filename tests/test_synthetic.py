@@ -1,4 +1,4 @@
-"""extract.synthetic: the one synthetic-store factory. Values are checked against the returned
+"""extract.factories.synthetic: the one synthetic-store factory. Values are checked against the returned
 prototypes and the written manifests: event segments carry their class's prototype in both
 modalities, background-only and extra rows carry none, one-modality segments exactly one."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from extract.manifest import read_manifest
-from extract.store import STATUS_DONE, STATUS_FAILED, open_store
-from extract.synthetic import PATCH, make_synthetic, write_rows
+from extract.core.manifest import read_manifest
+from extract.core.store import STATUS_DONE, STATUS_FAILED, open_store
+from extract.factories.synthetic import PATCH, make_synthetic, write_rows
 
 T = 6
 CLASSES = ["dog", "car", "bell", "horn"]

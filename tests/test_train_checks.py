@@ -17,8 +17,8 @@ import zarr
 from click.testing import CliRunner
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from extract.manifest import Sample, write_manifest
-from extract.store import open_store
+from extract.core.manifest import Sample, write_manifest
+from extract.core.store import open_store
 from train.cli import main
 from train_testutils import CLASSES, TEST_HEAD, make_dataset, registered_test_head, write_store
 

@@ -12,7 +12,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.checkpoint import CheckpointError, build_head, load_checkpoint, save_checkpoint
 from train.cli import main
 from train.data import load_from_pipeline
@@ -188,14 +188,14 @@ def test_bench_subcommand_on_a_tiny_store(tmp_path):
     assert r["epoch_speedup"] == pytest.approx(ref["epoch_s"] / ours["epoch_s"])
     assert r["data_speedup"] == pytest.approx(ref["data_epoch_s"] / ours["data_epoch_s"])
     # both trainers read the same numbers: the h5 copy is the store's float16 values as float32
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     store = open_store(tmp_path / "b" / "ave-synthetic-20.zarr")
     with h5py.File(tmp_path / "b" / "visual_feature.h5", "r") as f:
         np.testing.assert_array_equal(f["avadataset"][:3], store.read("visual", slice(0, 3)).astype(np.float32))
     with h5py.File(tmp_path / "b" / "labels.h5", "r") as f:
         one_hot = f["avadataset"][:]
-    from extract.manifest import read_manifest
+    from extract.core.manifest import read_manifest
 
     train = read_manifest(tmp_path / "b" / "manifests" / "train.csv")
     np.testing.assert_array_equal(one_hot[:16].argmax(-1), train.segment_labels(10))

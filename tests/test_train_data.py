@@ -8,8 +8,8 @@ import pytest
 import torch
 import zarr
 
-from extract.manifest import Sample, write_manifest
-from extract.store import StoreError, create_store, core_specs, ArraySpec
+from extract.core.manifest import Sample, write_manifest
+from extract.core.store import StoreError, create_store, core_specs, ArraySpec
 from train.data import (BatchOrder, DataError, epoch_order, iterate_batches, load_task_data, make_batch, open_checked_store,
                         read_rows)
 from train_testutils import CLASSES, make_dataset, write_store
@@ -174,8 +174,8 @@ def test_read_rows_in_blocks_equals_fancy_indexing(ds):
 def test_rewritten_row_is_read_again_by_the_next_load(tmp_path):
     """A long-lived process (a sweep worker) keeps the last bank in memory; re-extracting a row
     in place (same fingerprint, no zarr.json touched) must make the next load read it again."""
-    from extract.settings import load_pipeline
-    from extract.store import open_store
+    from extract.core.settings import load_pipeline
+    from extract.core.store import open_store
     from train.data import load_from_pipeline, store_token
 
     d = make_dataset(tmp_path, T=T, sizes=(4, 2, 2))

@@ -1,6 +1,6 @@
 """`train` must import and discover every head/task without the media stack (decord, librosa, av,
 cv2): a fresh interpreter where importing those raises ImportError (in the style of lhotse's
-test_missing_lilcom)."""
+test_missing_lilcom). ``avel-train --help`` lists the plugin commands without importing them."""
 from __future__ import annotations
 
 import subprocess
@@ -41,6 +41,13 @@ SCRIPT = textwrap.dedent(
     assert result.exit_code == 0, result.output
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not loaded, loaded
+    # plugin subcommands (avel.commands) are listed with their help but imported only when invoked:
+    # gpucheck is of the join floor and imports stage 1
+    result = CliRunner().invoke(train.cli.main, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "gpucheck    Measure the GPU path in one command" in result.output, result.output
+    joined = sorted(m for m in sys.modules if m.startswith("train.predict"))
+    assert not joined, joined
     print("heads", len(registry.HEADS), "tasks", sorted(registry.TASKS))
     """
 )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.data import load_task_data
 from train.evaluate import evaluate_split
 from train.loop import TEST_SELECTION_LABEL, fit, resolve_schedule, seed_everything

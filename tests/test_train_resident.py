@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import train.evaluate
 import train.loop
-from extract.settings import load_pipeline
+from extract.core.settings import load_pipeline
 from train.data import iterate_batches, load_task_data
 from train.heads.base import split_loss, total_loss
 from train.hostsync import HostSyncCounter
@@ -258,9 +258,9 @@ def cml_dataset(tmp_path_factory):
 def test_cross_modality_epochs_and_evaluation_wait_once_too(cml_dataset, head="avdln", sizes=(1000, 400)):
     from test_cml_task import pipeline_for
 
-    from train.tasks.cml_task import CmlTask
+    from train.runner import setup
 
-    task, model, _, _ = CmlTask.setup(pipeline_for(cml_dataset, head), head, 0)
+    task, model, _, _ = setup(pipeline_for(cml_dataset, head), head, 0)
     counts = []
     for batch_size in sizes:  # 1 batch, then 3 (avdln: batches of the 960 training segments of 96 videos)
         syncs = HostSyncCounter()

@@ -44,8 +44,8 @@ import reference_trainers as rt
 import test_avel_parity as avel_ref
 import test_cmbs_parity as cmbs_ref
 import test_psp_parity as psp_ref
-from extract.settings import load_pipeline
-from extract.synthetic import make_synthetic
+from extract.core.settings import load_pipeline
+from extract.factories.synthetic import make_synthetic
 from train.data import BatchOrder, epoch_order, load_task_data
 from train.heads.base import split_loss
 from train.loop import fit, make_optimizer, resolve_schedule, state_copy, step_decay_per_iteration

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.store import open_store
-from extract.synthetic import make_synthetic, write_rows
+from extract.core.store import open_store
+from extract.factories.synthetic import make_synthetic, write_rows
 from train.heads.base import Head, HeadOutput, segment_loss
 from train.heads.layers import pool_over_time
 from train.registry import HEADS, register_head
@@ -66,7 +66,7 @@ def registered_test_head():
 
 def make_dataset(root: Path, T: int = 10, sizes=(24, 9, 9), seed: int = 0, extra_ids: tuple[str, ...] = ()) -> dict:
     """A store + train/val/test manifests + pipeline.yaml under ``root``, written by
-    :func:`extract.synthetic.make_synthetic` (classes :data:`CLASSES` in turn, a prototype per
+    :func:`extract.factories.synthetic.make_synthetic` (classes :data:`CLASSES` in turn, a prototype per
     class on each event window, noise 0.5, 4 rows per shard).
 
     Returns {"pipeline": path, "store": path, "manifests": {split: path}, "samples": {split: [...]},

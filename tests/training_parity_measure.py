@@ -8,7 +8,7 @@ AVE-sized synthetic store. Not a test (pytest does not collect it); run from the
     python tests/training_parity_measure.py run ... --side reference ...
     python tests/training_parity_measure.py table /tmp/29-measure/results.jsonl
 
-``run --side avel`` trains the head exactly as ``avel-train --head H --seeds K`` does (the task's
+``run --side avel`` trains the head exactly as ``avel-train --head H --seeds K`` does (the runner's
 setup and :func:`train.loop.fit`, default protocol: a new order every epoch, every sample, val
 evaluated after every epoch); ``--side reference`` builds the reference model (tests/test_*_parity.py)
 under ``torch.manual_seed(seed)`` and runs the script's loop (fixed or per-epoch order, last partial
@@ -46,7 +46,7 @@ def main():
 @main.command("make-store")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scale", type=float, default=1.5, show_default=True, help="Prototype scale (extract.synthetic).")
+@click.option("--scale", type=float, default=1.5, show_default=True, help="Prototype scale (extract.factories.synthetic).")
 @click.option("--mislabelled", type=float, default=0.15, show_default=True, help="Share of event videos whose features carry another class.")
 @click.option("--one-modality", type=float, default=0.3, show_default=True, help="Share of background segments with the prototype in one modality.")
 @click.option("--sizes", default="3339,402,402", show_default=True, help="train,val,test videos (smaller: a smoke test).")
@@ -55,7 +55,7 @@ def main():
                    "event windows and split sizes (features stay synthetic).")
 def make_store(directory, seed, scale, mislabelled, one_modality, sizes, ave_dir):
     """An AVE-sized synthetic store (3339 / 402 / 402 videos, T = 10, 28 classes + background)."""
-    from extract.synthetic import make_synthetic
+    from extract.factories.synthetic import make_synthetic
 
     splits = dict(zip(SPLITS, (int(n) for n in sizes.split(","))))
     classes, events = [f"event{k:02d}" for k in range(EVENTS)], None
@@ -171,14 +171,13 @@ def evaluate_ave(net, data, order, dtype) -> float:
 
 
 def run_avel(store: Path, head: str, seed: int, epochs: int) -> dict:
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
     from train.loop import fit
-    from train.registry import get_task
+    from train.runner import setup
 
     pipeline = load_pipeline(store / "pipeline.yaml", {"train": {"head": head, "epochs": epochs, "seeds": [seed],
                                                                   "select_on": "val"}})
-    task_cls = get_task("avel")
-    task, model, schedule, _ = task_cls.setup(pipeline, head, seed)
+    task, model, schedule, _ = setup(pipeline, head, seed)
     rows: list[dict] = []
 
     def on_epoch(row):

@@ -1,7 +1,7 @@
 """Speed benchmark: this trainer vs a reference-style per-batch loop, same head, same data.
 
 One synthetic AVE-sized store (``rows`` videos x 10 x 7x7x512 float16 + 10 x 128 audio, from
-:func:`extract.synthetic.make_synthetic`, made once under ``workdir``) and the same features written as the reference code's h5 files
+:func:`extract.factories.synthetic.make_synthetic`, made once under ``workdir``) and the same features written as the reference code's h5 files
 (``visual_feature.h5`` float32, ``audio_feature.h5``, ``labels.h5`` one-hot [N, 10, 29],
 ``train_order.h5`` / ``test_order.h5``). Timed, on the same machine in one process:
 
@@ -52,9 +52,9 @@ def _split_sizes(rows: int) -> dict[str, int]:
 def make_synthetic(workdir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
     """Create (once) the synthetic store, manifests and reference h5 files under ``workdir``.
 
-    The store is :func:`extract.synthetic.make_synthetic`'s (28 classes, AVE's split proportions);
+    The store is :func:`extract.factories.synthetic.make_synthetic`'s (28 classes, AVE's split proportions);
     the h5 files hold the same numbers (visual as float32) and the manifests' labels."""
-    from extract.synthetic import make_synthetic as write_synthetic
+    from extract.factories.synthetic import make_synthetic as write_synthetic
 
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = _split_sizes(rows)
@@ -80,8 +80,8 @@ def _write_h5(store_path: Path, manifests: dict[str, Path], h5: dict[str, Path])
     """The reference code's h5 files of the store's rows (store rows = manifest rows, in order)."""
     import h5py
 
-    from extract.manifest import read_manifest
-    from extract.store import open_store
+    from extract.core.manifest import read_manifest
+    from extract.core.store import open_store
 
     store = open_store(store_path)
     rows = len(store)
@@ -142,7 +142,7 @@ def _build(head_name: str, device: torch.device, seed: int = 0, fused: bool = Fa
 def time_this_trainer(paths: dict, head_name: str, device: torch.device, epochs: int, batch_size: int) -> dict[str, float]:
     """Load once (``load``), assemble an epoch of batches (``data_epoch``), train (``epoch``),
     one validation pass (``eval``)."""
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     from .data import iterate_batches, load_task_data
     from .loop import train_epoch

@@ -328,7 +328,7 @@ def time_predict(run: Path, clip: Path, out: Path, label: str, video_seconds: fl
 
     shutil.rmtree(out, ignore_errors=True)
     command = (["nice", "-n", str(nice)] if nice else []) + [
-        sys.executable, "-m", "train.predict_cli", str(clip), "--run", str(run), "--out", str(out),
+        sys.executable, "-m", "train.predict.cli", str(clip), "--run", str(run), "--out", str(out),
         "--no-cache", "--no-plots", "--no-progress", *extra]
     load_before = os.getloadavg()
     log.info("%s: $ %s", label, " ".join(command))

@@ -1,12 +1,13 @@
 """`avel-train`: train and evaluate localization heads on a feature store.
 
-Subcommands: ``bench`` (speed benchmark), ``gpucheck`` (the GPU path measured in one command,
-:mod:`train.gpucheck`), ``render-sol`` (sounding-object maps as PNG). The public AVE
+Subcommands: ``bench`` (speed benchmark), ``evaluate`` and the commands of the entry-point group
+``avel.commands`` (:class:`PluginGroup`): ``gpucheck`` (the GPU path measured in one command,
+:mod:`train.predict.gpucheck`) and ``render-sol`` (sounding-object maps as PNG,
+:mod:`train.predict.render`), both of the join floor. The public AVE
 h5 features become a store with ``avel-extract import-h5`` (stage 1, :mod:`extract.import_h5`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from extract.clitools import config_option, resolve, set_option, setup_logging, verbose_option
+from extract.core import plugins
+from extract.core.clitools import config_option, resolve, set_option, setup_logging, verbose_option
 
 log = logging.getLogger("avel")
 
@@ -62,6 +64,46 @@ def _head_names():
     return head_names()
 
 
+class PluginGroup(click.Group):
+    """A click group whose commands are its own plus those of the entry-point group
+    ``avel.commands`` (``name = module:command``, :mod:`extract.core.plugins`). A plugin command's
+    module is imported only when that command is invoked (or its name is asked for): ``--help``
+    lists it with the help text read from its source, so a command of the join floor (gpucheck,
+    which imports stage 1) costs nothing to ``avel-train --list-heads`` or a training run."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *(p.name for p in plugins.entry_points(plugins.COMMANDS))})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        plugin = plugins.find(plugins.COMMANDS, name)
+        if plugin is None:
+            return None
+        command = plugin.load()
+        if not isinstance(command, click.Command):
+            raise plugins.PluginError(f"{plugin.describe()} is a {type(command).__name__}, not a click command")
+        return command
+
+    def format_commands(self, ctx, formatter):
+        """Like click's, but a plugin command not imported yet is described from its source."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = super().get_command(ctx, name)
+            if command is not None:
+                if not command.hidden:
+                    rows.append((name, command))
+                continue
+            plugin = plugins.find(plugins.COMMANDS, name)
+            text = plugins.docstring(plugin) if sys.modules.get(plugin.module) is None else None
+            rows.append((name, click.Command(name, help=text) if text is not None else self.get_command(ctx, name)))
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in rows])
+
+
 def _task_names():
     from .registry import TASKS, discover
 
@@ -80,20 +122,20 @@ class UserError(click.ClickException):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from extract.manifest import ManifestError
-    from extract.settings import ConfigError
-    from extract.store import StoreError
+    from extract.core.manifest import ManifestError
+    from extract.core.settings import ConfigError
+    from extract.core.store import StoreError
 
     from .checkpoint import CheckpointError
     from .data import DataError
     from .loop import NonFiniteError
+    from .runner import SetupError
     from .sol_metrics import BoxFormatError
-    from .tasks.base import SetupError
 
     return (StoreError, DataError, ManifestError, ConfigError, CheckpointError, NonFiniteError, SetupError, BoxFormatError)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PluginGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--head", type=CommaList(RegistryChoice(_head_names)), default=None, metavar="NAME[,NAME...]", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads. A comma list (dmrn,bmfn) runs a sweep: every head x setting x seed, with a results table.")
 @click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
 @click.option("--setting", type=CommaList(click.Choice(["supervised", "weak"])), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment. 'supervised,weak' sweeps both.")
@@ -153,8 +195,8 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
     pipeline = resolve(config, sets, extra)
     scheduler = scheduler or pipeline.dask.scheduler
     if scheduler == "slurm" or print_job_script:  # the compute nodes' device and cores, not this machine's
-        from extract.settings import ConfigError
-        from extract.slurm import slurm_device
+        from extract.core.settings import ConfigError
+        from extract.core.slurm import slurm_device
 
         try:
             pipeline.train.device = slurm_device(pipeline.train.device, pipeline.dask.slurm)
@@ -164,7 +206,7 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
     if not pipeline.train.threads:  # recorded in config.yaml: the number of threads really used
         pipeline.train.threads = os.cpu_count() or 1
     if print_job_script:
-        from extract.slurm import print_job_script as show_script
+        from extract.core.slurm import print_job_script as show_script
 
         try:
             show_script(pipeline, stage="train", device=pipeline.train.device, echo=click.echo)
@@ -214,7 +256,7 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
 
     try:
         if scheduler == "slurm":  # heads and settings, then SLURM (partition, resources, sbatch --test-only)
-            from extract.slurm import stage_workers
+            from extract.core.slurm import stage_workers
 
             from .sweep import check_spec
 
@@ -262,12 +304,13 @@ def cli_overrides(*, head, task, setting, seeds, select_on, store, epochs, lr, b
 
 
 def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
-    """Run the configured task/head once per seed; write summary.json/.md for several seeds.
-    The epoch progress bar is shown on a terminal; elsewhere each evaluated epoch logs a line.
-    A seed's run folder is made once its checks have passed (:meth:`train.tasks.base.Task.run`);
-    when the run fails, the folder is removed again if nothing was written to it."""
+    """Run the configured task/head once per seed (:func:`train.runner.run`); write
+    summary.json/.md for several seeds. The epoch progress bar is shown on a terminal; elsewhere
+    each evaluated epoch logs a line. A seed's run folder is made once its checks have passed, and
+    removed again when the run fails."""
+    from . import runner
     from .registry import get_head, get_task
-    from .runs import group_dir, make_run_dir, summarize, write_summary
+    from .runs import group_dir, summarize, write_summary
 
     cfg = pipeline.train
     try:
@@ -279,36 +322,16 @@ def run_seeds(pipeline, verbose: int = 0) -> list[dict]:
         raise click.UsageError(f"head {cfg.head!r} is a {head_cls.task!r} head; use --task {head_cls.task} or pick another head")
     if cfg.setting not in head_cls.settings:
         raise click.UsageError(f"head {cfg.head!r} supports --setting {'/'.join(head_cls.settings)}, not {cfg.setting!r}")
-    runs_root = pipeline.path(cfg.runs_root)
     results = []
     for seed in cfg.seeds:
-        made: list[Path] = []
-
-        def new_run_dir(seed=seed, made=made) -> Path:
-            made.append(make_run_dir(runs_root, cfg.task, cfg.head, cfg.setting, seed, protocol=cfg.protocol))
-            click.echo(f"seed {seed}: {made[-1]}", err=True)
-            return made[-1]
-
-        try:
-            metrics = task_cls.run(pipeline, cfg.head, seed, new_run_dir, progress=True)
-        except BaseException:
-            for path in made:
-                _remove_if_empty(path)
-                _remove_if_empty(path.parent)  # the <task>-<head>-<setting> folder, when it held only this run
-            raise
-        results.append({**metrics, "seed": seed, "run_dir": str(made[0])})
+        metrics = runner.run(pipeline, cfg.head, seed, task_cls=task_cls, progress=True,
+                             on_run_dir=lambda path, seed=seed: click.echo(f"seed {seed}: {path}", err=True))
+        results.append({**metrics, "seed": seed})
     if len(results) > 1:
-        directory = group_dir(runs_root, cfg.task, cfg.head, cfg.setting, cfg.protocol)
+        directory = group_dir(pipeline.path(cfg.runs_root), cfg.task, cfg.head, cfg.setting, cfg.protocol)
         js, md = write_summary(directory, summarize(results))
         click.echo(f"summary: {js} and {md}", err=True)
     return results
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def results_table(results: list[dict]) -> str:
@@ -389,7 +412,7 @@ def _clip(text: str, width: int) -> str:
 
 def _check_device(device: str | None) -> None:
     """A UserError (one line, exit 2) for a device torch cannot use, before any work."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
 
     try:
         resolve_device(device, check=True)
@@ -420,110 +443,60 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     click.echo(report)
 
 
-@main.command("gpucheck")
-@click.option("--out", type=click.Path(dir_okay=False), default="gpucheck.json", show_default=True, help="The JSON file with every figure (rewritten after each part, so a run that is cut short keeps what it measured).")
-@click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-gpucheck", show_default=True, help="Where the generated clips and synthetic stores are made (kept and reused by the next run).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cuda, cuda:N, cpu.")
-@click.option("--reduced/--full", "reduced", default=None, help="Reduced mode (2 clips, 1 frame per segment at 112 x 112, a 158-video store, one timed epoch) or the full GPU sizes. Default: full on CUDA, reduced without.")
-@click.option("--only", default=None, metavar="PARTS", help="Comma list of the parts to run: checks, extraction, training (default: all).")
-@click.option("--budget", type=click.FloatRange(min=10), default=None, help="Seconds for the whole run (default 450 full, 900 reduced); a part that would start past it is recorded as not run, a part is stopped at it, and the whole DMRN schedule is only run if it fits.")
-@click.option("--clips", type=click.IntRange(min=1), default=None, help="Distinct clips to render (full: 32, reduced: 2).")
-@click.option("--videos", type=click.IntRange(min=1), default=None, help="Videos extracted per extraction figure, the clips repeated (full: 256, reduced: 4).")
-@click.option("--clip-size", default=None, metavar="WxH", help="Frame size of the generated 10-s clips (default 640x360, AVE's).")
-@click.option("--frames-per-segment", type=click.IntRange(min=1), default=None, help="VGG-19 frames per 1-s segment (full: 16, AVE's; reduced: 1).")
-@click.option("--image-size", type=click.IntRange(min=32), default=None, help="VGG-19 input side (full: 224; reduced: 112).")
-@click.option("--rows", type=click.IntRange(min=100), default=None, help="Videos in the synthetic training store (full: 4143, AVE's; reduced: 158; at least 100, so that the h5 loop has a batch of 64).")
-@click.option("--heads", default=None, help="Comma list of the heads to time (default: dmrn,a+v-att,cmbs).")
+@main.command("evaluate")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder of avel-train (holds config.yaml, metrics.json, checkpoint.safetensors).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="The split to score: the run's train.<split>_split.")
+@click.option("--store", default=None, help="Feature store to read (default: the store the run was trained on).")
+@click.option("--boxes-root", default=None, help="Folder of <video_id>/annotations.xml box files, task sol (default: the run's sol.boxes_root).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the run's train.device).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON here.")
 @click.pass_obj
-def gpucheck_command(obj, out, workdir, device, reduced, only, budget, clips, videos, clip_size, frames_per_segment,
-                     image_size, rows, heads):
-    """Measure the GPU path in one command and write every figure to one JSON file.
+def evaluate_command(obj, run_dir, split, store, boxes_root, device, json_out):
+    """Score a finished run's checkpoint on a split again and print its figures.
+
+    The run describes itself: store, splits, box folder and every other setting come from the
+    run's config.yaml (relative paths from the folder the training started in), so this works
+    from any folder. --store, --boxes-root, --device, --set and an explicit --config override
+    them. The figures are computed by the run's task exactly as for its metrics.json: on the
+    same data, the test accuracy equals metrics.json's, and the val accuracy the selected
+    epoch's.
 
     \b
-    1. machine: GPU, CUDA/cuDNN/torch versions, CPU model and cores, load
-    2. checks (the tests marked gpu): VGG-19 rows do not depend on their batch under cuDNN; bf16
-       against fp32 on generated clips and ../shared/media (when present); training resident on
-       the GPU gives the CPU's accuracy within seed noise (CUDA only)
-    3. extraction on generated 10-s 640x360 clips: VGG-19 frames/s at extract.precision auto (and
-       fp32), decode videos/s on all cores, end-to-end videos/s and its ratio to the slower bound
-       (target >= 0.9)
-    4. training on an AVE-sized synthetic store: seconds per epoch and per schedule of dmrn,
-       a+v-att and cmbs, next to a per-batch h5 loop like the reference's; DMRN's whole schedule
-       run for real (targets: < 60 s, >= 10x the h5 loop)
-
-    \b
-    Every part runs under a time limit; an error is recorded in the JSON and the next part runs.
-    Sized for < 8 minutes on one H100 box. Without CUDA it runs a reduced mode and says so.
-    Example (a fresh clone on a GPU machine):
-      pip install -e . && avel-train gpucheck --out gpucheck.json
+    Examples:
+      avel-train evaluate --run data/runs/avel-dmrn-supervised/seed0-20250101-120000
+      avel-train evaluate --run RUN --split val --json-out val.json
+      avel-train evaluate --run RUN --store other.zarr     # the same split of another store
     """
-    from . import gpucheck
+    from extract.core.settings import ConfigError, parse_set_option
+
+    from .runner import evaluate_run
 
     setup_logging(obj["verbose"])
-    plan = None
-    if reduced is not None:
-        plan = gpucheck.reduced_plan() if reduced else gpucheck.full_plan()
-    else:
-        from extract.devices import resolve_device
-
-        plan = gpucheck.full_plan() if resolve_device(device).startswith("cuda") else gpucheck.reduced_plan()
-    changes = {"clips": clips, "videos": videos, "frames_per_segment": frames_per_segment, "image_size": image_size, "rows": rows}
-    plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
-    if clip_size:
-        try:
-            width, height = (int(v) for v in clip_size.lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"expected WxH, e.g. 640x360, got {clip_size!r}", param_hint="--clip-size") from None
-        if width % 2 or height % 2:
-            raise click.BadParameter("width and height must be even (H.264)", param_hint="--clip-size")
-        plan = dataclasses.replace(plan, clip_size=(height, width))
-    if heads:
-        plan = dataclasses.replace(plan, heads=tuple(h.strip() for h in heads.split(",") if h.strip()))
-    sections = gpucheck.SECTIONS
-    if only:
-        wanted = [p.strip() for p in only.split(",") if p.strip()]
-        unknown = sorted(set(wanted) - set(gpucheck.SECTIONS[1:]))
-        if unknown:
-            raise click.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(gpucheck.SECTIONS[1:])}", param_hint="--only")
-        sections = ("machine", *wanted)
-    report = gpucheck.run_gpucheck(out, workdir, device=device, plan=plan, sections=sections, budget_s=budget)
-    click.echo(gpucheck.summary_text(report))
-
-
-@main.command("render-sol")
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory of a sol run (holds checkpoint.safetensors).")
-@click.option("--video", "videos", required=True, multiple=True, help="Video id (store key) to draw; repeat for several. Ids starting with '-': --video=-5EoTUVneQA.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNG files (one subfolder per video).")
-@click.option("--store", default=None, help="Store with frame_maps/audio_maps (default: store.path).")
-@click.option("--video-root", default=None, help="Folder the manifest paths are relative to (default: the split's video_root).")
-@click.option("--boxes-root", default=None, help="Folder of <video_id>/annotations.xml box files (default: sol.boxes_root).")
-@click.option("--annotated-only", is_flag=True, help="Only frames that have ground-truth boxes.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
-@click.pass_obj
-def render_sol_command(obj, run_dir, videos, out_dir, store, video_root, boxes_root, annotated_only, device):
-    """Draw sounding-object maps over video frames (PNG), for chosen videos of a sol run.
-
-    Each sampled frame (extract.sol_frames_per_segment per second) is decoded from the video file
-    named by the manifests of data.splits, overlaid with the run's attention map (jet colours,
-    values below sol.otsu_floor left uncoloured), the boxes found by Otsu + contours (green) and
-    the ground-truth boxes where the frame is annotated (red).
-
-    \b
-    Example:
-      avel-train render-sol --run data/runs/sol-stm-supervised/seed0-... \\
-                 --video=-5EoTUVneQA --out data/renders --store data/stores/ave_sol.zarr
-    """
-    from .tasks.sol_task import render_videos
-
-    setup_logging(obj["verbose"])
-    _check_device(device)
-    pipeline = resolve(obj["config"], obj["sets"])
+    overrides: dict = {}
     try:
-        paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,
-                              boxes_root=boxes_root, annotated_only=annotated_only, device=device)
-    except (*_user_errors(), KeyError, FileNotFoundError, ValueError) as exc:
+        overrides.update(parse_set_option(obj["sets"]))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if store:  # relative to the working directory, like every path given on a command line
+        overrides.setdefault("store", {})["path"] = str(Path(store).expanduser().resolve())
+    if boxes_root:
+        overrides.setdefault("sol", {})["boxes_root"] = str(Path(boxes_root).expanduser().resolve())
+    try:
+        report = evaluate_run(run_dir, split, config=obj["config"], overrides=overrides, device=device)
+    except (*_user_errors(), KeyError) as exc:
+        if obj["verbose"] > 1:
+            raise
         raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
-    click.echo(f"wrote {len(paths)} PNG files to {out_dir}")
+    click.echo(f"run {report['run_dir']} (task {report['task']}, head {report['head']}): split {split} "
+               f"({report['split_name']} of {report['store']})")
+    for key, value in report["metrics"].items():
+        if isinstance(value, float):
+            click.echo(f"{key.replace('_', ' ')}: {value:.4f}")
+    if json_out:
+        from .runs import write_json
+
+        write_json(json_out, report)
+        click.echo(f"figures written to {json_out}", err=True)
 
 
 if __name__ == "__main__":

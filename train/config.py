@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from extract.settings import register_section, section
+from extract.core.settings import register_section, section
 
 
 @section("train")

@@ -10,7 +10,7 @@ and every split is a :class:`SplitData` that points into the bank (``rows`` [N])
 the same video share one feature row (AVE has 45 videos with 2-3 events) and nothing is copied.
 With a GPU the whole bank sits on the device and a batch is an index_select there.
 
-Errors are raised before any training starts: wrong schema/shape (:class:`extract.store.StoreError`
+Errors are raised before any training starts: wrong schema/shape (:class:`extract.core.store.StoreError`
 naming the store), manifest samples without a store row (:class:`DataError` listing them) and
 samples whose row is not extracted yet (error, or skipped with a warning when
 ``train.skip_incomplete`` is true).
@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from extract.manifest import Manifest, read_manifest
-from extract.store import (BOOKKEEPING, STATUS_DONE, STATUS_NAMES, FeatureStore, StoreError, check_arrays, core_specs,
+from extract.core.manifest import Manifest, read_manifest
+from extract.core.store import (BOOKKEEPING, STATUS_DONE, STATUS_NAMES, FeatureStore, StoreError, check_arrays, core_specs,
                            open_store, require_complete)
 
 log = logging.getLogger(__name__)
@@ -406,8 +406,8 @@ def iterate_batches(
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; anything else as given; a CUDA device torch
-    cannot use is a ValueError (:func:`extract.devices.resolve_device`, the one implementation)."""
-    from extract.devices import resolve_device as resolve
+    cannot use is a ValueError (:func:`extract.core.devices.resolve_device`, the one implementation)."""
+    from extract.core.devices import resolve_device as resolve
 
     return torch.device(resolve(name, check=True))
 

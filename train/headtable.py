@@ -2,7 +2,7 @@
 
 ``python -m train.headtable --config data/demo/pipeline.yaml --out /tmp/headtable/demo`` trains
 every head of task ``avel`` (or ``--heads``) in each ``--settings`` through the same task runner
-``avel-train`` uses (:func:`train.sweep.run_one` -> ``AvelTask.run`` of :mod:`train.tasks.avel_task`), one run after the
+``avel-train`` uses (:func:`train.sweep.run_one` -> :func:`train.runner.run`), one run after the
 other in this process, and writes ``headtable.csv`` and ``headtable.md`` under ``--out`` after
 every run (a partial table survives an interruption). Columns: head, parameters (built for the
 number of classes of the store's manifests), setting, epochs, selected epoch, validation and test
@@ -54,13 +54,13 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
 
     4143 videos (train/val/test = 3339/402/402) plus :data:`SYN_BACKGROUND_TRAIN` background-only
     training videos (empty category; AVE's 178 "noisy" videos) x T=10 segments, visual [7, 7, 512] float16,
-    audio [128], 28 event classes + background (29), written by :func:`extract.synthetic.make_synthetic`
+    audio [128], 28 event classes + background (29), written by :func:`extract.factories.synthetic.make_synthetic`
     (one event class and window per video, class prototypes on the event segments, a
     ``one_modality_share`` of the background segments with the prototype in ONE modality).
     Layout of ``directory``: ``store.zarr``, ``manifests/{train,val,test}.csv`` + ``classes.txt``,
     ``pipeline.yaml``.
     """
-    from extract.synthetic import make_synthetic as write_synthetic
+    from extract.factories.synthetic import make_synthetic as write_synthetic
 
     written = write_synthetic(
         directory, splits=SYN_SPLITS, background={"train": SYN_BACKGROUND_TRAIN}, segments=SYN_T,
@@ -80,7 +80,7 @@ def make_synthetic(directory: str | Path, *, seed: int = 0, one_modality_share: 
 
 def majority_baseline(pipeline, split: str, segments: int) -> float:
     """Share of the most frequent segment label (background included) of ``split``'s manifest."""
-    from extract.manifest import read_manifest
+    from extract.core.manifest import read_manifest
 
     from .data import split_manifest
 
@@ -103,7 +103,7 @@ def disable_plots() -> None:
 
 def measure(pipeline, heads: Sequence[str], settings: Sequence[str], seed: int, out: Path) -> list[dict[str, Any]]:
     """Train every head x setting once (seed ``seed``); rewrite the tables after each run."""
-    from extract.store import open_store
+    from extract.core.store import open_store
 
     from .sweep import RunSpec, _failed_row, run_one
 
@@ -234,7 +234,7 @@ def main(config, heads, settings, epochs, batch_size, seed, out, plots, threads,
       python -m train.headtable --config /tmp/headtable/syn/pipeline.yaml --epochs 2 \\
              --heads dmrn,a+v-att --out /tmp/headtable/syn-out
     """
-    from extract.clitools import resolve, setup_logging
+    from extract.core.clitools import resolve, setup_logging
 
     setup_logging(verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

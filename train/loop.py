@@ -4,7 +4,9 @@ clipping, per-epoch metrics (with the head's named loss terms), model selection.
 One run = :func:`fit`: train for ``epochs`` epochs on the train split, evaluate the selection split
 after every ``eval_every`` epochs, keep the weights of the best epoch in memory (highest selection
 score; the earliest on ties), then evaluate validation and test ONCE with those weights. What is
-trained on and how it is scored comes from a task (:class:`train.tasks.base.Task`: avel, cml, sol).
+trained on and how it is scored comes from a task: any object with the methods of
+:class:`TrainingTask` (:class:`train.tasks.base.Task` and its subclasses avel, cml, sol). The loop
+knows nothing of run folders, threads or configuration files: :mod:`train.runner` does.
 
 Selection (``train.select_on``): ``val`` (default, honest), ``last`` (the final epoch) or ``test``
 (only to compare with published numbers, which most public AVE code selects on test; results are
@@ -25,17 +27,15 @@ import os
 import random
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+import typing
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from extract.progress import progress_bar
+from extract.core.progress import progress_bar
 
 from .protocol import Protocol, resolve_protocol
-
-if TYPE_CHECKING:
-    from .tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,35 @@ SCHEDULE_KEYS = ("lr", "batch_size", "epochs", "lr_step", "milestones", "lr_gamm
 SCHEDULE_FALLBACK = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "lr_step": None, "milestones": None,
                      "lr_gamma": 0.1, "weight_decay": 0.0, "grad_clip": None}
 EVAL_BATCH = 256
+
+
+class TrainingTask(typing.Protocol):
+    """What :func:`fit` asks of a task (:class:`train.tasks.base.Task` documents each member).
+
+    ``train_cfg``: the ``train`` section; ``splits``: the loaded splits by name; ``order``: the
+    batch order (:class:`train.data.BatchOrder`, set by :func:`fit` from the protocol);
+    ``input_arrays``: the store array each batch input is read from."""
+
+    train_cfg: Any
+    device: torch.device
+    splits: Mapping[str, Any]
+    order: Any
+    input_arrays: Mapping[str, str]
+
+    def train_batches(self, model, batch_size: int, generator: torch.Generator,
+                      rng: np.random.Generator) -> Iterable[dict[str, Any]]: ...
+
+    def batch_videos(self, batch: Mapping[str, Any]) -> list[str]: ...
+
+    def batch_finite(self, batch: Mapping[str, Any]) -> bool | None: ...
+
+    def loss(self, model, out, batch: Mapping[str, Any]) -> Any: ...
+
+    def batch_accuracy(self, model, out, batch: Mapping[str, Any]) -> tuple[Any, int] | None: ...
+
+    def prepare_evaluation(self, model) -> None: ...
+
+    def evaluate(self, model, split_name: str) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,12 +219,12 @@ def _videos_text(videos: list[str], limit: int = 8) -> str:
     return "videos " + ", ".join(videos[:limit]) + more
 
 
-def check_batch_finite(task: "Task", batch: dict[str, Any], epoch: int, index: int) -> None:
+def check_batch_finite(task: "TrainingTask", batch: dict[str, Any], epoch: int, index: int) -> None:
     """Raise :class:`NonFiniteError` when a floating-point tensor of ``batch`` holds NaN or inf.
 
     The message names the epoch, the batch index, the videos whose rows are not finite (from
-    :meth:`~train.tasks.base.Task.batch_videos`) and the input: the batch key and the store array
-    it was read from (:attr:`~train.tasks.base.Task.input_arrays`)."""
+    ``task.batch_videos``) and the input: the batch key and the store array
+    it was read from (``task.input_arrays``)."""
     for name, value in batch.items():
         if not (torch.is_tensor(value) and value.is_floating_point()) or value.numel() == 0:
             continue
@@ -219,7 +248,7 @@ def check_batch_finite(task: "Task", batch: dict[str, Any], epoch: int, index: i
         )
 
 
-def loss_error(task: "Task", value: float, batch: dict[str, Any], epoch: int, index: int) -> NonFiniteError:
+def loss_error(task: "TrainingTask", value: float, batch: dict[str, Any], epoch: int, index: int) -> NonFiniteError:
     """The :class:`NonFiniteError` of a batch whose loss is ``value`` (NaN or inf) although its
     inputs were finite."""
     return NonFiniteError(
@@ -278,7 +307,7 @@ class StepGuard:
         return [self.healthy.double(), self.first_bad.double(), self.bad_loss]
 
 
-def train_epoch(model, optimizer, task: "Task", batch_size: int, generator: torch.Generator,
+def train_epoch(model, optimizer, task: "TrainingTask", batch_size: int, generator: torch.Generator,
                 rng: np.random.Generator, epoch: int = 1, grad_clip: float | None = None) -> dict[str, float]:
     """One Adam step per batch of ``task.train_batches`` (model in train mode); with ``grad_clip``
     the gradients are first scaled to a global L2 norm of at most that value.
@@ -357,7 +386,7 @@ def _generator_copy(generator: torch.Generator) -> torch.Generator:
     return copy_
 
 
-def _batch_at(task: "Task", model, batch_size: int, replay: tuple[torch.Generator, np.random.Generator],
+def _batch_at(task: "TrainingTask", model, batch_size: int, replay: tuple[torch.Generator, np.random.Generator],
               index: int) -> dict[str, Any]:
     """Batch ``index`` of an epoch, drawn again from copies of the generators as they were when
     the epoch began (only when a batch must be named in an error)."""
@@ -395,7 +424,7 @@ def selection_label(select_on: str) -> str:
 
 def fit(
     model,
-    task: "Task",
+    task: "TrainingTask",
     schedule: Schedule,
     seed: int,
     *,
@@ -506,6 +535,6 @@ def epoch_line(row: dict[str, Any]) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Trainable parameters (the figure of metrics.json and the head docstrings)."""
-    from extract.devices import count_parameters as count
+    from extract.core.devices import count_parameters as count
 
     return count(model, trainable_only=True)

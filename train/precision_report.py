@@ -34,7 +34,7 @@ def _relative(low: np.ndarray, ref: np.ndarray) -> float:
 def store_deviation(fp32_store: str | Path, low_store: str | Path) -> dict[str, Any]:
     """``{array: {"relative_l2", "row_median", "row_max", "rows", "segments"}}`` over the rows
     done in both stores (matched by id) and their segments valid in both."""
-    from extract.store import STATUS_DONE, open_store
+    from extract.core.store import STATUS_DONE, open_store
 
     ref, low = open_store(fp32_store), open_store(low_store)
     ids = [key for key, status in zip(ref.ids.tolist(), ref.status()) if status == STATUS_DONE]
@@ -67,7 +67,7 @@ def label_agreement(config: str | Path, fp32_store: str | Path, low_store: str |
     test split from both stores: agreement of the labels (share of test seconds), accuracies."""
     import torch
 
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     from .data import load_task_data, split_manifest
     from .evaluate import evaluate_split

@@ -1,19 +1,19 @@
 """Registries of heads and tasks: plain dicts filled by decorators, keyed by name.
 
-Head and task modules under ``train/heads/`` and ``train/tasks/`` are discovered automatically
-(every module in those packages is imported once on first lookup), so adding a head is adding a
-module with a ``@register_head("name")`` class, and adding a task a module with a
-``@register_task("name")`` subclass of :class:`train.tasks.base.Task`. The CLI's choices come from these dicts.
+A head is a ``@register_head("name")`` class, a task a ``@register_task("name")`` subclass of
+:class:`train.tasks.base.Task`, in a module named in the entry-point group ``avel.heads`` /
+``avel.tasks`` (setup.cfg; a third package lists its modules in its own metadata). The modules are
+imported on the first lookup, through the one plugin mechanism :mod:`extract.core.plugins`; a name
+registered twice is refused with both classes named. The CLI's choices come from these dicts.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Callable
+
+from extract.core import plugins
 
 HEADS: dict[str, type] = {}
 TASKS: dict[str, type] = {}
-_discovered = False
 
 
 def register_head(name: str) -> Callable[[type], type]:
@@ -21,7 +21,8 @@ def register_head(name: str) -> Callable[[type], type]:
 
     def add(cls: type) -> type:
         if name in HEADS:
-            raise ValueError(f"head {name!r} is already registered by {HEADS[name].__module__}.{HEADS[name].__qualname__}")
+            raise ValueError(f"head {name!r} of {cls.__module__}.{cls.__qualname__} is already registered by "
+                             f"{HEADS[name].__module__}.{HEADS[name].__qualname__}")
         cls.name = name
         HEADS[name] = cls
         return cls
@@ -34,7 +35,8 @@ def register_task(name: str) -> Callable[[type], type]:
 
     def add(cls: type) -> type:
         if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__module__}.{TASKS[name].__qualname__}")
+            raise ValueError(f"task {name!r} of {cls.__module__}.{cls.__qualname__} is already registered by "
+                             f"{TASKS[name].__module__}.{TASKS[name].__qualname__}")
         cls.name = name
         TASKS[name] = cls
         return cls
@@ -43,16 +45,9 @@ def register_task(name: str) -> Callable[[type], type]:
 
 
 def discover() -> None:
-    """Import every module of ``train.heads`` and ``train.tasks`` (idempotent)."""
-    global _discovered
-    if _discovered:
-        return
-    for package_name in ("train.heads", "train.tasks"):
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
-    _discovered = True
+    """Import every head and task plugin (entry points ``avel.tasks`` and ``avel.heads``; once)."""
+    plugins.load(plugins.TASKS)
+    plugins.load(plugins.HEADS)
 
 
 def head_names(task: str | None = None) -> list[str]:

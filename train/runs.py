@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -186,6 +187,9 @@ def write_run(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the folder the configuration's relative paths are relative to: with config.yaml, the run
+    # describes itself (:func:`run_pipeline`) from whatever folder a later command starts in
+    metrics = {**metrics, PROJECT_DIR: str(Path(pipeline.base_dir).resolve())}
     written = {
         "config": _write_text(run_dir / "config.yaml", pipeline.dump()),
         "metrics": write_json(run_dir / "metrics.json", metrics),
@@ -198,6 +202,55 @@ def write_run(
         written["checkpoint"] = save_checkpoint(run_dir / "checkpoint.safetensors", state, _jsonable(meta))
     log.info("run written to %s", run_dir)
     return written
+
+
+#: metrics.json's entry for the folder the run's relative paths start from (``Pipeline.base_dir``)
+PROJECT_DIR = "project_dir"
+
+
+def run_pipeline(run_dir: str | Path, config: str | Path | None = None,
+                 overrides: Mapping[str, Any] | None = None):
+    """The configuration a run was trained with, so that ``--run RUN`` needs nothing else: its
+    ``config.yaml`` (store, splits, box folder, cache, every section), relative paths resolved
+    against the folder the run was started from, then ``overrides`` (``{"store": {"path": ...}}``).
+
+    ``config``: a pipeline file the user named explicitly (``--config``), used instead of the
+    run's. The start folder is metrics.json's ``project_dir``; for runs written before it was
+    recorded, or whose project moved, it is the folder from which ``train.runs_root`` leads to
+    the run (``<root>/<runs_root>/<group>/<seed folder>``)."""
+    from extract.core.settings import ConfigError, load_pipeline
+
+    run_dir = Path(run_dir).resolve()
+    if config is not None:
+        return load_pipeline(config, overrides)
+    file = run_dir / "config.yaml"
+    if not file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml there (an avel-train run folder holds config.yaml, "
+                          "metrics.json and checkpoint.safetensors)")
+    pipeline = load_pipeline(file, overrides, search=False)
+    pipeline.base_dir = _project_dir(run_dir, pipeline)
+    pipeline.source = f"{file} (the run's configuration)"
+    return pipeline
+
+
+def _project_dir(run_dir: Path, pipeline) -> Path:
+    try:
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get(PROJECT_DIR)
+    except (OSError, ValueError):
+        recorded = None
+    runs_root = Path(os.path.expanduser(str(pipeline.train.runs_root)))
+    group = run_dir.parent.parent
+    if recorded and Path(recorded).is_dir() and (runs_root.is_absolute() or (Path(recorded) / runs_root).resolve() == group
+                                                 or run_dir.is_relative_to(Path(recorded).resolve())):
+        return Path(recorded)  # the project has not moved (a run folder given by path may lie anywhere in it)
+    if runs_root.is_absolute():
+        return Path(recorded) if recorded else run_dir
+    for candidate in run_dir.parents:
+        if (candidate / runs_root).resolve() == group:
+            return candidate
+    log.warning("%s: cannot tell the folder its relative paths start from (train.runs_root %s does not lead "
+                "to it); using the run folder", run_dir, runs_root)
+    return run_dir
 
 
 def _write_text(path: Path, text: str) -> Path:

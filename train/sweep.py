@@ -10,9 +10,9 @@ Where they run:
 - no ``--scheduler``: one after the other in this process;
 - ``--scheduler local``: an embedded LocalCluster on 127.0.0.1 (``dask.n_workers`` processes,
   ``dask.threads_per_worker`` threads; keep 1 thread: runs seed torch's global generator);
-- ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.daskclient`
+- ``--scheduler tcp://...`` / ``tls://...``: an existing cluster (see :mod:`extract.core.daskclient`
   for TLS). Runs on ``train.device`` cuda ask for the resource ``GPU=1``;
-- ``--scheduler slurm``: worker jobs on SLURM (:mod:`extract.slurm`, section ``dask.slurm``); a
+- ``--scheduler slurm``: worker jobs on SLURM (:mod:`extract.core.slurm`, section ``dask.slurm``); a
   job that ends early is replaced and its run starts again (a run is deterministic for its seed).
 
 On a cluster every worker must read the store and write the run folders at the driver's paths
@@ -75,7 +75,7 @@ def expand_runs(heads: Sequence[str], settings: Sequence[str], seeds: Sequence[i
 
 def _pipeline_for(state: dict[str, Any], base_dir: str, source: str | None, spec: RunSpec):
     """The resolved pipeline of the sweep with ``train.head/setting/seeds`` of ``spec``."""
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     sections = {name: dict(values) if isinstance(values, dict) else values for name, values in state.items()}
     sections["train"] = {**sections["train"], "head": spec.head, "setting": spec.setting, "seeds": [spec.seed]}
@@ -104,21 +104,14 @@ def run_one(state: dict[str, Any], base_dir: str, source: str | None, spec: RunS
 
     ``state`` = ``pipeline.to_dict()`` of the sweep (a plain dict travels to any worker).
     """
-    from .registry import get_task
-    from .runs import make_run_dir
+    from . import runner
 
     pipeline = _pipeline_for(state, base_dir, source, spec)
     cfg = pipeline.train
     check_spec(cfg.task, spec)
-    made: list[Path] = []
-
-    def new_run_dir() -> Path:  # made only once the run's checks have passed
-        made.append(make_run_dir(pipeline.path(cfg.runs_root), cfg.task, spec.head, spec.setting, spec.seed,
-                                 protocol=cfg.protocol))
-        return made[-1]
-
-    metrics = get_task(cfg.task).run(pipeline, spec.head, spec.seed, new_run_dir)
-    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": str(made[0]), "error": ""}
+    # the run folder is made once the run's checks have passed, and removed again if it fails
+    metrics = runner.run(pipeline, spec.head, spec.seed)
+    row = {"task": cfg.task, **dataclasses.asdict(spec), "run_dir": metrics["run_dir"], "error": ""}
     row.update({key: metrics.get(key) for key in RESULT_KEYS})
     row["protocol"] = (metrics.get("protocol") or {}).get("label", "avel")
     row.update(baseline_columns(metrics))
@@ -170,7 +163,7 @@ def run_sweep(pipeline, specs: Sequence[RunSpec], *, scheduler: str | None = Non
                 on_result(rows[spec])
         return [rows[spec] for spec in specs]
 
-    from extract.daskclient import check_workers, dask_client
+    from extract.core.daskclient import check_workers, dask_client
 
     gpu = str(pipeline.train.device).startswith("cuda")
     with (dask_client(pipeline.dask, scheduler, gpu=gpu, resolve_path=pipeline.path, stage="train") if client is None

@@ -6,7 +6,7 @@ Inputs and outputs of every head here (T = segments, C = classes incl. backgroun
     audio  [B, T, 128]        VGGish per segment
     visual [B, T, 7, 7, 512]  VGG-19 pool5 per segment, channels last (as the public h5 files)
     -> HeadOutput.scores [B, T, C] logits (softmax gives the reference model's output)
-       HeadOutput.extras["attention"] [B, T, 7, 7]  AGVA weights (heads that attend)
+       HeadOutput.spatial [B, T, 7, 7]  AGVA weights (heads that attend; None otherwise)
 
 Building blocks
 ---------------
@@ -321,9 +321,10 @@ class AvelHead(Head):
         """AGVA over the g x g map: (v_att [B, T, 512], weights [B, T, g*g])."""
         return self.attention(audio, visual.flatten(2, 3))
 
-    def attention_extras(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    def spatial_map(self, weights: torch.Tensor) -> torch.Tensor:
+        """AGVA weights [B, T, g*g] as :attr:`HeadOutput.spatial` [B, T, g, g]."""
         grid = self.config.grid
-        return {"attention": weights.reshape(*weights.shape[:2], grid, grid)}
+        return weights.reshape(*weights.shape[:2], grid, grid)
 
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         return avel_loss(out.scores, batch, self.setting, weak_pool, self.config.loss)
@@ -358,18 +359,18 @@ class VariantHead(AvelHead):
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
         self.check_inputs(audio, visual)
-        streams, extras = [], {}
+        streams, spatial = [], None
         if self.uses_audio:
             streams.append(self.lstm_audio(audio))
         if self.uses_visual:
             if self.attend:
                 pooled, weights = self.attend_map(audio, visual)
-                extras = self.attention_extras(weights)
+                spatial = self.spatial_map(weights)
             else:
                 pooled = visual.mean(dim=(2, 3))
             streams.append(self.lstm_video(pooled))
         hidden = streams[0] if len(streams) == 1 else torch.cat(streams, dim=-1)
-        return HeadOutput(self.classifier(hidden), extras)
+        return HeadOutput(self.classifier(hidden), spatial=spatial)
 
 
 @register_head("a")
@@ -400,7 +401,7 @@ class VisualOnly(VariantHead):
 class VisualAttended(VariantHead):
     """V-att (Table 1: 58.6%, weak 55.6%): AGVA-attended visual BiLSTM + classifier.
 
-    AGVA(audio, visual) [B, T, 512] -> BiLSTM [B, T, 256] -> classifier -> [B, T, C]; audio only guides the attention. extras["attention"] [B, T, 7, 7].
+    AGVA(audio, visual) [B, T, 512] -> BiLSTM [B, T, 256] -> classifier -> [B, T, C]; audio only guides the attention. spatial [B, T, 7, 7].
     1,054,670 parameters at C = 29."""
 
     uses_audio = False
@@ -423,7 +424,7 @@ class AudioVisualAttended(VariantHead):
 
     As ``att_Net`` of ``models.py`` / ``models_weakly.py``: [BiLSTM_a(audio); BiLSTM_v(AGVA(audio, visual))] [B, T, 512] ->
     ReLU -> L1 (512 -> 64) -> ReLU -> L2 (64 -> C) -> [B, T, C] logits (reference: softmax of these).
-    extras["attention"] [B, T, 7, 7]. 1,335,246 parameters at C = 29, as att_Net."""
+    spatial [B, T, 7, 7]. 1,335,246 parameters at C = 29, as att_Net."""
 
     reference_protocols = REFERENCE_PROTOCOLS  # supervised_main.py / weak_supervised_main.py train att_Net
 
@@ -482,7 +483,7 @@ class FusionHead(AvelHead):
             if self.position == "decision":
                 h_a, h_v = self.classifier_audio(h_a), self.classifier_video(h_v)
             fused = self.fusion(h_a, h_v)
-        return HeadOutput(self.L2(fused), self.attention_extras(weights))
+        return HeadOutput(self.L2(fused), spatial=self.spatial_map(weights))
 
 
 def _fusion_docstring(method: str, position: str, paper_name: str) -> str:
@@ -493,7 +494,7 @@ def _fusion_docstring(method: str, position: str, paper_name: str) -> str:
     }[position]
     return (f"{paper_name} fusion, {position} (Tian et al. Table 2: {TABLE2[method, position]}%).\n\n"
             f"    Formula in train.heads.fusion.{FUSIONS[method][0].__name__}; {shapes}.\n"
-            f"    extras['attention'] [B,T,7,7].")
+            f"    spatial [B,T,7,7].")
 
 
 def _register_fusion_heads() -> None:
@@ -520,7 +521,7 @@ class DMRNHead(FusionHead):
     AGVA(audio [B,T,128], visual [B,T,7,7,512]) -> v_att [B,T,512];
     lstm_audio(audio), lstm_video(v_att) [B,T,256] each; DMRN block (U_a, U_v: Linear(256,256)-Tanh-
     Linear(256,256)) -> [B,T,256]; L2 = Linear(256, C) -> [B,T,C] logits (reference: their softmax).
-    extras["attention"] [B,T,7,7]. 1,571,150 parameters at C = 29, as TBMRF_Net."""
+    spatial [B,T,7,7]. 1,571,150 parameters at C = 29, as TBMRF_Net."""
 
     Config = ResidualFusionConfig
     method = "dmrn"
@@ -540,7 +541,7 @@ class DMRFEHead(AvelHead):
     ``h_a' = tanh(h_a + (U_a(h_a) + U_v(h_v)) / 2)`` and
     ``h_v' = tanh(h_v + (U_a'(h_a) + U_v'(h_v)) / 2)``, each classified by its own Linear(256, C);
     ``scores = log((softmax(L2_a(h_a')) + softmax(L2_v(h_v'))) / 2)`` [B,T,C] (so softmax(scores) is
-    the averaged probability, what :meth:`predict` takes the argmax of). extras["attention"]
+    the averaged probability, what :meth:`predict` takes the argmax of). spatial
     [B,T,7,7], extras["logits_audio"] / extras["logits_video"] [B,T,C] the members' logits.
 
     Training: each member gets the head's loss on its own logits and the two losses are averaged
@@ -577,9 +578,7 @@ class DMRFEHead(AvelHead):
         logits_a = self.L2_audio(self.residual_update(self.block_audio, h_a, h_a, h_v))
         logits_v = self.L2_video(self.residual_update(self.block_video, h_v, h_a, h_v))
         scores = torch.logaddexp(logits_a.log_softmax(-1), logits_v.log_softmax(-1)) - math.log(2.0)
-        extras = self.attention_extras(weights)
-        extras.update(logits_audio=logits_a, logits_video=logits_v)
-        return HeadOutput(scores, extras)
+        return HeadOutput(scores, {"logits_audio": logits_a, "logits_video": logits_v}, spatial=self.spatial_map(weights))
 
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         """Mean of the two members' losses, each the Tian et al. loss of its own logits."""

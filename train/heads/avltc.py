@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.base import Head, HeadOutput
+from train.heads.base import Head, HeadOutput, grid_map
 from train.heads.layers import (
     MLP,
     AudioGuidedVisualAttention,
@@ -182,8 +182,8 @@ class PositiveTimeResidualFusion(nn.Module):
 class AVLTCHead(Head):
     """AVLTC (Guo et al.: 78.3%, weak 72.1%): TSGA -> Bi-LSTMs -> PTRF -> two FC layers.
 
-    forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] logits, extras:
-    ``spatial_attention`` [B,T,49] (final map), ``smap`` [B,T,49] (AGVA's softmax map),
+    forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] logits, spatial
+    [B,T,7,7] (the final map, TSGA's ``spatial_attention``), extras: ``smap`` [B,T,49] (AGVA's softmax map),
     ``temporal_weights`` T_m [B,T,T] (TSGA), ``correlation`` thresholded theta_t [B,T,T] (PTRF)).
     """
 
@@ -214,12 +214,13 @@ class AVLTCHead(Head):
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
         v_d, extras = self.spatial(audio, visual.flatten(2, 3))
+        spatial = grid_map(extras.pop("spatial_attention"), visual)
         a_in, v_in = self.lstm_audio(audio), self.lstm_visual(v_d)
         if self.config.ptrf:
             fused, extras["correlation"] = self.ptrf(v_in, a_in, self.threshold())
         else:
             fused = v_in + a_in
-        return HeadOutput(scores=self.classifier(fused), extras=extras)
+        return HeadOutput(scores=self.classifier(fused), extras=extras, spatial=spatial)
 
     def weak_pooling(self, requested: str) -> str:
         """``train.weak_pool`` is ignored: the paper fixes average pooling."""

@@ -5,7 +5,8 @@ A head maps per-segment features to per-segment class scores::
     audio  [B, T, 128]          VGGish embedding per 1-s segment
     visual [B, T, 7, 7, 512]    VGG-19 pool5 map per segment (mean of its frames)
     ->  HeadOutput.scores [B, T, C]   C = event classes + background (AVE: 29), logits
-        HeadOutput.extras {name: tensor}   attention maps and other by-products
+        HeadOutput.spatial [B, T, H, W] or None   the head's spatial map over the visual grid
+        HeadOutput.extras {name: tensor}   other by-products (further maps, branch scores, ...)
 
 ``loss`` turns an output and a batch into the training loss for a setting; every head implements
 its own (``segment_loss`` is plain per-segment cross-entropy).
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.settings import merge, to_dict
+from extract.core.settings import merge, to_dict
 
 
 @dataclasses.dataclass
@@ -33,8 +34,19 @@ class NoConfig:
 class HeadOutput:
     #: [B, T, C] per-segment logits
     scores: torch.Tensor
-    #: attention maps etc., each documented by its head
+    #: other by-products (branch scores, further attention maps ...), each documented by its head
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: [B, T, H, W] the head's spatial map of each segment (or frame) over the H x W grid of its
+    #: visual input (AVE's VGG-19 maps: 7 x 7), row-major as the input's positions: where the
+    #: head looks, e.g. an audio-guided attention (a softmax over the H*W positions sums to 1 per
+    #: segment); None for heads without one. What avel-predict draws and the sol task scores.
+    spatial: torch.Tensor | None = None
+
+
+def grid_map(weights: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Weights over flattened positions [B, T, H*W] as :attr:`HeadOutput.spatial` [B, T, H, W],
+    H and W taken from the visual input [B, T, H, W, C] (its flattening is row-major)."""
+    return weights.reshape(*weights.shape[:2], visual.shape[2], visual.shape[3])
 
 
 class Head(nn.Module):

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.base import Head, HeadOutput
+from train.heads.base import Head, HeadOutput, grid_map
 from train.heads.layers import (
     activation,
     gated_predict,
@@ -287,8 +287,9 @@ class BMFNHead(Head):
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] (see module doc; argmax =
     the paper's inference), extras: ``relevance_logits`` [B,T] (s before its sigmoid), ``category_logits``
-    [B,C-1] (s_c before its softmax), ``channel_attention`` M^C [B,T,512] and ``spatial_attention`` M^S
-    [B,T,49] (eq. 1, when v^E is used), ``fusion_spatial_attention`` W^S [B,T,49] (eq. 3)).
+    [B,C-1] (s_c before its softmax), ``channel_attention`` M^C [B,T,512] and ``visual_spatial_attention`` M^S
+    [B,T,49] (eq. 1, visual self-attention, when v^E is used); spatial = AVFA's audio-guided W^S (eq. 3) as
+    [B,T,7,7]).
     """
 
     Config = BMFNConfig
@@ -324,9 +325,9 @@ class BMFNHead(Head):
             v = self.visual_fc(v)
         extras: dict[str, torch.Tensor] = {}
         feats = {"a": audio}
-        feats["av"], _, extras["fusion_spatial_attention"] = self.avfa(v, audio)
+        feats["av"], _, fusion_spatial = self.avfa(v, audio)
         if self.needs_visual_attention:
-            feats["v_e"], extras["channel_attention"], extras["spatial_attention"] = self.visual_attention(v)
+            feats["v_e"], extras["channel_attention"], extras["visual_spatial_attention"] = self.visual_attention(v)
         sources = {"v_self": "v_e", "a_self": "a", "av_self": "av"}
         for name, block in self.self_attention.items():
             feats[name] = block(feats[sources[name]])
@@ -336,7 +337,7 @@ class BMFNHead(Head):
         s = self.relevance(final).squeeze(-1)  # [B,T]
         s_c = self.category(final.max(dim=1).values)  # [B,C-1]
         extras["relevance_logits"], extras["category_logits"] = s, s_c
-        return HeadOutput(scores=self.segment_scores(s, s_c), extras=extras)
+        return HeadOutput(scores=self.segment_scores(s, s_c), extras=extras, spatial=grid_map(fusion_spatial, visual))
 
     def joint(self, fused: list[torch.Tensor]) -> torch.Tensor:
         """Table 3: combine F_1 and F_2 (mean in the paper)."""

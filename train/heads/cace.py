@@ -14,7 +14,7 @@ Inputs and outputs (T = segments, any T >= 2; C = classes incl. background, AVE:
     audio  [B, T, 128]          VGGish per segment
     visual [B, T, H, W, 512]    VGG-19 pool5 per segment (AVE: 7 x 7)
     -> HeadOutput.scores [B, T, C] (argmax = the reference's prediction rule)
-       extras["attention"] [B, T, H, W]         audio-guided spatial attention w_s
+       spatial [B, T, H, W]                     audio-guided spatial attention w_s
        extras["global_attention"] [B, T, H, W]  the beta branch's global spatial weights
        extras["is_event_scores"] [B, T] logits, ["event_scores"] [B, C-1] logits (incl. gamma * CAS),
        ["gate"] [B, T] (audio_gate * video_gate), ["cas_scores"] [B, C-1],
@@ -261,9 +261,7 @@ class CACEHead(SupervisedRelationHead):
         cfg = self.config
         v = self.dropout(F.relu(self.v_fc(visual)))
         attended, guided_audio, spatial, glob = self.spatial_channel_att(audio, v)
-        extras = {"attention": map_extras(spatial, visual)}
-        if glob is not None:
-            extras["global_attention"] = map_extras(glob, visual)
+        extras = {} if glob is None else {"global_attention": map_extras(glob, visual)}
         fused, gate, av_score = self.supervised_trunk(guided_audio, attended, cfg.top_k)
         loc = self.localize_module
         if cfg.contrastive:
@@ -281,7 +279,9 @@ class CACEHead(SupervisedRelationHead):
             content = fused
         is_event = loc.classifier(content).squeeze(-1)
         event = loc.event_classifier(fused.max(dim=1).values) + cfg.gamma * av_score
-        return self.supervised_output(is_event, event, gate, av_score, extras)
+        out = self.supervised_output(is_event, event, gate, av_score, extras)
+        out.spatial = map_extras(spatial, visual)
+        return out
 
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean"):
         """CMBS's supervised terms + ``contrastive_weight`` x :func:`contrastive_loss` while the switch

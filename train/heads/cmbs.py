@@ -10,7 +10,7 @@ is the last class C - 1, as index 28 of the reference's one-hot labels)::
     audio  [B, T, 128]          VGGish per segment
     visual [B, T, H, W, 512]    VGG-19 pool5 per segment (AVE: 7 x 7)
     -> HeadOutput.scores [B, T, C] (argmax = the reference's prediction, see :meth:`CMBSHead.predict`)
-       extras["attention"] [B, T, H, W]         audio-guided spatial attention (AGSCA's w_s)
+       spatial [B, T, H, W]                     audio-guided spatial attention (AGSCA's w_s)
        extras["global_attention"] [B, T, H, W]  the visual self-guided spatial weights of the beta branch
        supervised: extras["is_event_scores"] [B, T] (logits), ["event_scores"] [B, C-1] (logits incl.
                    gamma * CAS), ["gate"] [B, T] (audio_gate * video_gate, probabilities),
@@ -463,15 +463,16 @@ class CMBSHead(SupervisedRelationHead):
         check_inputs(self.name, audio, visual)
         v = self.dropout(F.relu(self.v_fc(visual)))
         attended, spatial, glob, _ = self.spatial_channel_att(audio, v)
-        extras = {"attention": map_extras(spatial, visual)}
-        if glob is not None:
-            extras["global_attention"] = map_extras(glob, visual)
+        extras = {} if glob is None else {"global_attention": map_extras(glob, visual)}
         if self.setting == "weak":
-            return self.weak_forward(audio, attended, extras)
-        fused, gate, av_score = self.supervised_trunk(audio, attended, self.config.top_k)
-        is_event, event = self.localize_module(fused)
-        event = event + self.options.gamma * av_score
-        return self.supervised_output(is_event, event, gate, av_score, extras)
+            out = self.weak_forward(audio, attended, extras)
+        else:
+            fused, gate, av_score = self.supervised_trunk(audio, attended, self.config.top_k)
+            is_event, event = self.localize_module(fused)
+            event = event + self.options.gamma * av_score
+            out = self.supervised_output(is_event, event, gate, av_score, extras)
+        out.spatial = map_extras(spatial, visual)
+        return out
 
     def weak_forward(self, audio: torch.Tensor, visual: torch.Tensor, extras: dict[str, torch.Tensor]) -> HeadOutput:
         """``weak_main_model.forward`` after the attention: audio [B, T, 128], attended visual [B, T, 512]."""

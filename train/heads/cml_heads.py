@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..registry import register_head
-from .base import Head
+from .base import Head, grid_map
 from .coattention import CoAttentionBlocksConfig, CoSemanticAttention, CoSpatialAttention
 from .layers import MLP, BiLSTM
 
@@ -57,8 +57,11 @@ class CmlOutput:
     audio: torch.Tensor
     #: [B, S, T, D] visual embeddings per stream
     visual: torch.Tensor
-    #: by-products (attention maps ...), each documented by its head
+    #: other by-products, each documented by its head
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: [B, T, H, W] the head's spatial map over the visual grid, as :attr:`train.heads.base.HeadOutput.spatial`
+    #: (None for heads without one)
+    spatial: torch.Tensor | None = None
 
 
 def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -381,8 +384,8 @@ class CoAttentionMatching(CmlHead):
     inference distance = mean of the two streams' distances.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> CmlOutput(audio, visual [B, S, T, 64]) with
-    S = 2 streams (CSPA first, CSEA second; 1 for the ``attention.streams`` ablations), extras:
-    ``spatial_attention`` [B,T,49] (CSPA). The whole video goes through the model: the BLSTMs see
+    S = 2 streams (CSPA first, CSEA second; 1 for the ``attention.streams`` ablations), spatial:
+    CSPA's Z^v_att [B,T,7,7] (None without CSPA). The whole video goes through the model: the BLSTMs see
     all T segments and the co-attention of segment t uses both modalities of segment t.
     """
 
@@ -410,20 +413,21 @@ class CoAttentionMatching(CmlHead):
         return [1.0]
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> CmlOutput:
+        grid = visual
         visual = visual.flatten(2, 3)  # [B,T,H*W,C]
-        audios, visuals, extras = [], [], {}
+        audios, visuals, spatial = [], [], None
         if self.use_cspa:
             spa = self.cspa(audio, visual)
             ma, mv = self.stream_cspa(spa["audio"], spa["visual"])
             audios.append(ma)
             visuals.append(mv)
-            extras["spatial_attention"] = spa["spatial"]
+            spatial = grid_map(spa["spatial"], grid)
         if self.use_csea:
             sem = self.csea(audio, visual)
             ma, mv = self.stream_csea(sem["audio"], sem["visual"])
             audios.append(ma)
             visuals.append(mv)
-        return CmlOutput(audio=torch.stack(audios, dim=1), visual=torch.stack(visuals, dim=1), extras=extras)
+        return CmlOutput(audio=torch.stack(audios, dim=1), visual=torch.stack(visuals, dim=1), spatial=spatial)
 
     def init_from_checkpoint(self, path: str | Path) -> list[str]:
         """Copy the CSPA/CSEA blocks and BLSTMs of a supervised ``coattention`` checkpoint into

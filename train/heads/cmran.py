@@ -139,7 +139,7 @@ class CMRANHead(Head):
     """CMRAN (Xu et al., ACM MM 2020; FloretCat/CMRAN): audio-guided spatial-channel attention + relation-aware modules.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> scores [B,T,C] (argmax = the reference's
-    prediction rule), extras ``attention`` [B,T,7,7], ``is_event_scores`` [B,T],
+    prediction rule), spatial [B,T,7,7] (the audio-guided spatial attention), extras ``is_event_scores`` [B,T],
     ``event_scores`` [B,C-1] supervised / [B,C] weak. Supervised loss BCE(is-event) + CE(event class);
     weak loss MultiLabelSoftMargin of softmax(max_t sigmoid(is_event) x event_scores).
 
@@ -187,9 +187,8 @@ class CMRANHead(Head):
         fused = self.AVInter(video_query, audio_query)  # [B,T,d]
         is_event = self.classifier(fused).squeeze(-1)  # [B,T]
         event = self.event_classifier(fused.max(dim=1).values)  # [B,C-1] / [B,C]
-        extras = {"attention": spatial.reshape(*spatial.shape[:2], *grid), "is_event_scores": is_event,
-                  "event_scores": event}
-        return HeadOutput(self.segment_scores(is_event, event), extras)
+        extras = {"is_event_scores": is_event, "event_scores": event}
+        return HeadOutput(self.segment_scores(is_event, event), extras, spatial=spatial.reshape(*spatial.shape[:2], *grid))
 
     def segment_scores(self, is_event: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
         """is_event [B,T], event [B,C-1] / [B,C] -> [B,T,C] whose argmax is :meth:`predict`'s rule (see the

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.base import Head, HeadOutput
+from train.heads.base import Head, HeadOutput, grid_map
 from train.heads.layers import (
     MLP,
     BiLSTM,
@@ -172,8 +172,8 @@ class CoAttentionHead(Head):
     Co-spatial + co-semantic attention, two BLSTM streams, averaged scores.
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] = mean of the streams'
-    scores, extras: ``scores_cspa`` / ``scores_csea`` [B,T,C], ``spatial_attention`` Z^v_att [B,T,49],
-    ``audio_attention`` Z^a_att [B,T,49], ``audio_semantic`` [B,T,128], ``visual_semantic`` [B,T,512]
+    scores, spatial = CSPA's Z^v_att [B,T,7,7] (None without CSPA), extras: ``scores_cspa`` / ``scores_csea``
+    [B,T,C], ``audio_attention`` Z^a_att [B,T,49], ``audio_semantic`` [B,T,128], ``visual_semantic`` [B,T,512]
     (each when its branch exists)).
     """
 
@@ -194,13 +194,14 @@ class CoAttentionHead(Head):
             self.stream_csea = Stream(cfg, num_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
+        grid = visual
         visual = visual.flatten(2, 3)  # [B,T,H*W,C]
         extras: dict[str, torch.Tensor] = {}
-        streams = []
+        streams, spatial = [], None
         if self.use_cspa:
             spa = self.cspa(audio, visual)
             extras["scores_cspa"] = self.stream_cspa(spa["audio"], spa["visual"])
-            extras["spatial_attention"] = spa["spatial"]
+            spatial = grid_map(spa["spatial"], grid)
             if "audio_att" in spa:
                 extras["audio_attention"] = spa["audio_att"]
             streams.append(extras["scores_cspa"])
@@ -211,7 +212,7 @@ class CoAttentionHead(Head):
                 if key in sem:
                     extras[name] = sem[key]
             streams.append(extras["scores_csea"])
-        return HeadOutput(scores=torch.stack(streams).mean(0), extras=extras)
+        return HeadOutput(scores=torch.stack(streams).mean(0), extras=extras, spatial=spatial)
 
     def stream_weight(self) -> float:
         """lambda of the CSPA stream for the current setting (lambda_s or lambda_w)."""

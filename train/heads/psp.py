@@ -449,7 +449,7 @@ class PSPHead(PSPFamilyHead):
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C]: the segment logits
     (supervised) or the temporally weighted segment scores (weak); argmax = the reference's prediction;
-    extras: ``attention`` [B,T,7,7], ``fusion`` [B,T,D]; supervised: ``av_similarity`` [B,T] (the AVPS
+    spatial [B,T,7,7] (AVGA's weights); extras: ``fusion`` [B,T,D]; supervised: ``av_similarity`` [B,T] (the AVPS
     loss's input); weak: ``temporal_weight`` [B,T] (sigmoid(ReLU(W3 score)))).
 
     Parameters at the defaults with C = 29: supervised 1,548,657 (reference ``psp_net`` registers
@@ -473,13 +473,13 @@ class PSPHead(PSPFamilyHead):
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> HeadOutput:
         enc = self.encode(audio, visual)
         score = self.L2(F.relu(self.L1(enc["fusion"])))
-        extras = {"attention": enc["attention"], "fusion": enc["fusion"]}
+        extras = {"fusion": enc["fusion"]}
         if self.setting == "weak":
             weight = torch.sigmoid(F.relu(self.W3(score)))  # [B,T,1]
             extras["temporal_weight"] = weight.squeeze(-1)
-            return HeadOutput(score * weight, extras)
+            return HeadOutput(score * weight, extras, spatial=enc["attention"])
         extras["av_similarity"] = av_similarity(enc["v_psp"], enc["a_psp"])
-        return HeadOutput(score, extras)
+        return HeadOutput(score, extras, spatial=enc["attention"])
 
     def weak_pooling(self, requested: str) -> str:
         """The weak model averages the weighted scores over time (AvgPool1d); ``train.weak_pool`` is ignored."""
@@ -517,7 +517,7 @@ class CPSPHead(PSPFamilyHead):
 
     forward(audio [B,T,128], visual [B,T,7,7,512]) -> HeadOutput(scores [B,T,C] (:func:`gated_scores`),
     extras: ``is_event_scores`` [B,T] (logits), ``event_scores`` [B,C-1] (logits), ``av_similarity``
-    [B,T], ``fusion`` [B,T,fusion_dim], ``attention`` [B,T,7,7]).
+    [B,T], ``fusion`` [B,T,fusion_dim]; spatial [B,T,7,7] (AVGA's weights)).
 
     Parameters at the defaults with C = 29: 1,537,870 in both settings (reference ``fully_psp_net`` /
     ``weakly_psp_net`` with category_num 28 register 1,658,062)."""
@@ -538,8 +538,8 @@ class CPSPHead(PSPFamilyHead):
         is_event = self.event_classifier(fusion).squeeze(-1)
         category = self.category_classifier(fusion.mean(dim=1))
         extras = {"is_event_scores": is_event, "event_scores": category, "fusion": fusion,
-                  "av_similarity": av_similarity(enc["v_psp"], enc["a_psp"]), "attention": enc["attention"]}
-        return HeadOutput(gated_scores(is_event, category), extras)
+                  "av_similarity": av_similarity(enc["v_psp"], enc["a_psp"])}
+        return HeadOutput(gated_scores(is_event, category), extras, spatial=enc["attention"])
 
     def predict(self, out: HeadOutput) -> torch.Tensor:
         """``compute_accuracy_supervised``: sigmoid(is_event) > 0.5 -> argmax event_scores, else C-1."""

@@ -5,7 +5,7 @@ Inputs (channels last, as the ``resnet152_maps`` / ``vggish_maps`` extractors st
     audio  [B, T, 6, 4, Ca]     VGGish conv-trunk map of the audio aligned with each timestep (Ca = 512)
     visual [B, T, 8, 8, Cv]     ResNet-152 conv5 map of each frame at 256x256 input (Cv = 2048)
     ->  HeadOutput.scores [B, T, C]        event class logits per timestep (background included)
-        extras["attention"] [B, T, 8, 8]   the sounding-object map (softmax over the 64 positions)
+        spatial [B, T, 8, 8]               the sounding-object map (softmax over the 64 positions)
 
 Timesteps are consecutive frames (the paper trains on T = 4 frames of one random second).
 
@@ -214,14 +214,9 @@ class STMHead(Head):
             alpha = spatial_attention(self._audio_vector(a_hat), av_hat)
         a_vec = self._audio_vector(a_hat)
         joint = torch.cat([av_hat.sum((-2, -1)), a_vec], dim=-1)  # B, T, 2D
-        extras["attention"] = alpha
-        return HeadOutput(scores=self.classifier(joint), extras=extras)
+        return HeadOutput(scores=self.classifier(joint), extras=extras, spatial=alpha)
 
     def loss(self, out: HeadOutput, batch: Mapping[str, torch.Tensor], weak_pool: str = "mean") -> torch.Tensor:
         """Cross-entropy of every timestep's logits against its segment class (background
         included): ``batch['labels']`` [B, T]."""
         return segment_loss(out.scores, batch["labels"])
-
-    def attention(self, out: HeadOutput) -> torch.Tensor:
-        """[B, T, H, W] the sounding-object map."""
-        return out.extras["attention"]

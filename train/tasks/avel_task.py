@@ -1,7 +1,7 @@
 """Task "avel": audio-visual event localization (Tian et al., ECCV 2018) on a feature store.
 
-``AvelTask.run(pipeline, head_name, seed, run_dir)`` loads the store + splits (once per process,
-cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
+A run (:func:`train.runner.run` with ``train.task: avel``) loads the store + splits (once per
+process, cached), builds the head, trains it (:func:`train.loop.fit`), and writes the run directory:
 config.yaml, metrics.json, epochs.csv, checkpoint.safetensors, learning_curves.png,
 confusion_test.png, timeline_test.png. Returns the metrics dict.
 """
@@ -19,12 +19,14 @@ from ..evaluate import EvalResult, evaluate_split
 from ..loop import FitResult
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, store_recipe
+from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, read_rows_in_order, store_recipe
 
 log = logging.getLogger(__name__)
 
 #: samples per forward pass when evaluating a split
 EVAL_BATCH = 256
+#: windows per forward pass (and per read) when predicting new videos
+PREDICT_BATCH = 64
 
 
 @register_task("avel")
@@ -98,10 +100,15 @@ class AvelTask(Task):
         metrics["baseline"] = self.baseline()
         for role in ("val", "test"):
             res: EvalResult | None = result.results.get(role)
-            metrics[f"{role}_accuracy"] = res.accuracy if res is not None else None
+            metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[role] = res.to_json(data.class_names)
+                metrics.update(self.split_metrics(role, res))
         return metrics
+
+    def split_metrics(self, role: str, result: EvalResult) -> dict[str, Any]:
+        """``<role>_accuracy`` (segment accuracy, background included) and ``<role>`` (loss,
+        per-class accuracy, confusion...: :meth:`train.evaluate.EvalResult.to_json`)."""
+        return {f"{role}_accuracy": result.accuracy, role: result.to_json(self.data.class_names)}
 
     def baseline(self) -> dict[str, Any]:
         """``<role>_accuracy`` of always predicting the split's most frequent segment label
@@ -117,7 +124,7 @@ class AvelTask(Task):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """Class names and how the training store's features were made (``features``), so that
-        ``avel-predict`` can compute the same features for new videos (:mod:`train.predict`)."""
+        ``avel-predict`` can compute the same features for new videos (:mod:`train.predict.run`)."""
         return {"class_names": self.data.class_names, "features": store_recipe(self.data.bank.store_path, self.data.bank.fingerprint,
                                                                             self.data.bank.attrs, self.data.bank.segments, self.pipeline)}
 
@@ -128,6 +135,42 @@ class AvelTask(Task):
         test = result.results.get("test")
         if test is not None:
             write_split_predictions(run_dir / "predictions_test.csv", self.data, self.train_cfg.test_split, test.predictions)
+
+    # -- prediction (avel-predict) -----------------------------------------------------------
+    @classmethod
+    def open_prediction_store(cls, path, segments: int):
+        """A complete store with ``audio`` [N, T, 128], ``visual`` [N, T, 7, 7, 512] and ``valid``
+        rows of ``segments`` seconds (:func:`train.data.open_checked_store`)."""
+        from ..data import open_checked_store
+
+        return open_checked_store(path, segments)
+
+    @classmethod
+    def predict_windows(cls, model, store, rows, device="cpu", *, batch: int = PREDICT_BATCH):
+        """Each window is one sample of the head, as in training (its temporal context never
+        crosses a window edge); ``batch`` windows are read and run at a time, so a long video never
+        holds all its features at once (an hour is 360 windows, 360 MB of 7x7x512 maps). Maps:
+        the head output's :attr:`~train.heads.base.HeadOutput.spatial` [B, T, h, w], None when the
+        head gives none."""
+        rows = np.asarray(rows, dtype=np.int64)
+        model = model.eval()
+        labels, probs, maps = [], [], []
+        with torch.no_grad():
+            for lo in range(0, len(rows), batch):
+                part = rows[lo:lo + batch]
+                audio = torch.from_numpy(read_rows_in_order(store, "audio", part).astype(np.float32)).to(device)
+                visual = torch.from_numpy(read_rows_in_order(store, "visual", part).astype(np.float32)).to(device)
+                out = model(audio, visual)
+                labels.append(model.predict(out).cpu().numpy())
+                probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
+                found = out.spatial
+                if found is not None and found.dim() != 4:
+                    raise ValueError(f"head {model.name}: HeadOutput.spatial must be [B, T, H, W], got {tuple(found.shape)}")
+                maps.append(None if found is None else found.float().cpu().numpy())
+        if not labels:
+            raise ValueError("predict_windows: no rows")
+        spatial_maps = None if any(m is None for m in maps) else np.concatenate(maps)
+        return np.concatenate(labels), np.concatenate(probs), spatial_maps
 
 
 def write_split_predictions(path: Path, data: TaskData, split_name: str, predictions) -> Path:

@@ -1,19 +1,20 @@
-"""What a task is: the interface :func:`train.loop.fit` and :meth:`Task.run` drive.
+"""What a task is: data, loss and metric, the interface :func:`train.loop.fit` drives.
 
 A task (avel, cml, sol) is a subclass of :class:`Task` registered under its name
-(``@register_task("cml")``). An instance holds the data of one run; the life of a run is
-:meth:`Task.run`::
+(``@register_task("cml")``). An instance holds the data of one run. A run is put together by
+:func:`train.runner.run` (threads, device, seeds, the run folder), which calls, in this order::
 
     task = TaskClass.prepare(pipeline, device)   # data preparation + every check: store, arrays, labels
     model = task.build_head(head_name)           # the registered head with its heads.<name> overrides
     task.attach(model)                           # data that depends on the head (default: nothing)
-    run_dir = run_dir()                          # the run folder is made only now, once all checks passed
     result = fit(model, task, schedule, seed)    # the one training loop (train.loop)
-    metrics = {...common..., **task.metrics(model, result)}
-    write_run(...)                               # config.yaml, metrics.json, epochs.csv, checkpoint
+    task.metrics(model, result)                  # the task's entries of metrics.json
+    task.checkpoint_meta()                       # the task's entries of the checkpoint metadata
     task.write_outputs(run_dir, title, model, result)   # learning curves + the task's own files
 
 and the CLI prints ``TaskClass.report_lines(results)`` under its results table.
+``avel-train evaluate --run RUN`` (:func:`train.runner.evaluate_run`) scores a finished run
+again with :meth:`evaluate` and :meth:`split_metrics`, the methods that gave its metrics.json.
 
 What :func:`train.loop.fit` asks of a task:
 
@@ -30,12 +31,14 @@ What :func:`train.loop.fit` asks of a task:
   :meth:`batch_accuracy` (hits of the training predictions, for the ``train_accuracy`` column);
 - :meth:`prepare_evaluation` (before every evaluation; default nothing) and :meth:`evaluate`, which
   scores one split as an :class:`Evaluation`: the number selection maximises, the epoch-row
-  columns, and the task's full result (what ``FitResult.results`` holds for val and test).
+  columns, and the task's full result (what ``FitResult.results`` holds for val and test);
+- :meth:`split_metrics` turns such a result into the metrics.json entries of the split
+  (``test_accuracy``...), for :meth:`metrics` and for ``avel-train evaluate`` alike.
 
 Errors a user can fix (a missing store, missing arrays, a manifest that does not fit, bad head
 options) are raised by :meth:`Task.prepare` / :meth:`Task.build_head` before any run folder is
-made; a ``ValueError`` raised there becomes a :class:`SetupError` (the CLI prints it as one line
-and exits 2).
+made; a ``ValueError`` raised there becomes a :class:`train.runner.SetupError` (the CLI prints it
+as one line and exits 2).
 
 Every task's :meth:`Task.metrics` gives a ``baseline`` entry: for each headline metric of the task
 (e.g. ``test_accuracy``) the value of a trivial predictor on the same data, ``{"value": ..,
@@ -45,30 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import platform
-import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-
-class SetupError(ValueError):
-    """A run cannot start: a check made before training failed (bad head options, a device that
-    is not there, ...); the message says what to change."""
-
-
-def resolve_threads(threads: int | None) -> int:
-    """``train.threads`` / ``--threads``: None or 0 = every core (``os.cpu_count()``)."""
-    if threads is None or int(threads) == 0:
-        return max(1, os.cpu_count() or 1)
-    if int(threads) < 0:
-        raise SetupError(f"train.threads must be >= 1 (0 or null = all {os.cpu_count()} cores), got {threads}")
-    return int(threads)
 
 
 @dataclasses.dataclass
@@ -163,14 +149,22 @@ class Task:
         """Score the split ``split_name`` with the current weights."""
         raise NotImplementedError
 
+    def split_metrics(self, role: str, result) -> dict[str, Any]:  # pragma: no cover - interface
+        """The metrics.json entries of one split scored by :meth:`evaluate` (``result`` =
+        ``Evaluation.result``), named by ``role`` (``val``, ``test``, ``train``): at least
+        ``<role>_accuracy``. :meth:`metrics` takes its val/test figures from here, and so does
+        ``avel-train evaluate``, so the two cannot differ."""
+        raise NotImplementedError
+
     # -- outputs ----------------------------------------------------------------------------
     def store_identity(self) -> dict[str, Any]:
         """``store`` and ``store_fingerprint`` of metrics.json."""
         return {"store": "", "store_fingerprint": ""}
 
     def metrics(self, model, result) -> dict[str, Any]:  # pragma: no cover - interface
-        """The task's entries of metrics.json (its data counts and val/test figures). An entry
-        ``schedule`` is merged into the common schedule entry."""
+        """The task's entries of metrics.json (its data counts and val/test figures, the latter
+        from :meth:`split_metrics`). An entry ``schedule`` is merged into the common schedule
+        entry."""
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -191,91 +185,53 @@ class Task:
         nothing)."""
         return None
 
-    # -- one run ----------------------------------------------------------------------------
-    @classmethod
-    def setup(cls, pipeline, head_name: str, seed: int):
-        """Everything before the first epoch: the data with its checks (:meth:`prepare`), the
-        head, :meth:`attach` and the schedule. Returns ``(task, model, schedule, device)``.
-        A ValueError that is not already a user error becomes a :class:`SetupError`."""
-        from extract.manifest import ManifestError
-        from extract.settings import ConfigError
-
-        from ..data import DataError, resolve_device
-        from ..loop import check_protocol_epochs, resolve_schedule, seed_everything
-        from ..protocol import resolve_protocol
-
-        cfg = pipeline.train
-        try:
-            torch.set_num_threads(resolve_threads(getattr(cfg, "threads", None)))
-            device = resolve_device(cfg.device)
-            task = cls.prepare(pipeline, device)
-            seed_everything(seed, device)
-            model = task.build_head(head_name)
-            task.attach(model)
-            schedule = resolve_schedule(cfg, type(model))
-            check_protocol_epochs(resolve_protocol(cfg, type(model)), schedule.epochs)
-        except (DataError, ManifestError, ConfigError, SetupError):
-            raise
-        except ValueError as exc:
-            raise SetupError(str(exc)) from exc
-        return task, model, schedule, device
+    # -- prediction (avel-predict, render-sol) ------------------------------------------------
+    #: what the spatial maps of :meth:`predict_windows` are: ``"attention"`` (the head's spatial
+    #: attention) or ``"sounding_object"`` (a sounding-object map, boxed by Otsu); it names
+    #: avel-predict's output files (``attention.npy`` / ``sounding_object.npy`` and their pictures)
+    prediction_maps: ClassVar[str] = "attention"
 
     @classmethod
-    def run(cls, pipeline, head_name: str, seed: int, run_dir: str | Path | Callable[[], Path], *,
-            progress: bool = False) -> dict[str, Any]:
-        """Train and evaluate one head with one seed; write ``run_dir``; return the metrics.
+    def can_predict(cls) -> bool:
+        """Whether ``avel-predict`` can run this task's heads on new videos: the task provides
+        :meth:`open_prediction_store` and :meth:`predict_windows` (a task without them cannot
+        be predicted; ``train.predict.run.predict_tasks`` lists those that can)."""
+        return (getattr(cls.open_prediction_store, "__func__", None) is not Task.open_prediction_store.__func__
+                and getattr(cls.predict_windows, "__func__", None) is not Task.predict_windows.__func__)
 
-        ``run_dir``: the folder, or a function that makes it; either way it is made only after
-        every check of :meth:`setup` passed, so a run that cannot start leaves no folder behind."""
-        from ..loop import count_parameters, fit
-        from ..runs import write_run
+    @classmethod
+    def can_render_frames(cls) -> bool:
+        """Whether ``render-sol`` can draw this task's maps over decoded frames (:meth:`frame_outputs`)."""
+        return getattr(cls.frame_outputs, "__func__", None) is not Task.frame_outputs.__func__
 
-        started = time.perf_counter()
-        cfg = pipeline.train
-        task, model, schedule, device = cls.setup(pipeline, head_name, seed)
-        run_dir = Path(run_dir() if callable(run_dir) else run_dir)
-        log.info("head %s: %d parameters", head_name, count_parameters(model))
-        result = fit(model, task, schedule, seed, progress=progress)
-        own = task.metrics(model, result)
-        s = result.schedule
-        schedule_entry = {"lr": s.lr, "batch_size": s.batch_size, "epochs": s.epochs, "lr_step": s.lr_step,
-                          "milestones": list(s.milestones) if s.milestones else None, "lr_gamma": s.lr_gamma,
-                          "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "lr_step_unit": s.lr_step_unit,
-                          "source": s.source,
-                          **own.pop("schedule", {})}
-        metrics: dict[str, Any] = {
-            "task": cls.name,
-            "head": head_name,
-            "head_config": model.config_dict(),
-            "param_count": count_parameters(model),
-            "setting": cfg.setting,
-            "seed": seed,
-            "selection": result.selection,
-            "protocol": result.protocol.to_json(),
-            "selection_metric": cls.selection_metric,
-            "selected_epoch": result.best_epoch,
-            "epochs": s.epochs,
-            "schedule": schedule_entry,
-            **task.store_identity(),
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "train_seconds": result.train_seconds,
-            "run_dir": str(run_dir),
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-            **own,
-        }
-        metrics["wall_seconds"] = time.perf_counter() - started
-        checkpoint_meta = {
-            "task": cls.name, "head": head_name, "head_config": model.config_dict(), "num_classes": task.num_classes,
-            "setting": cfg.setting, "seed": seed, "selected_epoch": result.best_epoch, "protocol": result.protocol.label,
-            **task.checkpoint_meta(),
-        }
-        write_run(run_dir, pipeline, metrics, result.epochs, result.best_state, checkpoint_meta)
-        title = f"{cls.name} / {head_name} / {cfg.setting} — selection: {result.selection}"
-        if result.protocol.is_reference:
-            title += f"\n{result.protocol.label}"
-        task.write_outputs(run_dir, title, model, result)
-        return metrics
+    @classmethod
+    def open_prediction_store(cls, path, segments: int):
+        """Open the feature store of new videos (avel-predict's, or a training store for
+        render-sol) for this task's heads: a complete store holding the arrays
+        :meth:`predict_windows` reads, with ``segments`` (T) seconds per row; a
+        :class:`extract.core.store.StoreError` saying what is missing otherwise."""
+        raise NotImplementedError(f"task {cls.name!r} does not predict new videos")
+
+    @classmethod
+    def predict_windows(cls, model, store, rows: np.ndarray, device="cpu"
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The head ``model`` (eval mode, no gradients) on the video windows at store ``rows`` [N]
+        (in that order, each one row of T seconds), reading a bounded number of rows at a time.
+
+        Returns ``(labels [N, T] int class ids, probabilities [N, T, C+1] float, maps [N, T, h, w]
+        float or None)``: a second's label is the head's own prediction rule, its probabilities
+        the softmax of its scores (the last class is background), ``maps`` the spatial maps of
+        :attr:`prediction_maps`, None when the head has none (for heads of task avel: their
+        :attr:`~train.heads.base.HeadOutput.spatial`)."""
+        raise NotImplementedError(f"task {cls.name!r} does not predict new videos")
+
+    @classmethod
+    def frame_outputs(cls, model, store, rows, device="cpu") -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per decoded frame, for drawing maps over the frames they were computed from
+        (``render-sol``): yields ``(row, probabilities [T, F, C+1], maps [T, F, h, w],
+        frame_index [T, F])`` per store row of ``rows``, ``frame_index`` the decoder-order index
+        of each frame in its video file (-1: none). Default: not provided."""
+        raise NotImplementedError(f"task {cls.name!r} has no per-frame maps to draw")
 
 
 def majority_baseline(labels: np.ndarray, class_names: list[str]) -> tuple[float, str]:
@@ -298,7 +254,7 @@ def store_recipe(store_path, fingerprint: str, attrs: Mapping[str, Any] | None, 
     """What made a run's training store, for its checkpoint (``features``): the store's
     fingerprint, the fields the fingerprint hashes, the full extractor configuration and T (root
     attributes of the store), plus the training pipeline's feature cache folder (absolute), which
-    ``avel-predict`` (:mod:`train.predict`) uses to compute the same features for new videos."""
+    ``avel-predict`` (:mod:`train.predict.run`) uses to compute the same features for new videos."""
     attrs = dict(attrs or {})
     cache_root = None
     if pipeline is not None and hasattr(pipeline, "store"):
@@ -320,3 +276,15 @@ def head_for_task(pipeline, head_name: str, task: str, num_classes: int):
 
     head_cls, config = head_class_and_config(pipeline, head_name, task)
     return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
+
+
+def read_rows_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
+    """Array ``name`` of ``store`` at ``rows`` (any order, unique), in that order."""
+    from ..data import read_rows
+
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows)
+    out = read_rows(store, name, rows[order])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return out[inverse]

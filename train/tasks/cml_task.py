@@ -1,7 +1,7 @@
 """Task "cml": cross-modality localization (Tian et al. ECCV 2018 sec. 5 / Table 3; Xue et al.
 TMM 2021 sec. III-D) on a feature store.
 
-``CmlTask.run(pipeline, head_name, seed, run_dir)``:
+A run (:func:`train.runner.run` with ``train.task: cml``):
 
 1. loads the store and the train / val / test manifests (:func:`train.data.load_from_pipeline`,
    shared with the avel task);
@@ -291,16 +291,19 @@ class CmlTask(Task):
             res = result.results.get(role)
             for key in ("accuracy", "a2v_accuracy", "v2a_accuracy", "chance_accuracy"):
                 metrics[f"{role}_{key}"] = None
-            if res is None:
-                continue
-            m = res.metrics
-            metrics[f"{role}_accuracy"] = m["mean_acc"] / 100
-            metrics[f"{role}_a2v_accuracy"] = m["a2v_acc"] / 100
-            metrics[f"{role}_v2a_accuracy"] = m["v2a_acc"] / 100
-            metrics[f"{role}_chance_accuracy"] = m["chance_acc"] / 100
-            metrics[role] = res.to_json()
+            if res is not None:
+                metrics.update(self.split_metrics(role, res))
         metrics["baseline"] = self.baseline(metrics)
         return metrics
+
+    def split_metrics(self, role: str, result: CmlResult) -> dict[str, Any]:
+        """``<role>_accuracy`` = mean of A2V and V2A, ``<role>_a2v_accuracy``,
+        ``<role>_v2a_accuracy``, ``<role>_chance_accuracy`` (fractions) and ``<role>``
+        (:meth:`CmlResult.to_json`, in percent)."""
+        m = result.metrics
+        return {f"{role}_accuracy": m["mean_acc"] / 100, f"{role}_a2v_accuracy": m["a2v_acc"] / 100,
+                f"{role}_v2a_accuracy": m["v2a_acc"] / 100, f"{role}_chance_accuracy": m["chance_acc"] / 100,
+                role: result.to_json()}
 
     @staticmethod
     def baseline(metrics: dict[str, Any]) -> dict[str, Any]:

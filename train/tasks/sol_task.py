@@ -1,6 +1,6 @@
 """Task "sol": sounding object localization with the STM head (Li, Tian & Xu, BMVC 2021).
 
-``SolTask.run(pipeline, head_name, seed, run_dir)``:
+A run (:func:`train.runner.run` with ``train.task: sol``):
 
 1. reads the train / val / test manifests against a store that holds the per-frame maps
    (``frame_maps`` [N, T, F, 8, 8, 2048], ``frame_index`` [N, T, F], ``audio_maps``
@@ -26,8 +26,10 @@ arrays), the manifests, and the box folder ``sol.boxes_root``: it must exist and
 for every test video with an event (``sol.allow_missing_boxes: true`` scores only the videos that
 have one).
 
-``render_videos`` (``avel-train render-sol``) draws the maps and boxes of chosen videos over
-their decoded frames as PNG files.
+For prediction (``avel-predict``, ``render-sol``: :mod:`train.predict`) the task gives the hooks
+of :class:`train.tasks.base.Task`: :meth:`SolTask.open_prediction_store`,
+:meth:`SolTask.predict_windows` (per-second classes and sounding-object maps) and
+:meth:`SolTask.frame_outputs` (per sampled frame, for drawing over the decoded frames).
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from extract.manifest import read_manifest
-from extract.store import FeatureStore, StoreError, open_store, require_complete
+from extract.core.manifest import read_manifest
+from extract.core.store import FeatureStore, StoreError, open_store, require_complete
 
 from .. import sol_metrics as sol
 from ..data import DataError, match_rows, split_manifest
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 MAP_ARRAYS = ("frame_maps", "frame_index", "audio_maps", "valid")
 #: threads reading (decompressing) store rows for a batch
 READ_THREADS = 8
+#: whole videos per forward pass when predicting (each is one sequence of T x F frames)
+PREDICT_VIDEOS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,23 +134,11 @@ def _parallel_read(array, selections: Sequence[Any]) -> np.ndarray:
         return np.stack(list(pool.map(lambda sel: np.asarray(array[sel]), selections)))
 
 
-def _scaled(store: FeatureStore, name: str, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """Map values as stored times their row's recorded scale (``<name>_scale``, see
-    :meth:`extract.store.FeatureStore.read_scaled`; 1 when absent or unwritten)."""
-    if f"{name}_scale" not in store.array_names():
-        return values
-    scale = np.asarray(store.read(f"{name}_scale", np.asarray(rows, dtype=np.int64)), dtype=np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    if np.all(scale == 1.0):
-        return values
-    return values.astype(np.float32) * scale.reshape(scale.shape + (1,) * (values.ndim - 1))
-
-
 def read_seconds(store: FeatureStore, rows: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The frames of one second per row: (frame_maps [B, F, 8, 8, Cv], audio_maps [B, 6, 4, Ca]),
     with each row's recorded scale applied."""
     selections = [(int(r), int(s)) for r, s in zip(rows, seconds)]
-    return tuple(_scaled(store, name, _parallel_read(store.array(name), selections), [int(r) for r in rows])
+    return tuple(store.scaled(name, _parallel_read(store.array(name), selections), [int(r) for r in rows])
                  for name in ("frame_maps", "audio_maps"))
 
 
@@ -202,13 +194,13 @@ def video_outputs(model, store: FeatureStore, rows: Sequence[int], batch: int, d
     rows = [int(r) for r in rows]
     for start in range(0, len(rows), max(1, batch)):
         block = rows[start:start + batch]
-        fm = _scaled(store, "frame_maps", _parallel_read(maps, block), block)
-        am = _scaled(store, "audio_maps", _parallel_read(audio, block), block)
+        fm = store.scaled("frame_maps", _parallel_read(maps, block), block)
+        am = store.scaled("audio_maps", _parallel_read(audio, block), block)
         T, F = fm.shape[1:3]
         a, v = sequence_inputs(fm, am, device)
         out = model(a, v)
         scores = out.scores.float().cpu().numpy().reshape(len(block), T, F, -1)
-        att = model.attention(out).float().cpu().numpy()
+        att = out.spatial.float().cpu().numpy()  # the sounding-object map [B, T*F, h, w]
         att = att.reshape(len(block), T, F, *att.shape[2:])
         for i, r in enumerate(block):
             yield r, scores[i], att[i]
@@ -412,6 +404,11 @@ class SolTask(Task):
         acc, loss = classification_accuracy(model, self.store, self.splits[split_name], self.sol_cfg.eval_batch, self.device)
         return Evaluation(acc, {"loss": loss, "accuracy": acc}, ClassificationResult(acc, loss))
 
+    def split_metrics(self, role: str, result: ClassificationResult) -> dict[str, Any]:
+        """``<role>_accuracy`` and ``<role>_loss``: per-frame event classification of the valid
+        seconds (background included)."""
+        return {f"{role}_accuracy": result.accuracy, f"{role}_loss": result.loss}
+
     def store_identity(self) -> dict[str, Any]:
         return {"store": str(self.store.path), "store_fingerprint": self.store.fingerprint}
 
@@ -428,7 +425,7 @@ class SolTask(Task):
             res = result.results.get(role)
             metrics[f"{role}_accuracy"] = None
             if res is not None:
-                metrics[f"{role}_accuracy"], metrics[f"{role}_loss"] = res.accuracy, res.loss
+                metrics.update(self.split_metrics(role, res))
         test = self.splits[cfg.test_split]
         boxes_root = self.pipeline.path(scfg.boxes_root)
         boxes = load_boxes(boxes_root, sorted(set(test.keys)))
@@ -499,102 +496,40 @@ class SolTask(Task):
                 f"(centre-box baseline: cIoU@{tag} {base_cell(f'test_ciou@{tag}')}, IoU@{tag} {base_cell(f'test_iou@{tag}')}; "
                 f"{frames} annotated frames of {videos} test videos{f', {n} seeds' if n > 1 else ''})")
 
+    # -- prediction (avel-predict, render-sol) ------------------------------------------------
+    prediction_maps = "sounding_object"
+
+    @classmethod
+    def open_prediction_store(cls, path, segments: int) -> FeatureStore:
+        """A complete map store (:func:`open_map_store`) of ``segments`` seconds per row."""
+        store = open_map_store(path)
+        if store.segments != int(segments):
+            raise StoreError(f"{store.path}: rows of {store.segments} seconds, the head was trained on {segments}")
+        return store
+
+    @classmethod
+    def predict_windows(cls, model, store, rows, device="cpu"):
+        """Each window runs as one causal sequence of its T x F frames (as the test evaluation
+        runs, :func:`video_outputs`): a second's probabilities are the mean of its F frames'
+        softmax, its label their argmax, its map the mean of its F frames' sounding-object maps."""
+        by_row = {}
+        for row, probs, maps, _ in cls.frame_outputs(model, store, sorted({int(r) for r in rows}), device):
+            by_row[row] = (probs.mean(axis=1), maps.mean(axis=1))  # [T, C], [T, h, w]
+        probs = np.stack([by_row[int(r)][0] for r in rows])
+        maps = np.stack([by_row[int(r)][1] for r in rows])
+        return probs.argmax(axis=-1), probs, maps
+
+    @classmethod
+    def frame_outputs(cls, model, store, rows, device="cpu"):
+        """Per row: (probabilities [T, F, C] = softmax of the head's per-frame scores, maps
+        [T, F, h, w] = its sounding-object maps, ``frame_index`` [T, F] of the store), each video
+        one causal sequence (:func:`video_outputs`, :data:`PREDICT_VIDEOS` rows at a time)."""
+        index = store.array("frame_index")
+        for row, scores, maps in video_outputs(model, store, [int(r) for r in rows], PREDICT_VIDEOS, device):
+            probs = torch.from_numpy(scores).float().softmax(dim=-1).numpy()
+            yield row, probs, maps, np.asarray(index[row])
+
     def write_outputs(self, run_dir: Path, title: str, model, result) -> None:
         """learning_curves.png and localization_test.csv."""
         super().write_outputs(run_dir, title, model, result)
         write_frames_csv(run_dir / "localization_test.csv", self.frames)
-
-
-# ---------------------------------------------------------------------------------------------
-# rendering
-
-
-def find_sample(pipeline, video_id: str, video_root: str | None = None):
-    """``(video file, sample, manifest)`` of ``video_id`` (a video id or store key) from the
-    configured splits' manifests (path column, relative to ``video_root`` or the split's
-    ``video_root``)."""
-    for name, split_cfg in pipeline.data.splits.items():
-        if not split_cfg.manifest:
-            continue
-        path = pipeline.path(split_cfg.manifest)
-        if not path.is_file():
-            continue
-        manifest = read_manifest(path)
-        for sample in manifest.samples:
-            if sample.video_id == video_id or sample.key == video_id:
-                p = Path(sample.path).expanduser()
-                if not p.is_absolute():
-                    root = Path(video_root) if video_root else (pipeline.path(split_cfg.video_root) if split_cfg.video_root else path.parent)
-                    p = root / p
-                return p, sample, manifest
-    raise DataError(f"video {video_id!r} is in none of the manifests of data.splits ({', '.join(pipeline.data.splits) or 'none'})")
-
-
-def find_video_file(pipeline, video_id: str, video_root: str | None = None) -> Path:
-    """The video file of ``video_id`` (see :func:`find_sample`)."""
-    return find_sample(pipeline, video_id, video_root)[0]
-
-
-def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | Path, *, pipeline=None,
-                  store_path: str | None = None, video_root: str | None = None, boxes_root: str | None = None,
-                  annotated_only: bool = False, device: str = "cpu") -> list[Path]:
-    """Draw each sampled frame of ``video_ids`` with the run's heat-map (jet), its Otsu/contour
-    boxes (green) and, where annotated, the ground-truth boxes (red, dashed); one PNG per frame
-    under ``out_dir/<video_id>/``, about 560 px wide whatever the video's size, titled with the
-    video, second, frame, true class, predicted class and score (and cIoU / IoU of annotated
-    frames), with a legend and a colour bar (:func:`train.sol_metrics.frame_figure`). Returns the
-    written paths."""
-    import decord
-
-    from extract.settings import load_pipeline
-
-    from ..checkpoint import build_head as load_head
-    from ..plots import save_figure
-
-    run_dir = Path(run_dir)
-    model, meta = load_head(run_dir / "checkpoint.safetensors", device)
-    if pipeline is None:
-        pipeline = load_pipeline(run_dir / "config.yaml")
-    store = open_map_store(Path(store_path) if store_path else pipeline.path(pipeline.store.path))
-    scfg = pipeline.sol
-    root = Path(boxes_root) if boxes_root else pipeline.path(scfg.boxes_root)
-    files = sol.find_box_files(root) if root.is_dir() else {}
-    class_names = list(meta.get("classes") or []) + ["background"]
-    written: list[Path] = []
-    for vid in video_ids:
-        row = store.row_of(vid)
-        _, scores, att = next(video_outputs(model, store, [row], 1, device))
-        probs = torch.from_numpy(scores).float().softmax(dim=-1).numpy()
-        index = np.asarray(store.array("frame_index")[row])
-        valid = np.asarray(store.read("valid", [row])[0], bool)
-        vb = sol.read_cvat_xml(files[vid.split("@")[0]]) if vid.split("@")[0] in files else None
-        video_path, sample, manifest = find_sample(pipeline, vid, video_root)
-        T, F = index.shape
-        true_labels = manifest.segment_labels(T)[manifest.samples.index(sample)]
-        true_names = list(manifest.classes) + ["background"]
-        reader = decord.VideoReader(str(video_path), ctx=decord.cpu(0))
-        for t in range(T):
-            for f in range(F):
-                k = int(index[t, f])
-                gt = vb.frames.get(k) if (vb is not None and k >= 0) else None
-                if k < 0 or not valid[t] or (annotated_only and gt is None):
-                    continue
-                frame = reader[k].asnumpy()
-                H, W = frame.shape[:2]
-                norm = sol.normalize_map(sol.resize_map(att[t, f], (H, W)))
-                image = sol.heatmap_overlay(frame, norm, alpha=0.5, floor=scfg.otsu_floor)
-                pred_boxes = sol.boxes_from_map(norm, scfg.otsu_floor)
-                gt_scaled = None if gt is None else sol.scale_boxes(gt, (vb.height, vb.width), (H, W))
-                top = int(np.argmax(probs[t, f]))
-                scored = None
-                if gt is not None:
-                    scored = sol.evaluate_frame(att[t, f], gt, (vb.height, vb.width), scfg.eval_size or None,
-                                                scfg.map_threshold, scfg.otsu_floor)
-                title = sol.frame_title(vid, t, k, true_names[int(true_labels[t])],
-                                        class_names[top] if top < len(class_names) else str(top), float(probs[t, f, top]),
-                                        None if scored is None else scored.ciou, None if scored is None else scored.iou)
-                fig = sol.frame_figure(image, pred_boxes, gt_scaled, title)
-                written.append(save_figure(fig, Path(out_dir) / vid / f"t{t:02d}_f{f}_frame{k:05d}.png"))
-        del reader
-    log.info("wrote %d PNG files to %s", len(written), out_dir)
-    return written

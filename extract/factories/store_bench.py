@@ -1,8 +1,8 @@
 """Benchmark: reading rows of a sharded feature store (which Python / zarr to recommend).
 
-    python -m extract.store_bench --store /tmp/bench --rows 512
+    python -m extract.factories.store_bench --store /tmp/bench --rows 512
 
-Creates the store once under the ``--store`` folder (:func:`extract.synthetic.make_synthetic`:
+Creates the store once under the ``--store`` folder (:func:`extract.factories.synthetic.make_synthetic`:
 float16 visual maps of AVE's row shape) if it does not exist, then times
 random single-row reads, random batches of 64 rows, and one full sequential read of ``visual``.
 Imports numpy, zarr and yaml only, so it runs under any Python that has them.
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import open_store
+from ..core.store import open_store
 from .synthetic import make_synthetic
 
 
 def build(folder: Path, rows: int, segments: int, rows_per_shard: int) -> Path:
-    """The synthetic store of :func:`extract.synthetic.make_synthetic` (AVE row shape) under
+    """The synthetic store of :func:`extract.factories.synthetic.make_synthetic` (AVE row shape) under
     ``folder``; returns the store's path."""
     written = make_synthetic(folder, splits={"train": rows}, classes=[f"event{k:02d}" for k in range(28)],
                              segments=segments, rows_per_shard=rows_per_shard)

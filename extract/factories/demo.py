@@ -2,10 +2,10 @@
 
 ``avel-extract demo`` writes, with no network and no downloads:
 
-- ``videos/demoNNN.mp4``: 10-s clips (H.264 video, AAC audio, see :func:`extract.media.write_clip`)
+- ``videos/demoNNN.mp4``: 10-s clips (H.264 video, AAC audio, see :func:`extract.factories.media.write_clip`)
   of ``FRAME_SIZE`` pixels at ``FPS`` frames/s with ``SAMPLE_RATE`` Hz mono audio;
 - ``manifests/{train,val,test}.csv`` + ``classes.txt`` (the manifest format of
-  :mod:`extract.manifest`), one sample per video;
+  :mod:`extract.core.manifest`), one sample per video;
 - ``segments.csv``: per second of every video, which class cue each modality carries;
 - ``boxes/<video_id>/annotations.xml``: for each test clip with an event, the box of the sounding
   object in every frame of its event seconds, in the CVAT 1.1 XML layout of the AVE boxes of the
@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .manifest import Sample, write_manifest
+from ..core.manifest import Sample, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -783,7 +783,7 @@ def compensate_priming(audio: np.ndarray, priming: int = AAC_PRIMING_SAMPLES) ->
     """Shift a track so that, once encoded, its DECODED samples line up with the seconds.
 
     The AAC encoder puts ``priming`` samples of encoder delay before the signal and the MP4 that
-    :func:`extract.media.write_clip` writes carries no edit list, so decoders (decord, PyAV) return
+    :func:`extract.factories.media.write_clip` writes carries no edit list, so decoders (decord, PyAV) return
     them as the first samples of the stream. Feeding ``audio[priming:]`` (plus ``priming`` zeros at
     the end, so the stream still covers every second) makes decoded sample k = ``audio[k]`` for
     ``k >= priming``; the first ``priming`` samples (64 ms at 16 kHz) are the encoder's near-silence.

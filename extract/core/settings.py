@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import types
@@ -21,12 +20,12 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-#: entry-point group through which each installed stage names the (light) modules that register
-#: its sections (setup.cfg ``[options.entry_points] avel.config_sections``): the stages never name
-#: each other here, and a third package can add a section the same way
-SECTIONS_GROUP = "avel.config_sections"
-#: this stage's own section modules (also loaded when avel runs from an uninstalled source tree)
-SECTION_MODULES = ("extract.settings", "extract.config")
+from . import plugins
+
+#: the sections are registered by the modules of the entry-point group ``avel.config_sections``
+#: (setup.cfg: this module, ``extract.config``, ``train.config``; a third package adds its own the
+#: same way), loaded through :mod:`extract.core.plugins`: the contract names no stage
+SECTIONS_GROUP = plugins.CONFIG_SECTIONS
 
 #: section name -> dataclass type
 SECTIONS: dict[str, type] = {}
@@ -91,7 +90,7 @@ class StoreConfig:
 
 @dataclasses.dataclass
 class SlurmConfig:
-    """``--scheduler slurm``: Dask worker jobs on a SLURM cluster (dask-jobqueue, :mod:`extract.slurm`).
+    """``--scheduler slurm``: Dask worker jobs on a SLURM cluster (dask-jobqueue, :mod:`extract.core.slurm`).
 
     Each job runs one Dask worker process with ``dask.threads_per_worker`` task threads; a job that
     ends early (``scancel``, walltime, node failure) is replaced while there is work. Every job is
@@ -369,14 +368,9 @@ class Pipeline:
 
 
 def load_sections() -> dict[str, type]:
-    """Import every module that registers sections: this stage's and every installed entry point
-    of :data:`SECTIONS_GROUP` (e.g. ``train = train.config``)."""
-    from importlib.metadata import entry_points
-
-    for module in SECTION_MODULES:
-        importlib.import_module(module)
-    for entry in entry_points(group=SECTIONS_GROUP):
-        importlib.import_module(entry.value)
+    """Import every module that registers sections (entry points of :data:`SECTIONS_GROUP`, e.g.
+    ``train = train.config``) and return :data:`SECTIONS`."""
+    plugins.load(SECTIONS_GROUP)
     return SECTIONS
 
 
@@ -429,3 +423,29 @@ def load_pipeline(
     }
     base_dir = file.resolve().parent if file is not None else Path.cwd()
     return Pipeline(resolved, base_dir, str(file) if file is not None else None)
+
+
+# ------------------------------------------------------------------------------------------
+# the feature cache's folder
+
+#: environment variable that overrides ``store.cache_root`` (several projects share one cache)
+CACHE_ENV = "AVEL_CACHE"
+
+
+def cache_root(pipeline: Pipeline | None = None, explicit: str | os.PathLike | None = None) -> Path | None:
+    """The feature cache folder that applies, the one precedence every command follows:
+    ``explicit`` (a ``--cache-root`` / ``--root`` option) > ``$AVEL_CACHE`` > the pipeline's
+    ``store.cache_root`` (relative to its folder, :meth:`Pipeline.path`). ``~`` is expanded.
+
+    Without a pipeline the answer is None when neither of the first two is given (so
+    ``cache_root()`` says whether the environment overrides the configuration). With a pipeline
+    whose ``store.cache_root`` is empty it is a :class:`ConfigError` saying how to set one."""
+    for value in (explicit, os.environ.get(CACHE_ENV)):
+        if value:
+            return Path(os.path.expanduser(str(value)))
+    if pipeline is None:
+        return None
+    configured = getattr(getattr(pipeline, "store", None), "cache_root", None)
+    if not configured:
+        raise ConfigError(f"no feature cache configured: set store.cache_root in pipeline.yaml or ${CACHE_ENV}")
+    return pipeline.path(configured)

@@ -2,26 +2,27 @@
 
 Plain numpy in, files out; no dependency on the heads or the prediction classes.
 
-- :func:`read_frames` — one RGB frame per requested time (PyAV), resized like the extraction
-  stage resizes frames (:func:`extract.frames.prepare_frames`), rotation metadata applied;
+- :func:`read_frames` — one RGB frame per requested time, from stage 1's decoder
+  (:func:`extract.decode.picture_frames`: the frames the features were computed from), resized
+  like the extraction stage resizes frames (:func:`extract.core.frames.prepare_frames`);
 - :func:`attention_grid` — [S, k*k] or [S, h, w] attention -> [S, h, w];
 - :func:`plot_timeline` — label track (event spans) over the per-second confidence;
 - :func:`plot_attention_strip` — one panel per second: the frame with the head's attention map;
 - :func:`plot_sol_strip` — one panel per second: the sounding-object map and its Otsu box;
 - :func:`strip_pages` — the strips of a long video in pages of :data:`STRIP_SECONDS` seconds;
-- :func:`write_overlay_video` — the whole video with the attention overlay and a label track (MP4).
+- :func:`write_overlay_video` — the whole video with the attention overlay and a label track (MP4;
+  the painting is drawn here, the encoding is :func:`extract.factories.media.write_painted_video`).
 
 Heat maps: each second's map is upsampled bilinearly to the frame (:func:`train.sol_metrics.resize_map`,
 half-pixel centres), min-max normalised per second (:func:`train.sol_metrics.normalize_map`, so the
 colour scale is relative to that second: red = the most attended place of that second, blue = the
 least) and blended as the jet colour map over the frame.
 
-Media libraries (``av``, ``cv2``) and matplotlib are imported inside the functions: ``train``
-must import without them (tests/test_train_imports.py).
+Media libraries (``decord``, ``av``, ``cv2``) and matplotlib are imported inside the functions:
+``train`` must import without them (tests/test_train_imports.py).
 """
 from __future__ import annotations
 
-import fractions
 import logging
 import math
 import zlib
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from extract.factories.media import VideoReadError, even
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,6 @@ __all__ = [
     "STRIP_TITLE_IN",
 ]
 
-#: read_frames decodes forward (no seek) while the next requested time is at most this many
-#: seconds ahead of the last decoded frame; farther targets are reached by a seek
-SEEK_GAP_S = 8.0
 #: strip panels: inches per panel (width, height incl. its title) and of the figure title; at dpi 100
 #: (avel-predict draws a strip per :data:`STRIP_SECONDS` seconds; one figure takes at most
 #: :data:`MAX_STRIP_PANELS` panels: 60 rows of 10 are 129 in high, under matplotlib's 2^16 pixels)
@@ -68,131 +68,35 @@ VIDEO_ALPHA = 0.45
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding
-
-
-class VideoReadError(ValueError):
-    """A video cannot be read: missing, not a video, no video stream, undecodable (names the file)."""
-
-
-def _frame_seconds(frame, index: int, rate: float) -> float:
-    """Presentation time of a decoded PyAV frame in seconds (frame counter / rate without pts)."""
-    t = frame.time
-    if t is None:
-        return index / rate if rate > 0 else float(index)
-    return float(t)
-
-
-def _rgb(frame) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of a PyAV frame, its rotation metadata applied (as decord does)."""
-    image = frame.to_ndarray(format="rgb24")
-    rotation = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
-    return np.ascontiguousarray(np.rot90(image, k=rotation)) if rotation else image
-
-
-def _open_video(path: Path):
-    """(container, video stream) or ValueError naming the file."""
-    import av
-
-    if not path.is_file():
-        raise VideoReadError(f"{path}: no such file")
-    try:
-        container = av.open(str(path))
-    except Exception as exc:  # noqa: BLE001 - av.error.* (InvalidDataError, ...), OSError
-        raise VideoReadError(f"{path}: cannot be opened as a video ({' '.join(str(exc).split())})") from None
-    if not container.streams.video:
-        container.close()
-        raise VideoReadError(f"{path}: has no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    return container, stream
+# frames
 
 
 def read_frames(path: str | Path, times: Sequence[float], size: int = 224, resize: str = "squash") -> np.ndarray:
-    """One RGB frame at each requested time, resized like the extraction's frames.
+    """One RGB frame at each requested time, the frame the features were computed from.
+
+    The frames come from stage 1's decoder (:func:`extract.decode.picture_frames`: decord,
+    rotation applied, times on decord's timeline, the nearest-pts rule of
+    :mod:`extract.core.frames`), so a picture of second ``t`` (``avel-predict`` passes
+    ``t + 0.5``) shows the frame a one-frame-per-second grid of the extraction takes for that
+    second, also on a file whose stream starts later than 0.
 
     Args:
         path: a video file.
-        times: [N] seconds (any order, repeats allowed; ``avel-predict`` passes ``t + 0.5``).
+        times: [N] seconds (any order, repeats allowed).
         size: output side; ``resize``: ``"squash"`` (whole frame to size x size, the extraction's
             default) or ``"crop"`` (short side to size, centre square), see
-            :func:`extract.frames.prepare_frames`.
+            :func:`extract.core.frames.prepare_frames`.
 
-    Returns:
-        uint8 [N, size, size, 3]. Each time gets the decoded frame whose presentation time is
-        nearest to it, ties to the earlier frame (the frame-time rule of :mod:`extract.frames`); a
-        time beyond the last frame gets the last frame, one before the first frame the first.
-        Rotation metadata is applied (a 90-degree phone video comes out upright, as with decord).
-
-    One container, one forward pass over the sorted times; it seeks only to reach a time more than
-    :data:`SEEK_GAP_S` ahead (of the last decoded frame, or of the start), so reading the frames of
-    one minute of a long video decodes about that minute, wherever it lies. Raises ValueError naming the file when it is missing, not a video,
-    has no video stream or no decodable frame.
+    Returns uint8 [N, size, size, 3]; a time beyond the last frame gets the last frame, one before
+    the first frame the first. Raises :class:`VideoReadError` (a ValueError) naming the file when
+    it is missing, not a video, has no video stream or no decodable frame.
     """
-    from extract.frames import prepare_frames
+    from extract.decode import DecodeError, picture_frames
 
-    path = Path(path)
-    times = np.asarray(times, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(times)):
-        raise ValueError(f"{path}: read_frames got non-finite times")
-    if times.size == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
-    container, stream = _open_video(path)
-    rate = float(stream.average_rate or stream.guessed_rate or 0.0)
-    order = np.argsort(times, kind="stable")
-    chosen: list[np.ndarray | None] = [None] * times.size
     try:
-        frames_iter = None
-        decoded = 0
-        prev = nxt = None  # (seconds, frame, cached rgb) around the current target
-        exhausted = False
-
-        def advance():
-            nonlocal decoded, exhausted
-            try:
-                frame = next(frames_iter)
-            except StopIteration:
-                exhausted = True
-                return None
-            decoded += 1
-            return [_frame_seconds(frame, decoded - 1, rate), frame, None]
-
-        for k in order:
-            target = float(times[k])
-            last_seen = nxt[0] if nxt is not None else (prev[0] if prev is not None else None)
-            if frames_iter is None or (last_seen is not None and not exhausted and target - last_seen > SEEK_GAP_S):
-                if frames_iter is not None or target > SEEK_GAP_S:  # (the first target: seek unless near the start)
-                    offset = int(max(0.0, target - 1.0) / float(stream.time_base))
-                    container.seek(offset + int(stream.start_time or 0), stream=stream, backward=True, any_frame=False)
-                frames_iter = container.decode(stream)
-                prev = nxt = None
-                exhausted = False
-            # move forward until nxt is the first frame at or after the target
-            while not exhausted and (nxt is None or nxt[0] < target):
-                if nxt is not None:
-                    prev = nxt
-                nxt = advance()
-            if nxt is None and prev is None:
-                raise VideoReadError(f"{path}: no decodable video frame")
-            if nxt is None:
-                pick = prev
-            elif prev is None or nxt[0] < target:  # nxt < target only when the stream ended
-                pick = nxt
-            else:
-                pick = prev if target - prev[0] <= nxt[0] - target else nxt
-            if pick[2] is None:
-                pick[2] = _rgb(pick[1])
-            chosen[k] = pick[2]
-    except VideoReadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - av.error.* while decoding (some subclass ValueError)
-        raise VideoReadError(f"{path}: cannot be decoded ({' '.join(str(exc).split())})") from None
-    finally:
-        container.close()
-    shapes = {c.shape for c in chosen}  # type: ignore[union-attr]
-    if len(shapes) == 1:
-        return prepare_frames(np.stack(chosen), size, resize)  # type: ignore[arg-type]
-    return np.concatenate([prepare_frames(c[None], size, resize) for c in chosen])  # type: ignore[index]
+        return picture_frames(str(path), times, size=size, resize=resize)
+    except DecodeError as exc:
+        raise VideoReadError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +189,7 @@ def plot_timeline(
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    from .plots import pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
     plt = pyplot()
     labels = [str(x) for x in labels]
@@ -368,11 +272,11 @@ def _strip_figure(count: int, columns: int, title: str):
     """(plt, fig, axes list of ``count`` axes): ``columns`` panels per row, rest switched off.
     Figure: ``min(columns, count) * PANEL_WIDTH_IN`` wide, ``rows * PANEL_HEIGHT_IN + STRIP_TITLE_IN`` high.
     More than :data:`MAX_STRIP_PANELS` panels is a ValueError (draw pages, :func:`strip_pages`)."""
-    from .plots import pyplot
+    from ..plots import pyplot
 
     if count > MAX_STRIP_PANELS:
         raise ValueError(f"a strip of {count} panels is too large for one figure (at most {MAX_STRIP_PANELS}); "
-                         f"draw it in pages of {STRIP_SECONDS} seconds (train.predict_plots.strip_pages)")
+                         f"draw it in pages of {STRIP_SECONDS} seconds (train.predict.plots.strip_pages)")
 
     plt = pyplot()
     columns = max(1, min(int(columns), max(count, 1)))
@@ -440,8 +344,8 @@ def plot_attention_strip(
     normalisation and colouring (None without attention), "cells": float32 [S, h, w] the attention
     values used (None without attention)}``.
     """
-    from . import sol_metrics as sol
-    from .plots import save_figure
+    from .. import sol_metrics as sol
+    from ..plots import save_figure
 
     frames, conf = _check_strip(frames, labels, confidence, "plot_attention_strip")
     S, H, W = frames.shape[:3]
@@ -486,8 +390,8 @@ def plot_sol_strip(
     """
     from matplotlib.patches import Rectangle
 
-    from . import sol_metrics as sol
-    from .plots import save_figure
+    from .. import sol_metrics as sol
+    from ..plots import save_figure
 
     frames, conf = _check_strip(frames, labels, confidence, "plot_sol_strip")
     S, H, W = frames.shape[:3]
@@ -512,23 +416,7 @@ def plot_sol_strip(
 
 
 # ---------------------------------------------------------------------------------------------
-# overlay video
-
-
-#: audio codecs that can be copied into the MP4 unchanged
-_MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}
-
-
-def _even(x: float) -> int:
-    return max(2, int(round(x / 2.0)) * 2)
-
-
-def _output_size(width: int, height: int, size: int | None) -> tuple[int, int]:
-    """(W, H) of the output picture: short side ``size`` (aspect ratio kept), both even."""
-    if not size:
-        return _even(width), _even(height)
-    scale = float(size) / min(width, height)
-    return _even(width * scale), _even(height * scale)
+# overlay video (drawn here, encoded by extract.factories.media)
 
 
 def _rgb255(colour: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -543,9 +431,9 @@ class _TrackPainter:
         self.labels = [str(x) for x in labels]
         self.confidence = np.asarray(confidence, dtype=np.float64).reshape(-1) if confidence is not None else None
         self.scale = float(np.clip(width / 400.0, 0.6, 2.5))
-        self.text_h = _even(22 * self.scale)
-        self.bar_h = _even(14 * self.scale)
-        self.height = _even(self.text_h + self.bar_h + 6 * self.scale)
+        self.text_h = even(22 * self.scale)
+        self.bar_h = even(14 * self.scale)
+        self.height = even(self.text_h + self.bar_h + 6 * self.scale)
         S = len(self.labels)
         self.edges = np.rint(np.linspace(0, width, S + 1)).astype(int) if S else np.array([0, width])
         base = np.full((self.height, width, 3), 24, np.uint8)
@@ -577,34 +465,32 @@ class _TrackPainter:
         return panel
 
 
-def _open_encoder(out_path: Path, width: int, height: int, rate: fractions.Fraction, audio_template):
-    """(container, video stream, audio stream or None, codec name): libx264, else mpeg4."""
-    import av
+class _OverlayPainter:
+    """``paint(picture, seconds)`` of :func:`extract.factories.media.write_painted_video`: the
+    second's attention blended over the picture, the label track below it."""
 
-    container = av.open(str(out_path), mode="w")
-    try:
-        stream, codec = None, None
-        for codec in ("libx264", "mpeg4"):
-            try:
-                stream = container.add_stream(codec, rate=rate)
-                break
-            except Exception as exc:  # noqa: BLE001 - av.codec.codec.UnknownCodecError, ValueError
-                log.info("encoder %s unavailable (%s)", codec, exc)
-        if stream is None:
-            raise RuntimeError("neither libx264 nor mpeg4 can encode here (PyAV's FFmpeg lacks both)")
-        if codec != "libx264":
-            log.warning("libx264 is not available: writing %s with mpeg4 instead", out_path)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = 1 / rate
-        if codec == "libx264":
-            stream.options = {"crf": "20", "preset": "veryfast"}
-        else:
-            stream.bit_rate = int(max(1_000_000, width * height * float(rate) * 0.25))
-        audio = container.add_stream_from_template(audio_template) if audio_template is not None else None
-    except BaseException:
-        container.close()
-        raise
-    return container, stream, audio, codec
+    def __init__(self, cells: np.ndarray | None, labels: Sequence[str], confidence, class_names, background: str):
+        self.cells, self.labels, self.confidence = cells, labels, confidence
+        self.class_names, self.background = class_names, background
+        self.track: _TrackPainter | None = None
+        self.colours: dict[int, np.ndarray] = {}
+
+    def __call__(self, rgb: np.ndarray, seconds: float) -> np.ndarray:
+        from .. import sol_metrics as sol
+
+        h, w = rgb.shape[:2]
+        if self.track is None:
+            self.track = _TrackPainter(w, self.labels, self.confidence, self.class_names, self.background)
+        t = int(math.floor(seconds + 1e-9))
+        if self.cells is not None and 0 <= t < len(self.labels):
+            if t not in self.colours:
+                from matplotlib import colormaps
+
+                norm = sol.normalize_map(sol.resize_map(self.cells[t], (h, w)))
+                self.colours[t] = colormaps["jet"](norm)[..., :3].astype(np.float32) * 255.0
+            blended = rgb.astype(np.float32) * (1.0 - VIDEO_ALPHA) + self.colours[t] * VIDEO_ALPHA
+            rgb = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        return np.concatenate([rgb, self.track.draw(seconds)], axis=0)
 
 
 def write_overlay_video(
@@ -625,180 +511,29 @@ def write_overlay_video(
         path: the input video; out_path: the MP4 to write (folders created).
         attention: [S, h, w] or [S, h*w] per-second maps, or None (label track only).
         labels: [S] predicted label per second; confidence: [S] their probabilities.
-        fps: output frame rate; None: the stream's native (average) rate. Output frame ``k`` (time
-            ``k / fps``) shows the last decoded frame at or before that time (frames dropped or
-            repeated to reach the rate); the video lasts until the last frame's end
-            (``duration * fps`` frames, +-1).
+        fps: output frame rate; None: the stream's native (average) rate (frames dropped or
+            repeated to reach it, see :func:`extract.factories.media.write_painted_video`).
         size: the output picture's short side in pixels, aspect ratio kept, even dimensions
             (None: the native size); the label track is added BELOW the picture.
         class_names: for the label colours (same as :func:`plot_timeline`'s when given).
         audio: copy the first audio stream unchanged when MP4 can hold its codec (AAC, MP3, ...);
             if that fails the video is rewritten without audio.
 
-    Each decoded frame (rotation applied) of second ``t = floor(pts)`` gets ``attention[t]``
-    (upsampled bilinearly to the picture, min-max normalised per second, jet colours, opacity
+    Each decoded frame (rotation applied) of second ``t = floor(time)`` (time from the video
+    stream's first frame, as the features count seconds) gets ``attention[t]`` (upsampled
+    bilinearly to the picture, min-max normalised per second, jet colours, opacity
     :data:`VIDEO_ALPHA`) when ``t < S``; frames at or after second S get no overlay. The track:
     one cell per second coloured by label (:func:`label_colour`), the current second outlined,
-    a play-head line, and the text ``"3 s  dog  (0.87)"``. Encoded with libx264 (crf 20),
-    mpeg4 when libx264 is absent, yuv420p. Returns ``out_path``; ValueError naming the input when
-    it cannot be decoded.
+    a play-head line, and the text ``"3 s  dog  (0.87)"``. Encoding (libx264 crf 20, mpeg4 when
+    libx264 is absent, yuv420p) is :func:`extract.factories.media.write_painted_video`'s. Returns
+    ``out_path``; :class:`VideoReadError` (a ValueError) naming the input when it cannot be
+    decoded, :class:`extract.factories.media.EncodeError` when the output cannot be written.
     """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return _write_overlay_video(Path(path), out_path, attention, labels, confidence, fps, size, class_names,
-                                    audio, background)
-    except _AudioCopyError as exc:
-        log.warning("%s: copying the audio failed (%s); writing the video without audio", path, exc.__cause__)
-        return _write_overlay_video(Path(path), out_path, attention, labels, confidence, fps, size, class_names,
-                                    False, background)
-
-
-class _AudioCopyError(RuntimeError):
-    pass
-
-
-class _EncodeError(RuntimeError):
-    """The output cannot be written (message names it)."""
-
-
-def _write_overlay_video(path: Path, out_path: Path, attention, labels, confidence, fps, size, class_names,
-                         audio: bool, background: str) -> Path:
-    import cv2
-
-    from . import sol_metrics as sol
+    from extract.factories.media import write_painted_video
 
     labels = [str(x) for x in labels]
-    S = len(labels)
     cells = attention_grid(attention) if attention is not None else None
-    if cells is not None and cells.shape[0] != S:
-        raise ValueError(f"write_overlay_video: {S} labels but attention for {cells.shape[0]} seconds")
-    container, stream = _open_video(path)
-    out = None
-    try:
-        native = stream.average_rate or stream.guessed_rate
-        if not native or float(native) <= 0:
-            native = fractions.Fraction(25)
-        rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(native)
-        frame_step = 1.0 / float(native)
-        in_audio = None
-        if audio and container.streams.audio:
-            candidate = container.streams.audio[0]
-            if candidate.codec_context.name in _MP4_AUDIO:
-                in_audio = candidate
-            else:
-                log.info("%s: audio codec %s is not copied into MP4", path, candidate.codec_context.name)
-        streams = [stream] + ([in_audio] if in_audio is not None else [])
-
-        state: dict[str, Any] = {"k": 0, "prev": None}
-        colours: dict[int, np.ndarray] = {}
-        painter: _TrackPainter | None = None
-        geometry: dict[str, int] = {}
-
-        def picture(entry) -> np.ndarray:
-            """The finished output picture of a decoded frame entry [seconds, frame, cache]."""
-            nonlocal painter, out
-            if entry[2] is not None:
-                return entry[2]
-            frame = entry[1]
-            if not geometry:
-                turns = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
-                upright = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-                w, h = _output_size(upright[0], upright[1], size)
-                geometry.update(w=w, h=h)
-                painter = _TrackPainter(w, labels, confidence, class_names, background)
-                try:
-                    opened = _open_encoder(out_path, w, h + painter.height, rate,
-                                           in_audio if in_audio is not None else None)
-                except Exception as exc:  # noqa: BLE001
-                    if in_audio is not None:
-                        raise _AudioCopyError(str(exc)) from exc
-                    raise _EncodeError(f"{out_path}: cannot be written ({' '.join(str(exc).split())})") from exc
-                out = opened
-            w, h = geometry["w"], geometry["h"]
-            rgb = _rgb(frame)  # rotation applied
-            if rgb.shape[:2] != (h, w):
-                shrink = w <= rgb.shape[1] and h <= rgb.shape[0]
-                rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            t = int(math.floor(entry[0] + 1e-9))
-            if cells is not None and 0 <= t < S:
-                if t not in colours:
-                    from matplotlib import colormaps
-
-                    norm = sol.normalize_map(sol.resize_map(cells[t], (h, w)))
-                    colours[t] = colormaps["jet"](norm)[..., :3].astype(np.float32) * 255.0
-                blended = rgb.astype(np.float32) * (1.0 - VIDEO_ALPHA) + colours[t] * VIDEO_ALPHA
-                rgb = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-            entry[2] = np.concatenate([rgb, painter.draw(entry[0])], axis=0)  # type: ignore[union-attr]
-            return entry[2]
-
-        def emit(entry, until: float) -> None:
-            """Write output frames k with time k / rate < ``until`` showing ``entry``."""
-            import av
-
-            while float(state["k"] / rate) < until - 1e-9:
-                image = picture(entry)
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                frame.pts = state["k"]
-                for packet in out[1].encode(frame):
-                    out[0].mux(packet)
-                state["k"] += 1
-
-        pending_audio: list = []
-        index = 0
-        try:
-            for packet in container.demux(*streams):
-                if packet.stream.type == "audio":
-                    if packet.dts is None:
-                        continue
-                    if out is None:
-                        pending_audio.append(packet)
-                    else:
-                        _mux_audio(out, pending_audio, packet)
-                    continue
-                for frame in packet.decode():
-                    entry = [_frame_seconds(frame, index, float(native)), frame, None]
-                    index += 1
-                    if state["prev"] is not None:
-                        emit(state["prev"], entry[0])
-                    elif entry[0] > 0:
-                        picture(entry)  # opens the encoder; the first frame also covers [0, its pts)
-                        emit(entry, entry[0])
-                    state["prev"] = entry
-            if state["prev"] is not None:
-                emit(state["prev"], state["prev"][0] + frame_step)
-        except (_AudioCopyError, _EncodeError, VideoReadError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - av.error.* while decoding / encoding
-            if out is not None and out[2] is not None and "mux" in str(exc).lower():
-                raise _AudioCopyError(str(exc)) from exc
-            raise VideoReadError(f"{path}: cannot be decoded ({' '.join(str(exc).split())})") from None
-        if out is None:
-            raise VideoReadError(f"{path}: no decodable video frame")
-        if pending_audio:
-            _mux_audio(out, pending_audio, None)
-        for packet in out[1].encode():
-            out[0].mux(packet)
-        log.info("wrote %s: %d frames at %.3g fps (%s)", out_path, state["k"], float(rate), out[3])
-    finally:
-        container.close()
-        if out is not None:
-            try:
-                out[0].close()
-            except Exception as exc:  # noqa: BLE001 - closing after an earlier failure
-                log.debug("closing %s: %s", out_path, exc)
-    return out_path
-
-
-def _mux_audio(out, pending: list, packet) -> None:
-    """Copy audio packets into the output's audio stream (those held back before it existed first)."""
-    if out[2] is None:
-        pending.clear()
-        return
-    try:
-        for held in pending + ([packet] if packet is not None else []):
-            held.stream = out[2]
-            out[0].mux(held)
-        pending.clear()
-    except Exception as exc:  # noqa: BLE001
-        raise _AudioCopyError(str(exc)) from exc
+    if cells is not None and cells.shape[0] != len(labels):
+        raise ValueError(f"write_overlay_video: {len(labels)} labels but attention for {cells.shape[0]} seconds")
+    painter = _OverlayPainter(cells, labels, confidence, class_names, background)
+    return write_painted_video(path, out_path, painter, fps=fps, size=size, audio=audio)

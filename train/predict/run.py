@@ -14,12 +14,16 @@ How it works, stage by stage (the two stages meet only at a feature store, as ev
 2. **Windows.** Each video is probed (PyAV) for its duration and cut into consecutive windows of T
    seconds (the run's T), ``start = 0, T, 2T, ...``; the last window may be partial. A trailing
    piece of a second shorter than :data:`MIN_LAST_SECOND` is not predicted.
-3. **Features.** The windows become a manifest, and ``avel-extract`` runs on it (a child process,
-   its own checks, progress and failure rules) with the training store's extractor configuration,
-   into the predict store (``--store``, default ``<out>/features.zarr``) through the shared
-   feature cache (the training pipeline's ``store.cache_root``; ``$AVEL_CACHE`` overrides), so a
-   second head on the same videos decodes nothing. The new store's fingerprint must equal the
-   training store's: same recipe, networks and weights, frames per segment, precision, resize rule.
+3. **Features.** The windows become stage-1 requests, and stage 1 computes them in this process
+   (:func:`extract_features`: its environment check, then :func:`extract.cache.extract_with_cache`,
+   what ``avel-extract --cache`` runs, with its progress, failure rules and summary) with the
+   training store's extractor configuration, into the predict store (``--store``, default
+   ``<out>/features.zarr``) through the shared feature cache (``--cache-root`` > ``$AVEL_CACHE`` >
+   the run's ``store.cache_root``: :func:`extract.core.settings.cache_root`), so a second head on
+   the same videos decodes nothing. Each window comes back as an outcome record (done, failed with
+   stage 1's reason, not extracted); an exception of stage 1 is not a per-video failure (it stops
+   the prediction: :class:`PredictError` for a configuration or environment problem, anything else
+   propagates). The new store's fingerprint must equal the training store's: same recipe, networks and weights, frames per segment, precision, resize rule.
    Before any video is touched (:func:`check_features_recipe`) the weights are resolved and the
    fingerprint they would give is compared with the training store's: a weights file missing here
    stops the prediction naming the file, where avel looked and where to download it; other
@@ -37,11 +41,15 @@ How it works, stage by stage (the two stages meet only at a feature store, as ev
    second, at its middle, with the weights overlaid); ``overlay.mp4`` on request;
    ``<out>/summary.csv`` for all videos.
 
-Runs of task ``sol`` (the STM head on a map store) predict the same way: each window runs as one
-causal sequence of its T x F sampled frames (as the task's test evaluation), a second's
-probabilities are the mean of its frames' softmax, and instead of the attention the outputs hold
-the sounding-object map (``sounding_object.npy``, mean of the second's frames) and
-``sounding_object.png`` with its Otsu box, whose coordinates are in ``predictions.json``.
+The run's task (registered in :mod:`train.registry`) opens the predict store and runs its head
+on the windows through its prediction hooks (:meth:`train.tasks.base.Task.open_prediction_store`,
+:meth:`~train.tasks.base.Task.predict_windows`); a task without them cannot be predicted
+(:func:`predict_tasks`). Task ``sol`` (the STM head on a map store) runs each window as one causal
+sequence of its T x F sampled frames (as the task's test evaluation), a second's probabilities are
+the mean of its frames' softmax, and instead of the attention the outputs hold the sounding-object
+map (``sounding_object.npy``, mean of the second's frames) and ``sounding_object.png`` with its
+Otsu box, whose coordinates are in ``predictions.json``. The pictures' frames come from stage 1's
+decoder (:func:`extract.decode.picture_frames`): the frames the features were computed from.
 
 Probabilities are the softmax of the head's scores; the label of a second is the head's own
 prediction rule (:meth:`train.heads.base.Head.predict`, e.g. CMBS predicts background unless its
@@ -61,8 +69,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -74,11 +80,7 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
 #: a trailing piece of the video shorter than this (seconds) is not a second of the timeline
 MIN_LAST_SECOND = 0.25
-#: windows per forward pass
-PREDICT_BATCH = 64
 SPLIT = "predict"
-#: tasks whose heads predict per-second labels of a video
-PREDICT_TASKS = ("avel", "sol")
 
 
 class PredictError(RuntimeError):
@@ -154,9 +156,25 @@ class LoadedRun:
     def task(self) -> str:
         return str(self.meta.get("task", "avel"))
 
+    @property
+    def task_class(self):
+        """The registered :class:`train.tasks.base.Task` of the run (its prediction hooks)."""
+        from ..registry import get_task
+
+        return get_task(self.task)
+
 
 # ------------------------------------------------------------------------------------------
 # the run
+
+
+def predict_tasks() -> list[str]:
+    """The registered tasks whose heads avel-predict can run on new videos: those that provide
+    the prediction hooks of :class:`train.tasks.base.Task` (:meth:`~train.tasks.base.Task.can_predict`)."""
+    from ..registry import TASKS, discover
+
+    discover()
+    return sorted(name for name, cls in TASKS.items() if cls.can_predict())
 
 
 def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
@@ -164,7 +182,7 @@ def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike
     """The head of an ``avel-train`` run directory (its ``checkpoint.safetensors``) or of a
     checkpoint file. Refuses checkpoints that cannot predict new videos (another task, or written
     before checkpoints recorded their features)."""
-    from .checkpoint import CheckpointError, build_head
+    from ..checkpoint import CheckpointError, build_head
 
     if (run is None) == (checkpoint is None):
         raise PredictError("give a run directory (--run) or a checkpoint file (--checkpoint), one of them")
@@ -175,9 +193,10 @@ def load_run(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike
         head, meta = build_head(path, device)
     except CheckpointError as exc:
         raise PredictError(str(exc)) from None
-    if meta.get("task", "avel") not in PREDICT_TASKS:
-        raise PredictError(f"{path}: a run of task {meta.get('task')!r}; avel-predict runs the heads of tasks "
-                           f"{', '.join(PREDICT_TASKS)} (event localization, sounding objects)")
+    tasks = predict_tasks()
+    if meta.get("task", "avel") not in tasks:
+        raise PredictError(f"{path}: a run of task {meta.get('task')!r}; avel-predict runs the heads of the tasks "
+                           f"that provide prediction hooks (train.tasks.base.Task.predict_windows): {', '.join(tasks)}")
     features = meta.get("features")
     if not features or not features.get("extractor") or not features.get("fingerprint"):
         raise PredictError(f"{path}: the checkpoint does not record how its training features were made "
@@ -309,14 +328,14 @@ def window_starts(duration: float, segments: int) -> list[int]:
 
 
 def window_key(video_id: str, start: int, segments: int) -> str:
-    """Store row key of a window (:func:`extract.manifest.feature_key`)."""
-    from extract.manifest import feature_key
+    """Store row key of a window (:func:`extract.core.manifest.feature_key`)."""
+    from extract.core.manifest import feature_key
 
     return feature_key(video_id, float(start), float(segments))
 
 
 # ------------------------------------------------------------------------------------------
-# features (avel-extract in a child process)
+# features (stage 1, in this process)
 
 
 def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
@@ -325,11 +344,11 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
     file's name, where avel looked and where to download it) and compare the fingerprint they give
     (the precision that runs on ``device``, default the configuration's) with the training
     store's, naming the differing fields."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
     from extract.extractors import extractor_identity
     from extract.provenance import effective_config, same_feature_set, store_attrs
-    from extract.settings import ConfigError, load_pipeline
-    from extract.store import differing_fields
+    from extract.core.settings import ConfigError, load_pipeline
+    from extract.core.store import differing_fields
     from extract.weights import WeightsUnavailable
 
     recipe = dict(run.features["extractor"])
@@ -361,8 +380,9 @@ def check_features_recipe(run: LoadedRun, device: str | None = None) -> None:
 
 
 def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | None, device: str | None) -> dict[str, Any]:
-    """The pipeline.yaml of the predict extraction: the training store's extractor configuration
-    (device replaced when given: not part of the features), the predict store and the cache."""
+    """The configuration of the predict extraction (``pipeline.yaml`` sections): the training
+    store's extractor configuration (device replaced when given: not part of the features), the
+    predict store and the cache."""
     extract = dict(recipe["extractor"])
     if device:
         extract["device"] = device
@@ -372,79 +392,100 @@ def predict_pipeline(recipe: dict[str, Any], store: Path, cache_root: Path | Non
     return doc
 
 
+def feature_cache_root(run: LoadedRun, explicit: str | os.PathLike | None, work: Path) -> Path:
+    """The feature cache of a prediction, by the one precedence of
+    :func:`extract.core.settings.cache_root`: ``explicit`` (``--cache-root``) > ``$AVEL_CACHE`` >
+    the run's own configuration (:func:`train.runs.run_pipeline`: its ``store.cache_root``,
+    relative to the folder the training started from). A checkpoint outside a run folder (or a
+    run whose config.yaml this avel cannot read) falls back to the folder its checkpoint recorded
+    (``features.cache_root``), else ``work/cache``."""
+    from extract.core.settings import ConfigError, cache_root
+
+    from ..runs import run_pipeline
+
+    try:
+        return cache_root(run_pipeline(run.checkpoint.resolve().parent), explicit)
+    except ConfigError as exc:
+        log.debug("the run's configuration gives no feature cache (%s); using the checkpoint's record", exc)
+    chosen = cache_root(None, explicit)
+    recorded = run.features.get("cache_root")
+    return chosen if chosen is not None else Path(recorded) if recorded else work / "cache"
+
+
 def extract_features(run: LoadedRun, plans: Sequence["_Plan"], work: Path, store: Path, *, cache: bool = True,
-                     device: str | None = None, progress: bool = True, cache_root: Path | None = None) -> int:
-    """Write the windows of ``plans`` as a manifest and run ``avel-extract`` on it into ``store``.
-    Returns avel-extract's exit code (0 all done, 1 some videos failed); raises PredictError when
-    it could not run (exit 2: its message, e.g. a missing weights file, is in the error)."""
+                     device: str | None = None, progress: bool = True, cache_root: str | os.PathLike | None = None
+                     ) -> dict[str, Any]:
+    """Compute the features of the windows of ``plans`` into ``store`` with the training store's
+    extractor configuration, in this process: stage 1's environment check
+    (:func:`extract.preflight.require_environment`), then its extraction through the shared
+    feature cache (:func:`extract.cache.extract_with_cache`, what ``avel-extract --cache`` runs),
+    or without the cache (``cache=False``) :func:`extract.run.run_extraction`. Behind another run
+    computing the same videos it waits, saying for whom. Progress (rate and ETA on a terminal,
+    log lines otherwise) and the summary are stage 1's own.
+
+    Returns ``{window key: extract.run.VideoOutcome}`` (done / failed with the reason / missing),
+    one per window. Raises :class:`PredictError` when the extraction cannot run (environment,
+    configuration, store, a lock held by a dead-end writer) or an environment error stopped it
+    (nothing is then reported as a per-video failure); any other exception is a bug and propagates."""
     import yaml
 
-    from extract.manifest import Sample, write_manifest
+    from extract.cache import extract_with_cache
+    from extract.core.lock import StoreLocked
+    from extract.core.manifest import ManifestError
+    from extract.core.settings import ConfigError, load_pipeline
+    from extract.core.store import StoreError
+    from extract.decode import VideoRequest
+    from extract.preflight import PreflightError, require_environment
+    from extract.run import run_extraction
+    from extract.weights import WeightsUnavailable
 
     work.mkdir(parents=True, exist_ok=True)
-    samples = [Sample(sample_id=window_key(p.video_id, start, run.segments), video_id=p.video_id,
-                      path=str(p.path.resolve()), category="", onset=0, offset=0, split=SPLIT,
-                      start=float(start), duration=float(run.segments))
-               for p in plans for start in p.starts]
-    manifest = write_manifest(work / "videos.csv", samples, run.class_names[:-1])
-    if cache_root is None:
-        recorded = run.features.get("cache_root")
-        cache_root = Path(os.environ.get("AVEL_CACHE") or recorded or (work / "cache"))
-    config = work / "pipeline.yaml"
+    requests = [VideoRequest(window_key(p.video_id, start, run.segments), str(p.path.resolve()), float(start),
+                             float(run.segments))
+                for p in plans for start in p.starts]
+    root = feature_cache_root(run, cache_root, work) if cache else None
+    doc = predict_pipeline(run.features, store, root, device)
+    config = work / "pipeline.yaml"  # the resolved configuration of the extraction, for the record
     config.write_text("# written by avel-predict: the training store's extractor configuration\n"
-                      + yaml.safe_dump(predict_pipeline(run.features, store, cache_root, device), sort_keys=False))
-    command = [sys.executable, "-m", "extract.cli", "--config", str(config), "--manifest", str(manifest),
-               "--store", str(store), "--wait"]  # behind another run computing these videos: wait, saying for whom
-    if cache:
-        command.append("--cache")
-    if not progress:
-        command.append("--no-progress")
-    log.info("features of %d windows with the training store's extractor configuration (%s): %s",
-             len(samples), config, " ".join(command))
-    code, tail = _run_echoing(command)
-    if code not in (0, 1):
+                      + yaml.safe_dump(doc, sort_keys=False))
+    try:
+        pipeline = load_pipeline(None, doc, search=False)
+        log.info("features of %d windows with the training store's extractor configuration (%s)%s", len(requests),
+                 config, f", through the feature cache {root}" if cache else "")
+        require_environment(pipeline.extract, pipeline.extract.device, build_networks=False)
+        if cache:
+            summary = extract_with_cache(pipeline, requests, store_path=store, root=root, progress=progress, wait=True)
+        else:
+            summary = run_extraction(pipeline, requests, store_path=store, progress=progress, wait=True)
+    except (ConfigError, ManifestError, StoreError, StoreLocked, PreflightError, WeightsUnavailable) as exc:
         raise PredictError("computing the features with the run's extractor configuration failed; nothing was "
-                           f"predicted. avel-extract said:\n{tail.strip()}")
-    return code
+                           f"predicted: {exc}") from None
+    log.info("%s", summary.text())
+    if summary.systemic:
+        raise PredictError("an environment error stopped the feature extraction; nothing was predicted: "
+                           f"{summary.systemic}")
+    return summary.outcomes
 
 
-def _run_echoing(command: list[str]) -> tuple[int, str]:
-    """Run ``command``, passing its stderr through to ours line by line (its progress lines
-    included, but not the resolved configuration it prints first: that is ``<out>/extract/
-    pipeline.yaml``); returns (exit code, the last 4 KB of its stderr)."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])  # the source tree, when avel is not installed
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
-                            errors="replace", bufsize=1)
-    assert proc.stderr is not None
-    tail, in_config = "", False
-    for line in proc.stderr:
-        tail = (tail + line)[-4096:]
-        if line.startswith("# resolved configuration"):
-            in_config = True
-        if in_config:
-            in_config = bool(line.strip())
-            continue
-        sys.stderr.write(line)
-        sys.stderr.flush()
-    return proc.wait(), tail
+def extraction_error(plan: "_Plan", outcomes: dict[str, Any], segments: int) -> str | None:
+    """The error of a video one of whose windows the extraction failed (its reason, naming the
+    file) or did not extract; None when every window is done."""
+    for start in plan.starts:
+        outcome = outcomes.get(window_key(plan.video_id, start, segments))
+        if outcome is None or outcome.status == "missing":
+            return f"{plan.path}: the features of its window at {start} s were not extracted"
+        if not outcome.ok:
+            return f"{plan.path}: feature extraction failed: {outcome.reason}"
+    return None
 
 
 def check_features(store_path: Path, run: LoadedRun) -> Any:
     """Open the predict store; refuse it unless its fingerprint is the training store's (naming
     the fields that differ)."""
-    from extract.store import StoreError, differing_fields
-
-    from .data import open_checked_store
+    from extract.core.store import StoreError, differing_fields
 
     try:
-        if run.task == "sol":
-            from .tasks.sol_task import open_map_store
-
-            store = open_map_store(store_path)
-        else:
-            store = open_checked_store(store_path, run.segments)
+        store = run.task_class.open_prediction_store(store_path, run.segments)
     except StoreError as exc:
         raise PredictError(f"the predict store cannot be read: {exc}") from None
     from extract.provenance import same_feature_set
@@ -473,62 +514,6 @@ class _Plan:
     error: str | None = None
 
 
-def spatial_attention(extras: dict[str, Any]):
-    """[B, T, h, w] spatial attention of a head's extras (``attention`` or ``spatial_attention``,
-    [B, T, k*k] or [B, T, k, k]), or None when the head has none."""
-    for name in ("attention", "spatial_attention"):
-        value = extras.get(name)
-        if value is None or value.dim() < 3:
-            continue
-        if value.dim() == 3:
-            side = int(round(math.sqrt(value.shape[-1])))
-            if side * side != value.shape[-1]:
-                continue
-            value = value.reshape(*value.shape[:2], side, side)
-        return value
-    return None
-
-
-def run_head(run: LoadedRun, audio: np.ndarray, visual: np.ndarray, device: str = "cpu",
-             batch: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The head on windows: audio [W, T, 128], visual [W, T, 7, 7, 512] -> (labels [W, T] int,
-    probabilities [W, T, C], attention [W, T, h, w] or None), in eval mode without gradients."""
-    import torch
-
-    head = run.head.eval()
-    labels, probs, atts = [], [], []
-    with torch.no_grad():
-        for lo in range(0, len(audio), batch):
-            a = torch.from_numpy(np.asarray(audio[lo:lo + batch], dtype=np.float32)).to(device)
-            v = torch.from_numpy(np.asarray(visual[lo:lo + batch], dtype=np.float32)).to(device)
-            out = head(a, v)
-            labels.append(head.predict(out).cpu().numpy())
-            probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())
-            att = spatial_attention(out.extras)
-            atts.append(None if att is None else att.float().cpu().numpy())
-    attention = None if any(a is None for a in atts) or not atts else np.concatenate(atts)
-    return np.concatenate(labels), np.concatenate(probs), attention
-
-
-def run_sol_head(run: LoadedRun, store, rows: np.ndarray, device: str = "cpu"
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sounding-object head (task sol) on windows, each as one causal sequence of T x F frames
-    (as its test evaluation runs): (labels [W, T], probabilities [W, T, C], maps [W, T, h, w]);
-    a second's probabilities are the mean of its F frames' softmax, its label their argmax, its
-    map the mean of its F frames' sounding-object maps."""
-    import torch
-
-    from .tasks.sol_task import video_outputs
-
-    by_row = {}
-    for row, logits, maps in video_outputs(run.head, store, sorted(int(r) for r in rows), PREDICT_BATCH // 8 or 1, device):
-        probs = torch.from_numpy(logits).float().softmax(dim=-1).numpy().mean(axis=1)  # [T, C]
-        by_row[row] = (probs, maps.mean(axis=1))
-    probs = np.stack([by_row[int(r)][0] for r in rows])
-    maps = np.stack([by_row[int(r)][1] for r in rows])
-    return probs.argmax(axis=-1), probs, maps
-
-
 def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, class_names: Sequence[str],
                  background: str) -> list[Event]:
     """Runs of consecutive valid seconds with the same non-background label, with the mean
@@ -549,38 +534,13 @@ def merge_events(labels: Sequence[str], probs: np.ndarray, valid: np.ndarray, cl
     return events
 
 
-def _read_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
-    """Array ``name`` at store rows ``rows`` (any order, unique), in that order."""
-    from .data import read_rows
-
-    order = np.argsort(rows)
-    out = read_rows(store, name, rows[order])
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return out[inverse]
-
-
-def _run_head_in_batches(run: LoadedRun, store, rows: np.ndarray, device: str = "cpu", batch: int = PREDICT_BATCH
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`run_head` on the windows at store rows ``rows`` (in order), reading the features of
-    ``batch`` windows at a time, so that a long video never holds all its features at once (an
-    hour is 360 windows, 360 MB of 7x7x512 maps); returns what :func:`run_head` returns."""
-    labels, probs, atts = [], [], []
-    for lo in range(0, len(rows), batch):
-        part = rows[lo:lo + batch]
-        label_ids, p, a = run_head(run, _read_in_order(store, "audio", part), _read_in_order(store, "visual", part),
-                                   device, batch)
-        labels.append(label_ids)
-        probs.append(p)
-        atts.append(a)
-    attention = None if any(a is None for a in atts) else np.concatenate(atts)
-    return np.concatenate(labels), np.concatenate(probs), attention
-
-
 def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: str = "cpu") -> list[VideoResult]:
     """Per-video results from the rows of the predict store (windows in order, stitched)."""
-    from extract.store import STATUS_DONE
+    from extract.core.store import STATUS_DONE
 
+    from ..tasks.base import read_rows_in_order
+
+    task = run.task_class
     ids = {str(k): i for i, k in enumerate(store.ids.tolist())}
     status = np.asarray(store.array("status")[:])
     reasons = store.array("reason")
@@ -604,17 +564,14 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
         if bad:
             res.error = f"{plan.path}: feature extraction failed: {str(reasons[bad[0]])}"
             continue
-        valid = _read_in_order(store, "valid", rows).astype(bool).reshape(-1)
+        valid = read_rows_in_order(store, "valid", rows).astype(bool).reshape(-1)
         if not valid.any():
             note = str(reasons[int(rows[0])]) or "no second has both audio and visual features"
             res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "
                          "for each second")
             continue
-        if run.task == "sol":
-            label_ids, probs, attention = run_sol_head(run, store, rows, device)
-            res.map_kind = "sounding_object"
-        else:
-            label_ids, probs, attention = _run_head_in_batches(run, store, rows, device)
+        label_ids, probs, attention = task.predict_windows(run.head, store, rows, device)
+        res.map_kind = task.prediction_maps
         seconds = int(np.flatnonzero(valid)[-1]) + 1
         res.seconds = seconds
         res.valid = valid[:seconds]
@@ -681,7 +638,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
         res.outputs[f"{map_name}_values"] = str(folder / f"{map_name}.npy")
     if not plots and not overlay_video:
         return
-    from . import predict_plots as pp
+    from . import plots as pp
 
     title = f"{res.video_id} — {run.meta.get('head')} ({run.meta.get('setting')})"
     if plots:
@@ -702,7 +659,7 @@ def write_video_outputs(res: VideoResult, out: Path, run: LoadedRun, *, plots: b
 def strip_name(map_name: str, lo: int, pages: int) -> str:
     """File of the strip page starting at second ``lo``: ``attention.png`` when the video has one
     page, else ``attention-000m.png``, ``attention-001m.png``, ... (the page's first minute)."""
-    from .predict_plots import STRIP_SECONDS
+    from .plots import STRIP_SECONDS
 
     if pages == 1:
         return f"{map_name}.png"
@@ -711,12 +668,12 @@ def strip_name(map_name: str, lo: int, pages: int) -> str:
 
 def _write_strips(res: VideoResult, folder: Path, map_name: str, sol_maps: bool, conf: np.ndarray, title: str,
                   doc: dict[str, Any], json_path: Path) -> None:
-    """The attention (or sounding-object) strip in pages of :data:`train.predict_plots.STRIP_SECONDS`
+    """The attention (or sounding-object) strip in pages of :data:`train.predict.plots.STRIP_SECONDS`
     seconds: each page reads only its own frames (one per second, at its middle) and draws at
     most that many panels, so a long video never holds all its frames or builds thousands of axes
     at once. ``res.outputs[map_name]`` is the first page; with several pages
     ``res.outputs[map_name + "_pages"]`` is the glob of them all."""
-    from . import predict_plots as pp
+    from . import plots as pp
 
     pages = pp.strip_pages(res.seconds)
     boxes: list = []
@@ -842,8 +799,10 @@ def predict_videos(
     log.info("%d videos (%d windows of %d s); %d cannot be read", len(plans), sum(len(p.starts) for p in todo),
              loaded.segments, len(plans) - len(todo))
     if todo:
-        extract_features(loaded, todo, out / "extract", store_path.resolve(), cache=cache, device=extract_device,
-                         progress=progress, cache_root=Path(cache_root) if cache_root else None)
+        outcomes = extract_features(loaded, todo, out / "extract", store_path.resolve(), cache=cache,
+                                    device=extract_device, progress=progress, cache_root=cache_root)
+        for plan in todo:
+            plan.error = extraction_error(plan, outcomes, loaded.segments)
         features = check_features(store_path, loaded)
         results = predict_from_store(loaded, features, plans, device)
     else:

@@ -4,7 +4,7 @@
 ``avel-train ... --scheduler slurm`` run through:
 
 1. **Checks before any job is queued** (:func:`check_request`, each failure a
-   :class:`~extract.settings.ConfigError`, exit 2): ``sinfo`` answers; the partition exists and is
+   :class:`~extract.core.settings.ConfigError`, exit 2): ``sinfo`` answers; the partition exists and is
    up (``dask.slurm.partition``, else the default partition); the walltime fits the partition's
    limit; some node of the partition has the CPUs, memory and GPUs one job asks for; and
    ``sbatch --test-only`` accepts the job script (account, QOS, ``#SBATCH`` lines).
@@ -47,7 +47,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .daskclient import SLURM
 from .settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ log = logging.getLogger(__name__)
 __all__ = ["SLURM", "SlurmWorkers", "SlurmStats", "check_request", "job_script", "require_jobqueue",
            "parse_walltime", "slurm_device"]
 
+#: the ``--scheduler`` value that asks for SLURM worker jobs (:func:`extract.core.daskclient.dask_client`)
+SLURM = "slurm"
 #: how to install the optional dependency
 EXTRA = 'pip install -e ".[slurm]"'
 #: squeue states of a job that has ended (or is ending): its worker is gone

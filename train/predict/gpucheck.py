@@ -1,5 +1,5 @@
 """``avel-train gpucheck``: one command that measures the GPU path and writes every figure to one
-JSON file (also ``python -m train.gpucheck``).
+JSON file (also ``python -m train.predict.gpucheck``).
 
 A GPU is lent only now and then, for minutes; whoever has one runs this from a fresh clone
 (``pip install -e .``) and gets the figures. It generates everything it needs and runs, each part
@@ -40,6 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import click
 import numpy as np
 import torch
 
@@ -311,11 +312,11 @@ def check_resident_matches_cpu(workdir: str | Path, device: str, rows: int = 400
     """Train ``head`` on a synthetic store on the CPU and resident on ``device``, the same seeds:
     test accuracies, and ``ok`` when the difference of the means is within seed noise
     (2 standard errors of the difference, at least 0.02)."""
-    from .bench import make_synthetic
-    from .data import load_task_data
-    from .loop import fit, resolve_schedule, seed_everything
-    from .registry import get_head
-    from .tasks.avel_task import AvelTask
+    from ..bench import make_synthetic
+    from ..data import load_task_data
+    from ..loop import fit, resolve_schedule, seed_everything
+    from ..registry import get_head
+    from ..tasks.avel_task import AvelTask
 
     paths = make_synthetic(Path(workdir) / "resident", rows)
     manifests = {k: paths["manifests"][k] for k in ("train", "val", "test")}
@@ -343,7 +344,7 @@ def check_resident_matches_cpu(workdir: str | Path, device: str, rows: int = 400
 
 
 def _train_config():
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     return load_pipeline(search=False).train
 
@@ -399,7 +400,7 @@ def run_extraction_bench(plan: Plan, device: str, clips: Sequence[Path], workdir
     at fp32 for the speed-up of the configured precision."""
     from extract.bench import bench_vgg19, run_benchmark
     from extract.extractors import VGG19Extractor
-    from extract.settings import load_pipeline
+    from extract.core.settings import load_pipeline
 
     extract = {"visual_weights": "random", "audio_weights": "random", "device": device, "precision": "auto",
                "frames_per_segment": plan.frames_per_segment, "image_size": plan.image_size,
@@ -432,11 +433,11 @@ def run_training_bench(plan: Plan, device: str, workdir: Path, deadline: float, 
     """Seconds per epoch / full schedule of each head with this trainer (store loaded once,
     resident on ``device``) and with the per-batch h5 loop (:func:`train.bench.time_reference_loop`);
     the first head's whole schedule run with :func:`train.loop.fit` when the time allows."""
-    from .bench import REF_EVAL_EVERY, make_synthetic, time_reference_loop
-    from .data import load_task_data
-    from .loop import fit, make_optimizer, resolve_schedule, seed_everything, train_epoch
-    from .registry import get_head
-    from .tasks.avel_task import AvelTask
+    from ..bench import REF_EVAL_EVERY, make_synthetic, time_reference_loop
+    from ..data import load_task_data
+    from ..loop import fit, make_optimizer, resolve_schedule, seed_everything, train_epoch
+    from ..registry import get_head
+    from ..tasks.avel_task import AvelTask
 
     dev = torch.device(device)
     started = time.perf_counter()
@@ -604,7 +605,7 @@ def run_gpucheck(out: str | Path, workdir: str | Path, *, device: str = "auto", 
                  sections: Sequence[str] = SECTIONS, budget_s: float | None = None) -> dict[str, Any]:
     """Run the sections, writing the JSON to ``out`` after each one; returns the report.
     ``budget_s`` default: :data:`BUDGET_S` of the plan's mode."""
-    from extract.devices import resolve_device
+    from extract.core.devices import resolve_device
 
     started, wall = time.perf_counter(), _dt.datetime.now(_dt.timezone.utc)
     device = resolve_device(device)
@@ -676,8 +677,78 @@ def _json_default(value):
     return str(value)
 
 
-def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - python -m train.gpucheck
-    from .cli import main as cli
+@click.command("gpucheck")
+@click.option("--out", type=click.Path(dir_okay=False), default="json", show_default=True, help="The JSON file with every figure (rewritten after each part, so a run that is cut short keeps what it measured).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/avel-gpucheck", show_default=True, help="Where the generated clips and synthetic stores are made (kept and reused by the next run).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cuda, cuda:N, cpu.")
+@click.option("--reduced/--full", "reduced", default=None, help="Reduced mode (2 clips, 1 frame per segment at 112 x 112, a 158-video store, one timed epoch) or the full GPU sizes. Default: full on CUDA, reduced without.")
+@click.option("--only", default=None, metavar="PARTS", help="Comma list of the parts to run: checks, extraction, training (default: all).")
+@click.option("--budget", type=click.FloatRange(min=10), default=None, help="Seconds for the whole run (default 450 full, 900 reduced); a part that would start past it is recorded as not run, a part is stopped at it, and the whole DMRN schedule is only run if it fits.")
+@click.option("--clips", type=click.IntRange(min=1), default=None, help="Distinct clips to render (full: 32, reduced: 2).")
+@click.option("--videos", type=click.IntRange(min=1), default=None, help="Videos extracted per extraction figure, the clips repeated (full: 256, reduced: 4).")
+@click.option("--clip-size", default=None, metavar="WxH", help="Frame size of the generated 10-s clips (default 640x360, AVE's).")
+@click.option("--frames-per-segment", type=click.IntRange(min=1), default=None, help="VGG-19 frames per 1-s segment (full: 16, AVE's; reduced: 1).")
+@click.option("--image-size", type=click.IntRange(min=32), default=None, help="VGG-19 input side (full: 224; reduced: 112).")
+@click.option("--rows", type=click.IntRange(min=100), default=None, help="Videos in the synthetic training store (full: 4143, AVE's; reduced: 158; at least 100, so that the h5 loop has a batch of 64).")
+@click.option("--heads", default=None, help="Comma list of the heads to time (default: dmrn,a+v-att,cmbs).")
+@click.pass_obj
+def command(obj, out, workdir, device, reduced, only, budget, clips, videos, clip_size, frames_per_segment,
+            image_size, rows, heads):
+    """Measure the GPU path in one command and write every figure to one JSON file.
+
+    \b
+    1. machine: GPU, CUDA/cuDNN/torch versions, CPU model and cores, load
+    2. checks (the tests marked gpu): VGG-19 rows do not depend on their batch under cuDNN; bf16
+       against fp32 on generated clips and ../shared/media (when present); training resident on
+       the GPU gives the CPU's accuracy within seed noise (CUDA only)
+    3. extraction on generated 10-s 640x360 clips: VGG-19 frames/s at extract.precision auto (and
+       fp32), decode videos/s on all cores, end-to-end videos/s and its ratio to the slower bound
+       (target >= 0.9)
+    4. training on an AVE-sized synthetic store: seconds per epoch and per schedule of dmrn,
+       a+v-att and cmbs, next to a per-batch h5 loop like the reference's; DMRN's whole schedule
+       run for real (targets: < 60 s, >= 10x the h5 loop)
+
+    \b
+    Every part runs under a time limit; an error is recorded in the JSON and the next part runs.
+    Sized for < 8 minutes on one H100 box. Without CUDA it runs a reduced mode and says so.
+    Example (a fresh clone on a GPU machine):
+      pip install -e . && avel-train gpucheck --out json
+    """
+    from extract.core.clitools import setup_logging
+
+    setup_logging((obj or {}).get("verbose", 0))
+    plan = None
+    if reduced is not None:
+        plan = reduced_plan() if reduced else full_plan()
+    else:
+        from extract.core.devices import resolve_device
+
+        plan = full_plan() if resolve_device(device).startswith("cuda") else reduced_plan()
+    changes = {"clips": clips, "videos": videos, "frames_per_segment": frames_per_segment, "image_size": image_size, "rows": rows}
+    plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
+    if clip_size:
+        try:
+            width, height = (int(v) for v in clip_size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"expected WxH, e.g. 640x360, got {clip_size!r}", param_hint="--clip-size") from None
+        if width % 2 or height % 2:
+            raise click.BadParameter("width and height must be even (H.264)", param_hint="--clip-size")
+        plan = dataclasses.replace(plan, clip_size=(height, width))
+    if heads:
+        plan = dataclasses.replace(plan, heads=tuple(h.strip() for h in heads.split(",") if h.strip()))
+    sections = SECTIONS
+    if only:
+        wanted = [p.strip() for p in only.split(",") if p.strip()]
+        unknown = sorted(set(wanted) - set(SECTIONS[1:]))
+        if unknown:
+            raise click.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(SECTIONS[1:])}", param_hint="--only")
+        sections = ("machine", *wanted)
+    report = run_gpucheck(out, workdir, device=device, plan=plan, sections=sections, budget_s=budget)
+    click.echo(summary_text(report))
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - python -m train.predict.gpucheck
+    from ..cli import main as cli  # through avel-train: its -v and --config options, and its obj
 
     cli(["gpucheck", *(argv if argv is not None else sys.argv[1:])], prog_name="avel-train")
 

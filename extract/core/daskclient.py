@@ -3,7 +3,7 @@
 ``local`` (or None) starts an embedded LocalCluster whose scheduler, workers and dashboard listen
 on 127.0.0.1 only; ``tcp://HOST:PORT`` and ``tls://HOST:PORT`` connect to an existing scheduler
 after a quick TCP probe (a refused address is reported at once) within ``dask.connect_timeout``
-seconds; ``slurm`` submits worker jobs to SLURM (:mod:`extract.slurm`, section ``dask.slurm``).
+seconds; ``slurm`` submits worker jobs to SLURM (:mod:`extract.core.slurm`, section ``dask.slurm``).
 :func:`check_workers` checks on every worker that the run's files are reachable there.
 Imports ``distributed`` only when called.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .settings import ConfigError
+from .slurm import SLURM  # noqa: F401  (``--scheduler slurm``; re-exported for the CLIs)
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 #: the loopback address an embedded cluster listens on
 LOOPBACK = "127.0.0.1"
-#: ``--scheduler slurm``: Dask workers as SLURM jobs (:mod:`extract.slurm`)
-SLURM = "slurm"
 
 
 def security_from_config(dask_cfg, scheduler: str, resolve_path: Callable[[str], Path] = Path):

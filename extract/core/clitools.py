@@ -1,7 +1,7 @@
 """Pieces shared by the two CLIs (`avel-extract`, `avel-train`): logging set-up, configuration
 resolution (pipeline.yaml <- CLI options <- --set) and the common click options.
 
-Imports click and :mod:`extract.settings` only.
+Imports click and :mod:`extract.core.settings` only.
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ def resolve(config: str | None, sets: tuple[str, ...], extra: dict | None = None
         pipeline = load_pipeline(config, overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    import os
+    from .settings import cache_root
 
-    env_cache = os.environ.get("AVEL_CACHE")
-    if env_cache and hasattr(pipeline, "store"):  # show (and use) what really applies
-        pipeline.store.cache_root = env_cache
+    env_cache = cache_root()  # $AVEL_CACHE, or None
+    if env_cache is not None and hasattr(pipeline, "store"):  # show (and use) what really applies
+        pipeline.store.cache_root = str(env_cache)
     return pipeline
 
 

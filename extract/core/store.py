@@ -166,10 +166,16 @@ class FeatureStore:
     def read_scaled(self, name: str, rows: slice | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """:meth:`read` of a map array stored as float16 with a per-row scale ``<name>_scale`` [N]
         (``frame_maps``, ``audio_maps``; see :mod:`extract.sol_extractors`): the values are
-        ``stored * scale``. Returns the stored array unchanged (float16) when every scale of the
-        rows read is 1 (or 0: a row never written, all zeros) or the store has no scale array;
-        otherwise float32 with each row multiplied by its scale."""
-        values = self.read(name, rows)
+        ``stored * scale`` (:meth:`scaled`)."""
+        return self.scaled(name, self.read(name, rows), rows)
+
+    def scaled(self, name: str, values: np.ndarray, rows: slice | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``values`` [R, ...] read from map array ``name`` (whole rows, or parts of them such as one
+        second per row), times the recorded scale ``<name>_scale`` of each of their ``rows`` (the
+        store row of each leading index, repeats allowed). The one rule of the scaled maps, for
+        stage 1's :meth:`read_scaled` and stage 2's partial reads alike: returns ``values``
+        unchanged (float16) when every scale is 1 (or 0: a row never written, all zeros) or the
+        store has no scale array; otherwise float32, each row multiplied by its scale."""
         scale_name = f"{name}_scale"
         if scale_name not in self.group:
             return values

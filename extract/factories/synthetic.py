@@ -1,9 +1,9 @@
 """Synthetic feature stores with learnable structure: the one factory behind the head table's
 AVE-sized store (``python -m train.headtable --make-synthetic``), the training benchmark
-(:mod:`train.bench`), the store read benchmark (:mod:`extract.store_bench`) and the training tests.
+(:mod:`train.bench`), the store read benchmark (:mod:`extract.factories.store_bench`) and the training tests.
 
-Stage-1 plumbing: it writes through the store contract (:func:`extract.store.create_store`,
-``write_shard``) and the manifest writer (:func:`extract.manifest.write_manifest`), like the
+Stage-1 plumbing: it writes through the store contract (:func:`extract.core.store.create_store`,
+``write_shard``) and the manifest writer (:func:`extract.core.manifest.write_manifest`), like the
 extractors do, so train/ may import it. Imports numpy only (zarr through the store).
 
 :func:`make_synthetic` writes, under one folder::
@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .manifest import Sample, write_manifest
-from .store import STATUS_DONE, ArraySpec, FeatureStore, create_store
+from ..core.manifest import Sample, write_manifest
+from ..core.store import STATUS_DONE, ArraySpec, FeatureStore, create_store
 
 #: side of the square patch of the visual map that carries the prototype
 PATCH = 3
@@ -61,7 +61,7 @@ class SyntheticStore:
 
 def feature_specs(segments: int, visual_shape: Sequence[int], audio_dim: int) -> list[ArraySpec]:
     """The contract's ``visual``, ``audio``, ``valid`` arrays with the given row shapes (the
-    contract's own, :func:`extract.store.core_specs`, are (7, 7, 512) and 128)."""
+    contract's own, :func:`extract.core.store.core_specs`, are (7, 7, 512) and 128)."""
     return [ArraySpec("visual", (segments, *visual_shape), "float16"), ArraySpec("audio", (segments, audio_dim), "float32"),
             ArraySpec("valid", (segments,), "bool")]
 
@@ -78,7 +78,7 @@ def write_rows(path: str | Path, ids: Sequence[str], segments: int,
     shard, in order). ``status`` per row (default all done; failed rows get a reason).
     ``specs`` default: :func:`feature_specs` at the contract's shapes."""
     specs = list(specs) if specs is not None else feature_specs(segments, (7, 7, 512), 128)
-    attrs = dict(attrs) if attrs is not None else {"fingerprint": "synthetic", "extractor": {"name": "extract.synthetic"}}
+    attrs = dict(attrs) if attrs is not None else {"fingerprint": "synthetic", "extractor": {"name": "extract.factories.synthetic"}}
     store = create_store(path, ids, segments, specs, attrs, rows_per_shard=rows_per_shard,
                          compression_level=compression_level, overwrite=overwrite)
     status = np.full(len(ids), STATUS_DONE, np.int8) if status is None else np.asarray(status, np.int8)
@@ -211,7 +211,7 @@ def make_synthetic(directory: str | Path, *, splits: Mapping[str, int], classes:
                              visual_shape, noise)
 
     attrs = dict(attrs) if attrs is not None else {
-        "fingerprint": f"synthetic-{seed}", "extractor": {"name": "extract.synthetic"},
+        "fingerprint": f"synthetic-{seed}", "extractor": {"name": "extract.factories.synthetic"},
         "weights": {"visual": "synthetic", "audio": "synthetic"}, "versions": {}}
     store_path = directory / store_name
     write_rows(store_path, ids, segments, shard_values, attrs=attrs, specs=feature_specs(segments, visual_shape, audio_dim),
