@@ -269,7 +269,8 @@ class RunSummary:
                          "were rescheduled (results unaffected)")
         lines.append(f"  {self.videos_per_s:.2f} videos/s, wall time {self.seconds:.1f} s")
         if self.failed_total:
-            lines.append(f"  {self.failed_total} requested videos are failed; reasons in {self.store / 'logs' / FAILURES_FILE}"
+            noun = "video" if self.failed_total == 1 else "videos"
+            lines.append(f"  {self.failed_total} requested {noun} failed; reasons in {self.store / 'logs' / FAILURES_FILE}"
                          " and the store's 'reason' array; `--retry-failed` extracts them again")
         if self.systemic:
             lines.append(f"  {self.systemic}")

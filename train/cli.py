@@ -137,7 +137,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 @click.group(cls=PluginGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--head", type=CommaList(RegistryChoice(_head_names)), default=None, metavar="NAME[,NAME...]", show_choices=False, help="Head to train (default: train.head, dmrn). The registered names: --list-heads. A comma list (dmrn,bmfn) runs a sweep: every head x setting x seed, with a results table.")
-@click.option("--task", type=RegistryChoice(_task_names), default=None, help="avel (event localization, default), cml (cross-modality localization), sol (sounding objects).")
+@click.option("--task", type=RegistryChoice(_task_names), default=None, help="The task, from the task registry (plugins add theirs): avel = event localization (default), cml = cross-modality localization, sol = sounding objects.")
 @click.option("--setting", type=CommaList(click.Choice(["supervised", "weak"])), default=None, help="supervised = segment labels; weak = video labels only, evaluated per segment. 'supervised,weak' sweeps both.")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the sweep's runs as Dask tasks: 'local' (a LocalCluster on 127.0.0.1, dask.n_workers processes), 'slurm' (worker jobs on SLURM, settings in dask.slurm; needs the extra: pip install -e \".[slurm]\"), tcp://HOST:8786 or tls://HOST:8786 (certificates: dask.tls_* in pipeline.yaml). Default: dask.scheduler; unset = one run after the other here.")
 @click.option("--print-job-script", is_flag=True, help="Print the SLURM job script one worker job of a sweep would run (--scheduler slurm, settings in dask.slurm) and exit.")
