@@ -121,7 +121,7 @@ class UserError(click.ClickException):
         super().__init__(" ".join(str(message).split()))
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     from extract.core.manifest import ManifestError
     from extract.core.settings import ConfigError
     from extract.core.store import StoreError
@@ -222,7 +222,7 @@ def main(ctx, head, task, setting, scheduler, print_job_script, seeds, select_on
         sys.exit(run_sweep_cli(pipeline, heads, settings, scheduler, verbose))
     try:
         results = run_seeds(pipeline, verbose)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         if verbose > 1:
             raise
         raise UserError(str(exc)) from None
@@ -268,7 +268,7 @@ def run_sweep_cli(pipeline, heads: list[str], settings: list[str], scheduler: st
                 rows = run_sweep(pipeline, specs, client=slurm.client, on_result=echo_row)
         else:
             rows = run_sweep(pipeline, specs, scheduler=scheduler, on_result=echo_row)
-    except (*_user_errors(), ValueError) as exc:
+    except (*user_errors(), ValueError) as exc:
         jobs_line()
         if verbose > 1:
             raise
@@ -410,7 +410,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
     """A UserError (one line, exit 2) for a device torch cannot use, before any work."""
     from extract.core.devices import resolve_device
 
@@ -437,7 +437,7 @@ def bench_command(obj, workdir, head_name, rows, epochs, batch_size, schedule_ep
     from .bench import run_benchmark
 
     setup_logging(obj["verbose"])
-    _check_device(device)
+    check_device(device)
     report = run_benchmark(Path(workdir), head_name=head_name, rows=rows, epochs=epochs, batch_size=batch_size,
                            schedule_epochs=schedule_epochs, device=device, threads=threads, json_out=json_out)
     click.echo(report)
@@ -483,7 +483,7 @@ def evaluate_command(obj, run_dir, split, store, boxes_root, device, json_out):
         overrides.setdefault("sol", {})["boxes_root"] = str(Path(boxes_root).expanduser().resolve())
     try:
         report = evaluate_run(run_dir, split, config=obj["config"], overrides=overrides, device=device)
-    except (*_user_errors(), KeyError) as exc:
+    except (*user_errors(), KeyError) as exc:
         if obj["verbose"] > 1:
             raise
         raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None

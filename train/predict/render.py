@@ -23,17 +23,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["command", "render_videos", "find_sample", "RenderError"]
-
-
-class RenderError(click.ClickException):
-    """A problem the user can fix (a run of another task, a video in no manifest, a missing store):
-    one line ``Error: ...`` on stderr, exit code 2, no traceback."""
-
-    exit_code = 2
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+__all__ = ["command", "render_videos", "find_sample"]
 
 
 def find_sample(pipeline, video_id: str, video_root: str | None = None):
@@ -77,6 +67,7 @@ def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | 
 
     from .. import sol_metrics as sol
     from ..checkpoint import build_head
+    from ..data import DataError
     from ..plots import save_figure
     from ..registry import get_task
     from ..runs import run_pipeline
@@ -85,7 +76,7 @@ def render_videos(run_dir: str | Path, video_ids: Sequence[str], out_dir: str | 
     model, meta = build_head(run_dir / "checkpoint.safetensors", device)
     task = get_task(str(meta.get("task", "avel")))
     if not task.can_render_frames():
-        raise RenderError(f"{run_dir}: a run of task {task.name!r}, whose heads give no per-frame maps to draw "
+        raise DataError(f"{run_dir}: a run of task {task.name!r}, whose heads give no per-frame maps to draw "
                           "(render-sol draws the runs of tasks that provide Task.frame_outputs, e.g. sol)")
     if pipeline is None:
         pipeline = run_pipeline(run_dir)
@@ -139,20 +130,6 @@ def _store_segments(path: Path) -> int:
     return open_store(path).segments
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from extract.core.manifest import ManifestError
-    from extract.core.settings import ConfigError
-    from extract.core.store import StoreError
-    from extract.decode import DecodeError
-
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
-    from ..sol_metrics import BoxFormatError
-
-    return (StoreError, DataError, ManifestError, ConfigError, CheckpointError, BoxFormatError, DecodeError,
-            KeyError, FileNotFoundError, ValueError)
-
-
 @click.command("render-sol", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory of a sol run (holds checkpoint.safetensors); its config.yaml gives the store, splits, video root and box folder.")
 @click.option("--video", "videos", required=True, multiple=True, help="Video id (store key) to draw; repeat for several. Ids starting with '-': --video=-5EoTUVneQA.")
@@ -182,25 +159,21 @@ def command(ctx, run_dir, videos, out_dir, store, video_root, boxes_root, annota
                  --video=-5EoTUVneQA --out data/renders
     """
     from extract.core.clitools import setup_logging
-    from extract.core.devices import resolve_device
-    from extract.core.settings import ConfigError, parse_set_option
+    from extract.core.settings import parse_set_option
+    from extract.decode import DecodeError
 
+    from ..cli import UserError, check_device, user_errors
     from ..runs import run_pipeline
 
     obj: Mapping[str, Any] = ctx.obj or {}
     setup_logging(int(obj.get("verbose") or 0))
-    try:
-        resolve_device(device, check=True)
-    except ValueError as exc:
-        raise RenderError(str(exc)) from None
+    check_device(device)
     try:
         pipeline = run_pipeline(run_dir, config=obj.get("config"), overrides=parse_set_option(tuple(obj.get("sets") or ())))
         paths = render_videos(run_dir, list(videos), out_dir, pipeline=pipeline, store_path=store, video_root=video_root,
                               boxes_root=boxes_root, annotated_only=annotated_only, device=device)
-    except ConfigError as exc:
-        raise RenderError(str(exc)) from None
-    except _user_errors() as exc:
-        raise RenderError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    except (*user_errors(), DecodeError, KeyError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     click.echo(f"wrote {len(paths)} PNG files to {out_dir}")
 
 
