@@ -235,6 +235,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, config: str | Path
     (val: the selected epoch's). Returns ``{"run_dir", "task", "head", "split", "split_name",
     "store", "metrics": {<split>_accuracy: ..}}``."""
     from .checkpoint import CheckpointError, build_head
+    from .registry import get_task
     from .runs import run_pipeline
 
     run_dir = Path(run_dir).resolve()
@@ -251,7 +252,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, config: str | Path
     with _user_errors():
         dev = _environment(cfg)
         model, meta = build_head(checkpoint, dev)
-        task_cls = task_class(pipeline, _registered_task(meta["task"]) if meta.get("task") else None)
+        task_cls = get_task(meta.get("task") or cfg.task)  # the task that trained the checkpoint
         split_name = getattr(cfg, SPLIT_KEYS[split])
         task = task_cls.prepare(pipeline, dev)
         if split_name not in task.splits:
@@ -264,8 +265,3 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, config: str | Path
             "split_name": split_name, **task.store_identity(),
             "metrics": task.split_metrics(split, evaluation.result)}
 
-
-def _registered_task(name: str) -> type:
-    from .registry import get_task
-
-    return get_task(name)
