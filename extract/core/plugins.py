@@ -168,14 +168,6 @@ def load(group: str) -> list[Any]:
     return _loaded[group]
 
 
-def reset(group: str | None = None) -> None:
-    """Forget what was loaded (tests that install a plugin distribution); registries are untouched."""
-    if group is None:
-        _loaded.clear()
-    else:
-        _loaded.pop(group, None)
-
-
 def docstring(plugin: Plugin) -> str | None:
     """The help text of the object an entry point names, read from its source without importing it:
     the ``help=`` / ``short_help=`` of a decorator call, else the docstring of the function or class
