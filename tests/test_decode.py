@@ -10,7 +10,7 @@ import pytest
 
 from extract.decode import DecodeError, DecodePool, Failure, VideoRequest, decode_video, plan_frames
 from extract.extractors import FrameGrid
-from extract.factories.media import write_clip
+from extract.factories.media import encode_audio, write_clip
 
 FPS = 10
 SIZE = 64
@@ -265,15 +265,7 @@ def write_two_audio_streams(path, seconds: float = 2.0):
             container.mux(packet)
         for stream, rate, channels in [(first, 8000, 1), (second, 48000, 2)]:
             wave = 0.3 * np.sin(2 * np.pi * 1000.0 * np.arange(int(seconds * rate)) / rate)
-            planar = np.repeat(wave[None].astype(np.float32), channels, axis=0)
-            for lo in range(0, planar.shape[1], 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, lo: lo + 1024]), format="fltp",
-                                                   layout=stream.layout.name)
-                frame.sample_rate = rate
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+            encode_audio(container, stream, np.repeat(wave[None].astype(np.float32), channels, axis=0))
     finally:
         container.close()
     return path

@@ -65,6 +65,8 @@ def write_base_clip(path: Path, fps: int = 25, seconds: int = BASE_SECONDS, seed
     a moving square, and per channel a chirp over low noise."""
     import av
 
+    from extract.factories.media import encode_audio
+
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     container = av.open(str(path), mode="w")
@@ -92,14 +94,7 @@ def write_base_clip(path: Path, fps: int = 25, seconds: int = BASE_SECONDS, seed
         t = np.arange(n) / SAMPLE_RATE
         chirp = np.sin(2 * np.pi * (300 * t + 200 * t ** 2 / seconds))
         wave = np.stack([0.3 * chirp, 0.3 * np.roll(chirp, 4800)]) + 0.01 * rng.standard_normal((2, n))
-        wave = wave.astype(np.float32)
-        for lo in range(0, n, 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, lo:lo + 1024]), format="fltp", layout="stereo")
-            frame.sample_rate = SAMPLE_RATE
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
+        encode_audio(container, audio, wave)
     finally:
         container.close()
     return path

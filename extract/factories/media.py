@@ -77,19 +77,27 @@ def write_clip(
             for packet in vstream.encode():
                 container.mux(packet)
         if astream is not None:
-            block = 1024
-            planar = np.ascontiguousarray(audio)
-            for start in range(0, planar.shape[1], block):
-                chunk = np.ascontiguousarray(planar[:, start : start + block])
-                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=astream.layout.name)
-                frame.sample_rate = int(sample_rate)
-                for packet in astream.encode(frame):
-                    container.mux(packet)
-            for packet in astream.encode():
-                container.mux(packet)
+            encode_audio(container, astream, audio)
     finally:
         container.close()
     return path
+
+
+def encode_audio(container, stream, planar: np.ndarray, block: int = 1024) -> None:
+    """Encode float32 audio [channels, samples] (in [-1, 1]) into the audio ``stream`` of the
+    output ``container``, ``block`` samples per frame at the stream's rate, flush the encoder and
+    mux every packet."""
+    import av
+
+    planar = np.ascontiguousarray(planar, dtype=np.float32)
+    for start in range(0, planar.shape[1], block):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:start + block]), format="fltp",
+                                           layout=stream.layout.name)
+        frame.sample_rate = int(stream.rate)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 # ------------------------------------------------------------------------------------------
