@@ -538,8 +538,6 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
     """Per-video results from the rows of the predict store (windows in order, stitched)."""
     from extract.core.store import STATUS_DONE
 
-    from ..tasks.base import read_rows_in_order
-
     task = run.task_class
     ids = {str(k): i for i, k in enumerate(store.ids.tolist())}
     status = np.asarray(store.array("status")[:])
@@ -564,7 +562,7 @@ def predict_from_store(run: LoadedRun, store, plans: Sequence[_Plan], device: st
         if bad:
             res.error = f"{plan.path}: feature extraction failed: {str(reasons[bad[0]])}"
             continue
-        valid = read_rows_in_order(store, "valid", rows).astype(bool).reshape(-1)
+        valid = store.read("valid", rows).astype(bool).reshape(-1)
         if not valid.any():
             note = str(reasons[int(rows[0])]) or "no second has both audio and visual features"
             res.error = (f"{plan.path}: nothing to predict: {note}; the head needs audio and visual features "

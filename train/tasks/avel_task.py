@@ -19,7 +19,7 @@ from ..evaluate import EvalResult, evaluate_split
 from ..loop import FitResult
 from ..registry import register_task
 from ..runs import splits_to_load
-from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, read_rows_in_order, store_recipe
+from .base import Evaluation, Task, baseline_entry, head_for_task, majority_baseline, store_recipe
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ class AvelTask(Task):
         with torch.no_grad():
             for lo in range(0, len(rows), batch):
                 part = rows[lo:lo + batch]
-                audio = torch.from_numpy(read_rows_in_order(store, "audio", part).astype(np.float32)).to(device)
-                visual = torch.from_numpy(read_rows_in_order(store, "visual", part).astype(np.float32)).to(device)
+                audio = torch.from_numpy(store.read("audio", part).astype(np.float32)).to(device)
+                visual = torch.from_numpy(store.read("visual", part).astype(np.float32)).to(device)
                 out = model(audio, visual)
                 labels.append(model.predict(out).cpu().numpy())
                 probs.append(out.scores.float().softmax(dim=-1).cpu().numpy())

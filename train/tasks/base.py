@@ -276,15 +276,3 @@ def head_for_task(pipeline, head_name: str, task: str, num_classes: int):
 
     head_cls, config = head_class_and_config(pipeline, head_name, task)
     return head_cls(num_classes=num_classes, setting=pipeline.train.setting, config=config)
-
-
-def read_rows_in_order(store, name: str, rows: np.ndarray) -> np.ndarray:
-    """Array ``name`` of ``store`` at ``rows`` (any order, unique), in that order."""
-    from ..data import read_rows
-
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows)
-    out = read_rows(store, name, rows[order])
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return out[inverse]
